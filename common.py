@@ -1,0 +1,425 @@
+"""What every EvoQuality stage must agree on, and nothing else.
+
+- prompt presets (byte-exact) and the answer parsers that go with them;
+- model / processor loading, chat inputs with one or two images, the explicit sampling config;
+- image loading and image lists;
+- JSONL I/O that survives a kill (append writer, tolerant reader, resume keys);
+- the tiny argparse adapter that turns each stage's `Args` dataclass into a command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import re
+import sys
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Optional
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Prompts (EVOQUALITY.md; keep byte-exact)
+# ---------------------------------------------------------------------------------------------------------------------
+
+COMPARE_PROMPT = (
+    "You are performing an image quality assessment task. Compare the two images and decide which one has better "
+    "perceptual quality. Answer strictly with the index of the better image: 0 if the first image is better, or 1 if "
+    "the second image is better."
+)
+SCORE_PROMPT = (
+    "You are doing the image quality assessment task. Here is the question: What is your overall rating on the "
+    "quality of this picture? The rating should be a float between 1 and 5, rounded to two decimal places, with 1 "
+    "representing very poor quality and 5 representing excellent quality."
+)
+BOXED_REASONING_SUFFIX = (
+    "You FIRST think about the reasoning process as an internal monologue and then provide the final answer. The "
+    "reasoning process MUST BE enclosed within <think> </think> tags. The final answer MUST BE put in \\boxed{}."
+)
+BOXED_ANSWER_SUFFIX = "The final answer MUST BE put in \\boxed{}."  # our no-reasoning variant (the paper's last sentence)
+VQR1_REASONING_SUFFIX = (
+    "First output the thinking process in <think> </think> tags and then output the final answer with only one score "
+    "in <answer> </answer> tags."
+)
+VQR1_ANSWER_SUFFIX = "Please only output the final answer with only one score in <answer> </answer> tags."
+VQR1_COMPARE_SUFFIX = (  # ours: VisualQuality-R1 publishes no compare prompt; same tags, an index instead of a score
+    "First output the thinking process in <think> </think> tags and then output the final answer with only the index "
+    "of the better image in <answer> </answer> tags."
+)
+VQR1_COMPARE_ANSWER_SUFFIX = "Please only output the final answer with only the index of the better image in <answer> </answer> tags."
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A prompt family: the questions, the format suffixes, and where the answer lives."""
+
+    name: str
+    compare: str
+    score: str
+    compare_suffix: tuple[str, str]  # (reasoning, no reasoning)
+    score_suffix: tuple[str, str]
+    answer: str  # "boxed": the last \boxed{...}; "answer_tag": the last <answer>...</answer>
+    add_vision_id: bool  # "Picture 1: " before each image, as VisualQuality-R1's published inference does
+
+    def prompt(self, task: str, reasoning: bool) -> str:
+        question, suffixes = (self.compare, self.compare_suffix) if task == "compare" else (self.score, self.score_suffix)
+        return f"{question} {suffixes[0] if reasoning else suffixes[1]}"
+
+    def hash(self) -> str:
+        return hashlib.sha256(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+
+
+PRESETS = {
+    "evoquality": Preset(
+        "evoquality", COMPARE_PROMPT, SCORE_PROMPT,
+        (BOXED_REASONING_SUFFIX, BOXED_ANSWER_SUFFIX), (BOXED_REASONING_SUFFIX, BOXED_ANSWER_SUFFIX),
+        answer="boxed", add_vision_id=True,
+    ),
+    "visualquality_r1": Preset(
+        "visualquality_r1", COMPARE_PROMPT, SCORE_PROMPT,
+        (VQR1_COMPARE_SUFFIX, VQR1_COMPARE_ANSWER_SUFFIX), (VQR1_REASONING_SUFFIX, VQR1_ANSWER_SUFFIX),
+        answer="answer_tag", add_vision_id=True,
+    ),
+}
+
+
+def get_preset(name: str) -> Preset:
+    if name not in PRESETS:
+        raise ValueError(f"unknown prompt preset {name!r}; choose from {sorted(PRESETS)}")
+    return PRESETS[name]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Answer parsing: None for anything that is not exactly one answer (never a guess)
+# ---------------------------------------------------------------------------------------------------------------------
+
+_NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)")
+
+
+def last_boxed(text: str) -> Optional[str]:
+    """Content of the last top-level \\boxed{...}; None if there is none or the last one is never closed."""
+    last, i = None, 0
+    while (start := text.find("\\boxed{", i)) != -1:
+        depth, j = 1, start + len("\\boxed{")
+        while j < len(text) and depth:
+            depth += {"{": 1, "}": -1}.get(text[j], 0)
+            j += 1
+        if depth:  # truncated: the model's final box never closed
+            return None
+        last, i = text[start + len("\\boxed{"): j - 1], j
+    return last
+
+
+def last_answer_tag(text: str) -> Optional[str]:
+    """Content of the last <answer>...</answer>; None if there is none or an <answer> after it is never closed."""
+    matches = list(re.finditer(r"<answer>(.*?)</answer>", text, flags=re.S))
+    if not matches or "<answer>" in text[matches[-1].end():]:
+        return None
+    return matches[-1].group(1)
+
+
+def extract_answer(text: str, preset: Preset) -> Optional[str]:
+    content = last_boxed(text) if preset.answer == "boxed" else last_answer_tag(text)
+    return None if content is None else content.strip()
+
+
+def parse_compare(text: str, preset: Preset = PRESETS["evoquality"]) -> Optional[int]:
+    """0 (first image better) or 1 (second image better); None otherwise."""
+    answer = extract_answer(text, preset)
+    return int(answer) if answer in ("0", "1") else None
+
+
+def parse_score(text: str, preset: Preset = PRESETS["evoquality"]) -> Optional[float]:
+    """A finite float in [1, 5]; None otherwise (no answer, several numbers, out of range, NaN, junk)."""
+    answer = extract_answer(text, preset)
+    if answer is None or not _NUMBER.fullmatch(answer):
+        return None
+    value = float(answer)
+    return value if math.isfinite(value) and 1.0 <= value <= 5.0 else None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Images
+# ---------------------------------------------------------------------------------------------------------------------
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
+
+
+def load_image(path: str | os.PathLike) -> Image.Image:
+    """An RGB image with EXIF orientation applied; ValueError naming the file if it cannot be decoded."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            if img.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16/32-bit greyscale: scale to 8 bits, not clip
+                import numpy as np
+
+                arr = np.asarray(img, dtype=np.float64)
+                top = 65535.0 if img.mode.startswith("I;16") else max(float(arr.max()), 1.0)
+                img = Image.fromarray((arr.clip(0, top) / top * 255).round().astype("uint8"), "L")
+            if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+                rgba = img.convert("RGBA")  # transparent pixels become white, not black
+                background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+                img = Image.alpha_composite(background, rgba)
+            return img.convert("RGB")
+    except (OSError, UnidentifiedImageError, Image.DecompressionBombError, SyntaxError, ValueError) as e:
+        raise ValueError(f"cannot read image {path}: {type(e).__name__}: {e}") from e
+
+
+def list_images(spec: str | os.PathLike, root: str | os.PathLike | None = None) -> tuple[Path, list[str]]:
+    """(root, relative paths) of an image pool given as a folder (recursive, sorted) or a list file.
+
+    A list file is .txt (one path per line, '#' comments) or .jsonl (an "image" field: a path or a one-element list).
+    Relative paths are resolved against `root`, by default the folder or the list file's folder.
+    """
+    spec = Path(spec)
+    if spec.is_dir():
+        base = Path(root) if root else spec
+        paths = sorted(p for p in spec.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+        return base, [p.relative_to(base).as_posix() for p in paths]
+    if not spec.is_file():
+        raise FileNotFoundError(f"image pool {spec} is neither a folder nor a list file")
+    base = Path(root) if root else spec.parent
+    if spec.suffix == ".jsonl":
+        images = []
+        for lineno, record in read_jsonl(spec, with_lineno=True):
+            image = record.get("image")
+            image = image[0] if isinstance(image, list) and len(image) == 1 else image
+            if not isinstance(image, str):
+                raise ValueError(f"{spec}:{lineno}: expected an 'image' field holding a path")
+            images.append(image)
+    else:
+        lines = (line.strip() for line in spec.read_text().splitlines())
+        images = [line for line in lines if line and not line.startswith("#")]
+    return base, images
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# JSONL that survives a kill
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def read_jsonl(path: str | os.PathLike, with_lineno: bool = False) -> list:
+    """All records of a JSONL file. A malformed LAST line (what a kill leaves) is dropped with a warning;
+    a malformed line anywhere else raises ValueError naming file:line. Blank lines are skipped."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    lines = path.read_text(encoding="utf-8").split("\n")
+    last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
+    records = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as e:
+            if i == last:
+                warnings.warn(f"{path}:{i + 1}: dropping a partial last line (an interrupted write): {line[:80]!r}")
+                break
+            raise ValueError(f"{path}:{i + 1}: malformed JSONL line: {e}") from None
+        records.append((i + 1, record) if with_lineno else record)
+    return records
+
+
+class JsonlWriter:
+    """Appends one flushed JSON line per record. On open, a partial last line left by a kill is cut off first,
+    so that new records never glue onto it."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.exists() and self.path.stat().st_size:
+            data = self.path.read_bytes()
+            if not data.endswith(b"\n"):
+                keep = data.rfind(b"\n") + 1
+                warnings.warn(f"{self.path}: cutting a partial last line of {len(data) - keep} bytes")
+                with open(self.path, "r+b") as f:
+                    f.truncate(keep)
+        self.file = open(self.path, "a", encoding="utf-8")
+
+    def write(self, record: dict) -> None:
+        self.file.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+
+    def __enter__(self) -> "JsonlWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def done_keys(path: str | os.PathLike, key: Callable[[dict], Any]) -> set:
+    """Keys of the records already in a JSONL file, for resuming."""
+    return {key(record) for record in read_jsonl(path)}
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+    """Write JSON through a temporary file and a rename: a reader never sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def package_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    names = ["torch", "torchvision", "transformers", "accelerate", "pillow", "numpy", "scipy"]
+    out = {"python": sys.version.split()[0]}
+    for name in names:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "missing"
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Model, processor, chat inputs, sampling
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def load_processor(name: str, max_pixels: Optional[int] = None, min_pixels: Optional[int] = None,
+                   trust_remote_code: bool = False):
+    """AutoProcessor with left padding (batched generation needs it) and optional pixel bounds."""
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(name, trust_remote_code=trust_remote_code)
+    processor.tokenizer.padding_side = "left"
+    image_processor = processor.image_processor
+    if max_pixels is not None or min_pixels is not None:
+        size = dict(image_processor.size)
+        size = {"shortest_edge": size.get("shortest_edge"), "longest_edge": size.get("longest_edge")}
+        size.update({k: v for k, v in (("longest_edge", max_pixels), ("shortest_edge", min_pixels)) if v is not None})
+        image_processor.size = size
+        for key, value in (("max_pixels", size["longest_edge"]), ("min_pixels", size["shortest_edge"])):
+            if hasattr(image_processor, key):  # older transformers read these attributes instead of `size`
+                setattr(image_processor, key, value)
+    return processor
+
+
+def default_dtype(device: Any = None):
+    import torch
+
+    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def load_model(name: str, dtype: Any = None, attn_implementation: Optional[str] = None,
+               trust_remote_code: bool = False, device: Any = None):
+    """A Qwen-VL-style model from a local path or a hub id (bf16 on GPU, fp32 on CPU unless `dtype` says)."""
+    from transformers import AutoModelForImageTextToText
+
+    kwargs: dict[str, Any] = {"dtype": dtype or default_dtype(device), "trust_remote_code": trust_remote_code}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    if not Path(name).exists() and (name.startswith((".", "/", "~")) or name.count("/") > 1):
+        raise FileNotFoundError(f"model path {name} does not exist (and it is not a hub id of the form org/name)")
+    model = AutoModelForImageTextToText.from_pretrained(name, **kwargs)
+    return model.to(device) if device is not None else model
+
+
+def sampling_config(model, max_new_tokens: int, temperature: float = 1.0, do_sample: bool = True,
+                    num_return_sequences: int = 1):
+    """An explicit GenerationConfig. Qwen2.5-VL ships top_k=1, which would make every sample identical,
+    so nothing is inherited but the special token ids."""
+    from transformers import GenerationConfig
+
+    shipped = model.generation_config
+    eos = shipped.eos_token_id if shipped.eos_token_id is not None else model.config.get_text_config().eos_token_id
+    pad = shipped.pad_token_id if shipped.pad_token_id is not None else (eos[0] if isinstance(eos, list) else eos)
+    sampling = dict(temperature=temperature, top_p=1.0, top_k=0) if do_sample else {}
+    return GenerationConfig(
+        do_sample=do_sample, repetition_penalty=1.0, max_new_tokens=max_new_tokens,
+        num_return_sequences=num_return_sequences, eos_token_id=eos, pad_token_id=pad,
+        bos_token_id=shipped.bos_token_id, **sampling,
+    )
+
+
+def eos_token_ids(generation_config) -> list[int]:
+    eos = generation_config.eos_token_id
+    return list(eos) if isinstance(eos, (list, tuple)) else [eos]
+
+
+def chat_text(processor, prompt: str, n_images: int, add_vision_id: bool = False) -> str:
+    """The chat-template text of one user turn: the images first, then the prompt; generation prompt appended."""
+    content = [{"type": "image"} for _ in range(n_images)] + [{"type": "text", "text": prompt}]
+    messages = [{"role": "user", "content": content}]
+    return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False,
+                                         add_vision_id=add_vision_id)
+
+
+def encode_batch(processor, prompts: list[str], images: list[list[Image.Image]], add_vision_id: bool = False):
+    """Left-padded model inputs for a batch of prompts, each with its own list of one or two images."""
+    texts = [chat_text(processor, p, len(imgs), add_vision_id) for p, imgs in zip(prompts, images)]
+    return processor(text=texts, images=images, padding=True, return_tensors="pt")
+
+
+def completion_texts(processor, sequences, prompt_length: int) -> list[str]:
+    """Decoded completions (the tokens after the prompt), special tokens dropped."""
+    return processor.batch_decode(sequences[:, prompt_length:], skip_special_tokens=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Args dataclass -> command line (a tiny stand-in for tyro)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def arg(default: Any = dataclasses.MISSING, help: str = "", **kwargs) -> Any:
+    """A dataclass field with a one-line help."""
+    if isinstance(default, list):
+        return dataclasses.field(default_factory=lambda: list(default), metadata={"help": help, **kwargs})
+    return dataclasses.field(default=default, metadata={"help": help, **kwargs})
+
+
+def parse_args(cls, argv: Optional[Iterable[str]] = None):
+    """Parse the command line into the `Args` dataclass `cls`: `--field-name VALUE`, `--flag/--no-flag` for bools,
+    `--field A B` for lists. Required fields are those without a default."""
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    parser = argparse.ArgumentParser(description=(sys.modules[cls.__module__].__doc__ or "").split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(cls):
+        hint, flag = hints[f.name], "--" + f.name.replace("_", "-")
+        kwargs: dict[str, Any] = {"help": f.metadata.get("help", ""), "dest": f.name}
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        if required:
+            kwargs["required"] = True
+        else:
+            kwargs["default"] = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        origin, inner = typing.get_origin(hint), typing.get_args(hint)
+        if origin is typing.Union or str(origin) == "<class 'types.UnionType'>":  # Optional[X]
+            hint = next(a for a in inner if a is not type(None))
+            origin, inner = typing.get_origin(hint), typing.get_args(hint)
+        if hint is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif origin is list:
+            kwargs.update(nargs="*", type=inner[0] if inner else str)
+        else:
+            kwargs["type"] = hint
+        if "choices" in f.metadata:
+            kwargs["choices"] = f.metadata["choices"]
+        parser.add_argument(flag, **kwargs)
+    return cls(**vars(parser.parse_args(None if argv is None else list(argv))))
+
+
+def die(message: str, code: int = 2) -> None:
+    """One line on stderr and an exit code; for user errors, where a traceback would only hide the message."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(code)

@@ -1,0 +1,106 @@
+"""A synthetic IQA world: procedural images with graded distortions and a known quality.
+
+Content (from a seed): smooth colour fields, stripes, fine texture, hard-edged shapes. Distortions at levels 0..4:
+Gaussian blur, Gaussian noise, JPEG quality, contrast reduction; some images carry two. The known quality is
+`5 - worst level - 0.5 * second level` (clipped to [1, 5]): it is used only to REPORT (benchmark MOS, pseudo-label
+accuracy), never by the evolution itself.
+
+Three disjoint content sets come from different seed ranges (warm-start, unlabeled pool, held-out benchmark).
+
+    python demo/synthetic.py OUT_DIR --set pool --n 64        # writes OUT_DIR/*.png and OUT_DIR/labels.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter
+
+SEED_BASE = {"warmstart": 0, "pool": 1_000_000, "bench": 2_000_000}  # disjoint content seeds per set
+CONTENTS = ("smooth", "stripes", "texture", "shapes")
+DISTORTIONS = ("blur", "noise", "jpeg", "contrast")
+
+
+def make_content(rng: np.random.Generator, size: int, kind: str) -> Image.Image:
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    if kind == "smooth":
+        c0, c1, c2 = (rng.uniform(0, 255, 3) for _ in range(3))
+        img = c0 + np.multiply.outer(xx, c1 - c0) + np.multiply.outer(yy, c2 - c0) * 0.5
+    elif kind == "stripes":
+        freq, angle = rng.uniform(3, 12), rng.uniform(0, np.pi)
+        wave = np.sin(2 * np.pi * freq * (xx * np.cos(angle) + yy * np.sin(angle)))
+        c0, c1 = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
+        img = np.multiply.outer((wave + 1) / 2, c1 - c0) + c0
+    elif kind == "texture":
+        base = rng.uniform(40, 215, 3)
+        grain = rng.normal(0, 1, (size // 4, size // 4, 3))
+        grain = np.kron(grain, np.ones((4, 4, 1)))
+        img = base + 45 * grain + 30 * np.sin(2 * np.pi * rng.uniform(8, 20) * xx)[..., None]
+    else:
+        canvas = Image.new("RGB", (size, size), tuple(int(v) for v in rng.uniform(0, 255, 3)))
+        draw = ImageDraw.Draw(canvas)
+        for _ in range(rng.integers(3, 7)):
+            x0, y0 = rng.integers(0, size - 16, 2)
+            x1, y1 = x0 + rng.integers(12, size // 2), y0 + rng.integers(12, size // 2)
+            fill = tuple(int(v) for v in rng.uniform(0, 255, 3))
+            (draw.ellipse if rng.random() < 0.5 else draw.rectangle)([int(x0), int(y0), int(x1), int(y1)], fill=fill)
+        return canvas
+    return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8), "RGB")
+
+
+def distort(img: Image.Image, kind: str, level: int, rng: np.random.Generator) -> Image.Image:
+    if level == 0:
+        return img
+    if kind == "blur":
+        return img.filter(ImageFilter.GaussianBlur(radius=[0, 0.8, 1.6, 2.8, 4.5][level]))
+    if kind == "noise":
+        arr = np.asarray(img, dtype=np.float32) + rng.normal(0, [0, 8, 18, 32, 52][level], (*img.size[::-1], 3))
+        return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "RGB")
+    if kind == "jpeg":
+        buffer = io.BytesIO()
+        img.save(buffer, "JPEG", quality=[95, 30, 15, 8, 3][level])
+        return Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")
+    arr = np.asarray(img, dtype=np.float32)  # contrast: pull every pixel toward the mean grey
+    factor = [1, 0.7, 0.45, 0.28, 0.15][level]
+    return Image.fromarray(np.clip(arr.mean() + factor * (arr - arr.mean()), 0, 255).astype(np.uint8), "RGB")
+
+
+def make_image(seed: int, size: int = 112) -> tuple[Image.Image, dict]:
+    """One image and its record (content, distortions, quality), fully determined by `seed`."""
+    rng = np.random.default_rng(seed)
+    content = CONTENTS[rng.integers(len(CONTENTS))]
+    img = make_content(rng, size, content)
+    kinds = list(rng.choice(DISTORTIONS, size=2 if rng.random() < 0.25 else 1, replace=False))
+    levels = [int(rng.integers(0, 5)) for _ in kinds]
+    for kind, level in zip(kinds, levels):
+        img = distort(img, kind, level, rng)
+    worst, second = (sorted(levels, reverse=True) + [0])[:2]
+    quality = float(np.clip(5 - worst - 0.5 * second, 1, 5))
+    return img, {"content": content, "distortions": dict(zip(kinds, levels)), "mos": quality}
+
+
+def write_set(out_dir: str | Path, which: str, n: int, size: int = 112) -> Path:
+    """Write n images of one content set and `labels.jsonl` ({"image", "mos", ...}: also a benchmark file)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / "labels.jsonl", "w") as f:
+        for i in range(n):
+            img, record = make_image(SEED_BASE[which] + i, size)
+            name = f"{which}_{i:05d}.png"
+            img.save(out_dir / name)
+            f.write(json.dumps({"image": name, **record}) + "\n")
+    return out_dir
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("out_dir")
+    parser.add_argument("--set", default="pool", choices=sorted(SEED_BASE))
+    parser.add_argument("--n", type=int, default=64)
+    parser.add_argument("--size", type=int, default=112)
+    a = parser.parse_args()
+    print(write_set(a.out_dir, a.set, a.n, a.size))
