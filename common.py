@@ -162,7 +162,7 @@ def load_image(path: str | os.PathLike) -> Image.Image:
 
                 arr = np.asarray(img, dtype=np.float64)
                 top = 65535.0 if img.mode.startswith("I;16") else max(float(arr.max()), 1.0)
-                img = Image.fromarray((arr.clip(0, top) / top * 255).round().astype("uint8"), "L")
+                img = Image.fromarray((arr.clip(0, top) / top * 255).round().astype("uint8"))
             if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
                 rgba = img.convert("RGBA")  # transparent pixels become white, not black
                 background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))

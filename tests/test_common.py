@@ -1,0 +1,379 @@
+"""The shared module: prompts, parsers, images, JSONL, loading, sampling, the Args adapter."""
+
+import json
+import math
+import re
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import common
+from common import PRESETS, parse_compare, parse_score
+
+EVOQUALITY_MD = Path(__file__).resolve().parents[2] / "shared" / "EVOQUALITY.md"
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Prompts: byte-exact against the published text (an independent copy here, and the method page when present)
+# ---------------------------------------------------------------------------------------------------------------------
+
+PUBLISHED_COMPARE = ("You are performing an image quality assessment task. Compare the two images and decide which one "
+                     "has better perceptual quality. Answer strictly with the index of the better image: 0 if the first "
+                     "image is better, or 1 if the second image is better.")
+PUBLISHED_SCORE = ("You are doing the image quality assessment task. Here is the question: What is your overall rating "
+                   "on the quality of this picture? The rating should be a float between 1 and 5, rounded to two decimal "
+                   "places, with 1 representing very poor quality and 5 representing excellent quality.")
+PUBLISHED_SUFFIX = ("You FIRST think about the reasoning process as an internal monologue and then provide the final "
+                    "answer. The reasoning process MUST BE enclosed within <think> </think> tags. The final answer MUST "
+                    "BE put in \\boxed{}.")
+VQR1_SUFFIX = ("First output the thinking process in <think> </think> tags and then output the final answer with only "
+               "one score in <answer> </answer> tags.")
+
+
+def test_prompts_byte_exact():
+    evo = PRESETS["evoquality"]
+    assert evo.prompt("compare", True) == PUBLISHED_COMPARE + " " + PUBLISHED_SUFFIX
+    assert evo.prompt("score", True) == PUBLISHED_SCORE + " " + PUBLISHED_SUFFIX
+    assert PRESETS["visualquality_r1"].prompt("score", True) == PUBLISHED_SCORE + " " + VQR1_SUFFIX
+
+
+@pytest.mark.skipif(not EVOQUALITY_MD.exists(), reason="the method page ../shared/EVOQUALITY.md is not beside the repo")
+def test_prompts_match_method_page():
+    page = EVOQUALITY_MD.read_text()
+    quoted = re.findall(r"`([^`]{60,})`", page)
+    for text in (common.COMPARE_PROMPT, common.SCORE_PROMPT, common.BOXED_REASONING_SUFFIX):
+        assert text in quoted
+
+
+def test_preset_hash_changes_with_text():
+    assert PRESETS["evoquality"].hash() != PRESETS["visualquality_r1"].hash()
+    assert PRESETS["evoquality"].hash() == common.get_preset("evoquality").hash()
+    with pytest.raises(ValueError, match="unknown prompt preset"):
+        common.get_preset("nope")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Parsers: None for anything that is not exactly one answer
+# ---------------------------------------------------------------------------------------------------------------------
+
+SCORE_CASES = [
+    ("<think>fine</think> \\boxed{3.25}", 3.25),
+    ("\\boxed{1}", 1.0),
+    ("\\boxed{5.00}", 5.0),
+    ("\\boxed{ 4.5 }", 4.5),
+    ("\\boxed{2.} and more text", 2.0),
+    ("\\boxed{.5}", None),  # 0.5 is out of range
+    ("first \\boxed{2.0} then \\boxed{4.0}", 4.0),  # the LAST box counts
+    ("\\boxed{0.99}", None),
+    ("\\boxed{5.01}", None),
+    ("\\boxed{-3}", None),
+    ("\\boxed{nan}", None),
+    ("\\boxed{inf}", None),
+    ("\\boxed{}", None),
+    ("\\boxed{3.5, 4.0}", None),  # several numbers
+    ("\\boxed{3 4}", None),
+    ("\\boxed{3.5/5}", None),
+    ("\\boxed{\\text{3.5}}", None),  # nested junk
+    ("\\boxed{\\boxed{3.5}}", None),
+    ("\\boxed{1e0}", None),
+    ("The score is 3.5", None),  # no box
+    ("", None),
+    ("\\boxed{4.2", None),  # never closed: truncated
+    ("\\boxed{2.0} then \\boxed{4.", None),  # the final box is truncated
+    ("\\boxed{three}", None),
+    ("boxed{3.0}", None),
+    ("\\boxed{3.50}}", 3.5),
+    ("<answer>3.5</answer>", None),  # wrong tag for this preset
+]
+
+
+@pytest.mark.parametrize("text,expected", SCORE_CASES)
+def test_parse_score_boxed(text, expected):
+    assert parse_score(text) == expected
+
+
+COMPARE_CASES = [
+    ("<think>the second is sharper</think> \\boxed{1}", 1),
+    ("\\boxed{0}", 0),
+    ("\\boxed{ 0 }", 0),
+    ("\\boxed{1} no wait \\boxed{0}", 0),
+    ("\\boxed{2}", None),
+    ("\\boxed{0.5}", None),
+    ("\\boxed{01}", None),
+    ("\\boxed{0 or 1}", None),
+    ("\\boxed{first}", None),
+    ("1", None),
+    ("\\boxed{1", None),
+    ("\\boxed{-1}", None),
+]
+
+
+@pytest.mark.parametrize("text,expected", COMPARE_CASES)
+def test_parse_compare_boxed(text, expected):
+    assert parse_compare(text) == expected
+
+
+VQR1_CASES = [
+    ("<think>ok</think><answer>3.42</answer>", 3.42),
+    ("<answer> 4 </answer>", 4.0),
+    ("<answer>1.0</answer> <answer>2.0</answer>", 2.0),
+    ("<answer>2.0</answer> <answer>4.", None),  # the final answer is truncated
+    ("<answer>6</answer>", None),
+    ("<answer>3.5 or 4</answer>", None),
+    ("<answer></answer>", None),
+    ("\\boxed{3.5}", None),
+]
+
+
+@pytest.mark.parametrize("text,expected", VQR1_CASES)
+def test_parse_score_answer_tag(text, expected):
+    assert parse_score(text, PRESETS["visualquality_r1"]) == expected
+
+
+def test_parse_compare_answer_tag():
+    vq = PRESETS["visualquality_r1"]
+    assert parse_compare("<think>x</think><answer>1</answer>", vq) == 1
+    assert parse_compare("<answer>3</answer>", vq) is None
+
+
+def test_parsed_scores_are_finite_floats():
+    for text, expected in SCORE_CASES + VQR1_CASES:
+        for preset in PRESETS.values():
+            value = parse_score(text, preset)
+            assert value is None or (isinstance(value, float) and math.isfinite(value) and 1 <= value <= 5)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Images
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["L", "LA", "P", "RGBA", "CMYK", "I;16", "I", "1", "RGB"])
+def test_load_image_modes(tmp_path, mode):
+    arr = (np.arange(24 * 16).reshape(16, 24) % 256).astype(np.uint8)
+    img = Image.fromarray(arr, "L").convert(mode) if mode not in ("I;16", "I") else None
+    if mode == "I;16":
+        img = Image.fromarray(arr.astype(np.uint16) * 256)
+        assert img.mode == "I;16"
+    if mode == "I":
+        img = Image.fromarray(arr.astype(np.int32) * 1000)
+        assert img.mode == "I"
+    path = tmp_path / ("x.tif" if mode in ("CMYK", "I;16", "I") else "x.png")
+    img.save(path)
+    out = common.load_image(path)
+    assert out.mode == "RGB" and out.size == (24, 16)
+    if mode in ("I;16", "I"):  # scaled to 8 bits, not clipped to white
+        assert 0 < np.asarray(out).mean() < 255 and np.asarray(out).max() > 200
+
+
+def test_load_image_transparency_becomes_white(tmp_path):
+    Image.new("RGBA", (8, 8), (255, 0, 0, 0)).save(tmp_path / "t.png")
+    assert common.load_image(tmp_path / "t.png").getpixel((0, 0)) == (255, 255, 255)
+
+
+def test_load_image_exif_orientation(tmp_path):
+    img = Image.new("RGB", (30, 10), (0, 255, 0))
+    exif = img.getexif()
+    exif[0x0112] = 6  # rotate 90 degrees when displayed
+    img.save(tmp_path / "r.jpg", exif=exif)
+    assert common.load_image(tmp_path / "r.jpg").size == (10, 30)
+
+
+def test_load_image_broken_files_name_the_file(tmp_path):
+    (tmp_path / "empty.png").write_bytes(b"")
+    (tmp_path / "junk.jpg").write_bytes(b"not an image at all")
+    Image.new("RGB", (64, 64), (1, 2, 3)).save(tmp_path / "full.png")
+    data = (tmp_path / "full.png").read_bytes()
+    (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])
+    for name in ["empty.png", "junk.jpg", "cut.png", "missing.png"]:
+        with pytest.raises(ValueError, match=re.escape(name)):
+            common.load_image(tmp_path / name)
+
+
+def test_load_image_decompression_bomb(tmp_path, monkeypatch):
+    Image.new("L", (100, 100)).save(tmp_path / "bomb.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 10,000 px > 2x the limit: PIL refuses
+    with pytest.raises(ValueError, match="bomb.png"):
+        common.load_image(tmp_path / "bomb.png")
+
+
+def test_list_images_folder_and_list_files(tmp_path):
+    for rel in ["b/2.png", "a/1.JPG", "c.webp", "notes.txt"]:
+        (tmp_path / "pool" / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "pool" / rel).write_bytes(b"x")
+    root, images = common.list_images(tmp_path / "pool")
+    assert root == tmp_path / "pool" and images == ["a/1.JPG", "b/2.png", "c.webp"]
+    (tmp_path / "pool" / "list.txt").write_text("# comment\nb/2.png\n\nc.webp\n")
+    assert common.list_images(tmp_path / "pool" / "list.txt") == (tmp_path / "pool", ["b/2.png", "c.webp"])
+    (tmp_path / "l.jsonl").write_text('{"image": "x.png"}\n{"image": ["y.png"]}\n')
+    assert common.list_images(tmp_path / "l.jsonl", root="/data") == (Path("/data"), ["x.png", "y.png"])
+    (tmp_path / "bad.jsonl").write_text('{"image": "x.png"}\n{"path": "y.png"}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:2"):
+        common.list_images(tmp_path / "bad.jsonl")
+    with pytest.raises(FileNotFoundError):
+        common.list_images(tmp_path / "nowhere")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# JSONL
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_jsonl_truncated_last_line_is_dropped_with_warning(tmp_path):
+    path = tmp_path / "v.jsonl"
+    path.write_text('{"k": 1}\n{"k": 2}\n{"k": 3, "te')
+    with pytest.warns(UserWarning, match="partial last line"):
+        assert common.read_jsonl(path) == [{"k": 1}, {"k": 2}]
+
+
+def test_jsonl_malformed_middle_line_names_file_and_line(tmp_path):
+    path = tmp_path / "v.jsonl"
+    path.write_text('{"k": 1}\n{"k": \n{"k": 3}\n')
+    with pytest.raises(ValueError, match=r"v.jsonl:2"):
+        common.read_jsonl(path)
+    path.write_text('{"k": 1}\n[1, 2]\n{"k": 3}\n')
+    with pytest.raises(ValueError, match=r"v.jsonl:2: .*not a JSON object"):
+        common.read_jsonl(path)
+
+
+def test_jsonl_writer_cuts_partial_line_before_appending(tmp_path):
+    path = tmp_path / "v.jsonl"
+    path.write_text('{"k": 1}\n{"k": 2, "te')
+    with pytest.warns(UserWarning, match="cutting a partial last line"):
+        writer = common.JsonlWriter(path)
+    with writer:
+        writer.write({"k": 2})
+        writer.write({"k": 3, "text": "ünïcode \\boxed{1}"})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        records = common.read_jsonl(path)
+    assert [r["k"] for r in records] == [1, 2, 3] and records[2]["text"] == "ünïcode \\boxed{1}"
+    assert common.done_keys(path, lambda r: r["k"]) == {1, 2, 3}
+    assert common.read_jsonl(tmp_path / "absent.jsonl") == []
+
+
+def test_jsonl_writer_flushes_each_record(tmp_path):
+    writer = common.JsonlWriter(tmp_path / "v.jsonl")
+    writer.write({"k": 1})
+    assert (tmp_path / "v.jsonl").read_text() == '{"k": 1}\n'  # visible before close: a kill loses nothing written
+    writer.close()
+
+
+def test_write_json_atomic(tmp_path):
+    common.write_json_atomic(tmp_path / "d" / "m.json", {"a": 1})
+    assert json.loads((tmp_path / "d" / "m.json").read_text()) == {"a": 1}
+    assert not list((tmp_path / "d").glob("*.tmp"))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Args adapter
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Args:
+    model: str = common.arg(help="model")
+    num_pairs: int = common.arg(20000, help="pairs")
+    temperature: float = common.arg(1.0, help="temperature")
+    reasoning: bool = common.arg(True, help="reasoning suffix")
+    bench: list[str] = common.arg([], help="benchmarks")
+    mode: str = common.arg("compare", help="mode", choices=["compare", "score"])
+
+
+def test_parse_args():
+    a = common.parse_args(_Args, ["--model", "m", "--num-pairs", "5", "--no-reasoning", "--bench", "x=1", "y=2"])
+    assert (a.model, a.num_pairs, a.reasoning, a.bench, a.temperature, a.mode) == ("m", 5, False, ["x=1", "y=2"], 1.0,
+                                                                                  "compare")
+    with pytest.raises(SystemExit):
+        common.parse_args(_Args, [])  # --model is required
+    with pytest.raises(SystemExit):
+        common.parse_args(_Args, ["--model", "m", "--mode", "other"])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Tiny real-architecture checkpoints, loading, sampling
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ["qwen2_5_vl", "qwen2_vl", "qwen3_vl"])
+def test_tiny_checkpoint_round_trip(tmp_path, arch):
+    import torch
+
+    from demo.tiny_models import build_model, build_tiny_checkpoint, build_tokenizer
+
+    path = build_tiny_checkpoint(tmp_path / arch, arch)
+    model, processor = common.load_model(str(path)), common.load_processor(str(path))
+    expected = build_model(arch, build_tokenizer())  # same seed: the saved weights must come back unchanged
+    assert type(model).__name__ == type(expected).__name__
+    saved, rebuilt = model.state_dict(), expected.state_dict()
+    assert saved.keys() == rebuilt.keys() and all(torch.equal(saved[k], rebuilt[k]) for k in saved)
+    assert processor.tokenizer.padding_side == "left"
+    assert model.generation_config.top_k == 1  # the shipped quirk survives, so the stages must override it
+    inputs = common.encode_batch(processor, ["hi"], [[Image.new("RGB", (56, 56))]])
+    merged_tokens = int(inputs["image_grid_thw"].prod()) // 4  # patches after the 2x2 merge
+    assert merged_tokens >= 1 and (inputs["input_ids"] == model.config.image_token_id).sum() == merged_tokens
+    assert model(**inputs).logits.shape == (1, inputs["input_ids"].shape[1], len(processor.tokenizer))
+
+
+def test_missing_model_path_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        common.load_model(str(tmp_path / "no_model"))
+
+
+def test_chat_text_uses_real_template(tiny_model_dir):
+    processor = common.load_processor(tiny_model_dir)
+    text = common.chat_text(processor, "Q?", 2, add_vision_id=True)
+    assert text == ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+                    "Picture 1: <|vision_start|><|image_pad|><|vision_end|>"
+                    "Picture 2: <|vision_start|><|image_pad|><|vision_end|>Q?<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_max_pixels_bounds_image_tokens(tiny_model_dir):
+    big = Image.new("RGB", (400, 300))
+    counts = []
+    for max_pixels in (28 * 28, 56 * 56, 112 * 112):
+        processor = common.load_processor(tiny_model_dir, max_pixels=max_pixels, min_pixels=28 * 28)
+        grid = processor(text=["<|vision_start|><|image_pad|><|vision_end|>"], images=[big])["image_grid_thw"][0]
+        counts.append(int(grid.prod()) // 4)  # LLM tokens after the 2x2 merge
+        assert int(grid.prod()) * 14 * 14 <= max_pixels
+    assert counts[0] < counts[1] < counts[2]
+
+
+def test_sampling_config_overrides_shipped_top_k(tiny_model_dir):
+    model = common.load_model(tiny_model_dir)
+    config = common.sampling_config(model, max_new_tokens=8, temperature=0.7, num_return_sequences=8)
+    assert (config.do_sample, config.top_k, config.top_p, config.repetition_penalty, config.temperature) == (
+        True, 0, 1.0, 1.0, 0.7)
+    assert set(common.eos_token_ids(config)) == set(model.generation_config.eos_token_id)
+    greedy = common.sampling_config(model, max_new_tokens=8, do_sample=False)
+    assert greedy.do_sample is False
+
+
+def test_two_image_prompt_samples_differ(tiny_model_dir, demo_pool):
+    import torch
+
+    model, processor = common.load_model(tiny_model_dir), common.load_processor(tiny_model_dir)
+    images = [common.load_image(p) for p in sorted(demo_pool.glob("*.png"))[:2]]
+    prompt = PRESETS["evoquality"].prompt("compare", True)
+    inputs = common.encode_batch(processor, [prompt], [images], add_vision_id=True)
+    assert (inputs["input_ids"] == model.config.image_token_id).sum() == 2 * 4  # max_pixels 56*56: 4 tokens each
+    torch.manual_seed(0)
+    out = model.generate(**inputs, generation_config=common.sampling_config(model, 12, num_return_sequences=8))
+    texts = common.completion_texts(processor, out, inputs["input_ids"].shape[1])
+    assert len(texts) == 8 and len(set(texts)) > 1
+    # the shipped config (top_k=1) would have made all eight identical
+    shipped = model.generate(**inputs, max_new_tokens=12, num_return_sequences=8)
+    assert len(set(common.completion_texts(processor, shipped, inputs["input_ids"].shape[1]))) == 1
+
+
+def test_score_prompt_generates(tiny_model_dir, demo_pool):
+    model, processor = common.load_model(tiny_model_dir), common.load_processor(tiny_model_dir)
+    image = common.load_image(sorted(demo_pool.glob("*.png"))[0])
+    inputs = common.encode_batch(processor, [PRESETS["evoquality"].prompt("score", False)] * 2, [[image], [image]])
+    out = model.generate(**inputs, generation_config=common.sampling_config(model, 10, do_sample=False))
+    texts = common.completion_texts(processor, out, inputs["input_ids"].shape[1])
+    assert len(texts) == 2 and texts[0] == texts[1]  # greedy on identical inputs (left padded alike)
+    assert out.shape[1] > inputs["input_ids"].shape[1]
