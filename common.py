@@ -20,7 +20,7 @@ import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -205,29 +205,33 @@ def list_images(spec: str | os.PathLike, root: str | os.PathLike | None = None) 
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
+    """(line number, record) for each non-blank line, streamed. A malformed LAST line (what a kill leaves) is dropped
+    with a warning; a malformed line anywhere else raises ValueError naming file:line. A missing file is empty."""
+    if not Path(path).exists():
+        return
+    bad = None  # (line number, reason): an error only once a later non-blank line shows it was not the last one
+    with open(path, "rb") as f:
+        for lineno, line in enumerate(f, 1):
+            if line.isspace():
+                continue
+            if bad:
+                raise ValueError(f"{path}:{bad[0]}: malformed JSONL line: {bad[1]}")
+            try:
+                record = json.loads(line.decode("utf-8"))  # decoding here skips json's encoding detection
+            except ValueError as e:  # UnicodeDecodeError included
+                record = e
+            if isinstance(record, dict):
+                yield lineno, record
+            else:
+                bad = (lineno, record if isinstance(record, ValueError) else "not a JSON object")
+    if bad:
+        warnings.warn(f"{path}:{bad[0]}: dropping a partial last line (an interrupted write)")
+
+
 def read_jsonl(path: str | os.PathLike, with_lineno: bool = False) -> list:
-    """All records of a JSONL file. A malformed LAST line (what a kill leaves) is dropped with a warning;
-    a malformed line anywhere else raises ValueError naming file:line. Blank lines are skipped."""
-    path = Path(path)
-    if not path.exists():
-        return []
-    lines = path.read_text(encoding="utf-8").split("\n")
-    last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
-    records = []
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-            if not isinstance(record, dict):
-                raise ValueError("not a JSON object")
-        except ValueError as e:
-            if i == last:
-                warnings.warn(f"{path}:{i + 1}: dropping a partial last line (an interrupted write): {line[:80]!r}")
-                break
-            raise ValueError(f"{path}:{i + 1}: malformed JSONL line: {e}") from None
-        records.append((i + 1, record) if with_lineno else record)
-    return records
+    """All records of a JSONL file (as `(line number, record)` with `with_lineno`), under iter_jsonl's rules."""
+    return [(lineno, record) if with_lineno else record for lineno, record in iter_jsonl(path)]
 
 
 class JsonlWriter:
@@ -267,13 +271,24 @@ def done_keys(path: str | os.PathLike, key: Callable[[dict], Any]) -> set:
     return {key(record) for record in read_jsonl(path)}
 
 
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-    """Write JSON through a temporary file and a rename: a reader never sees half a file."""
+def write_lines_atomic(path: str | os.PathLike, lines: Iterable[str]) -> None:
+    """A text file written through a temporary file, fsync and a rename: a reader never sees half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(lines)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def write_jsonl_atomic(path: str | os.PathLike, records: Iterable[dict]) -> None:
+    write_lines_atomic(path, (json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+    write_lines_atomic(path, [json.dumps(obj, indent=2, ensure_ascii=False) + "\n"])
 
 
 def package_versions() -> dict[str, str]:
@@ -343,7 +358,9 @@ def sampling_config(model, max_new_tokens: int, temperature: float = 1.0, do_sam
     shipped = model.generation_config
     eos = shipped.eos_token_id if shipped.eos_token_id is not None else model.config.get_text_config().eos_token_id
     pad = shipped.pad_token_id if shipped.pad_token_id is not None else (eos[0] if isinstance(eos, list) else eos)
-    sampling = dict(temperature=temperature, top_p=1.0, top_k=0) if do_sample else {}
+    # greedy ignores the sampling knobs; they get the library's neutral defaults so the shipped ones do not leak in
+    sampling = dict(temperature=temperature, top_p=1.0, top_k=0) if do_sample else dict(temperature=1.0, top_p=1.0,
+                                                                                          top_k=50)
     return GenerationConfig(
         do_sample=do_sample, repetition_penalty=1.0, max_new_tokens=max_new_tokens,
         num_return_sequences=num_return_sequences, eos_token_id=eos, pad_token_id=pad,
@@ -409,14 +426,18 @@ def parse_args(cls, argv: Optional[Iterable[str]] = None):
             origin, inner = typing.get_origin(hint), typing.get_args(hint)
         if hint is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
-        elif origin is list:
-            kwargs.update(nargs="*", type=inner[0] if inner else str)
+        elif origin is list:  # repeatable: `--bench a --bench b` and `--bench a b` both give [a, b]
+            kwargs.update(nargs="*", type=inner[0] if inner else str, action="extend", default=None)
         else:
             kwargs["type"] = hint
         if "choices" in f.metadata:
             kwargs["choices"] = f.metadata["choices"]
         parser.add_argument(flag, **kwargs)
-    return cls(**vars(parser.parse_args(None if argv is None else list(argv))))
+    values = vars(parser.parse_args(None if argv is None else list(argv)))
+    for f in dataclasses.fields(cls):  # an absent list flag: the field's own default (extend would mutate a shared one)
+        if values[f.name] is None and f.default_factory is not dataclasses.MISSING:
+            values[f.name] = f.default_factory()
+    return cls(**values)
 
 
 def die(message: str, code: int = 2) -> None:

@@ -1,4 +1,377 @@
-"""sample_votes: not implemented yet (see its issue)."""
-import sys
+"""Offline stage of EvoQuality: the current model votes K times on each of N random image pairs.
 
-sys.exit("sample_votes.py: not implemented yet")
+    python sample_votes.py --model Qwen/Qwen2.5-VL-7B-Instruct --images pool/ --out runs/round1/votes.jsonl
+    accelerate launch --num_processes 8 sample_votes.py --model Qwen/Qwen2.5-VL-7B-Instruct --images pool/ \
+        --out runs/round1/votes.jsonl --num-pairs 20000 --votes-per-pair 32
+    torchrun --nproc_per_node 2 sample_votes.py ...     # several processes on CPU (accelerate launch --cpu starts one)
+
+Each pair (a, b) is asked K times with the compare prompt, K/2 times with a shown first ("ab") and K/2 times with b
+shown first ("ba"), so that a position bias cancels (an odd K's extra vote takes a seeded random order). Every answer
+is mapped back to image identity: a vote for a, a vote for b, or an abstention (unparseable, or cut off by
+--max-new-tokens). One line per pair, in pair order:
+
+    {"a": "x.png", "b": "y.png", "votes_a": 19, "votes_b": 11, "abstain": 2, "first_slot_wins": 17,
+     "answers": [{"order": "ab", "choice": "a", "truncated": false, "text": "<think>...</think> \\boxed{0}"}, ...]}
+
+`--mode score` (cheaper, NOT the paper's method) instead samples the score prompt K times for every image of the
+pairs: one line per image {"image", "scores": [3.25, null, ...], "answers": [text, ...]}, the pairs in
+`<out>.pairs.jsonl`; build_pseudolabels.py turns the scores into votes.
+
+Beside --out: `<out>.meta.json` (args, model, prompt preset and hash, versions, times, counts), `<out>.skipped.jsonl`
+(pairs with an unreadable image, and why), and while running `<out>.shard-RANK.jsonl`, one per process, which the main
+process merges into --out at the end (on several nodes, --out must be on a filesystem that every node sees).
+Rerun the same command to resume: finished pairs are kept, the rest are voted, every pair ends up exactly once, even
+after a SIGKILL (the merge is restartable too). A rerun with another model, prompt, K or pair draw against an existing
+--out is refused unless --overwrite.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import hashlib
+import json
+import math
+import random
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from functools import partial
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+from PIL import Image
+
+import common
+
+
+@dataclass
+class Args:
+    model: str = common.arg(help="the voting model: a local checkpoint folder or a hub id")
+    images: str = common.arg(help="the unlabeled pool: a folder (searched recursively) or a .txt/.jsonl list of images")
+    out: str = common.arg(help="output JSONL: one line per pair (per image with --mode score)")
+    images_root: Optional[str] = common.arg(None, help="folder the image paths are relative to (default: --images "
+                                                       "itself, or the list file's folder)")
+    num_pairs: int = common.arg(20000, help="distinct unordered image pairs to draw (all pairs if fewer exist)")
+    votes_per_pair: int = common.arg(32, help="K: votes per pair, K/2 in each order (per image with --mode score)")
+    seed: int = common.arg(0, help="seed of the pair draw, of odd-K vote orders and of sampling")
+    temperature: float = common.arg(1.0, help="sampling temperature (> 0: K greedy votes would all be the same)")
+    max_new_tokens: int = common.arg(512, help="completion budget; an answer cut off by it is an abstention")
+    reasoning: bool = common.arg(True, help="ask for <think> reasoning before the final answer (the paper's format)")
+    prompt: str = common.arg("evoquality", help="prompt preset (common.PRESETS)", choices=sorted(common.PRESETS))
+    mode: str = common.arg("compare", choices=["compare", "score"],
+                           help="compare: the paper's pairwise votes; score: K scores per image (cheaper, not paper)")
+    batch_size: int = common.arg(64, help="sequences per generate call, in whole prompts (at least one prompt)")
+    max_pixels: Optional[int] = common.arg(None, help="downscale images above this many pixels (default: processor's)")
+    text: bool = common.arg(True, help="keep each answer's raw text (--no-text keeps only the parsed answers)")
+    strict: bool = common.arg(False, help="stop at the first unreadable image instead of skipping its pairs")
+    overwrite: bool = common.arg(False, help="discard an existing --out (and its shards, meta, skipped); start over")
+
+
+Completion = tuple[str, bool]  # (text, truncated: no end-of-sequence token within --max-new-tokens)
+# generate_fn(prompt, images_per_prompt, n) -> n completions per prompt: the only place the model is touched, so tests
+# can plug in a scripted model whose answers are known.
+GenerateFn = Callable[[str, list[list[Image.Image]], int], list[list[Completion]]]
+
+# DEFINITION: what makes two runs' votes the same experiment; a resume must match every one of these.
+DEFINITION = ("model", "prompt", "prompt_hash", "reasoning", "mode", "votes_per_pair", "temperature", "max_new_tokens",
+              "max_pixels", "num_pairs", "seed", "images_sha256")
+
+
+# ALGO LOGIC: pairs, vote orders, answers mapped back to image identity
+def sample_pairs(n_images: int, num_pairs: int, seed: int) -> list[tuple[int, int]]:
+    """`num_pairs` distinct unordered pairs (i, j), i < j, drawn uniformly without replacement (all pairs if fewer
+    exist). Depends only on its arguments, so a rerun or a resume draws the same pairs in the same order."""
+    total = n_images * (n_images - 1) // 2
+    picks = np.random.default_rng(seed).choice(total, size=min(num_pairs, total), replace=False)
+    pairs = []
+    for k in picks.tolist():  # pair number k <-> (i, j) with k = j (j - 1) / 2 + i, exact in integers
+        j = (1 + math.isqrt(1 + 8 * k)) // 2
+        pairs.append((k - j * (j - 1) // 2, j))
+    return pairs
+
+
+def vote_orders(a: str, b: str, k: int, seed: int) -> dict[str, int]:
+    """How many of a pair's K votes show a first ("ab") and b first ("ba"): K/2 each. An odd K's extra vote takes a
+    random order seeded by (seed, a, b) alone, so it is the same whichever process or batch asks."""
+    extra = random.Random(f"{seed}:{a}:{b}").choice(["ab", "ba"]) if k % 2 else None
+    return {order: k // 2 + (order == extra) for order in ("ab", "ba")}
+
+
+def sample_batched(generate_fn: GenerateFn, prompt: str, jobs: list[tuple[list[Image.Image], int]],
+                   batch_size: int) -> list[list[Completion]]:
+    """n completions for each job (images, n). Many prompts share one generate call (about batch_size sequences),
+    the repeats come from num_return_sequences, so jobs are grouped by n."""
+    results: list[list[Completion]] = [[] for _ in jobs]
+    for n in sorted({n for _, n in jobs if n > 0}):
+        todo = [i for i, (_, m) in enumerate(jobs) if m == n]
+        step = max(1, batch_size // n)
+        for s in range(0, len(todo), step):
+            chunk = todo[s:s + step]
+            for i, completions in zip(chunk, generate_fn(prompt, [jobs[i][0] for i in chunk], n)):
+                results[i] = completions
+    return results
+
+
+def compare_record(a: str, b: str, answers: list[dict]) -> dict:
+    choices = [(x["order"], x["choice"]) for x in answers]
+    return {
+        "a": a, "b": b,
+        "votes_a": sum(c == "a" for _, c in choices),
+        "votes_b": sum(c == "b" for _, c in choices),
+        "abstain": sum(c is None for _, c in choices),
+        "first_slot_wins": sum(c == ("a" if order == "ab" else "b") for order, c in choices),
+        "answers": answers,
+    }
+
+
+def vote_pairs(pairs: list[tuple[str, str]], images: dict[str, Image.Image], generate_fn: GenerateFn, prompt: str,
+               parse: Callable[[str], Optional[int]], k: int, seed: int, batch_size: int,
+               keep_text: bool = True) -> list[dict]:
+    """K votes for each pair, K/2 per order, each answer mapped back to image identity."""
+    jobs = []
+    for a, b in pairs:
+        for order, n in vote_orders(a, b, k, seed).items():
+            first, second = (a, b) if order == "ab" else (b, a)
+            jobs.append(([images[first], images[second]], n))
+    completions = sample_batched(generate_fn, prompt, jobs, batch_size)
+    records = []
+    for p, (a, b) in enumerate(pairs):
+        answers = []
+        for order, per_order in zip(("ab", "ba"), completions[2 * p: 2 * p + 2]):
+            for text, truncated in per_order:
+                index = None if truncated else parse(text)  # 0: the first image shown is better, 1: the second
+                choice = None if index is None else ("a" if (index == 0) == (order == "ab") else "b")
+                answers.append({"order": order, "choice": choice, "truncated": truncated}
+                               | ({"text": text} if keep_text else {}))
+        records.append(compare_record(a, b, answers))
+    return records
+
+
+def score_images(names: list[str], images: dict[str, Image.Image], generate_fn: GenerateFn, prompt: str,
+                 parse: Callable[[str], Optional[float]], k: int, batch_size: int,
+                 keep_text: bool = True) -> list[dict]:
+    """--mode score: K sampled scores per image (None where unparseable or cut off)."""
+    completions = sample_batched(generate_fn, prompt, [([images[x]], k) for x in names], batch_size)
+    return [{"image": x, "scores": [None if truncated else parse(text) for text, truncated in per_image]}
+            | ({"answers": [text for text, _ in per_image]} if keep_text else {})
+            for x, per_image in zip(names, completions)]
+
+
+def summarize(records: list[dict], mode: str, skipped: int) -> dict:
+    """Pairs, votes, abstention rate, first-slot win rate (position bias; 0.5 is unbiased), mean majority agreement."""
+    if mode == "score":
+        samples = [s for r in records for s in r["scores"]]
+        return {"images": len(records), "skipped_pairs": skipped, "samples": len(samples),
+                "unparseable_rate": sum(s is None for s in samples) / max(len(samples), 1)}
+    votes = sum(r["votes_a"] + r["votes_b"] + r["abstain"] for r in records)
+    answered = sum(r["votes_a"] + r["votes_b"] for r in records)
+    agreement = [max(r["votes_a"], r["votes_b"]) / (r["votes_a"] + r["votes_b"])
+                 for r in records if r["votes_a"] + r["votes_b"]]
+    return {"pairs": len(records), "skipped_pairs": skipped, "votes": votes,
+            "abstention_rate": (votes - answered) / max(votes, 1),
+            "first_slot_win_rate": sum(r["first_slot_wins"] for r in records) / max(answered, 1),
+            "mean_majority_agreement": sum(agreement) / max(len(agreement), 1)}
+
+
+# TRY NOT TO MODIFY: model, images, files, processes
+def make_generate_fn(model, processor, add_vision_id: bool, max_new_tokens: int, temperature: float) -> GenerateFn:
+    import torch
+
+    def generate(prompt: str, images: list[list[Image.Image]], n: int) -> list[list[Completion]]:
+        inputs = common.encode_batch(processor, [prompt] * len(images), images, add_vision_id).to(model.device)
+        config = common.sampling_config(model, max_new_tokens, temperature, num_return_sequences=n)
+        with torch.inference_mode():
+            sequences = model.generate(**inputs, generation_config=config)
+        length = inputs["input_ids"].shape[1]
+        texts = common.completion_texts(processor, sequences, length)
+        eos = torch.tensor(common.eos_token_ids(config), device=sequences.device)
+        finished = torch.isin(sequences[:, length:], eos).any(dim=1).tolist()
+        # generate repeats each prompt n times in place: rows i*n .. i*n+n-1 belong to prompt i
+        return [[(texts[i * n + j], not finished[i * n + j]) for j in range(n)] for i in range(len(images))]
+
+    return generate
+
+
+def load_generate_fn(args: Args, device) -> GenerateFn:
+    try:
+        model = common.load_model(args.model, device=device).eval()
+        processor = common.load_processor(args.model, max_pixels=args.max_pixels)
+    except (OSError, ValueError) as e:  # FileNotFoundError, hub errors, a folder that holds no checkpoint
+        common.die(f"cannot load model {args.model}: {str(e).splitlines()[0]}")
+    add_vision_id = common.get_preset(args.prompt).add_vision_id
+    return make_generate_fn(model, processor, add_vision_id, args.max_new_tokens, args.temperature)
+
+
+def load_images(names: list[str], root: Path, strict: bool) -> tuple[dict[str, Image.Image], dict[str, str]]:
+    """(images, errors) by relative path; an unreadable image stops the run only with --strict."""
+    images, errors = {}, {}
+    for name in dict.fromkeys(names):
+        try:
+            images[name] = common.load_image(root / name)
+        except ValueError as e:
+            if strict:
+                common.die(f"{e} (--strict; without it the pairs of this image are skipped)")
+            errors[name] = str(e)
+    return images, errors
+
+
+def process_chunk(units: list, args: Args, root: Path, generate_fn: GenerateFn, pairs_of: dict) -> list[dict]:
+    """Records for a few pairs (images with --mode score): votes, plus a {"a", "b", "skipped"} record for each pair
+    that has an unreadable image. `pairs_of`: image -> its pairs (used with --mode score)."""
+    preset = common.get_preset(args.prompt)
+    names = [x for u in units for x in (u if args.mode == "compare" else (u,))]
+    images, errors = load_images(names, root, args.strict)
+    if args.mode == "compare":
+        skipped = {pair: errors[x] for pair in units for x in pair if x in errors}
+        good = [u for u in units if u not in skipped]
+        parse = partial(common.parse_compare, preset=preset)
+        records = vote_pairs(good, images, generate_fn, preset.prompt("compare", args.reasoning), parse,
+                             args.votes_per_pair, args.seed, args.batch_size, args.text)
+    else:
+        skipped = {pair: errors[x] for x in units if x in errors for pair in pairs_of[x]}
+        good = [x for x in units if x in images]
+        parse = partial(common.parse_score, preset=preset)
+        records = score_images(good, images, generate_fn, preset.prompt("score", args.reasoning), parse,
+                               args.votes_per_pair, args.batch_size, args.text)
+    return records + [{"a": a, "b": b, "skipped": reason} for (a, b), reason in skipped.items()]
+
+
+def record_key(record: dict):
+    return record["image"] if "image" in record else (record["a"], record["b"])
+
+
+def shard_paths(out: Path) -> list[Path]:
+    return sorted(Path(p) for p in glob.glob(glob.escape(str(out)) + ".shard-*.jsonl"))
+
+
+def read_done(out: Path) -> tuple[dict, dict]:
+    """(results, skipped) by key, from --out and every shard file left by any earlier run (any number of processes)."""
+    results, skipped = {}, {}
+    for path in [out, *shard_paths(out)]:
+        for record in common.read_jsonl(path):
+            if "skipped" in record:
+                skipped[record_key(record)] = record
+            else:
+                results[record_key(record)] = record
+    return results, skipped
+
+
+def merge(out: Path, pairs: list[tuple[str, str]], keys: list, mode: str) -> tuple[list[dict], list[dict]]:
+    """Shards + an earlier --out -> --out in pair order, skipped pairs -> <out>.skipped.jsonl, shards deleted last:
+    a merge killed at any point is simply redone by the next run."""
+    results, skipped = read_done(out)
+    records = [results[key] for key in keys if key in results]
+    voted = (lambda pair: pair in results) if mode == "compare" else (lambda pair: all(x in results for x in pair))
+    skipped_records = [skipped[pair] for pair in pairs if pair in skipped and not voted(pair)]
+    common.write_jsonl_atomic(out, records)
+    common.write_jsonl_atomic(Path(f"{out}.skipped.jsonl"), skipped_records)
+    for path in shard_paths(out):
+        path.unlink()
+    return records, skipped_records
+
+
+def definition_of(args: Args, names: list[str]) -> dict:
+    model = str(Path(args.model).resolve()) if Path(args.model).exists() else args.model
+    fields = {**dataclasses.asdict(args), "model": model, "prompt_hash": common.get_preset(args.prompt).hash(),
+              "images_sha256": hashlib.sha256("\n".join(names).encode()).hexdigest()}
+    return {key: fields[key] for key in DEFINITION}
+
+
+def refuse_mismatch(out: Path, definition: dict) -> None:
+    meta_path = Path(f"{out}.meta.json")
+    if meta_path.exists():
+        old = json.loads(meta_path.read_text())
+        changed = [key for key in DEFINITION if old.get(key) != definition[key]]
+        if changed:
+            was = ", ".join(f"{key}={old.get(key)!r}" for key in changed)
+            now = ", ".join(f"{key}={definition[key]!r}" for key in changed)
+            common.die(f"{out} holds votes made with {was}; this run asks for {now}. "
+                       f"Use another --out, or --overwrite to discard them")
+    elif out.exists() or shard_paths(out):
+        common.die(f"{out} exists without {meta_path.name}, so it cannot be resumed safely; "
+                   f"use another --out, or --overwrite to discard it")
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    args = common.parse_args(Args, argv)
+    import torch
+    from accelerate import PartialState
+
+    # cpu=True is what makes torchrun's processes one group on a machine without GPUs (else each runs alone);
+    # a long timeout because the last barrier waits for the slowest shard, which may be far behind on big runs
+    state = PartialState(cpu=not torch.cuda.is_available(), timeout=timedelta(hours=24))
+    out, start = Path(args.out), time.time()
+    if args.votes_per_pair < 1 or args.num_pairs < 1 or args.batch_size < 1:
+        common.die("--votes-per-pair, --num-pairs and --batch-size must be >= 1")
+    if args.temperature <= 0:
+        common.die("--temperature must be > 0: K greedy votes would all be the same")
+    try:
+        root, names = common.list_images(args.images, args.images_root)
+    except (OSError, ValueError) as e:
+        common.die(str(e))
+    if len(names) < 2:
+        common.die(f"need at least 2 images to draw pairs, found {len(names)} in {args.images}")
+    if len(set(names)) < len(names):
+        common.die(f"{args.images} lists some images more than once; each image must be listed once")
+    pairs = [(names[i], names[j]) for i, j in sample_pairs(len(names), args.num_pairs, args.seed)]
+    pairs_of: dict[str, list] = {}  # image -> its pairs, for skipping
+    for pair in pairs:
+        for x in pair:
+            pairs_of.setdefault(x, []).append(pair)
+    keys = pairs if args.mode == "compare" else list(pairs_of)  # units of work, in output order
+    definition = definition_of(args, names)
+    if not args.overwrite:
+        refuse_mismatch(out, definition)
+    try:
+        done = {} if args.overwrite else read_done(out)[0]
+    except ValueError as e:  # a malformed line inside a file (not a cut last line, which is dropped)
+        common.die(str(e))
+    mine = [key for key in keys if key not in done][state.process_index::state.num_processes]
+    generate_fn = load_generate_fn(args, state.device) if mine else None
+    state.wait_for_everyone()  # every process has read the old files before any is deleted or appended to
+
+    if state.is_main_process:
+        if args.overwrite:
+            for path in [out, *shard_paths(out), Path(f"{out}.skipped.jsonl"), Path(f"{out}.pairs.jsonl")]:
+                path.unlink(missing_ok=True)
+        meta = {**definition, "args": dataclasses.asdict(args), "package_versions": common.package_versions(),
+                "num_processes": state.num_processes, "num_images": len(names),
+                "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(start)),
+                "finished": None, "counts": None}
+        common.write_json_atomic(f"{out}.meta.json", meta)
+        if args.mode == "score":
+            common.write_jsonl_atomic(Path(f"{out}.pairs.jsonl"), [{"a": a, "b": b} for a, b in pairs])
+    state.wait_for_everyone()
+
+    if mine:
+        from tqdm import tqdm
+
+        torch.manual_seed(args.seed * 1000 + state.process_index)
+        step = max(1, args.batch_size // args.votes_per_pair)
+        with common.JsonlWriter(f"{out}.shard-{state.process_index:05d}.jsonl") as writer, \
+                tqdm(total=len(mine) * args.votes_per_pair, unit="vote", desc=f"votes [{state.process_index}]",
+                     position=state.process_index, dynamic_ncols=True) as bar:
+            for s in range(0, len(mine), step):
+                for record in process_chunk(mine[s:s + step], args, root, generate_fn, pairs_of):
+                    writer.write(record)
+                bar.update(len(mine[s:s + step]) * args.votes_per_pair)
+    state.wait_for_everyone()
+
+    if state.is_main_process:
+        records, skipped = merge(out, pairs, keys, args.mode)
+        counts = summarize(records, args.mode, len(skipped))
+        counts["seconds_this_run"] = int(time.time() - start)
+        meta = json.loads(Path(f"{out}.meta.json").read_text())
+        common.write_json_atomic(f"{out}.meta.json", {**meta, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                                                     "counts": counts})
+        print(" | ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in counts.items()))
+        if skipped:
+            print(f"skipped {len(skipped)} pairs with an unreadable image: {out}.skipped.jsonl")
+        if not records:
+            common.die(f"no votes: every pair has an unreadable image (see {out}.skipped.jsonl)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,113 @@
+"""Step-time breakdown of grpo_train.py on the tiny Qwen2.5-VL (CPU unless a GPU is there): generation, reference
+log-probs, policy forward + backward + AdamW, and generated tokens/s, for G = 8 and 4 pairs per step.
+
+    python bench/bench_grpo.py [--steps 4] [--max-new-tokens 64] [--bf16] [--parity]
+
+It runs the real script (a stand-in parser makes the random tiny model's answers parseable, so every group has a
+gradient) and reads the per-step timings from train_log.jsonl; the first step (warm-up) is left out of the means.
+--parity also prints the largest gap between generate's scores and the recomputed log-probs (fp32, and bf16 autocast
+on a GPU), the number the test checks on CPU.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+WRAPPER = """
+import runpy, sys, zlib
+sys.path.insert(0, {root!r})
+import common
+common.parse_score = lambda text, preset=None: 1 + (zlib.crc32(text.encode()) % 401) / 100
+sys.argv[0] = {script!r}
+runpy.run_path({script!r}, run_name="__main__")
+"""
+
+
+def parity(model_dir: str, pool: Path) -> None:
+    import torch
+
+    import common
+    import grpo_train
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    processor = common.load_processor(model_dir)
+    model = common.load_model(model_dir, dtype=torch.float32, device=device).eval()
+    preset = common.get_preset("evoquality")
+    images = [[common.load_image(pool / "pool_00000.png")],
+              [common.load_image(pool / "pool_00001.png").resize((28, 28))]]  # different sizes: left padding
+    encoded = dict(common.encode_batch(processor, [preset.prompt("score", True)] * 2, images, preset.add_vision_id))
+    batch = {k: v.to(device) for k, v in grpo_train.select_rows(encoded, [0] * 4 + [1] * 4,
+                                                                model.config.vision_start_token_id).items()}
+    config = common.sampling_config(model, max_new_tokens=32, temperature=0.7)
+    eos = common.eos_token_ids(config)
+    for dtype in [torch.float32] + ([torch.bfloat16] if device == "cuda" else []):
+        with torch.no_grad(), torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32):
+            out = model.generate(**batch, generation_config=config, output_scores=True, return_dict_in_generate=True)
+            ids = out.sequences[:, batch["input_ids"].shape[1]:]
+            mask = grpo_train.completion_mask(ids, eos + [model.config.image_token_id]).bool()
+            expect = torch.stack([torch.log_softmax(s.float(), -1) for s in out.scores], 1)
+            expect = expect.gather(-1, ids[..., None]).squeeze(-1)
+            got = grpo_train.token_logprobs(model, batch, ids, 0.7, (model.config.image_token_id,), eos[0])
+        print(f"parity on {device} {str(dtype)[6:]}: max |logp(one forward) - log_softmax(generate scores)| = "
+              f"{(got - expect)[mask].abs().max().item():.2e} over {int(mask.sum())} tokens")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--micro-batch-size", type=int, default=8)
+    parser.add_argument("--bf16", action="store_true")
+    parser.add_argument("--parity", action="store_true")
+    a = parser.parse_args()
+    from demo.synthetic import write_set
+    from demo.tiny_models import build_tiny_checkpoint
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        model = build_tiny_checkpoint(tmp / "tiny")
+        pool = write_set(tmp / "pool", "pool", 32)
+        images = sorted(p.name for p in pool.glob("*.png"))
+        with open(tmp / "pseudolabels.jsonl", "w") as f:  # 16 disjoint pairs: 8 images a step, 64 rollouts
+            for k in range(16):
+                f.write(json.dumps({"a": images[2 * k], "b": images[2 * k + 1], "p_star": k % 2}) + "\n")
+        wrapper = tmp / "wrapper.py"
+        wrapper.write_text(WRAPPER.format(root=str(ROOT), script=str(ROOT / "grpo_train.py")))
+        cmd = [sys.executable, str(wrapper), "--model", str(model), "--pseudolabels", str(tmp / "pseudolabels.jsonl"),
+               "--images-root", str(pool), "--out", str(tmp / "out"), "--group-size", "8", "--pairs-per-step", "4",
+               "--max-new-tokens", str(a.max_new_tokens), "--micro-batch-size", str(a.micro_batch_size),
+               "--max-steps", str(a.steps), "--save-every", "1000", "--lr", "1e-4"] + (["--bf16"] if a.bf16 else [])
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+        run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+        if run.returncode:
+            sys.exit(f"grpo_train.py failed:\n{run.stderr[-4000:]}")
+        log = [json.loads(line) for line in open(tmp / "out" / "train_log.jsonl")]
+        if a.parity:
+            parity(str(model), pool)
+
+    timed = log[1:] or log
+    mean = lambda key: sum(r[key] for r in timed) / len(timed)  # noqa: E731
+    step = mean("step_seconds")
+    import torch
+
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
+    print(f"grpo_train.py on the tiny Qwen2.5-VL, {device}: G=8, 4 pairs/step ({timed[0]['groups']} images, "
+          f"{timed[0]['groups'] * 8} rollouts), max_new_tokens={a.max_new_tokens}, micro-batch {a.micro_batch_size}, "
+          f"mean of {len(timed)} steps after a warm-up step")
+    for name, key in (("generation", "generation_seconds"), ("reference log-probs", "logprob_seconds"),
+                      ("policy fwd+bwd+AdamW", "backward_seconds")):
+        print(f"  {name:22s} {mean(key):7.3f} s  {mean(key) / step:6.1%}")
+    print(f"  {'step':22s} {step:7.3f} s")
+    print(f"  generated tokens/step  {mean('generated_tokens'):7.0f}   tokens/s during generation "
+          f"{mean('generated_tokens_per_s'):8.0f}   mean completion length {mean('completion_length'):.1f}")
+
+
+if __name__ == "__main__":
+    main()

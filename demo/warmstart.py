@@ -1,0 +1,359 @@
+"""The CPU test bed's "base model": a tiny Qwen2.5-VL of the real architecture, given WEAK image-quality perception
+by a supervised warm-start (issue 8). It plays the role the pre-trained VLM plays in the paper.
+
+It trains on the warm-start content set of demo/synthetic.py only (never the pool or benchmark seeds), on both tasks,
+in the no-reasoning answer format of the `evoquality` preset (`\\boxed{0|1}`, `\\boxed{x.xx}`), with the prompts built
+by `common.encode_batch` exactly as the stages build them. It is kept weak by its STEP budget, not by label noise.
+The compare task gets its own curriculum: more compare examples per batch, easy same-content pairs with large
+quality gaps first, and a higher learning rate for the vision tower and merger.
+
+The folder (model, processor, generation config, warmstart.json, heldout.json) is built once, under
+demo/cache/base-<hash of the training settings>/ unless --out says otherwise, and reused when present.
+
+    python demo/warmstart.py                                  # build (or reuse) the base; prints its folder last
+    python demo/warmstart.py --steps 40 --out /tmp/base --n-bench 24 --bench-pairs 24   # a quick try
+    python demo/warmstart.py --out DIR --measure-only         # (re)measure an existing folder on the held-out bench
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from scipy.stats import spearmanr
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import common  # noqa: E402
+from demo.synthetic import CONTENTS, DISTORTIONS, SEED_BASE, distort, make_content, make_image  # noqa: E402
+from demo.tiny_models import build_model, build_processor, build_tokenizer  # noqa: E402
+
+CACHE = Path(__file__).resolve().parent / "cache"
+RECIPE_VERSION = 1  # bump when the training logic changes, so that old cached bases are not reused by mistake
+
+
+@dataclass
+class Args:
+    out: str = common.arg("", help="checkpoint folder; default demo/cache/base-<hash of the training settings>")
+    steps: int = common.arg(1000, help="optimisation steps: the base is made weak by this budget, not by label noise")
+    score_batch: int = common.arg(16, help="score examples (one image) per step")
+    compare_batch: int = common.arg(16, help="compare examples (two images) per step")
+    lr: float = common.arg(1e-3, help="peak AdamW learning rate of the language model")
+    vision_lr: float = common.arg(3e-3, help="peak learning rate of the vision tower and merger")
+    warmup_steps: int = common.arg(50, help="linear warm-up steps, then cosine decay to 0")
+    compare_weight: float = common.arg(1.0, help="weight of the compare loss (each task's loss is a per-token mean)")
+    curriculum_frac: float = common.arg(0.5, help="share of the steps over which compare pairs go from easy to final")
+    same_content_final: float = common.arg(0.5, help="fraction of same-content compare pairs after the curriculum")
+    n_images: int = common.arg(4000, help="warm-start images (seeds of the warm-start range only)")
+    image_size: int = common.arg(112, help="side of the synthetic images in pixels")
+    max_pixels: int = common.arg(112 * 112, help="processor max_pixels: a 112 px image gives 8x8 patches, 16 tokens")
+    text_hidden: int = common.arg(128, help="language model hidden size")
+    text_layers: int = common.arg(4, help="language model layers")
+    vision_hidden: int = common.arg(64, help="vision tower hidden size")
+    vision_depth: int = common.arg(2, help="vision tower layers")
+    vocab_size: int = common.arg(600, help="BPE vocabulary size (before the special tokens)")
+    seed: int = common.arg(0, help="seed of the weights, the batches and the curriculum")
+    # not part of the cache key: measurement and bookkeeping
+    n_bench: int = common.arg(200, help="held-out benchmark images (bench seed range) for the measurement")
+    bench_pairs: int = common.arg(200, help="held-out benchmark pairs (different quality) for compare accuracy")
+    eval_samples: int = common.arg(8, help="sampled answers per image / per pair order (temperature 1)")
+    eval_every: int = common.arg(0, help="greedy held-out measurement every N steps during training (0: off)")
+    log_every: int = common.arg(50, help="print the running losses every N steps")
+    measure_only: bool = common.arg(False, help="only measure an existing --out folder on the held-out bench")
+    force: bool = common.arg(False, help="rebuild even if the folder exists")
+    tried_log: str = common.arg(str(CACHE / "tried.jsonl"), help="append settings + results here ('' to skip)")
+
+
+NOT_IN_KEY = {"out", "n_bench", "bench_pairs", "eval_samples", "eval_every", "log_every", "measure_only", "force",
+              "tried_log"}
+
+
+def settings_hash(args: Args) -> str:
+    import hashlib
+
+    key = {k: v for k, v in dataclasses.asdict(args).items() if k not in NOT_IN_KEY}
+    key["recipe_version"] = RECIPE_VERSION
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+
+
+# ALGO LOGIC: the warm-start data (warm-start seeds only) and the compare curriculum
+def warmstart_set(n: int, size: int) -> tuple[list[Image.Image], np.ndarray]:
+    """The first n images of the warm-start content set (the same ones demo.synthetic.write_set writes) and their
+    quality."""
+    images, quality = [], []
+    for i in range(n):
+        img, record = make_image(SEED_BASE["warmstart"] + i, size)
+        images.append(img)
+        quality.append(record["mos"])
+    return images, np.array(quality)
+
+
+def same_content_variant(seed: int, kind: str, level: int, size: int) -> Image.Image:
+    """The content of warm-start image `seed` (the same random draws as make_image) with one distortion at `level`:
+    its quality is 5 - level, the same rule as demo.synthetic with a single distortion."""
+    rng = np.random.default_rng(seed)
+    img = make_content(rng, size, CONTENTS[rng.integers(len(CONTENTS))])
+    return distort(img, kind, level, rng)
+
+
+def compare_example(rng: np.random.Generator, images: list[Image.Image], quality: np.ndarray, progress: float,
+                    args: Args) -> tuple[list[Image.Image], int]:
+    """One compare example ([first, second], index of the better one). Curriculum: at the start every pair is the same
+    content with quality gap 4 (clean vs. level 4); over `curriculum_frac` of the steps the minimum gap falls to 1 and
+    the share of same-content pairs to `same_content_final`; the rest are random warm-start pairs of unequal quality."""
+    t = min(1.0, progress / max(args.curriculum_frac, 1e-9))
+    if rng.random() < 1.0 - t * (1.0 - args.same_content_final):
+        min_gap = int(round(4 - 3 * t))
+        low = int(rng.integers(0, 5 - min_gap))  # the better image's distortion level
+        high = int(rng.integers(low + min_gap, 5))
+        seed, kind = SEED_BASE["warmstart"] + int(rng.integers(len(images))), str(rng.choice(DISTORTIONS))
+        better, worse = (same_content_variant(seed, kind, level, args.image_size) for level in (low, high))
+    else:
+        while True:
+            i, j = rng.integers(len(images), size=2)
+            if quality[i] != quality[j]:
+                break
+        better, worse = (images[i], images[j]) if quality[i] > quality[j] else (images[j], images[i])
+    return ([better, worse], 0) if rng.random() < 0.5 else ([worse, better], 1)
+
+
+def training_batch(processor, preset: common.Preset, images: list[list[Image.Image]], tasks: list[str],
+                   answers: list[str]) -> dict:
+    """Model inputs + labels: the stages' exact prompt (common.encode_batch, left padded), then the answer and
+    <|im_end|> (right padded). Labels are -100 everywhere but the answer tokens."""
+    prompts = [preset.prompt(task, reasoning=False) for task in tasks]
+    batch = common.encode_batch(processor, prompts, images, add_vision_id=preset.add_vision_id)
+    tok = processor.tokenizer
+    completions = [tok(answer + "<|im_end|>", add_special_tokens=False).input_ids for answer in answers]
+    width = max(map(len, completions))
+    ids = torch.full((len(completions), width), tok.pad_token_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, completion in enumerate(completions):
+        ids[row, :len(completion)] = torch.tensor(completion)
+        mask[row, :len(completion)] = 1
+    prompt_len = batch["input_ids"].shape[1]
+    batch["input_ids"] = torch.cat([batch["input_ids"], ids], 1)
+    batch["attention_mask"] = torch.cat([batch["attention_mask"], mask], 1)
+    if "mm_token_type_ids" in batch:  # transformers >= 5 builds the 3D positions from it: text is type 0
+        batch["mm_token_type_ids"] = torch.cat([batch["mm_token_type_ids"], torch.zeros_like(ids)], 1)
+    labels = torch.full_like(batch["input_ids"], -100)
+    labels[:, prompt_len:] = ids.masked_fill(mask == 0, -100)
+    batch["labels"] = labels
+    return batch
+
+
+def per_example_loss(model, batch: dict) -> torch.Tensor:
+    """Mean next-token cross-entropy over each example's answer tokens, shape (batch,)."""
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    logits = model(**inputs).logits[:, :-1].float()
+    labels = batch["labels"][:, 1:]
+    nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels.clamp(min=0), reduction="none")
+    answer = (labels != -100).float()
+    return (nll * answer).sum(1) / answer.sum(1)
+
+
+def lr_factor(step: int, steps: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+
+# ALGO LOGIC: held-out measurement (benchmark seeds; used only to REPORT)
+@torch.no_grad()
+def answers(model, processor, preset: common.Preset, task: str, images: list[list[Image.Image]], do_sample: bool,
+            n: int = 1, batch_size: int = 32, max_new_tokens: int = 16) -> list[list[str]]:
+    """n completions per prompt (greedy or sampled at temperature 1), through the stages' own calls."""
+    config = common.sampling_config(model, max_new_tokens, 1.0, do_sample, n)
+    prompt = preset.prompt(task, reasoning=False)
+    out = []
+    for start in range(0, len(images), batch_size):
+        chunk = images[start:start + batch_size]
+        batch = common.encode_batch(processor, [prompt] * len(chunk), chunk, add_vision_id=preset.add_vision_id)
+        batch = batch.to(model.device)
+        sequences = model.generate(**batch, generation_config=config)
+        texts = common.completion_texts(processor, sequences, batch["input_ids"].shape[1])
+        out += [texts[k * n:(k + 1) * n] for k in range(len(chunk))]
+    return out
+
+
+def srcc(pred: list, mos: np.ndarray) -> float:
+    keep = [k for k, p in enumerate(pred) if p is not None]
+    if len(keep) < 3 or len({pred[k] for k in keep}) < 2:
+        return 0.0  # a constant prediction ranks nothing
+    return float(spearmanr([pred[k] for k in keep], mos[keep]).statistic)
+
+
+def measure(model, processor, preset: common.Preset, n_bench: int, n_pairs: int, samples: int, size: int = 112,
+            seed: int = 0) -> dict:
+    """Score SRCC (greedy, one sampled answer, mean of `samples` sampled answers) on held-out benchmark images, and
+    compare accuracy on held-out pairs of unequal quality shown in both orders (greedy, per sampled vote, and the
+    majority of all sampled votes of a pair). Unparseable answers count as wrong, and as missing for the SRCC."""
+    was_training = model.training
+    model.eval()
+    bench = [make_image(SEED_BASE["bench"] + i, size) for i in range(n_bench)]
+    images, mos = [[img] for img, _ in bench], np.array([record["mos"] for _, record in bench])
+    greedy = [common.parse_score(t[0], preset) for t in answers(model, processor, preset, "score", images, False)]
+    result = {"n_bench": n_bench, "srcc_greedy": srcc(greedy, mos),
+              "score_coverage_greedy": float(np.mean([g is not None for g in greedy])),
+              "distinct_greedy_scores": len({g for g in greedy if g is not None})}
+    rng = np.random.default_rng(seed)
+    pairs = []
+    while len(pairs) < n_pairs:
+        i, j = (int(x) for x in rng.integers(n_bench, size=2))
+        if mos[i] != mos[j]:
+            pairs.append((i, j))
+    shown = [[bench[i][0], bench[j][0]] for i, j in pairs] + [[bench[j][0], bench[i][0]] for i, j in pairs]
+    truth = [0 if mos[i] > mos[j] else 1 for i, j in pairs] + [1 if mos[i] > mos[j] else 0 for i, j in pairs]
+    choices = [common.parse_compare(t[0], preset) for t in answers(model, processor, preset, "compare", shown, False)]
+    result.update(n_pairs=n_pairs, compare_acc_greedy=float(np.mean([c == y for c, y in zip(choices, truth)])),
+                  compare_first_slot_rate_greedy=float(np.mean([c == 0 for c in choices if c is not None] or [0])),
+                  compare_coverage_greedy=float(np.mean([c is not None for c in choices])))
+    if samples:
+        sampled = [[common.parse_score(t, preset) for t in texts]
+                   for texts in answers(model, processor, preset, "score", images, True, samples)]
+        means = [float(np.mean(v)) if (v := [s for s in row if s is not None]) else None for row in sampled]
+        result.update(
+            srcc_single=float(np.mean([srcc([row[k] for row in sampled], mos) for k in range(samples)])),
+            srcc_mean_of_samples=srcc(means, mos),
+            score_coverage_sampled=float(np.mean([s is not None for row in sampled for s in row])),
+            within_image_score_std=float(np.mean([np.std(v) for row in sampled
+                                                  if len(v := [s for s in row if s is not None]) > 1] or [0])))
+        votes = [[common.parse_compare(t, preset) for t in texts]
+                 for texts in answers(model, processor, preset, "compare", shown, True, samples)]
+        correct = np.array([[v == y for v in row] for row, y in zip(votes, truth)], dtype=float)  # (2P, samples)
+        per_pair = correct[:n_pairs].sum(1) + correct[n_pairs:].sum(1)  # votes for the better image, of 2*samples
+        result.update(compare_acc_sampled_vote=float(correct.mean()),
+                      compare_acc_majority=float(np.mean(np.where(per_pair == samples, 0.5, per_pair > samples))),
+                      compare_coverage_sampled=float(np.mean([v is not None for row in votes for v in row])))
+    model.train(was_training)
+    return result
+
+
+def train(args: Args, out: Path) -> dict:
+    """Build the tiny model, warm-start it, save it to `out` (model, processor, generation config)."""
+    torch.manual_seed(args.seed)
+    rng = np.random.default_rng(args.seed)
+    preset = common.get_preset("evoquality")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    tokenizer = build_tokenizer(args.vocab_size)
+    processor = build_processor("qwen2_5_vl", tokenizer, max_pixels=args.max_pixels, min_pixels=28 * 28)
+    processor.tokenizer.padding_side = "left"  # as common.load_processor sets it for the stages
+    model = build_model("qwen2_5_vl", tokenizer, text_hidden=args.text_hidden, text_layers=args.text_layers,
+                        vision_hidden=args.vision_hidden, vision_depth=args.vision_depth, seed=args.seed).to(device)
+    vision = [p for n, p in model.named_parameters() if ".visual." in f".{n}"]  # the ViT and its merger
+    others = [p for n, p in model.named_parameters() if ".visual." not in f".{n}"]
+    optimizer = torch.optim.AdamW([{"params": others, "lr": args.lr}, {"params": vision, "lr": args.vision_lr}],
+                                  weight_decay=0.0)
+    peak = [group["lr"] for group in optimizer.param_groups]
+    images, quality = warmstart_set(args.n_images, args.image_size)
+    print(f"[warmstart] {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters "
+          f"({sum(p.numel() for p in vision) / 1e6:.2f} M vision), {len(images)} warm-start images, {device}")
+
+    # TRY NOT TO MODIFY: the loop
+    history, curve, running = [], [], []
+    start = time.time()
+    model.train()
+    for step in range(args.steps):
+        progress = step / max(1, args.steps)
+        picks = rng.integers(len(images), size=args.score_batch)
+        pairs = [compare_example(rng, images, quality, progress, args) for _ in range(args.compare_batch)]
+        batch = training_batch(
+            processor, preset,
+            [[images[i]] for i in picks] + [shown for shown, _ in pairs],
+            ["score"] * args.score_batch + ["compare"] * args.compare_batch,
+            [f"\\boxed{{{quality[i]:.2f}}}" for i in picks] + [f"\\boxed{{{target}}}" for _, target in pairs],
+        ).to(device)
+        losses = per_example_loss(model, batch)
+        score_loss, compare_loss = losses[:args.score_batch].mean(), losses[args.score_batch:].mean()
+        loss = score_loss + args.compare_weight * compare_loss
+        for group, lr in zip(optimizer.param_groups, peak):
+            group["lr"] = lr * lr_factor(step, args.steps, args.warmup_steps)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        running.append((score_loss.item(), compare_loss.item()))
+        if (step + 1) % args.log_every == 0 or step + 1 == args.steps:
+            s, c = np.mean(running, axis=0)
+            record = {"step": step + 1, "loss_score": round(float(s), 4), "loss_compare": round(float(c), 4),
+                      "s_per_step": round((time.time() - start) / (step + 1), 3)}
+            history.append(record)
+            print(f"[warmstart] {json.dumps(record)}", flush=True)
+            running = []
+        if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
+            point = {"step": step + 1, **measure(model, processor, preset, args.n_bench, args.bench_pairs, 0,
+                                                 args.image_size)}
+            curve.append(point)
+            print(f"[warmstart] eval {json.dumps(point)}", flush=True)
+    seconds = time.time() - start
+
+    out.mkdir(parents=True, exist_ok=True)
+    model.to("cpu").save_pretrained(out)  # with build_model's generation config (Qwen's top_k=1 quirk included)
+    processor.save_pretrained(out)
+    info = {"args": dataclasses.asdict(args), "hash": settings_hash(args), "recipe_version": RECIPE_VERSION,
+            "steps": args.steps, "train_seconds": round(seconds, 1), "s_per_step": round(seconds / args.steps, 3),
+            "device": str(device), "threads": torch.get_num_threads(), "history": history, "curve": curve,
+            "versions": common.package_versions()}
+    common.write_json_atomic(out / "warmstart.json", info)
+    return info
+
+
+def measure_folder(folder: Path, args: Args) -> dict:
+    """Load a saved base the way the stages do and measure it on the held-out bench; writes heldout.json."""
+    preset = common.get_preset("evoquality")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = common.load_model(str(folder), dtype=torch.float32, device=device)
+    processor = common.load_processor(str(folder), max_pixels=args.max_pixels)
+    start = time.time()
+    result = measure(model, processor, preset, args.n_bench, args.bench_pairs, args.eval_samples, args.image_size)
+    result["measure_seconds"] = round(time.time() - start, 1)
+    common.write_json_atomic(folder / "heldout.json", result)
+    return result
+
+
+def main() -> None:
+    args = common.parse_args(Args)
+    out = Path(args.out) if args.out else CACHE / f"base-{settings_hash(args)}"
+    if args.measure_only:
+        if not (out / "config.json").exists():
+            common.die(f"{out} holds no saved model")
+        print(json.dumps(measure_folder(out, args), indent=2))
+        print(out)
+        return
+    if out.exists() and not (out / "warmstart.json").exists():
+        common.die(f"{out} exists and is not a warm-start folder; choose another --out")
+    if (out / "heldout.json").exists() and not args.force:
+        built = json.loads((out / "warmstart.json").read_text())["hash"]
+        if built != settings_hash(args):
+            common.die(f"{out} was built with other settings (hash {built}); use --force or another --out")
+        print(f"[warmstart] reusing {out} (built before with the same settings; --force rebuilds)")
+        print(out)
+        return
+    # Build in a side folder and rename it at the end: a killed build never leaves a folder that looks finished.
+    partial = out.with_name(out.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    info = train(args, partial)
+    heldout = measure_folder(partial, args)
+    print(f"[warmstart] held-out {json.dumps(heldout)}")
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(partial, out)
+    if args.tried_log:
+        with common.JsonlWriter(args.tried_log) as writer:
+            writer.write({"folder": str(out), "hash": info["hash"], "args": info["args"], "steps": info["steps"],
+                          "s_per_step": info["s_per_step"], "device": info["device"], "threads": info["threads"],
+                          "final_losses": info["history"][-1] if info["history"] else None,
+                          "curve": info["curve"], "heldout": heldout})
+    print(out)
+
+
+if __name__ == "__main__":
+    main()

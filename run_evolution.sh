@@ -1,0 +1,148 @@
+#!/usr/bin/env bash
+# EvoQuality, the evolution loop: round 0 evaluates the base model; each round t = 1..ROUNDS then runs
+#   sample_votes.py -> build_pseudolabels.py -> grpo_train.py -> evaluate.py
+# with the previous round's checkpoint as the voter and the policy. Outputs go to OUT/round_t/.
+#
+#   bash run_evolution.sh                                   # CPU demo on a tiny model (numbers meaningless)
+#   MODEL=Qwen/Qwen2.5-VL-7B-Instruct IMAGES=/data/koniq10k/512x384 NPROC=8 \
+#     BENCH="koniq=/data/koniq_test.jsonl@/data/koniq10k/512x384 spaq=/data/spaq.jsonl@/data/spaq" \
+#     TRAIN_ARGS="--bf16 --gradient-checkpointing" FSDP_CONFIG=configs/fsdp_8gpu.yaml bash run_evolution.sh
+#
+# Settings (environment variables; echoed at start, forwarded as explicit flags; no stage reads the environment):
+#   MODEL   base model path or hub id           IMAGES  unlabeled pool: folder or list file (IMAGES_ROOT: its root)
+#   BENCH   space-separated NAME=FILE[@ROOT]    ROUNDS  2        PAIRS 20000     K 32     G 8
+#   OUT     runs/NAME                           NPROC   1 = plain python, N > 1 = accelerate launch (torchrun on CPU)
+#   SEED    0 (round t draws its pairs with SEED + t)
+#   REF     base: the KL reference is the base model in every round | round: the round's starting model
+#   FSDP_CONFIG  accelerate config file for the training stage (e.g. configs/fsdp_8gpu.yaml)
+#   VOTES_ARGS, LABEL_ARGS, TRAIN_ARGS, EVAL_ARGS   extra flags appended to each stage
+# Rerunning the same command skips finished stages and resumes a partial one; a finished run only prints the table.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+# TRY NOT TO MODIFY: settings ---------------------------------------------------------------------------------------
+if [[ -n "${MODEL:-}" && -z "${IMAGES:-}" ]]; then
+  echo "error: MODEL is set but IMAGES is not: say which unlabeled images the model should vote on" >&2; exit 2
+fi
+if [[ -z "${MODEL:-}" && -n "${IMAGES:-}" ]]; then
+  echo "error: IMAGES is set but MODEL is not: say which model should vote (unset both for the demo)" >&2; exit 2
+fi
+DEMO=0
+if [[ -z "${MODEL:-}" ]]; then
+  DEMO=1
+  ASSETS=runs/demo_assets
+  MODEL=$ASSETS/base IMAGES=$ASSETS/pool BENCH=${BENCH:-synthetic=$ASSETS/bench/labels.jsonl}
+  ROUNDS=${ROUNDS:-2} PAIRS=${PAIRS:-12} K=${K:-4} G=${G:-4} OUT=${OUT:-runs/demo}
+  VOTES_ARGS="--no-reasoning --max-new-tokens 12 --batch-size 8 ${VOTES_ARGS:-}"
+  LABEL_ARGS="${LABEL_ARGS:-}"
+  TRAIN_ARGS="--no-reasoning --max-new-tokens 12 --pairs-per-step 4 --lr 1e-4 --save-every 2 ${TRAIN_ARGS:-}"
+  EVAL_ARGS="--no-reasoning --max-new-tokens 12 --batch-size 8 --samples 4 ${EVAL_ARGS:-}"
+fi
+ROUNDS=${ROUNDS:-2} PAIRS=${PAIRS:-20000} K=${K:-32} G=${G:-8} SEED=${SEED:-0} REF=${REF:-base} NPROC=${NPROC:-1}
+OUT=${OUT:-runs/$(basename "${MODEL%/}")} BENCH=${BENCH:-} FSDP_CONFIG=${FSDP_CONFIG:-}
+VOTES_ARGS=${VOTES_ARGS:-} LABEL_ARGS=${LABEL_ARGS:-} TRAIN_ARGS=${TRAIN_ARGS:-} EVAL_ARGS=${EVAL_ARGS:-}
+[[ "$REF" == base || "$REF" == round ]] || { echo "error: REF must be 'base' or 'round', not '$REF'" >&2; exit 2; }
+
+if [[ $DEMO == 1 ]]; then
+  echo "== DEMO: the machinery end to end on a tiny Qwen2.5-VL taught only the answer format (150 supervised steps"
+  echo "== on synthetic images). Its scores are NOT meaningful. Set MODEL and IMAGES (see README) for a real run."
+  if [[ ! -f $ASSETS/.done ]]; then
+    echo "building the demo assets in $ASSETS (once, about a minute)"
+    mkdir -p "$ASSETS"
+    python demo/make_demo.py --out "$ASSETS" > "$ASSETS/build.log" 2>&1 || {
+      echo "error: building the demo assets failed; see $ASSETS/build.log" >&2; exit 1; }
+    touch "$ASSETS/.done"
+  fi
+fi
+if [[ -d "$IMAGES" ]]; then IMAGES_ROOT=${IMAGES_ROOT:-$IMAGES}; else IMAGES_ROOT=${IMAGES_ROOT:-$(dirname "$IMAGES")}; fi
+for name in MODEL IMAGES IMAGES_ROOT BENCH ROUNDS PAIRS K G OUT NPROC SEED REF FSDP_CONFIG VOTES_ARGS LABEL_ARGS TRAIN_ARGS EVAL_ARGS; do
+  printf '%-12s %s\n' "$name" "${!name}"
+done
+mkdir -p "$OUT"
+
+# launcher: several processes through accelerate on GPUs; on CPU accelerate starts only one, so torchrun there
+launch=(python)
+if (( NPROC > 1 )); then
+  if python -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then
+    launch=(accelerate launch --num_processes "$NPROC")
+  else
+    launch=(torchrun --standalone --nproc_per_node "$NPROC")
+  fi
+fi
+train_launch=("${launch[@]}")
+[[ -n "$FSDP_CONFIG" ]] && train_launch=(accelerate launch --config_file "$FSDP_CONFIG" --num_processes "$NPROC")
+
+bench_flags=()
+for spec in $BENCH; do bench_flags+=(--bench "$spec"); done
+
+# run_stage NAME DIR CMD...: skip when DIR/.done_NAME exists; else run with a log, marking success only at the end
+run_stage() {
+  local name=$1 dir=$2; shift 2
+  local log=$dir/logs/$name.log
+  if [[ -f $dir/.done_$name ]]; then echo "  [skip] $name (done)"; return; fi
+  mkdir -p "$dir/logs"
+  echo "  [run ] $name  (log: $log)"
+  local start=$SECONDS
+  if ! "$@" >> "$log" 2>&1; then
+    echo "error: stage '$name' failed in $dir; see $log" >&2
+    tail -n 5 "$log" >&2
+    exit 1
+  fi
+  touch "$dir/.done_$name"
+  echo "  [done] $name  $((SECONDS - start)) s"
+}
+
+# ALGO LOGIC: the evolution loop ------------------------------------------------------------------------------------
+if [[ -n "$BENCH" ]]; then
+  echo "round 0: evaluate the base model"
+  run_stage evaluate "$OUT/round_0" "${launch[@]}" evaluate.py --model "$MODEL" "${bench_flags[@]}" \
+    --out "$OUT/round_0/eval" $EVAL_ARGS
+fi
+
+current=$MODEL
+for (( t = 1; t <= ROUNDS; t++ )); do
+  R=$OUT/round_$t
+  echo "round $t: voter and policy = $current"
+  ref=$MODEL; [[ $REF == round ]] && ref=$current
+  run_stage sample_votes "$R" "${launch[@]}" sample_votes.py --model "$current" --images "$IMAGES" \
+    --images-root "$IMAGES_ROOT" --out "$R/votes.jsonl" --num-pairs "$PAIRS" --votes-per-pair "$K" \
+    --seed $((SEED + t)) $VOTES_ARGS
+  run_stage build_pseudolabels "$R" python build_pseudolabels.py --votes "$R/votes.jsonl" \
+    --out "$R/pseudolabels.jsonl" --rankings "$R/rankings.jsonl" --stats "$R/stats.json" $LABEL_ARGS
+  run_stage grpo_train "$R" "${train_launch[@]}" grpo_train.py --model "$current" --ref-model "$ref" \
+    --pseudolabels "$R/pseudolabels.jsonl" --images-root "$IMAGES_ROOT" --out "$R/model" --group-size "$G" \
+    --seed $((SEED + t)) --resume $TRAIN_ARGS
+  rm -rf "$R/model/checkpoints"  # the round is finished: keep its model, drop the optimizer states
+  if [[ -n "$BENCH" ]]; then
+    run_stage evaluate "$R" "${launch[@]}" evaluate.py --model "$R/model" "${bench_flags[@]}" --out "$R/eval" $EVAL_ARGS
+  fi
+  current=$R/model
+done
+
+# TRY NOT TO MODIFY: the results table ------------------------------------------------------------------------------
+[[ -n "$BENCH" ]] && python - "$OUT" "$ROUNDS" <<'PY'
+import json, math, sys
+from pathlib import Path
+
+out, rounds = Path(sys.argv[1]), int(sys.argv[2])
+results, rows = {}, []
+for t in range(rounds + 1):
+    summary = out / f"round_{t}" / "eval" / "summary.json"
+    if summary.exists():
+        results[f"round_{t}"] = json.loads(summary.read_text())
+names = sorted({name for s in results.values() for name in s["benchmarks"]})
+fmt = lambda v: "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
+header = "| round | " + " | ".join(f"{n} SRCC | {n} PLCC" for n in names + ["WAVG"]) + " |"
+rows = [header, "|" + "---|" * (1 + 2 * (len(names) + 1))]
+for key, s in results.items():
+    cells = [f"{fmt(s['benchmarks'].get(n, {}).get('srcc'))} | {fmt(s['benchmarks'].get(n, {}).get('plcc'))}" for n in names]
+    cells.append(f"{fmt(s['wavg'].get('srcc'))} | {fmt(s['wavg'].get('plcc'))}")
+    rows.append(f"| {key} | " + " | ".join(cells) + " |")
+table = "\n".join(rows)
+(out / "results.md").write_text(table + "\n")
+(out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+print(table)
+print(f"written: {out / 'results.md'}, {out / 'results.json'}")
+PY
+[[ $DEMO == 1 ]] && echo "== DEMO finished: the machinery ran end to end; the numbers above mean nothing (tiny model)."
+exit 0

@@ -1,0 +1,334 @@
+"""evaluate.py: metrics against hand-worked numbers and scipy, the three benchmark formats, bad input, resume,
+--predictions recomputation, and end-to-end runs on the tiny model (one process and two under torchrun)."""
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import stats
+
+import common
+import evaluate
+
+ROOT = Path(__file__).resolve().parents[1]
+# Subprocess runs stay on CPU even on a GPU machine: torchrun's 2 processes would otherwise ask for 2 GPUs.
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+       "CUDA_VISIBLE_DEVICES": ""}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# metrics
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_rank_and_linear_correlations_hand_worked_and_scipy():
+    pred, mos = np.array([1.0, 2.0, 3.0, 4.0]), np.array([1.0, 3.0, 2.0, 4.0])
+    # One swapped neighbour pair: d = (0, 1, -1, 0) -> rho = 1 - 6 * 2 / (4 * 15); 5 concordant, 1 discordant of 6.
+    assert evaluate.srcc(pred, mos) == pytest.approx(0.8)
+    assert evaluate.krcc(pred, mos) == pytest.approx(4 / 6)
+    dp, dm = pred - pred.mean(), mos - mos.mean()
+    assert evaluate.plcc(pred, mos) == pytest.approx((dp @ dm) / math.sqrt((dp @ dp) * (dm @ dm)))
+    rng = np.random.default_rng(0)
+    pred, mos = rng.normal(size=40), rng.normal(size=40)
+    pred[:5] = pred[5:10]  # ties
+    assert evaluate.srcc(pred, mos) == pytest.approx(stats.spearmanr(pred, mos).statistic)
+    assert evaluate.krcc(pred, mos) == pytest.approx(stats.kendalltau(pred, mos).statistic)
+    assert evaluate.plcc(pred, mos) == pytest.approx(stats.pearsonr(pred, mos).statistic)
+
+
+def test_logistic_fit_recovers_known_parameters_from_noiseless_data():
+    pred = np.linspace(-1.0, 4.0, 60)
+    truth = (4.8, 1.2, 1.7, 0.6)
+    mos = truth[1] + (truth[0] - truth[1]) / (1 + np.exp(-(pred - truth[2]) / truth[3]))
+    params = evaluate.fit_logistic(pred, mos)
+    assert params[:3] == pytest.approx(truth[:3], abs=1e-4)
+    assert abs(params[3]) == pytest.approx(truth[3], abs=1e-4)
+    assert evaluate.plcc_logistic(pred, mos) == pytest.approx(1.0, abs=1e-9)
+    assert evaluate.rmse_logistic(pred, mos) == pytest.approx(0.0, abs=1e-5)
+
+
+def test_plcc_logistic_beats_raw_plcc_on_a_monotone_curved_relation():
+    pred = np.linspace(1, 5, 30)
+    mos = 1 + 4 / (1 + np.exp(-3 * (pred - 3)))  # monotone, strongly S-shaped: Pearson < 1, SRCC = 1
+    assert evaluate.srcc(pred, mos) == pytest.approx(1.0)
+    assert evaluate.plcc(pred, mos) < 0.97
+    assert evaluate.plcc_logistic(pred, mos) >= evaluate.plcc(pred, mos)
+    assert evaluate.plcc_logistic(pred, mos) == pytest.approx(1.0, abs=1e-6)
+    # rmse_logistic is in MOS units: the residual of the best fit, below the raw spread of the MOS
+    assert evaluate.rmse_logistic(pred, mos) < 1e-3 < mos.std()
+
+
+def test_constant_predictions_give_nan_and_a_warning_never_a_crash():
+    pred, mos = np.full(10, 3.0), np.linspace(1, 5, 10)
+    with pytest.warns(UserWarning, match="logistic fit"):
+        assert math.isnan(evaluate.plcc_logistic(pred, mos))
+    with pytest.warns(UserWarning, match="logistic fit"):
+        assert math.isnan(evaluate.rmse_logistic(pred, mos))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert math.isnan(evaluate.srcc(pred, mos)) and math.isnan(evaluate.plcc(pred, mos))
+
+
+def test_benchmark_metrics_coverage_nan_below_three_and_lower_better():
+    records = [{"image": f"{i}.png", "mos": m, "score": s} for i, (m, s) in enumerate([(1, 1.5), (2, 2.5), (3, 2.0),
+                                                                                       (4, 4.5), (5, None)])]
+    records.append({"image": "gone.png", "mos": 2.0, "score": None, "error": "missing file"})
+    up = evaluate.benchmark_metrics("b", records, lower_better=False)
+    assert (up["n"], up["n_valid"], up["missing"], up["missing_images"]) == (6, 4, 1, ["gone.png"])
+    assert up["coverage"] == pytest.approx(4 / 6)
+    assert up["srcc"] == pytest.approx(stats.spearmanr([1.5, 2.5, 2.0, 4.5], [1, 2, 3, 4]).statistic)
+    down = evaluate.benchmark_metrics("b", records, lower_better=True)
+    for key in ("srcc", "krcc", "plcc"):
+        assert down[key] == pytest.approx(-up[key])
+    with pytest.warns(UserWarning, match="only 2 valid"):
+        few = evaluate.benchmark_metrics("b", records[:2], lower_better=False)
+    assert all(math.isnan(few[k]) for k in evaluate.METRICS)
+
+
+def test_wavg_is_weighted_by_image_count_and_mean_is_plain():
+    benchmarks = {"a": {"n": 100, "coverage": 1.0, **{k: 0.9 for k in evaluate.METRICS}},
+                  "b": {"n": 300, "coverage": 0.5, **{k: 0.5 for k in evaluate.METRICS}}}
+    wavg, mean = evaluate.aggregate(benchmarks)
+    assert wavg["srcc"] == pytest.approx((100 * 0.9 + 300 * 0.5) / 400)
+    assert mean["srcc"] == pytest.approx(0.7)
+    assert wavg["coverage"] == pytest.approx(250 / 400)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# benchmark files
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_three_formats_are_detected_and_parsed(tmp_path):
+    plain = tmp_path / "plain.jsonl"
+    plain.write_text('{"image": "a.png", "mos": 3.42}\n\n{"image": "b.png", "mos": 1}\n')
+    entries, applied, label = evaluate.read_benchmark(plain)
+    assert [(e["image"], e["mos"], e["line"]) for e in entries] == [("a.png", 3.42, 1), ("b.png", 1.0, 3)]
+    assert (applied, label) == (False, "mos")
+
+    vqr1 = tmp_path / "vqr1.jsonl"
+    vqr1.write_text("\n".join(json.dumps(r) for r in [
+        {"image": ["x.png"], "conversations": [{"from": "human", "value": "<image>rate"},
+                                               {"from": "gpt", "value": 4.63}]},
+        {"image": ["y.png"], "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "2.5"}]},
+    ]) + "\n")
+    entries, _, label = evaluate.read_benchmark(vqr1)
+    assert [(e["image"], e["mos"]) for e in entries] == [("x.png", 4.63), ("y.png", 2.5)] and label == "conversations"
+
+    csv_file = tmp_path / "meta_info_X.csv"
+    csv_file.write_text("ref_name,dist_name,mos,std,split\nr.png,d1.png,0.5,0.1,train\n"
+                        "r.png,d2.png,0.7,0.1,test\nr.png,d3.png,0.2,0.1,test\n")
+    entries, applied, label = evaluate.read_benchmark(csv_file)
+    assert [e["image"] for e in entries] == ["d1.png", "d2.png", "d3.png"] and not applied and label == "mos"
+    entries, applied, _ = evaluate.read_benchmark(csv_file, ("split", "test"))
+    assert [(e["image"], e["mos"], e["line"]) for e in entries] == [("d2.png", 0.7, 3), ("d3.png", 0.2, 4)] and applied
+    koniq = tmp_path / "koniq.csv"  # pyiqa's KonIQ file names its column img_name
+    koniq.write_text("img_name,mos,std,split\n1.jpg,77.3,0.5,training\n")
+    assert evaluate.read_benchmark(koniq)[0][0]["image"] == "1.jpg"
+    csiq = tmp_path / "csiq.csv"
+    csiq.write_text("ref_name,dist_name,dmos\nr.png,d.png,0.06\n")
+    assert evaluate.read_benchmark(csiq)[2] == "dmos"
+
+
+@pytest.mark.parametrize("text,match", [
+    ('{"image": "a.png", "mos": 3}\n{"image": "b.png", "mos": 2}\n{"image": "a.png", "mos": 4}\n',
+     r"bad\.jsonl:1 and .*bad\.jsonl:3: image a\.png is listed twice"),
+    ('{"image": "a.png", "mos": 3}\n{"image": "b.png", "mos": "good"}\n', r"bad\.jsonl:2: MOS 'good' is not a number"),
+    ('{"image": "a.png", "mos": 3}\n{"image": "b.png", "mos": null}\n', r"bad\.jsonl:2: MOS None is not a number"),
+    ('{"image": "a.png", "mos": 3}\n{"image": "b.png", "mos": NaN}\n', r"bad\.jsonl:2: MOS nan is not a finite"),
+    ('{"image": "a.png", "quality": 3}\n', r"bad\.jsonl:1: no 'mos' or 'conversations'"),
+    ("file,score\na.png,3\n", r"unrecognised benchmark file"),
+])
+def test_bad_benchmark_files_name_the_line(tmp_path, text, match):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(text)
+    with pytest.raises(ValueError, match=match):
+        evaluate.read_benchmark(bad)
+
+
+def test_repeated_list_flags_accumulate():
+    argv = ["--bench", "a=x", "--out", "o", "--bench=b=y", "--bench", "c=z", "--lower-better", "a", "--no-text"]
+    args = common.parse_args(evaluate.Args, argv)
+    assert args.bench == ["a=x", "b=y", "c=z"] and args.lower_better == ["a"] and args.out == "o" and not args.text
+
+
+def test_user_errors_exit_2_without_traceback(tmp_path, demo_bench):
+    dup = tmp_path / "dup.jsonl"
+    dup.write_text('{"image": "bench_00000.png", "mos": 3}\n{"image": "bench_00000.png", "mos": 2}\n')
+    cmd = [sys.executable, "evaluate.py", "--model", "none", "--out", str(tmp_path / "o"),
+           "--bench", f"dup={dup}@{demo_bench}"]
+    run = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True)
+    assert run.returncode == 2 and "dup.jsonl:1 and" in run.stderr and "Traceback" not in run.stderr
+    missing = tmp_path / "missing.jsonl"
+    missing.write_text('{"image": "bench_00000.png", "mos": 3}\n{"image": "nowhere.png", "mos": 2}\n')
+    run = subprocess.run(cmd[:-1] + [f"m={missing}@{demo_bench}", "--strict"], cwd=ROOT, env=ENV,
+                         capture_output=True, text=True)
+    assert run.returncode == 2 and "nowhere.png" in run.stderr and "Traceback" not in run.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the pipeline in process, with a deterministic stand-in for the model's answers (a random tiny model never answers)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def fake_answers(calls):
+    """Answers that depend on the image: a score from its pixel spread; 2 of the 12 demo images get no answer."""
+    def generate_answers(model, processor, images, prompt, preset, generation_config, samples):
+        calls.append(len(images))
+        out = []
+        for image in images:
+            spread = float(np.asarray(image, dtype=float).std())
+            text = f"<think>ok</think> \\boxed{{{1 + spread / 30:.2f}}}"
+            text = "<think>hm</think> no idea" if int(spread) % 4 == 1 else text
+            out.append([text] * samples)
+        return out
+    return generate_answers
+
+
+@pytest.fixture
+def bench_with_a_gap(tmp_path, demo_bench):
+    """The 12 demo images plus one listed image that does not exist."""
+    lines = (demo_bench / "labels.jsonl").read_text().splitlines()
+    path = tmp_path / "labels.jsonl"
+    path.write_text("\n".join(lines + ['{"image": "lost.png", "mos": 2.5}']) + "\n")
+    return path
+
+
+def run_eval(monkeypatch, calls, tiny_model_dir, bench, root, out, *extra):
+    monkeypatch.setattr(evaluate, "generate_answers", fake_answers(calls))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return evaluate.main(["--model", tiny_model_dir, "--bench", f"demo={bench}@{root}", "--bench",
+                              f"again={bench}@{root}", "--out", str(out), "--batch-size", "5",
+                              "--max-new-tokens", "4", *extra])
+
+
+def test_live_run_predictions_recompute_and_lower_better(monkeypatch, tmp_path, tiny_model_dir, demo_bench,
+                                                         bench_with_a_gap):
+    calls = []
+    summary = run_eval(monkeypatch, calls, tiny_model_dir, bench_with_a_gap, demo_bench, tmp_path / "o",
+                       "--lower-better", "again", "--no-text")
+    records = common.read_jsonl(tmp_path / "o" / "predictions_demo.jsonl")
+    assert [r["image"] for r in records] == [e["image"] for e in evaluate.read_benchmark(bench_with_a_gap)[0]]
+    assert records[-1] == {"image": "lost.png", "mos": 2.5, "score": None, "n_valid": 0, "error": "missing file"}
+    assert all("answers" not in r for r in records)  # --no-text
+    valid = [r for r in records if r["score"] is not None]
+    demo = summary["benchmarks"]["demo"]
+    assert (demo["n"], demo["missing"], demo["missing_images"]) == (13, 1, ["lost.png"])
+    assert demo["n_valid"] == 10 and demo["coverage"] == pytest.approx(10 / 13)
+    pred, mos = [r["score"] for r in valid], [r["mos"] for r in valid]
+    assert demo["srcc"] == pytest.approx(stats.spearmanr(pred, mos).statistic)
+    assert demo["plcc"] == pytest.approx(stats.pearsonr(pred, mos).statistic)
+    again = summary["benchmarks"]["again"]
+    assert again["srcc"] == pytest.approx(-demo["srcc"]) and again["plcc"] == pytest.approx(-demo["plcc"])
+    assert summary["wavg"]["srcc"] == pytest.approx(0.0, abs=1e-12)  # equal sizes, opposite signs
+
+    saved = json.loads((tmp_path / "o" / "summary.json").read_text())
+    md = (tmp_path / "o" / "summary.md").read_text()
+    assert "| WAVG | 26 |" in md and "| mean | 26 |" in md and f"| demo | 13 | {demo['coverage']:.3f} |" in md
+    assert saved["prompt_hash"] == common.get_preset("evoquality").hash() and saved["samples"] == 1
+    assert set(saved["package_versions"]) >= {"torch", "transformers", "scipy"}
+
+    again_summary = evaluate.main(["--predictions", str(tmp_path / "o")])  # no model, lower-better from the run
+    for key in ("benchmarks", "wavg", "mean"):
+        assert evaluate.json_safe(again_summary[key]) == saved[key]
+
+
+def test_resume_after_truncation_and_after_a_crash(monkeypatch, tmp_path, tiny_model_dir, demo_bench,
+                                                   bench_with_a_gap):
+    calls = []
+    out = tmp_path / "o"
+    run_eval(monkeypatch, calls, tiny_model_dir, bench_with_a_gap, demo_bench, out)
+    reference = {name: (out / f"predictions_{name}.jsonl").read_bytes() for name in ("demo", "again")}
+    assert sum(calls) == 24  # 12 readable images in each benchmark; the missing one is not sent to the model
+
+    # a kill while the merged file was being cut: keep 7 full lines and half of the 8th
+    lines = reference["demo"].split(b"\n")
+    (out / "predictions_demo.jsonl").write_bytes(b"\n".join(lines[:7]) + b"\n" + lines[7][:20])
+    calls.clear()
+    run_eval(monkeypatch, calls, tiny_model_dir, bench_with_a_gap, demo_bench, out)
+    assert sum(calls) == 12 - 7  # only the lost images are scored again
+    assert {n: (out / f"predictions_{n}.jsonl").read_bytes() for n in reference} == reference
+
+    # a crash in the middle of scoring: shards keep what was written, the rerun scores only the rest
+    shutil.rmtree(out)
+    real = fake_answers([])
+
+    def crash_after_one_batch(*a, **k):
+        if calls:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return real(*a, **k)
+    calls.clear()
+    monkeypatch.setattr(evaluate, "generate_answers", crash_after_one_batch)
+    with pytest.raises(KeyboardInterrupt), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        evaluate.main(["--model", tiny_model_dir, "--bench", f"demo={bench_with_a_gap}@{demo_bench}",
+                       "--bench", f"again={bench_with_a_gap}@{demo_bench}", "--out", str(out), "--batch-size", "5",
+                       "--max-new-tokens", "4"])
+    assert len(common.read_jsonl(out / "predictions_demo.jsonl.part0")) == 5
+    calls.clear()
+    run_eval(monkeypatch, calls, tiny_model_dir, bench_with_a_gap, demo_bench, out)
+    assert sum(calls) == 7 + 12 and not list(out.glob("*.part*"))
+    assert {n: (out / f"predictions_{n}.jsonl").read_bytes() for n in reference} == reference
+
+    with pytest.raises(SystemExit) as e:  # resuming with other decoding settings would mix two setups
+        run_eval(monkeypatch, calls, tiny_model_dir, bench_with_a_gap, demo_bench, out, "--samples", "4")
+    assert e.value.code == 2
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# end to end on the tiny model: one process, then two under torchrun
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_end_to_end_tiny_model_one_and_two_processes(tmp_path, tiny_model_dir, demo_bench):
+    args = ["--model", tiny_model_dir, "--bench", f"demo={demo_bench / 'labels.jsonl'}", "--max-new-tokens", "16",
+            "--batch-size", "4"]
+    one = subprocess.run([sys.executable, "evaluate.py", *args, "--out", str(tmp_path / "one")], cwd=ROOT, env=ENV,
+                         capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert "| demo | 12 |" in one.stdout and "| WAVG | 12 |" in one.stdout
+    records = common.read_jsonl(tmp_path / "one" / "predictions_demo.jsonl")
+    assert [r["image"] for r in records] == [f"bench_{i:05d}.png" for i in range(12)]
+    assert all(len(r["answers"]) == 1 and r["answers"][0] for r in records)
+    for r in records:  # nothing is invented: the score is what the parser makes of the saved text
+        assert r["scores"] == [common.parse_score(r["answers"][0])] and r["n_valid"] == (r["score"] is not None)
+    summary = json.loads((tmp_path / "one" / "summary.json").read_text())
+    assert summary["benchmarks"]["demo"]["n"] == 12 and summary["num_processes"] == 1
+
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "evaluate.py", *args,
+                          "--out", str(tmp_path / "two")], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                         timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert json.loads((tmp_path / "two" / "summary.json").read_text())["num_processes"] == 2
+    assert common.read_jsonl(tmp_path / "two" / "predictions_demo.jsonl") == records  # greedy: same answers
+    assert two.stdout.count("| WAVG |") == 1  # only the main process reports
+
+
+def test_sampled_answers_are_grouped_per_image(tiny_model_dir, demo_bench):
+    """generate returns each input's samples contiguously: at a near-zero temperature every sample of image i is
+    image i's own greedy answer; at temperature 1 (top_k=0, not the shipped top_k=1) the samples differ."""
+    import torch
+
+    model = common.load_model(tiny_model_dir, dtype=torch.float32, device="cpu").eval()
+    processor = common.load_processor(tiny_model_dir)
+    preset = common.get_preset("evoquality")
+    prompt = preset.prompt("score", True)
+    images = [common.load_image(demo_bench / f"bench_{i:05d}.png") for i in (0, 1, 2)]
+    greedy = common.sampling_config(model, 32, do_sample=False)
+    alone = [evaluate.generate_answers(model, processor, [im], prompt, preset, greedy, 1)[0][0] for im in images]
+    assert len(set(alone)) > 1  # the images lead to different answers, so a mix-up would show
+    cold = common.sampling_config(model, 32, temperature=1e-5, num_return_sequences=3)
+    grouped = evaluate.generate_answers(model, processor, images, prompt, preset, cold, 3)
+    assert grouped == [[text] * 3 for text in alone]
+    hot = common.sampling_config(model, 32, temperature=1.0, num_return_sequences=3)
+    sampled = evaluate.generate_answers(model, processor, images, prompt, preset, hot, 3)
+    assert [len(group) for group in sampled] == [3, 3, 3] and len(set(sampled[0])) > 1

@@ -1,0 +1,448 @@
+"""grpo_train.py: the three pure functions against hand-worked numbers and autograd, log-prob parity with generate,
+and subprocess runs of the script (one step, kill + resume, two processes, bad input)."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from scipy.stats import norm
+
+import common
+import grpo_train
+from grpo_train import completion_mask, group_advantages, grpo_loss, pair_fidelity_rewards
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+       "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# pair_fidelity_rewards
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def fidelity(p_star, p):
+    return math.sqrt(p_star * p) + math.sqrt((1 - p_star) * (1 - p))
+
+
+def test_fidelity_rewards_golden():
+    g = 1e-6
+    scores = {"x": [4.0, 2.0, None], "y": [3.0, 3.0, 3.0], "z": [None, None, None], "w": [1.0, 5.0, 3.0]}
+    pairs = [("x", "y", 1.0), ("x", "z", 0.5), ("w", "x", 0.5), ("y", "w", 0.0)]
+    r = pair_fidelity_rewards(scores, pairs, gamma=g)
+    # x: mu 3, var 2 (ddof 1); y: mu 3, var 0; w: mu 3, var 4; z: no valid score -> gives no term to x
+    sx = math.sqrt(2 + 0 + g)
+    sxw = math.sqrt(2 + 4 + g)
+    expect_x = [(fidelity(1.0, norm.cdf((q - 3) / sx)) + fidelity(0.5, norm.cdf((q - 3) / sxw))) / 2
+                for q in (4.0, 2.0)]
+    assert r["x"][:2] == pytest.approx(expect_x, abs=1e-12)
+    assert r["x"][2] == 0.0  # unparseable rollout
+    # hand-worked: q = 4 vs y is Phi(1/sqrt 2) = 0.760250, fidelity(1, .) = sqrt(0.760250) = 0.871923;
+    # vs w Phi(1/sqrt 6) = 0.658448 at p* = 0.5: sqrt(.329224) + sqrt(.170776) = 0.573780 + 0.413251
+    assert r["x"][0] == pytest.approx((0.871923 + 0.573780 + 0.413251) / 2, abs=2e-6)
+    # y: partners x (p*(y, x) = 1 - 1 = 0) and w (p*(y, w) = 0); all y scores equal the partners' means: p = 0.5
+    assert r["y"] == pytest.approx([math.sqrt(0.5)] * 3, abs=1e-9)
+    # w: partners x (p*(w, x) = 0.5) and y (p*(w, y) = 1); a tie at p* = 0.5 with q = mu gives fidelity 1
+    sw = math.sqrt(4 + 2 + g)
+    swy = math.sqrt(4 + 0 + g)
+    expect_w = [(fidelity(0.5, norm.cdf((q - 3) / sw)) + fidelity(1.0, norm.cdf((q - 3) / swy))) / 2
+                for q in (1.0, 5.0, 3.0)]
+    assert r["w"] == pytest.approx(expect_w, abs=1e-12)
+    assert r["w"][2] == pytest.approx((1.0 + math.sqrt(0.5)) / 2, abs=1e-9)
+    # z has a valid partner (x), so its unparseable rollouts get 0, not NaN
+    assert r["z"] == [0.0, 0.0, 0.0]
+
+
+def test_fidelity_rewards_no_valid_partner_is_nan_and_single_valid_score_has_zero_variance():
+    r = pair_fidelity_rewards({"a": [2.0, 3.0], "b": [None, None], "c": [4.0, None]}, [("a", "b", 1.0)])
+    assert all(math.isnan(v) for v in r["a"])  # its only partner has no valid score
+    assert all(math.isnan(v) for v in r["c"])  # no partner at all
+    r = pair_fidelity_rewards({"a": [2.0, None], "b": [3.0, None]}, [("a", "b", 0.0)], gamma=1e-6)
+    # one valid score each: variances 0, so p = Phi(-1 / sqrt(1e-6)) = 0 and fidelity(0, 0) = 1
+    assert r["a"] == pytest.approx([1.0, 0.0]) and r["b"] == pytest.approx([1.0, 0.0])
+
+
+def test_fidelity_rewards_bounds_and_determinism():
+    gen = torch.Generator().manual_seed(0)
+    names = [f"i{k}" for k in range(6)]
+    for _ in range(50):
+        scores = {n: [None if torch.rand(1, generator=gen) < 0.2 else float(1 + 4 * torch.rand(1, generator=gen))
+                      for _ in range(5)] for n in names}
+        pairs = [(names[k], names[(k + 1) % 6], float(torch.randint(0, 3, (1,), generator=gen)) / 2) for k in range(6)]
+        r = pair_fidelity_rewards(scores, pairs)
+        assert json.dumps(r) == json.dumps(pair_fidelity_rewards(scores, pairs))  # no randomness (NaN-safe)
+        for vs in r.values():
+            assert all(math.isnan(v) or 0.0 <= v <= 1.0 + 1e-12 for v in vs)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# group_advantages
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_group_advantages_golden():
+    rewards = torch.tensor([[1.0, 2.0, 3.0, 6.0], [0.5, 0.5, 0.5, 0.5], [0.1, float("nan"), 0.3, 0.2],
+                            [0.0, 1.0, 0.0, 1.0]])
+    a = group_advantages(rewards, eps=1e-4)
+    # row 0: mean 3, unbiased std sqrt((4 + 1 + 0 + 9) / 3) = sqrt(14 / 3) = 2.160247
+    assert a[0].tolist() == pytest.approx([(x - 3) / (2.1602469 + 1e-4) for x in (1, 2, 3, 6)], abs=1e-6)
+    assert a[1].tolist() == [0.0] * 4 and a[2].tolist() == [0.0] * 4  # constant row, skipped (NaN) row
+    # row 3: mean 0.5, unbiased std sqrt(4 * 0.25 / 3) = 0.577350
+    assert a[3].tolist() == pytest.approx([-0.5 / 0.5774503, 0.5 / 0.5774503] * 2, abs=1e-6)
+    assert torch.allclose(a.sum(dim=1), torch.zeros(4), atol=1e-6)
+    assert group_advantages(torch.tensor([[0.7], [0.2]])).tolist() == [[0.0], [0.0]]  # G = 1: no NaN
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# grpo_loss
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def random_loss_inputs(N=6, T=7, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    logp = -torch.rand(N, T, generator=gen, dtype=torch.float64) * 3
+    old = logp + 0.3 * torch.randn(N, T, generator=gen, dtype=torch.float64)
+    ref = logp + 0.5 * torch.randn(N, T, generator=gen, dtype=torch.float64)
+    adv = torch.randn(N, generator=gen, dtype=torch.float64)
+    lengths = torch.tensor([7, 1, 4, 6, 2, 5])[:N]
+    mask = (torch.arange(T)[None] < lengths[:, None]).long()
+    return logp, old, ref, adv, mask
+
+
+def test_grpo_loss_matches_a_loop_and_the_analytic_gradient():
+    logp, old, ref, adv, mask = random_loss_inputs()
+    beta, eps = 0.05, 0.2
+    logp = logp.clone().requires_grad_(True)
+    loss, metrics = grpo_loss(logp, old, ref, adv, mask, beta, eps)
+    loss.backward()
+    N, T = logp.shape
+    expect, grad, kls, clipped = 0.0, torch.zeros(N, T, dtype=torch.float64), 0.0, 0
+    for i in range(N):
+        n = int(mask[i].sum())
+        seq, seq_kl = 0.0, 0.0
+        for t in range(n):
+            lp, o, r, a = float(logp.detach()[i, t]), float(old[i, t]), float(ref[i, t]), float(adv[i])
+            rho = math.exp(lp - o)
+            unclipped, clip = rho * a, min(max(rho, 1 - eps), 1 + eps) * a
+            k3 = math.exp(r - lp) - (r - lp) - 1
+            seq += -min(unclipped, clip) + beta * k3
+            seq_kl += k3
+            d_policy = -a * rho if unclipped <= clip else 0.0  # the clipped branch is constant in logp
+            grad[i, t] = (d_policy + beta * (1 - math.exp(r - lp))) / (n * N)
+            clipped += (rho < 1 - eps and a < 0) or (rho > 1 + eps and a > 0)
+        expect += seq / n / N
+        kls += seq_kl / n / N
+    assert float(loss) == pytest.approx(expect, rel=1e-12)
+    assert torch.allclose(logp.grad, grad, atol=1e-12)
+    assert float(metrics["kl"]) == pytest.approx(kls, rel=1e-12)
+    assert float(metrics["clip_fraction"]) == pytest.approx(clipped / int(mask.sum()), rel=1e-12)
+
+
+def test_k3_nonnegative_zero_with_zero_gradient_at_reference_and_differentiable():
+    logp, old, ref, adv, mask = random_loss_inputs(seed=1)
+    zero_adv = torch.zeros_like(adv)
+    for x in (logp, ref):
+        x_ = x.clone().requires_grad_(True)
+        _, metrics = grpo_loss(x_, old, ref if x is logp else logp, zero_adv, mask, 1.0, 0.2)
+        assert float(metrics["kl"]) >= 0
+    d = torch.linspace(-20, 20, 2001, dtype=torch.float64)
+    assert (torch.exp(d) - d - 1 >= 0).all()
+    # at ref == logp the penalty and its gradient vanish
+    lp = logp.clone().requires_grad_(True)
+    loss, metrics = grpo_loss(lp, lp.detach(), logp.clone(), zero_adv, mask, 0.05, 0.2)
+    loss.backward()
+    assert float(loss) == 0.0 and float(metrics["kl"]) == 0.0 and lp.grad.abs().max() == 0.0
+    # away from it the KL term alone carries gradient beta (1 - exp(ref - logp)) / (n_i N) on masked tokens
+    lp = logp.clone().requires_grad_(True)
+    loss, _ = grpo_loss(lp, lp.detach(), ref, zero_adv, mask, 0.05, 0.2)
+    loss.backward()
+    expect = 0.05 * (1 - torch.exp(ref - logp)) * mask / mask.sum(1, keepdim=True) / len(mask)
+    assert lp.grad.abs().max() > 0 and torch.allclose(lp.grad, expect, atol=1e-15)
+
+
+def test_clipping_on_both_sides_with_both_signs():
+    old = torch.zeros(4, 1, dtype=torch.float64)
+    logp = torch.log(torch.tensor([[1.5], [1.5], [0.5], [0.5]], dtype=torch.float64)).requires_grad_(True)
+    adv = torch.tensor([1.0, -1.0, 1.0, -1.0], dtype=torch.float64)
+    mask = torch.ones(4, 1)
+    loss, metrics = grpo_loss(logp, old, logp.detach(), adv, mask, beta=0.0, clip_eps=0.2)
+    loss.backward()
+    # per sequence: rho 1.5, A +1 -> clipped at 1.2: -1.2, no gradient; rho 1.5, A -1 -> -min(-1.5, -1.2) = 1.5;
+    # rho 0.5, A +1 -> -min(0.5, 0.8) = -0.5; rho 0.5, A -1 -> clipped at 0.8: 0.8, no gradient
+    assert float(loss) == pytest.approx((-1.2 + 1.5 - 0.5 + 0.8) / 4)
+    assert logp.grad.flatten().tolist() == pytest.approx([0.0, 1.5 / 4, -0.5 / 4, 0.0])
+    assert float(metrics["clip_fraction"]) == 0.5
+
+
+def test_micro_batches_give_the_same_gradient():
+    logp, old, ref, adv, mask = random_loss_inputs()
+    full = logp.clone().requires_grad_(True)
+    grpo_loss(full, old, ref, adv, mask, 0.05, 0.2)[0].backward()
+    for split in ([0, 2, 4, 6], [0, 3, 5, 6]):  # 3 micro-batches, even and uneven
+        micro = logp.clone().requires_grad_(True)
+        for s, e in zip(split[:-1], split[1:]):
+            loss, _ = grpo_loss(micro[s:e], old[s:e], ref[s:e], adv[s:e], mask[s:e], 0.05, 0.2)
+            (loss * (e - s) / len(logp)).backward()
+        assert torch.allclose(micro.grad, full.grad, atol=1e-15)
+
+
+def test_completion_mask_from_positions_when_pad_is_an_eos():
+    eos, pad = 7, 8  # the tiny and the real Qwen2.5-VL both list the pad token <|endoftext|> among the EOS ids
+    ids = torch.tensor([[5, 6, eos, pad, pad], [5, pad, pad, pad, pad], [5, 6, 4, 3, 2], [eos, pad, pad, pad, pad]])
+    assert completion_mask(ids, [eos, pad]).tolist() == [[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1] * 5, [1, 0, 0, 0, 0]]
+
+
+def test_step_pairs_are_disjoint_across_processes_and_a_pass_per_epoch():
+    pairs = [(f"a{i}", f"b{i}", 1.0) for i in range(10)]
+    drawn = [grpo_train.step_pairs(pairs, 3, step, 2, rank, 2, 2) for step in range(2) for rank in range(2)]
+    flat = [p for d in drawn for p in d]
+    assert len(set(flat)) == 8 and set(flat) <= set(pairs)
+    next_epoch = [grpo_train.step_pairs(pairs, 3, step, 2, rank, 2, 2) for step in (2, 3) for rank in range(2)]
+    assert next_epoch != drawn and len({p for d in next_epoch for p in d}) == 8
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Log-prob parity with generate (minGPT-style), on the tiny real Qwen2.5-VL
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_logprobs_equal_generate_scores_with_left_padding_twice(tiny_model_dir, demo_pool):
+    torch.manual_seed(0)
+    processor = common.load_processor(tiny_model_dir)
+    model = common.load_model(tiny_model_dir, dtype=torch.float32).eval()
+    preset = common.get_preset("evoquality")
+    small = common.load_image(demo_pool / "pool_00001.png").resize((28, 28))  # 2x2 patches vs 4x4: left padding
+    images = [common.load_image(demo_pool / "pool_00000.png"), small]
+    prompt = preset.prompt("score", True)
+    encoded = dict(common.encode_batch(processor, [prompt] * 2, [[im] for im in images], preset.add_vision_id))
+    assert (encoded["attention_mask"][1] == 0).any() and encoded["image_grid_thw"][0].tolist() != encoded[
+        "image_grid_thw"][1].tolist()
+    vs = model.config.vision_start_token_id
+    G = 3
+    batch = grpo_train.select_rows(encoded, [0] * G + [1] * G, vs)
+    config = common.sampling_config(model, max_new_tokens=12, temperature=0.7, do_sample=True)
+    eos = common.eos_token_ids(config)
+    P = batch["input_ids"].shape[1]
+    for _ in range(2):  # twice in a row: no stale M-RoPE deltas from the previous generate
+        with torch.no_grad():
+            out = model.generate(**batch, generation_config=config, output_scores=True, return_dict_in_generate=True)
+            completions = out.sequences[:, P:]
+            mask = completion_mask(completions, eos).bool()
+            expect = torch.stack([torch.log_softmax(s.float(), -1) for s in out.scores], 1)
+            expect = expect.gather(-1, completions[..., None]).squeeze(-1)
+            got = grpo_train.token_logprobs(model, batch, completions, 0.7)
+            assert torch.allclose(got[mask], expect[mask], atol=1e-4), (got - expect)[mask].abs().max()
+            # batched (left-padded, G copies) == one prompt alone, unpadded
+            for i in (0, G):
+                alone = dict(common.encode_batch(processor, [prompt], [[images[i // G]]], preset.add_vision_id))
+                single = grpo_train.token_logprobs(model, alone, completions[i:i + 1], 0.7)
+                assert torch.allclose(single[0][mask[i]], got[i][mask[i]], atol=1e-4)
+        assert len({tuple(c.tolist()) for c in completions[:G]}) > 1  # explicit sampling: samples differ (top_k=1 trap)
+    # a rollout that emits an image placeholder: the forward still runs, and the mask ends at the placeholder
+    image_pad = model.config.image_token_id
+    ids = completions[:1, :4].clone()
+    ids[0, 2] = image_pad
+    with torch.no_grad():
+        got = grpo_train.token_logprobs(model, grpo_train.select_rows(batch, [0], vs), ids, 0.7, (image_pad,), eos[0])
+        clean = grpo_train.token_logprobs(model, grpo_train.select_rows(batch, [0], vs), ids[:, :2], 0.7)
+    assert torch.allclose(got[0, :2], clean[0]) and completion_mask(ids, eos + [image_pad]).tolist() == [[1, 1, 1, 0]]
+
+
+def test_ratio_is_one_at_the_first_update(tiny_model_dir, demo_pool):
+    """The old log-probs (no grad, eval mode, the whole batch) equal the policy's (grad, train mode, a micro-batch
+    trimmed to its own completion width): on-policy, rho = 1 at the first update."""
+    torch.manual_seed(1)
+    processor = common.load_processor(tiny_model_dir)
+    model = common.load_model(tiny_model_dir, dtype=torch.float32)
+    preset = common.get_preset("evoquality")
+    images = [[common.load_image(demo_pool / f"pool_0000{i}.png")] for i in (2, 3)]
+    encoded = dict(common.encode_batch(processor, [preset.prompt("score", False)] * 2, images, preset.add_vision_id))
+    batch = grpo_train.select_rows(encoded, [0, 0, 1, 1], model.config.vision_start_token_id)
+    config = common.sampling_config(model, max_new_tokens=10, temperature=1.0)
+    with torch.no_grad():
+        completions = model.eval().generate(**batch, generation_config=config)[:, batch["input_ids"].shape[1]:]
+        old = grpo_train.token_logprobs(model, batch, completions, 1.0)
+    mask = completion_mask(completions, common.eos_token_ids(config))
+    model.train()
+    rows = [1, 2]
+    width = int(mask[rows].sum(1).max())
+    sub = grpo_train.select_rows(batch, rows, model.config.vision_start_token_id)
+    logp = grpo_train.token_logprobs(model, sub, completions[rows, :width], 1.0)
+    ratio = torch.exp(logp - old[rows, :width])[mask[rows, :width].bool()]
+    assert torch.allclose(ratio, torch.ones_like(ratio), atol=1e-5)
+    loss, metrics = grpo_loss(logp, old[rows, :width], old[rows, :width], torch.tensor([1.0, -1.0]),
+                              mask[rows, :width], 0.05, 0.2)
+    assert float(metrics["clip_fraction"]) == 0.0 and abs(float(metrics["kl"])) < 1e-6
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The script: subprocess runs (a scoring stand-in makes the random tiny model's answers parseable)
+# ---------------------------------------------------------------------------------------------------------------------
+
+WRAPPER = """
+import runpy, sys, zlib
+sys.path.insert(0, {root!r})
+import common
+def parse_score(text, preset=None):  # deterministic in the text: varied rewards from a random model
+    h = zlib.crc32(text.encode())
+    return None if h % 5 == 0 else 1 + (h % 401) / 100
+common.parse_score = parse_score
+sys.argv[0] = {script!r}
+runpy.run_path({script!r}, run_name="__main__")
+"""
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, tiny_model_dir, demo_pool):
+    tmp = tmp_path_factory.mktemp("grpo")
+    wrapper = tmp / "grpo_with_stand_in_parser.py"
+    wrapper.write_text(WRAPPER.format(root=str(ROOT), script=str(ROOT / "grpo_train.py")))
+    images = sorted(p.name for p in demo_pool.glob("*.png"))
+    labels = tmp / "pseudolabels.jsonl"
+    with open(labels, "w") as f:
+        for k in range(12):
+            a, b = images[k], images[(k * 5 + 1) % 12]
+            f.write(json.dumps({"a": a, "b": b, "p_star": [1.0, 0.0, 0.5][k % 3], "votes_a": 3, "votes_b": 1,
+                                "abstain": 0}) + "\n")
+    return {"tmp": tmp, "wrapper": wrapper, "labels": labels, "model": tiny_model_dir, "pool": demo_pool}
+
+
+def base_args(s, out, *extra):
+    return ["--model", s["model"], "--pseudolabels", str(s["labels"]), "--images-root", str(s["pool"]),
+            "--out", str(out), "--group-size", "4", "--pairs-per-step", "2", "--max-new-tokens", "12",
+            "--micro-batch-size", "3", "--lr", "1e-3", "--beta", "0.05", *extra]
+
+
+def run(s, args, **kw):
+    return subprocess.run([sys.executable, str(s["wrapper"]), *args], cwd=ROOT, env=ENV, capture_output=True,
+                          text=True, timeout=300, **kw)
+
+
+def test_one_real_step_changes_parameters_and_writes_the_log(setup):
+    s = setup
+    labels = s["tmp"] / "with_missing.jsonl"
+    missing = json.dumps({"a": "gone.png", "b": "pool_00000.png", "p_star": 1})
+    labels.write_text(s["labels"].read_text() + missing + "\n")
+    out = s["tmp"] / "one_step"
+    args = base_args(s, out, "--max-steps", "1", "--skip-missing")
+    args[args.index("--pseudolabels") + 1] = str(labels)
+    r = run(s, args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "dropped 1 of 13 pairs" in r.stdout
+    (record,) = common.read_jsonl(out / "train_log.jsonl")
+    for key in ("step", "epoch", "lr", "loss", "reward_mean", "reward_std", "parse_failure_rate", "groups_skipped",
+                "zero_std_fraction", "kl", "clip_fraction", "grad_norm", "score_mean", "score_within_group_std",
+                "completion_length", "step_seconds", "generated_tokens_per_s"):
+        assert key in record, key
+    assert record["step"] == 1 and record["grad_norm"] > 0 and 0 <= record["reward_mean"] <= 1
+    assert 0 < record["parse_failure_rate"] < 1 and record["clip_fraction"] == 0.0  # on-policy: rho = 1
+    assert json.loads((out / "args.json").read_text())["args"]["group_size"] == 4
+    before = common.load_model(s["model"], dtype=torch.float32).state_dict()
+    after = common.load_model(str(out), dtype=torch.float32).state_dict()
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert len(changed) > len(before) // 2
+    assert common.load_processor(str(out)).tokenizer.padding_side == "left"
+    assert json.loads((out / "generation_config.json").read_text())["top_k"] == 1  # the shipped config, untouched
+    assert not (out / ".final.tmp").exists()
+
+
+def test_kill_and_resume_continues_with_the_same_next_pairs(setup):
+    s = setup
+    args = ["--epochs", "2", "--save-every", "1", "--save-total-limit", "2"]  # 6 steps an epoch: 12 steps
+    whole = s["tmp"] / "whole"
+    r = run(s, base_args(s, whole, *args))
+    assert r.returncode == 0, r.stderr[-3000:]
+    killed = s["tmp"] / "killed"
+    proc = subprocess.Popen([sys.executable, str(s["wrapper"]), *base_args(s, killed, *args)], cwd=ROOT, env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (killed / "checkpoints" / "step-3").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    logged = common.read_jsonl(killed / "train_log.jsonl")
+    assert 3 <= len(logged) < 12 and not (killed / "config.json").exists(), "the kill came too late"
+    r = run(s, base_args(s, killed, *args))  # without --resume: refused, nothing overwritten
+    assert r.returncode == 2 and "--resume" in r.stderr
+    r = run(s, base_args(s, killed, *args, "--resume"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = common.read_jsonl(whole / "train_log.jsonl"), common.read_jsonl(killed / "train_log.jsonl")
+    assert [x["step"] for x in b] == list(range(1, 13))  # nothing lost, nothing duplicated
+    assert [x["pairs"] for x in a] == [x["pairs"] for x in b]
+    for x, y in zip(a, b):  # same rollouts (seeded per step) and same restored model/optimizer state
+        assert y["reward_mean"] == pytest.approx(x["reward_mean"], abs=1e-6)
+        assert y["loss"] == pytest.approx(x["loss"], abs=1e-5)
+    assert sorted(p.name for p in (killed / "checkpoints").iterdir()) == ["step-11", "step-12"]
+    wa = common.load_model(str(whole), dtype=torch.float32).state_dict()
+    wb = common.load_model(str(killed), dtype=torch.float32).state_dict()
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
+
+
+def test_two_processes(setup):
+    s = setup
+    out = s["tmp"] / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+           str(s["wrapper"]), *base_args(s, out, "--max-steps", "2")]
+    r = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    log = common.read_jsonl(out / "train_log.jsonl")
+    assert [x["step"] for x in log] == [1, 2]
+    drawn = [tuple(p) for x in log for p in x["pairs"]]
+    assert len(drawn) == 8 and len(set(drawn)) == 8  # 2 processes x 2 pairs x 2 steps, all different
+    assert all(x["groups"] >= 4 and x["grad_norm"] > 0 for x in log)
+    assert json.loads((out / "args.json").read_text())["world_size"] == 2
+    assert (out / "checkpoints" / "step-2" / "random_states_1.pkl").exists()
+    common.load_model(str(out))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Bad input: refused before any model is loaded (in-process, model loading patched to fail)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def run_main(monkeypatch, argv):
+    def no_model(*a, **k):
+        raise AssertionError("a model was loaded before the input was checked")
+
+    monkeypatch.setattr(common, "load_model", no_model)
+    monkeypatch.setattr(sys, "argv", ["grpo_train.py", *argv])
+    with pytest.raises(SystemExit) as e:
+        grpo_train.main()
+    return e.value.code
+
+
+def test_bad_input_is_refused_before_loading_a_model(setup, monkeypatch, capsys, tmp_path):
+    s = setup
+    labels = tmp_path / "labels.jsonl"
+    labels.write_text(json.dumps({"a": "pool_00000.png", "b": "nope_1.png", "p_star": 1}) + "\n"
+                      + json.dumps({"a": "nope_2.png", "b": "pool_00001.png", "p_star": 0}) + "\n")
+    argv = base_args(s, tmp_path / "out")
+    argv[argv.index("--pseudolabels") + 1] = str(labels)
+    assert run_main(monkeypatch, argv) == 2
+    err = capsys.readouterr().err
+    assert "2 image(s)" in err and "nope_1.png" in err and "nope_2.png" in err and "--skip-missing" in err
+
+    labels.write_text(json.dumps({"a": "pool_00000.png", "b": "pool_00001.png", "p_star": 1}) + "\n{oops\n"
+                      + json.dumps({"a": "pool_00000.png", "b": "pool_00002.png", "p_star": 1}) + "\n")
+    assert run_main(monkeypatch, argv) == 2
+    assert f"{labels}:2" in capsys.readouterr().err
+
+    labels.write_text(json.dumps({"a": "pool_00000.png", "b": "pool_00001.png"}) + "\n")  # no p_star
+    assert run_main(monkeypatch, argv) == 2
+    assert f"{labels}:1" in capsys.readouterr().err
+
+    labels.write_text("")
+    assert run_main(monkeypatch, argv) == 2
+    assert "no pseudo-labelled pairs" in capsys.readouterr().err
+
+    argv = base_args(s, tmp_path / "out")
+    argv[argv.index("--group-size") + 1] = "1"
+    assert run_main(monkeypatch, argv) == 2
+    assert "--group-size 1" in capsys.readouterr().err

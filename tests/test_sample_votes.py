@@ -1,0 +1,370 @@
+"""sample_votes.py: pair draw, order balance, identity mapping, abstentions, resume, skips, 2 processes, meta, refusal.
+
+Most runs use a scripted model (plugged in at the generate_fn seam) whose answers are known: it prefers the brighter
+image and, per prompt, sample j answers junk (j % 4 == 0), a correct answer cut off by the token budget (j % 4 == 1),
+or the correct boxed answer. Expectations are computed independently from the image pixels.
+
+Run as a script, this file is sample_votes.py with the scripted model, for the torchrun test:
+    torchrun --nproc_per_node 2 tests/test_sample_votes.py --model scripted --images DIR --out votes.jsonl ...
+"""
+
+import itertools
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import common  # noqa: E402
+import sample_votes  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The scripted model
+# ---------------------------------------------------------------------------------------------------------------------
+
+def brightness(img: Image.Image) -> float:
+    return float(np.asarray(img, dtype=np.float64).mean())
+
+
+def scripted_completion(imgs: list, j: int) -> tuple[str, bool]:
+    if len(imgs) == 2:
+        answer = f"\\boxed{{{0 if brightness(imgs[0]) > brightness(imgs[1]) else 1}}}"
+    else:
+        answer = f"\\boxed{{{1 + 4 * brightness(imgs[0]) / 255:.2f}}}"
+    if j % 4 == 0:
+        return "<think> hmm </think> \\boxed{7}", False  # out of range for both tasks: unparseable, never guessed
+    if j % 4 == 1:
+        return f"<think> the brighter one </think> {answer} and then", True  # cut off: an abstention, though parseable
+    return f"<think> the brighter one </think> {answer}", False
+
+
+def scripted(calls: list | None = None, fail_after: int | None = None, delay: float = 0.0):
+    """A generate_fn; records (prompts, n) per call; raises after `fail_after` calls (a crash mid-run)."""
+    def generate(prompt, images, n):
+        time.sleep(delay)
+        if fail_after is not None and calls is not None and len(calls) >= fail_after:
+            raise RuntimeError("killed")
+        if calls is not None:
+            calls.append((len(images), n))
+        return [[scripted_completion(imgs, j) for j in range(n)] for imgs in images]
+    return generate
+
+
+def always(index: int):
+    """A maximally position-biased model: always answers `index` (0: the first image shown)."""
+    return lambda prompt, images, n: [[(f"\\boxed{{{index}}}", False)] * n for _ in images]
+
+
+def expected_counts(pool: Path, a: str, b: str, k: int, seed: int = 0) -> dict:
+    """votes/abstentions/first-slot wins of the scripted model, worked out per order from its rule."""
+    a_better = brightness(Image.open(pool / a).convert("RGB")) > brightness(Image.open(pool / b).convert("RGB"))
+    counts = {"votes_a": 0, "votes_b": 0, "abstain": 0, "first_slot_wins": 0}
+    for order, n in sample_votes.vote_orders(a, b, k, seed).items():
+        valid = sum(j % 4 >= 2 for j in range(n))
+        counts["abstain"] += n - valid
+        counts["votes_a" if a_better else "votes_b"] += valid
+        first_is_better = a_better == (order == "ab")
+        counts["first_slot_wins"] += valid if first_is_better else 0
+    return counts
+
+
+def run(monkeypatch, generate_fn, *argv):
+    monkeypatch.setattr(sample_votes, "load_generate_fn", lambda args, device: generate_fn)
+    sample_votes.main([str(a) for a in argv])
+
+
+def base_argv(pool, out, *extra):
+    return ["--model", "scripted", "--images", pool, "--out", out, "--num-pairs", 20, "--votes-per-pair", 8,
+            "--batch-size", 16, *extra]
+
+
+@pytest.fixture()
+def pool(demo_pool, tmp_path) -> Path:
+    """A private copy of the demo pool (some tests corrupt an image)."""
+    return Path(shutil.copytree(demo_pool, tmp_path / "pool"))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Pure functions
+# ---------------------------------------------------------------------------------------------------------------------
+
+def test_sample_pairs_distinct_deterministic_capped():
+    pairs = sample_votes.sample_pairs(50, 300, seed=3)
+    assert len(pairs) == 300 and len(set(pairs)) == 300
+    assert all(0 <= i < j < 50 for i, j in pairs)  # unordered (i < j), no self-pairs
+    assert pairs == sample_votes.sample_pairs(50, 300, seed=3)
+    assert pairs != sample_votes.sample_pairs(50, 300, seed=4)
+    every = sample_votes.sample_pairs(7, 1000, seed=0)  # more asked than exist: all 21, each once
+    assert sorted(every) == list(itertools.combinations(range(7), 2))
+    assert every != sorted(every)  # still in drawn (shuffled) order
+    big = sample_votes.sample_pairs(10_000, 2000, seed=0)  # the decode of pair numbers is exact for big pools
+    assert len(set(big)) == 2000 and all(0 <= i < j < 10_000 for i, j in big)
+    # uniform: every image shows up about equally often over many draws
+    counts = np.bincount(np.array(sample_votes.sample_pairs(20, 190, seed=1)).ravel(), minlength=20)
+    assert (counts == 19).all()
+
+
+def test_vote_orders_balanced():
+    assert sample_votes.vote_orders("x", "y", 32, 0) == {"ab": 16, "ba": 16}
+    extras = []
+    for p in range(200):
+        orders = sample_votes.vote_orders(f"i{p}", f"j{p}", 5, seed=0)
+        assert sorted(orders.values()) == [2, 3]
+        assert orders == sample_votes.vote_orders(f"i{p}", f"j{p}", 5, seed=0)  # same whoever asks
+        extras.append(max(orders, key=orders.get))
+    assert 70 < extras.count("ab") < 130  # the extra vote's order is random, not always the same
+    assert sorted(sample_votes.vote_orders("x", "y", 1, 0).values()) == [0, 1]
+
+
+def test_identity_mapping_abstentions_and_batching(demo_pool):
+    _, names = common.list_images(demo_pool)
+    pairs = [(names[i], names[j]) for i, j in sample_votes.sample_pairs(len(names), 15, 0)]
+    images = {x: common.load_image(demo_pool / x) for x in names}
+    prompt = common.get_preset("evoquality").prompt("compare", True)
+    parse = common.parse_compare
+    for k in (8, 5):
+        calls = []
+        records = sample_votes.vote_pairs(pairs, images, scripted(calls), prompt, parse, k, 0, batch_size=12)
+        assert [(r["a"], r["b"]) for r in records] == pairs
+        for r in records:
+            assert {key: r[key] for key in ("votes_a", "votes_b", "abstain", "first_slot_wins")} == \
+                expected_counts(demo_pool, r["a"], r["b"], k)
+            orders = [x["order"] for x in r["answers"]]
+            assert abs(orders.count("ab") - orders.count("ba")) == k % 2 and len(orders) == k
+            per_order = sample_votes.vote_orders(r["a"], r["b"], k, 0).values()
+            assert sum(x["truncated"] for x in r["answers"]) == sum(j % 4 == 1 for n in per_order for j in range(n))
+        assert all(n_prompts * n <= 12 for n_prompts, n in calls)  # batched within --batch-size sequences
+        assert len(calls) < len(pairs)  # many prompts per call
+        # the grouping into generate calls does not change any vote
+        one_by_one = sample_votes.vote_pairs(pairs, images, scripted(), prompt, parse, k, 0, batch_size=1)
+        assert one_by_one == records
+    # a model that always picks the first slot: votes split evenly between a and b, all "won" by the first slot
+    for index, first_wins in ((0, 8), (1, 0)):
+        for r in sample_votes.vote_pairs(pairs, images, always(index), prompt, parse, 8, 0, 64, keep_text=False):
+            assert (r["votes_a"], r["votes_b"], r["abstain"], r["first_slot_wins"]) == (4, 4, 0, first_wins)
+            assert "text" not in r["answers"][0]
+            chosen_first = [x["choice"] == ("a" if x["order"] == "ab" else "b") for x in r["answers"]]
+            assert all(chosen_first) == (index == 0)
+
+
+def test_summarize_hand_worked():
+    records = [{"votes_a": 3, "votes_b": 1, "abstain": 0, "first_slot_wins": 2},
+               {"votes_a": 0, "votes_b": 2, "abstain": 2, "first_slot_wins": 1},
+               {"votes_a": 0, "votes_b": 0, "abstain": 4, "first_slot_wins": 0}]
+    s = sample_votes.summarize(records, "compare", skipped=1)
+    assert s["pairs"] == 3 and s["votes"] == 12 and s["skipped_pairs"] == 1
+    assert s["abstention_rate"] == pytest.approx(6 / 12)
+    assert s["first_slot_win_rate"] == pytest.approx(3 / 6)
+    assert s["mean_majority_agreement"] == pytest.approx((3 / 4 + 2 / 2) / 2)  # pairs without votes left out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The script: files, resume, skips, processes
+# ---------------------------------------------------------------------------------------------------------------------
+
+def test_run_meta_and_summary(pool, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "votes.jsonl"
+    run(monkeypatch, scripted(), *base_argv(pool, out))
+    records = common.read_jsonl(out)
+    _, names = common.list_images(pool)
+    assert [(r["a"], r["b"]) for r in records] == \
+        [(names[i], names[j]) for i, j in sample_votes.sample_pairs(len(names), 20, 0)]
+    for r in records:
+        assert {key: r[key] for key in ("votes_a", "votes_b", "abstain", "first_slot_wins")} == \
+            expected_counts(pool, r["a"], r["b"], 8)
+    meta = json.loads(Path(f"{out}.meta.json").read_text())
+    assert meta["model"] == "scripted" and meta["votes_per_pair"] == 8 and meta["mode"] == "compare"
+    assert meta["prompt"] == "evoquality" and meta["prompt_hash"] == common.get_preset("evoquality").hash()
+    assert meta["args"]["batch_size"] == 16 and meta["package_versions"]["torch"] != "missing"
+    assert meta["started"] and meta["finished"]
+    # scripted: per order of 4 samples, 2 abstain; the better image wins every valid vote, once per slot
+    expected = {"pairs": 20, "skipped_pairs": 0, "votes": 160, "abstention_rate": 0.5, "first_slot_win_rate": 0.5,
+                "mean_majority_agreement": 1.0}
+    assert {key: meta["counts"][key] for key in expected} == expected
+    assert "abstention_rate 0.500" in capsys.readouterr().out
+    assert not list(tmp_path.glob("votes.jsonl.shard-*")) and Path(f"{out}.skipped.jsonl").read_text() == ""
+
+
+def test_resume_after_kill(pool, tmp_path, monkeypatch):
+    reference = tmp_path / "ref" / "votes.jsonl"
+    run(monkeypatch, scripted(), *base_argv(pool, reference))
+    out = tmp_path / "votes.jsonl"
+    with pytest.raises(RuntimeError, match="killed"):  # dies after 3 chunks of 2 pairs were written
+        run(monkeypatch, scripted([], fail_after=3), *base_argv(pool, out))
+    shard = tmp_path / "votes.jsonl.shard-00000.jsonl"
+    data = shard.read_bytes()
+    assert data.count(b"\n") == 6
+    shard.write_bytes(data[:-40])  # a kill in the middle of writing the 6th line
+    calls = []
+    with pytest.warns(UserWarning, match="partial"):
+        run(monkeypatch, scripted(calls), *base_argv(pool, out))
+    assert sum(n_prompts for n_prompts, _ in calls) == 2 * (20 - 5)  # only the 15 missing pairs were voted again
+    assert out.read_bytes() == reference.read_bytes()
+    # the merged file itself cut mid-line: only its last pair is voted again
+    out.write_bytes(out.read_bytes()[:-10])
+    calls.clear()
+    with pytest.warns(UserWarning, match="partial"):
+        run(monkeypatch, scripted(calls), *base_argv(pool, out))
+    assert calls == [(2, 4)] and out.read_bytes() == reference.read_bytes()
+    # a merge killed after writing --out but before deleting the shards: the rerun merges again, votes nothing
+    shutil.copy(reference, tmp_path / "votes.jsonl.shard-00003.jsonl")  # a leftover shard holding every pair
+    calls.clear()
+    run(monkeypatch, scripted(calls), *base_argv(pool, out))
+    assert calls == [] and out.read_bytes() == reference.read_bytes()
+    assert not list(tmp_path.glob("votes.jsonl.shard-*"))
+
+
+def test_resume_after_sigkill(pool, tmp_path, monkeypatch):
+    reference = tmp_path / "ref" / "votes.jsonl"
+    run(monkeypatch, scripted(), *base_argv(pool, reference))
+    out = tmp_path / "votes.jsonl"
+    proc = subprocess.Popen([sys.executable, __file__, *map(str, base_argv(pool, out))], cwd=ROOT,
+                            env={**ENV, "SCRIPTED_DELAY": "0.5"}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    shard, deadline = tmp_path / "votes.jsonl.shard-00000.jsonl", time.time() + 120
+    while not (shard.exists() and shard.read_bytes().count(b"\n") >= 4):
+        assert proc.poll() is None and time.time() < deadline, "the scripted run ended before it could be killed"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not out.exists() and shard.read_bytes().count(b"\n") < 20
+    run(monkeypatch, scripted(), *base_argv(pool, out))
+    assert out.read_bytes() == reference.read_bytes()
+
+
+def test_refuses_changed_model_prompt_or_k(pool, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "votes.jsonl"
+    run(monkeypatch, scripted(), *base_argv(pool, out))
+    before, _ = out.read_bytes(), capsys.readouterr()
+    for change, word in ((["--model", "other"], "model"), (["--prompt", "visualquality_r1"], "prompt"),
+                         (["--votes-per-pair", "6"], "votes_per_pair"), (["--num-pairs", "10"], "num_pairs")):
+        argv = [*base_argv(pool, out), *change]  # argparse: the last occurrence wins
+        with pytest.raises(SystemExit) as e:
+            run(monkeypatch, scripted(), *argv)
+        assert e.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and word in err and "--overwrite" in err
+    assert out.read_bytes() == before
+    run(monkeypatch, scripted(), *base_argv(pool, out), "--votes-per-pair", 4, "--overwrite")
+    assert {len(r["answers"]) for r in common.read_jsonl(out)} == {4}
+    assert json.loads(Path(f"{out}.meta.json").read_text())["votes_per_pair"] == 4
+
+
+def test_corrupt_image_skipped_or_strict(pool, tmp_path, monkeypatch, capsys):
+    (pool / "pool_00004.png").write_bytes(b"not a png at all")
+    out = tmp_path / "votes.jsonl"
+    run(monkeypatch, scripted(), *base_argv(pool, out, "--num-pairs", 66))  # all 66 pairs of 12 images
+    records, skipped = common.read_jsonl(out), common.read_jsonl(f"{out}.skipped.jsonl")
+    assert len(records) == 55 and all("pool_00004.png" not in (r["a"], r["b"]) for r in records)
+    assert len(skipped) == 11 and all("pool_00004.png" in (s["a"], s["b"]) for s in skipped)
+    assert all("pool_00004.png" in s["skipped"] for s in skipped)
+    meta = json.loads(Path(f"{out}.meta.json").read_text())
+    assert (meta["counts"]["pairs"], meta["counts"]["skipped_pairs"]) == (55, 11)
+    # a rerun retries only the skipped pairs (the image may have been fixed) and keeps the rest
+    calls = []
+    run(monkeypatch, scripted(calls), *base_argv(pool, out, "--num-pairs", 66))
+    assert calls == [] and len(common.read_jsonl(out)) == 55 and len(common.read_jsonl(f"{out}.skipped.jsonl")) == 11
+    shutil.copy(tmp_path / "pool" / "pool_00005.png", pool / "pool_00004.png")  # fixed
+    run(monkeypatch, scripted(), *base_argv(pool, out, "--num-pairs", 66))
+    assert len(common.read_jsonl(out)) == 66 and common.read_jsonl(f"{out}.skipped.jsonl") == []
+    (pool / "pool_00004.png").write_bytes(b"broken again")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        run(monkeypatch, scripted(), *base_argv(pool, tmp_path / "strict.jsonl", "--strict"))
+    assert e.value.code == 2 and "pool_00004.png" in capsys.readouterr().err
+
+
+def test_score_mode(pool, tmp_path, monkeypatch):
+    out = tmp_path / "scores.jsonl"
+    run(monkeypatch, scripted(), *base_argv(pool, out, "--mode", "score", "--num-pairs", 5, "--no-text"))
+    pairs = [(p["a"], p["b"]) for p in common.read_jsonl(f"{out}.pairs.jsonl")]
+    _, names = common.list_images(pool)
+    assert pairs == [(names[i], names[j]) for i, j in sample_votes.sample_pairs(len(names), 5, 0)]
+    records = common.read_jsonl(out)
+    assert [r["image"] for r in records] == list(dict.fromkeys(x for pair in pairs for x in pair))
+    for r in records:
+        score = round(1 + 4 * brightness(Image.open(pool / r["image"]).convert("RGB")) / 255, 2)
+        assert r["scores"] == [None, None, score, score] * 2 and "answers" not in r
+
+
+def test_two_processes_equal_one(pool, tmp_path, monkeypatch):
+    (pool / "pool_00007.png").write_bytes(b"corrupt")  # skipped pairs are merged across shards too
+    argv = base_argv(pool, tmp_path / "one" / "votes.jsonl", "--num-pairs", 25, "--votes-per-pair", 5)
+    run(monkeypatch, scripted(), *argv)
+    argv2 = base_argv(pool, tmp_path / "two" / "votes.jsonl", "--num-pairs", 25, "--votes-per-pair", 5)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", __file__,
+           *map(str, argv2)]
+    result = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((tmp_path / "two" / "votes.jsonl.meta.json").read_text())["num_processes"] == 2
+    for suffix in ("", ".skipped.jsonl"):
+        one = (tmp_path / "one" / f"votes.jsonl{suffix}").read_bytes()
+        assert one and one == (tmp_path / "two" / f"votes.jsonl{suffix}").read_bytes()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The real (tiny) model
+# ---------------------------------------------------------------------------------------------------------------------
+
+def test_generate_fn_rows_and_truncation(tiny_model_dir, demo_pool):
+    model, processor = common.load_model(tiny_model_dir), common.load_processor(tiny_model_dir)
+    a, b = (common.load_image(demo_pool / f"pool_0000{i}.png") for i in (1, 2))
+    prompt = common.get_preset("evoquality").prompt("compare", False)
+    # near-greedy: the n samples of one prompt agree, so rows i*n .. i*n+n-1 must all belong to prompt i
+    generate = sample_votes.make_generate_fn(model, processor, True, max_new_tokens=8, temperature=1e-4)
+    out = generate(prompt, [[a, b], [b, a], [a, a]], 3)
+    assert [len(o) for o in out] == [3, 3, 3]
+    assert all(len({text for text, _ in o}) == 1 for o in out) and len({o[0][0] for o in out}) > 1
+    assert all(truncated for o in out for _, truncated in o)  # a random tiny model never emits EOS
+    # at temperature 1 the samples differ (the shipped top_k=1 is overridden)
+    texts = [text for text, _ in sample_votes.make_generate_fn(model, processor, True, 8, 1.0)(prompt, [[a, b]], 6)[0]]
+    assert len(set(texts)) > 1
+    model.generation_config.eos_token_id = list(range(model.config.get_text_config().vocab_size))  # any token ends
+    assert not any(t for o in generate(prompt, [[a, b]], 2) for _, t in o)
+
+
+def test_real_tiny_model_end_to_end(tiny_model_dir, demo_pool, tmp_path):
+    def votes(*extra):
+        cmd = [sys.executable, "sample_votes.py", "--model", tiny_model_dir, "--images", str(demo_pool),
+               "--out", str(out), "--num-pairs", "6", "--votes-per-pair", "4", "--max-new-tokens", "8",
+               "--batch-size", "8", *extra]
+        return subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+
+    out = tmp_path / "votes.jsonl"
+    result = votes()
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "vote/s" in result.stderr and "first_slot_win_rate" in result.stdout
+    records = common.read_jsonl(out)
+    assert len(records) == 6
+    for r in records:
+        assert r["votes_a"] + r["votes_b"] + r["abstain"] == 4 == len(r["answers"])
+        assert [x["order"] for x in r["answers"]] == ["ab", "ab", "ba", "ba"]
+        for x in r["answers"]:  # cut off -> abstention; else the parsed index, mapped through the order shown
+            index = None if x["truncated"] else common.parse_compare(x["text"])
+            assert x["choice"] == (None if index is None else "ab"[index] if x["order"] == "ab" else "ba"[index])
+        assert sum(x["truncated"] for x in r["answers"]) >= 2  # a random tiny model rarely emits EOS in 8 tokens
+    meta = json.loads(Path(f"{out}.meta.json").read_text())
+    assert meta["model"] == str(Path(tiny_model_dir).resolve()) and meta["counts"]["votes"] == 24
+    # user errors: one line, exit 2, no traceback
+    (tmp_path / "empty").mkdir()
+    for bad in (["--model", str(tmp_path / "missing")], ["--images", str(tmp_path / "empty")]):
+        result = votes("--out", str(tmp_path / "bad.jsonl"), *bad)
+        assert result.returncode == 2 and result.stderr.startswith("error:"), result.stderr
+        assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+if __name__ == "__main__":  # sample_votes.py with the scripted model (see the module docstring)
+    delay = float(os.environ.get("SCRIPTED_DELAY", "0"))  # seconds per generate call, to be killed mid-run
+    sample_votes.load_generate_fn = lambda args, device: scripted(delay=delay)
+    sample_votes.main()
