@@ -30,9 +30,10 @@ fi
 DEMO=0
 if [[ -z "${MODEL:-}" ]]; then
   DEMO=1
-  ASSETS=runs/demo_assets
+  OUT=${OUT:-runs/demo}
+  ASSETS=$OUT/assets
   MODEL=$ASSETS/base IMAGES=$ASSETS/pool BENCH=${BENCH:-synthetic=$ASSETS/bench/labels.jsonl}
-  ROUNDS=${ROUNDS:-2} PAIRS=${PAIRS:-12} K=${K:-4} G=${G:-4} OUT=${OUT:-runs/demo}
+  ROUNDS=${ROUNDS:-2} PAIRS=${PAIRS:-12} K=${K:-4} G=${G:-4}
   VOTES_ARGS="--no-reasoning --max-new-tokens 12 --batch-size 8 ${VOTES_ARGS:-}"
   LABEL_ARGS="${LABEL_ARGS:-}"
   TRAIN_ARGS="--no-reasoning --max-new-tokens 12 --pairs-per-step 4 --lr 1e-4 --save-every 2 ${TRAIN_ARGS:-}"
