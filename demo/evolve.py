@@ -1,0 +1,361 @@
+"""Does it evolve? The CPU test bed of issue 8: the REAL loop (run_evolution.sh: sample_votes -> build_pseudolabels ->
+grpo_train -> evaluate, `--no-reasoning`) on the cached warm-start base (demo/warmstart.py), for K = 32 and for the
+K = 1 control (same seed, same pool, same pairs), then a report that uses ground truth only AFTER the fact.
+
+The evolution never sees a label: the pool is written by demo.synthetic.write_set and its labels.jsonl is moved out
+of the pool folder (to <pool>.labels.jsonl) before any stage runs. Only the held-out benchmark carries labels, and
+only evaluate.py reads them, as it would read KonIQ's.
+
+Reported per run (K) and round: benchmark SRCC/PLCC of the mean of --eval-samples sampled scores (each round's
+eval/summary.json), of one sampled score (the first valid one) and of the greedy answer (eval_greedy/); vote
+statistics (abstention, first-slot win rate, ties); the accuracy of the round's votes against the true order; GRPO
+statistics from train_log.jsonl (reward mean/std, zero_std_fraction, within-group score std, kl); stage wall times.
+Plus pseudo-label accuracy vs K (1, 4, 8, 32) on the SAME round-1 pairs, subsampled from the largest-K votes file.
+Every invocation appends one record (all settings + results) to --results: every tried setting stays on record.
+
+    python demo/evolve.py                                       # K=32 vs K=1, compare mode, 2 rounds (~9 min, 2 cores)
+    python demo/evolve.py --mode score --seed 1                 # votes from sampled scores instead
+    python demo/evolve.py --summarize                           # mean +- std over seeds of every recorded setting
+    python demo/evolve.py --report-only                         # re-measure finished runs, append nothing new
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+from scipy.stats import pearsonr, spearmanr
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import common  # noqa: E402
+from demo.synthetic import write_set  # noqa: E402
+
+CACHE = ROOT / "demo" / "cache"
+
+
+@dataclass
+class Args:
+    base: str = common.arg("", help="base checkpoint (default: the newest demo/cache/base-*/ with a heldout.json)")
+    mode: str = common.arg("compare", choices=["compare", "score"], help="vote mode of sample_votes.py")
+    ks: list[int] = common.arg([32, 1], help="votes per pair K of each run (the first, largest, is the main run)")
+    acc_ks: list[int] = common.arg([1, 4, 8, 32], help="K values of the pseudo-label accuracy table")
+    rounds: int = common.arg(2, help="evolution rounds")
+    pool: int = common.arg(300, help="unlabeled pool images (demo.synthetic 'pool' seeds)")
+    bench: int = common.arg(200, help="held-out benchmark images (demo.synthetic 'bench' seeds)")
+    pairs: int = common.arg(300, help="pairs drawn per round")
+    group_size: int = common.arg(8, help="G: GRPO rollouts per image")
+    pairs_per_step: int = common.arg(4, help="pseudo-labelled pairs per GRPO step")
+    lr: float = common.arg(1e-4, help="GRPO learning rate (the paper's 3e-7 is for 7B parameters)")
+    beta: float = common.arg(0.05, help="KL weight")
+    epochs: int = common.arg(1, help="GRPO passes over the round's pseudo-labels")
+    ref: str = common.arg("base", choices=["base", "round"], help="KL reference (REF of run_evolution.sh)")
+    eval_samples: int = common.arg(8, help="sampled answers averaged per benchmark image")
+    greedy: bool = common.arg(True, help="also evaluate every round's model greedily (one answer per image)")
+    max_pixels: int = common.arg(112 * 112, help="processor max_pixels: the base was trained with 16 tokens per image")
+    max_new_tokens: int = common.arg(10, help="answer budget (\\boxed{3.25} is 8 tokens in the demo tokenizer)")
+    label_args: str = common.arg("", help="extra flags for build_pseudolabels.py (LABEL_ARGS)")
+    seed: int = common.arg(0, help="SEED of run_evolution.sh (round t draws its pairs with SEED + t)")
+    jobs: int = common.arg(2, help="runs (K values) at the same time, one CPU thread each")
+    work: str = common.arg(str(CACHE / "evo"), help="folder for the data and the runs (reused: finished stages skip)")
+    results: str = common.arg(str(ROOT / "demo" / "evolve_results.json"), help="results JSON (a list; appended)")
+    note: str = common.arg("", help="free text stored with the record (why this setting was tried)")
+    report_only: bool = common.arg(False, help="do not run anything: measure and print the existing runs")
+    summarize: bool = common.arg(False, help="only print mean +- std over seeds of every setting in --results")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# ALGO LOGIC: measuring against the ground truth, after the fact
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def subsample_votes(answers: list[dict], k: int) -> tuple[int, int]:
+    """(votes for a, votes for b) among k of a pair's compare answers: the first k/2 shown in each order (k = 1: the
+    first answer). Abstentions (choice None) count for neither."""
+    if k == 1:
+        chosen = answers[:1]
+    else:
+        chosen = [x for x in answers if x["order"] == "ab"][:k // 2] + [x for x in answers if x["order"] == "ba"][:k // 2]
+    return sum(x["choice"] == "a" for x in chosen), sum(x["choice"] == "b" for x in chosen)
+
+
+def score_subsample_votes(scores_a: list, scores_b: list, k: int) -> tuple[int, int]:
+    """Score mode, as build_pseudolabels.score_votes: sample i votes for the higher of scores_a[i], scores_b[i];
+    an unparsed (None) or equal pair of scores is an abstention. The first k samples of each image."""
+    votes = [(x > y) - (x < y) for x, y in zip(scores_a[:k], scores_b[:k]) if x is not None and y is not None]
+    return votes.count(1), votes.count(-1)
+
+
+def majority_accuracy(votes: list[tuple[int, int]], truth: list[int]) -> tuple[float, float]:
+    """(accuracy, tie rate) of hard majority labels against the true order (truth 1: a better, 0: b better). A tie
+    (including no valid vote) is p* = 0.5 in the paper, so it counts as half correct."""
+    correct = [1.0 if va != vb and (va > vb) == bool(t) else 0.5 if va == vb else 0.0
+               for (va, vb), t in zip(votes, truth)]
+    return float(np.mean(correct)), float(np.mean([va == vb for va, vb in votes]))
+
+
+def pseudolabel_accuracy(votes_path: Path, quality: dict[str, float], ks: list[int], mode: str = "compare") -> dict:
+    """Pseudo-label accuracy vs K on the pairs of one votes file (pairs of equal true quality left out)."""
+    records = common.read_jsonl(votes_path)
+    if mode == "compare":
+        pairs = [(r["a"], r["b"], r["answers"]) for r in records]
+        vote_fn = lambda r, k: subsample_votes(r[2], k)  # noqa: E731
+    else:
+        scores = {r["image"]: r["scores"] for r in records}
+        pairs = [(r["a"], r["b"], None) for r in common.read_jsonl(Path(f"{votes_path}.pairs.jsonl"))]
+        vote_fn = lambda r, k: score_subsample_votes(scores.get(r[0], []), scores.get(r[1], []), k)  # noqa: E731
+    pairs = [p for p in pairs if quality[p[0]] != quality[p[1]]]
+    truth = [int(quality[a] > quality[b]) for a, b, _ in pairs]
+    out = {"pairs": len(pairs)}
+    for k in ks:
+        acc, ties = majority_accuracy([vote_fn(p, k) for p in pairs], truth)
+        out[f"K{k}"] = {"accuracy": acc, "tie_rate": ties}
+    return out
+
+
+def bench_correlations(eval_dir: Path, mos: dict[str, float]) -> dict:
+    """SRCC/PLCC from evaluate.py's summary and, from its predictions, of the first valid sampled score alone."""
+    summary = json.loads((eval_dir / "summary.json").read_text())["benchmarks"]["synthetic"]
+    out = {k: summary.get(k) for k in ("srcc", "plcc", "coverage")}
+    predictions = common.read_jsonl(eval_dir / "predictions_synthetic.jsonl")
+    first = [(next((s for s in p.get("scores", []) if s is not None), None), mos[p["image"]]) for p in predictions]
+    first = np.array([f for f in first if f[0] is not None], dtype=float).reshape(-1, 2)
+    constant = len(first) < 3 or np.ptp(first[:, 0]) == 0
+    out["srcc_single"] = 0.0 if constant else float(spearmanr(first[:, 0], first[:, 1])[0])
+    out["plcc_single"] = 0.0 if constant else float(pearsonr(first[:, 0], first[:, 1])[0])
+    out["distinct_scores"] = len({p.get("score") for p in predictions if p.get("score") is not None})
+    if out["distinct_scores"] == 1:  # one answer for every image: no ranking at all (evaluate.py reports None)
+        out["srcc"] = out["plcc"] = 0.0
+    return out
+
+
+def train_stats(log_path: Path) -> dict:
+    """Means over the GRPO steps (and over the first / last quarter, to see a trend) of what says whether it learns."""
+    steps = common.read_jsonl(log_path)
+    keys = ("reward_mean", "reward_std", "zero_std_fraction", "score_within_group_std", "kl", "parse_failure_rate",
+            "grad_norm", "score_mean")
+    mean = lambda rows, k: float(np.mean([r[k] for r in rows if r.get(k) is not None])) if rows else None  # noqa: E731
+    q = max(1, len(steps) // 4)
+    return {"steps": len(steps), **{k: mean(steps, k) for k in keys},
+            "reward_mean_first_quarter": mean(steps[:q], "reward_mean"),
+            "reward_mean_last_quarter": mean(steps[-q:], "reward_mean"),
+            "kl_last": steps[-1]["kl"] if steps else None,
+            "score_within_group_std_last_quarter": mean(steps[-q:], "score_within_group_std")}
+
+
+def stage_seconds(log_path: Path) -> dict:
+    """Seconds of every finished stage, from the '[done] NAME N s' lines run_evolution.sh printed (all invocations)."""
+    times, rnd = {}, "round_0"
+    for line in log_path.read_text().splitlines() if log_path.exists() else []:
+        if m := re.match(r"round (\d+):", line):
+            rnd = f"round_{m.group(1)}"
+        elif m := re.match(r"\s*\[done\] (\S+)\s+(\d+) s", line):
+            times[f"{rnd}/{m.group(1)}"] = int(m.group(2))
+    return times
+
+
+def measure_run(run: Path, args: Args, mos: dict, quality: dict) -> dict:
+    rounds = {}
+    for t in range(args.rounds + 1):
+        R, row = run / f"round_{t}", {}
+        if (R / "eval" / "summary.json").exists():
+            row["sampled"] = bench_correlations(R / "eval", mos)
+        if (R / "eval_greedy" / "summary.json").exists():
+            g = bench_correlations(R / "eval_greedy", mos)
+            row["greedy"] = {k: g[k] for k in ("srcc", "plcc", "coverage", "distinct_scores")}
+        if (R / "stats.json").exists():
+            s = json.loads((R / "stats.json").read_text())
+            row["votes"] = {k: s.get(k) for k in ("pairs_in", "pairs_kept", "tie_rate", "abstention_rate",
+                                                  "first_slot_win_rate", "votes_per_pair_mean")}
+            k_run = int(run.name[1:])
+            row["votes"]["accuracy"] = pseudolabel_accuracy(R / "votes.jsonl", quality, [k_run], args.mode)[f"K{k_run}"]
+        if (R / "model" / "train_log.jsonl").exists():
+            row["grpo"] = train_stats(R / "model" / "train_log.jsonl")
+        rounds[f"round_{t}"] = row
+    seconds = stage_seconds(run / "evolution.log")
+    return {"rounds": rounds, "stage_seconds": seconds, "wall_seconds": sum(seconds.values())}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# TRY NOT TO MODIFY: data, runs, the record
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def default_base() -> str:
+    bases = sorted(CACHE.glob("base-*/heldout.json"), key=lambda p: p.stat().st_mtime)
+    if not bases:
+        common.die("no cached base under demo/cache/: build one with `python demo/warmstart.py`")
+    return str(bases[-1].parent)
+
+
+def make_data(work: Path, which: str, n: int, keep_labels: bool) -> tuple[Path, Path]:
+    """(image folder, labels file). The pool's labels are moved OUT of its folder: no stage can read them."""
+    folder, labels = work / f"{which}_{n}", work / f"{which}_{n}.labels.jsonl"
+    if not labels.exists():
+        shutil.rmtree(folder, ignore_errors=True)
+        write_set(folder, which, n)
+        shutil.copy(folder / "labels.jsonl", labels) if keep_labels else shutil.move(folder / "labels.jsonl", labels)
+    return folder, labels
+
+
+def settings_key(args: Args) -> dict:
+    skip = {"jobs", "work", "results", "note", "report_only", "summarize", "ks", "greedy", "acc_ks"}
+    return {k: v for k, v in asdict(args).items() if k not in skip}
+
+
+def run_one(args: Args, run: Path, k: int, base: str, pool: Path, bench_labels: Path) -> Optional[str]:
+    """The loop for one K, then the greedy evaluations; an error message, or None."""
+    common_flags = f"--no-reasoning --max-pixels {args.max_pixels} --max-new-tokens {args.max_new_tokens}"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+           "MODEL": base, "IMAGES": str(pool), "BENCH": f"synthetic={bench_labels}", "OUT": str(run),
+           "ROUNDS": str(args.rounds), "PAIRS": str(args.pairs), "K": str(k), "G": str(args.group_size),
+           "SEED": str(args.seed), "REF": args.ref, "NPROC": "1", "FSDP_CONFIG": "",
+           "VOTES_ARGS": f"{common_flags} --mode {args.mode} --batch-size 64 --no-text",
+           "LABEL_ARGS": args.label_args,
+           "TRAIN_ARGS": f"{common_flags} --lr {args.lr} --beta {args.beta} --pairs-per-step {args.pairs_per_step} "
+                         f"--epochs {args.epochs} --micro-batch-size 64 --save-every 1000",
+           "EVAL_ARGS": f"{common_flags} --samples {args.eval_samples} --batch-size 32 --seed {args.seed}"}
+    run.mkdir(parents=True, exist_ok=True)
+    print(f"K={k}: bash run_evolution.sh -> {run} (log: {run / 'evolution.log'})", flush=True)
+    with open(run / "evolution.log", "a") as log:
+        done = subprocess.run(["bash", str(ROOT / "run_evolution.sh")], cwd=ROOT, env=env, stdout=log,
+                              stderr=subprocess.STDOUT)
+    if done.returncode:
+        return f"K={k}: run_evolution.sh failed (exit {done.returncode}); see {run / 'evolution.log'}"
+    if args.greedy:
+        greedy_evals(args, run, base, bench_labels)
+    return None
+
+
+def greedy_evals(args: Args, run: Path, base: str, bench_labels: Path) -> None:
+    """Greedy answers of every round's model (round 0: the base), cheap: one answer per image."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    for t in range(args.rounds + 1):
+        model = base if t == 0 else str(run / f"round_{t}" / "model")
+        out = run / f"round_{t}" / "eval_greedy"
+        if (out / "summary.json").exists() or not Path(model).exists():
+            continue
+        cmd = [sys.executable, "evaluate.py", "--model", model, "--bench", f"synthetic={bench_labels}", "--out",
+               str(out), "--no-reasoning", "--max-pixels", str(args.max_pixels), "--max-new-tokens",
+               str(args.max_new_tokens), "--samples", "1", "--batch-size", "32", "--no-text"]
+        with open(run / "evolution.log", "a") as log:
+            start = time.time()
+            subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, check=True)
+            log.write(f"round {t}: greedy evaluation\n  [done] evaluate_greedy  {round(time.time() - start)} s\n")
+
+
+def print_table(record: dict) -> None:
+    fmt = lambda v: "   -  " if v is None else f"{v:6.3f}"  # noqa: E731
+    print(f"\n{record['settings']['mode']} mode, lr {record['settings']['lr']}, pairs {record['settings']['pairs']}, "
+          f"pool {record['settings']['pool']}, bench {record['settings']['bench']}, seed {record['settings']['seed']}")
+    print("run  round   SRCC8  PLCC8  SRCC1  SRCCgr | vote_acc abstain first_slot | reward  r_std  zero_std  "
+          "wg_std   kl")
+    for name, run in record["runs"].items():
+        for key, row in run["rounds"].items():
+            s, g, v, r = row.get("sampled", {}), row.get("greedy", {}), row.get("votes", {}), row.get("grpo", {})
+            print(f"{name:4s} {key[6:]:5s} {fmt(s.get('srcc'))} {fmt(s.get('plcc'))} {fmt(s.get('srcc_single'))} "
+                  f"{fmt(g.get('srcc'))} | {fmt(v.get('accuracy', {}).get('accuracy'))}  {fmt(v.get('abstention_rate'))} "
+                  f"{fmt(v.get('first_slot_win_rate'))}    | {fmt(r.get('reward_mean'))} {fmt(r.get('reward_std'))} "
+                  f"{fmt(r.get('zero_std_fraction'))}  {fmt(r.get('score_within_group_std'))} {fmt(r.get('kl_last'))}")
+        print(f"{name:4s} wall {run['wall_seconds']} s")
+    acc = record.get("pseudolabel_accuracy_round1") or {}
+    print("pseudo-label accuracy on the same round-1 pairs (" + str(acc.get("pairs")) + " pairs of unequal quality): "
+          + ", ".join(f"{k} {v['accuracy']:.3f} (ties {v['tie_rate']:.2f})" for k, v in acc.items() if k != "pairs"))
+
+
+def summarize(history: list[dict]) -> None:
+    """Mean +- std over the records that differ only in their seed (the last record of each seed counts)."""
+    groups: dict[str, dict[int, dict]] = {}
+    for record in history:
+        if "settings" in record:
+            key = json.dumps({k: v for k, v in record["settings"].items() if k not in ("seed", "base", "summarize")}, sort_keys=True)
+            groups.setdefault(key, {})[record["settings"]["seed"]] = record
+    for key, by_seed in groups.items():
+        records = list(by_seed.values())
+        st = json.loads(key)
+        print(f"\n{st['mode']} mode, lr {st['lr']}, beta {st['beta']}, G {st['group_size']}, pairs {st['pairs']}, "
+              f"pool {st['pool']}, bench {st['bench']}: seeds {sorted(by_seed)}")
+        print("run  round  SRCC(mean of 8)   PLCC(mean of 8)   SRCC(1 sample)    SRCC(greedy)      vote acc")
+        for name in records[0]["runs"]:
+            for rnd in records[0]["runs"][name]["rounds"]:
+                cells = []
+                for path in (("sampled", "srcc"), ("sampled", "plcc"), ("sampled", "srcc_single"), ("greedy", "srcc"),
+                             ("votes", "accuracy", "accuracy")):
+                    values = []
+                    for r in records:
+                        v = r["runs"].get(name, {}).get("rounds", {}).get(rnd, {})
+                        for p in path:
+                            v = v.get(p) if isinstance(v, dict) else None
+                        values.append(v)
+                    values = [v for v in values if v is not None]
+                    cells.append(f"{np.mean(values):.3f} +- {np.std(values):.3f}" if values else "-".ljust(14))
+                print(f"{name:4s} {rnd[6:]:5s}  " + "   ".join(cells))
+        accs = [r["pseudolabel_accuracy_round1"] for r in records if r.get("pseudolabel_accuracy_round1")]
+        if accs:
+            print("pseudo-label accuracy, round-1 pairs: " + ", ".join(
+                f"{k} {np.mean([a[k]['accuracy'] for a in accs]):.3f} +- {np.std([a[k]['accuracy'] for a in accs]):.3f}"
+                for k in accs[0] if k != "pairs"))
+        print("wall seconds per run: " + ", ".join(
+            f"{n} {np.mean([r['runs'][n]['wall_seconds'] for r in records]):.0f}" for n in records[0]["runs"]))
+
+
+def main() -> None:
+    args = common.parse_args(Args)
+    if args.summarize:
+        return summarize(json.loads(Path(args.results).read_text()) if Path(args.results).exists() else [])
+    base = str(Path(args.base or default_base()).resolve())
+    work = Path(args.work).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    pool, pool_labels = make_data(work, "pool", args.pool, keep_labels=False)
+    bench, bench_labels = make_data(work, "bench", args.bench, keep_labels=True)
+    bench_labels = bench / "labels.jsonl"  # evaluate.py resolves image paths relative to the labels file's folder
+    settings = {**settings_key(args), "base": base}
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
+    runs = {k: work / f"{args.mode}-{digest}" / f"K{k}" for k in args.ks}
+
+    start = time.time()
+    if not args.report_only:
+        with ThreadPoolExecutor(max(1, args.jobs)) as pool_of_runs:  # threads only wait on the subprocesses
+            errors = list(pool_of_runs.map(lambda kr: run_one(args, kr[1], kr[0], base, pool, bench_labels),
+                                           runs.items()))
+        if any(errors):
+            common.die("; ".join(e for e in errors if e))
+
+    mos = {r["image"]: r["mos"] for r in common.read_jsonl(bench_labels)}
+    quality = {r["image"]: r["mos"] for r in common.read_jsonl(pool_labels)}
+    main_votes = runs[args.ks[0]] / "round_1" / "votes.jsonl"
+    record = {
+        "time": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+        "command": " ".join(["python", "demo/evolve.py", *sys.argv[1:]]),
+        "note": args.note, "settings_hash": digest, "settings": settings, "ks": args.ks,
+        "base_heldout": json.loads((Path(base) / "heldout.json").read_text()) if (Path(base) / "heldout.json").exists()
+        else None,
+        "invocation_seconds": round(time.time() - start, 1),
+        "runs": {f"K{k}": measure_run(run, args, mos, quality) for k, run in runs.items()},
+        "pseudolabel_accuracy_round1": pseudolabel_accuracy(main_votes, quality, args.acc_ks, args.mode)
+        if main_votes.exists() else None,
+        "versions": common.package_versions(),
+    }
+    print_table(record)
+    if args.report_only:
+        return
+    results = Path(args.results)
+    history = json.loads(results.read_text()) if results.exists() else []
+    history.append(record)
+    common.write_json_atomic(results, history)
+    print(f"appended to {results} ({len(history)} records)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,109 @@
+"""demo/evolve.py: the issue-8 test bed driver. The accuracy measure against hand-worked numbers, and a smoke run of the
+real loop (tiny base, one round, tiny budgets) that must append a complete record to the results JSON."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from demo import evolve as E  # noqa: E402
+
+
+def answers(ab: list, ba: list) -> list[dict]:
+    """Interleaved ab/ba answers, as sample_votes.py writes them in no particular order."""
+    out = []
+    for x, y in zip(ab, ba):
+        out += [{"order": "ab", "choice": x}, {"order": "ba", "choice": y}]
+    return out
+
+
+def test_pseudolabel_accuracy_compare_hand_computed(tmp_path):
+    quality = {"x": 5.0, "y": 3.0, "z": 3.0, "w": 1.0}
+    records = [
+        # x better. k=1: a (right). k=4: ab a,a + ba a,b -> 3:1 right. k=8: a 3, b 4 (one abstention) -> wrong.
+        {"a": "x", "b": "y", "answers": answers(["a", "a", "b", None], ["a", "b", "b", "b"])},
+        # equal true quality: left out whatever the votes
+        {"a": "y", "b": "z", "answers": answers(["a"] * 4, ["a"] * 4)},
+        # y (b) better. k=1: abstention -> tie 0.5. k=4: ab None,b + ba a,a -> 2:1 wrong. k=8: a 4, b 3 -> wrong.
+        {"a": "w", "b": "y", "answers": answers([None, "b", "a", "a"], ["a", "a", "b", "b"])},
+        # x (b) better. k=1: b right. k=4: ab b,b + ba a,a -> tie 0.5. k=8: b 6, a 2 -> right.
+        {"a": "y", "b": "x", "answers": answers(["b"] * 4, ["a", "a", "b", "b"])},
+    ]
+    votes = tmp_path / "votes.jsonl"
+    votes.write_text("".join(json.dumps(r) + "\n" for r in records))
+    acc = E.pseudolabel_accuracy(votes, quality, [1, 4, 8])
+    assert acc["pairs"] == 3
+    assert acc["K1"] == pytest.approx({"accuracy": 2.5 / 3, "tie_rate": 1 / 3})
+    assert acc["K4"] == pytest.approx({"accuracy": 1.5 / 3, "tie_rate": 1 / 3})
+    assert acc["K8"] == pytest.approx({"accuracy": 1 / 3, "tie_rate": 0.0})
+
+
+def test_pseudolabel_accuracy_score_mode_hand_computed(tmp_path):
+    quality = {"x": 5.0, "y": 3.0, "w": 1.0}
+    votes = tmp_path / "votes.jsonl"
+    votes.write_text("".join(json.dumps(r) + "\n" for r in [
+        {"image": "x", "scores": [4.0, 2.0, None, 1.0]}, {"image": "y", "scores": [3.0, 3.0, 3.0, 3.0]},
+        {"image": "w", "scores": [2.0, 4.0, 4.0, 4.0]}]))
+    Path(f"{votes}.pairs.jsonl").write_text(json.dumps({"a": "x", "b": "y"}) + "\n" + json.dumps({"a": "w", "b": "y"})
+                                            + "\n")
+    acc = E.pseudolabel_accuracy(votes, quality, [1, 2, 4], mode="score")
+    # (x, y), x better: k=1 4>3 right; k=2 1:1 tie; k=4 (None abstains) 1:2 wrong.
+    # (w, y), y better: k=1 2<3 right; k=2 1:1 tie; k=4 w wins samples 2-4: 3:1 wrong.
+    assert acc["K1"] == pytest.approx({"accuracy": 1.0, "tie_rate": 0.0})
+    assert acc["K2"] == pytest.approx({"accuracy": 0.5, "tie_rate": 1.0})
+    assert acc["K4"] == pytest.approx({"accuracy": 0.0, "tie_rate": 0.0})
+
+
+def test_stage_seconds_reads_every_invocation(tmp_path):
+    log = tmp_path / "evolution.log"
+    log.write_text("round 0: evaluate the base model\n  [done] evaluate  7 s\nround 1: voter and policy = m\n"
+                   "  [skip] sample_votes (done)\n  [done] grpo_train  12 s\nround 1: greedy evaluation\n"
+                   "  [done] evaluate_greedy  3 s\n")
+    assert E.stage_seconds(log) == {"round_0/evaluate": 7, "round_1/grpo_train": 12, "round_1/evaluate_greedy": 3}
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("evolve") / "base"
+    # 100 steps (~15 s): the fewest after which sampled answers are mostly parseable (3 steps: every vote abstains,
+    # every pair is dropped and GRPO has nothing to train on)
+    subprocess.run([sys.executable, "demo/warmstart.py", "--steps", "100", "--warmup-steps", "5", "--lr", "3e-3",
+                    "--score-batch", "8", "--compare-batch", "8", "--text-hidden", "64", "--text-layers", "2",
+                    "--vision-hidden", "32", "--max-pixels", "3136", "--n-images", "40", "--n-bench", "8",
+                    "--bench-pairs", "8", "--eval-samples", "0", "--tried-log", "", "--out", str(out)],
+                   cwd=ROOT, check=True, capture_output=True)
+    return out
+
+
+def test_smoke_one_round_appends_a_complete_record(tiny_base, tmp_path):
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps([{"earlier": "record"}]))  # append-only: an earlier record must survive
+    cmd = [sys.executable, "demo/evolve.py", "--base", str(tiny_base), "--work", str(tmp_path / "work"),
+           "--results", str(results), "--ks", "2", "1", "--acc-ks", "1", "2", "--rounds", "1", "--pool", "6",
+           "--bench", "6", "--pairs", "4", "--group-size", "2", "--pairs-per-step", "2", "--eval-samples", "2",
+           "--max-pixels", "3136", "--note", "smoke"]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    history = json.loads(results.read_text())
+    assert len(history) == 2 and history[0] == {"earlier": "record"}
+    record = history[1]
+    assert record["note"] == "smoke" and record["settings"]["pairs"] == 4 and record["ks"] == [2, 1]
+    assert set(record["runs"]) == {"K2", "K1"}
+    for run in record["runs"].values():
+        assert set(run["rounds"]) == {"round_0", "round_1"}
+        assert {"sampled", "greedy"} <= set(run["rounds"]["round_0"])
+        r1 = run["rounds"]["round_1"]
+        assert {"sampled", "greedy", "votes", "grpo"} <= set(r1)
+        assert {"srcc", "plcc", "srcc_single"} <= set(r1["sampled"])
+        assert {"abstention_rate", "first_slot_win_rate", "accuracy"} <= set(r1["votes"])
+        assert {"reward_mean", "reward_std", "zero_std_fraction", "score_within_group_std", "kl"} <= set(r1["grpo"])
+        assert 1 <= r1["grpo"]["steps"] <= 2  # up to 4 kept pairs, 2 per step
+        assert {"round_1/sample_votes", "round_1/grpo_train", "round_1/evaluate"} <= set(run["stage_seconds"])
+    assert set(record["pseudolabel_accuracy_round1"]) == {"pairs", "K1", "K2"}
+    # the evolution never sees a label: the pool folder holds only images
+    pool = tmp_path / "work" / "pool_6"
+    assert sorted(p.suffix for p in pool.iterdir()) == [".png"] * 6 and (tmp_path / "work" / "pool_6.labels.jsonl").exists()
