@@ -462,7 +462,7 @@ def main(argv: Optional[list[str]] = None) -> Optional[dict]:
     from accelerate import PartialState
 
     # Without an accelerator, accelerate sets up torchrun's processes (gloo) only when told it runs on CPU.
-    state = PartialState(cpu=not torch.accelerator.is_available())
+    state = PartialState(cpu=not torch.cuda.is_available())  # as the other stages: torchrun on CPU needs cpu=True
     out = Path(args.out)
     benchmarks = load_benchmarks(args, split, state.is_main_process)
     preset = common.get_preset(args.prompt)
