@@ -20,7 +20,7 @@ import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, NamedTuple, Optional
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -38,7 +38,13 @@ SCORE_PROMPT = (
     "quality of this picture? The rating should be a float between 1 and 5, rounded to two decimal places, with 1 "
     "representing very poor quality and 5 representing excellent quality."
 )
+# The released model's card (ByteDance/EvoQuality, "Reasoning Suffix (for self-consistency sampling)")
 BOXED_REASONING_SUFFIX = (
+    "You FIRST think about the reasoning process as an internal monologue and then provide the final answer. The "
+    "final answer MUST BE put in \\boxed{}."
+)
+# EasyR1's generic math template (examples/format_prompt/math.jinja) has one more sentence; the card does not
+EASYR1_REASONING_SUFFIX = (
     "You FIRST think about the reasoning process as an internal monologue and then provide the final answer. The "
     "reasoning process MUST BE enclosed within <think> </think> tags. The final answer MUST BE put in \\boxed{}."
 )
@@ -66,20 +72,29 @@ class Preset:
     score_suffix: tuple[str, str]
     answer: str  # "boxed": the last \boxed{...}; "answer_tag": the last <answer>...</answer>
     add_vision_id: bool  # "Picture 1: " before each image, as VisualQuality-R1's published inference does
+    lead: str = ""  # text between the images and the question: the card writes "<image><image> You are ..."
 
     def prompt(self, task: str, reasoning: bool) -> str:
+        """The text that follows the images in the user turn."""
         question, suffixes = (self.compare, self.compare_suffix) if task == "compare" else (self.score, self.score_suffix)
-        return f"{question} {suffixes[0] if reasoning else suffixes[1]}"
+        return f"{self.lead}{question} {suffixes[0] if reasoning else suffixes[1]}"
 
     def hash(self) -> str:
         return hashlib.sha256(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()[:16]
 
 
 PRESETS = {
+    # byte-exact to the released model's card: the images, then " " and the text; no "Picture N:" labels
     "evoquality": Preset(
         "evoquality", COMPARE_PROMPT, SCORE_PROMPT,
         (BOXED_REASONING_SUFFIX, BOXED_ANSWER_SUFFIX), (BOXED_REASONING_SUFFIX, BOXED_ANSWER_SUFFIX),
-        answer="boxed", add_vision_id=True,
+        answer="boxed", add_vision_id=False, lead=" ",
+    ),
+    # the same with EasyR1's longer reasoning suffix (it asks for <think> tags), for checkpoints trained on it
+    "evoquality_easyr1": Preset(
+        "evoquality_easyr1", COMPARE_PROMPT, SCORE_PROMPT,
+        (EASYR1_REASONING_SUFFIX, BOXED_ANSWER_SUFFIX), (EASYR1_REASONING_SUFFIX, BOXED_ANSWER_SUFFIX),
+        answer="boxed", add_vision_id=False, lead=" ",
     ),
     "visualquality_r1": Preset(
         "visualquality_r1", COMPARE_PROMPT, SCORE_PROMPT,
@@ -390,6 +405,115 @@ def encode_batch(processor, prompts: list[str], images: list[list[Image.Image]],
 def completion_texts(processor, sequences, prompt_length: int) -> list[str]:
     """Decoded completions (the tokens after the prompt), special tokens dropped."""
     return processor.batch_decode(sequences[:, prompt_length:], skip_special_tokens=True)
+
+
+class Completion(NamedTuple):
+    text: str
+    truncated: bool  # no end-of-sequence token within max_new_tokens
+
+
+@dataclass
+class Samples:
+    """n sampled completions of each of P prompts; row p * n + k is prompt p's k-th completion."""
+
+    ids: Any  # [P*n, T] completion tokens (after the end of a completion: padding)
+    mask: Any  # [P*n, T] 1 for every token up to and including the first end-of-sequence (or image placeholder)
+    truncated: list[bool]  # per row: no end-of-sequence within max_new_tokens (an abnormal stop counts as truncated)
+    texts: list[str]  # per row: the masked tokens decoded, special tokens dropped
+    n: int
+
+    def completions(self) -> list[list[Completion]]:
+        """Per prompt, its n (text, truncated) completions."""
+        rows = [Completion(t, c) for t, c in zip(self.texts, self.truncated)]
+        return [rows[i:i + self.n] for i in range(0, len(rows), self.n)]
+
+
+def completion_mask(completion_ids, stop_ids: list[int]):
+    """1 for every completion token up to and including the first stop token (all of them if none), from positions:
+    the pad token may itself be an EOS id, so `token != pad` would drop a real EOS or keep padding."""
+    import torch
+
+    is_stop = torch.isin(completion_ids, torch.tensor(stop_ids, device=completion_ids.device))
+    T = completion_ids.shape[1]
+    first = torch.where(is_stop.any(dim=1), is_stop.int().argmax(dim=1),
+                        torch.full_like(is_stop[:, 0], T - 1, dtype=torch.long))
+    return (torch.arange(T, device=completion_ids.device)[None, :] <= first[:, None]).long()
+
+
+def placeholder_token_ids(model) -> list[int]:
+    """Image/video placeholder ids: a degenerate sample can emit one; a completion ends there (abnormally)."""
+    config = model.config
+    return [i for i in (getattr(config, "image_token_id", None), getattr(config, "video_token_id", None))
+            if i is not None]
+
+
+def sample(model, processor, inputs, n: int, max_new_tokens: int, temperature: float = 1.0,
+           do_sample: bool = True) -> Samples:
+    """THE sampling routine of every stage: n completions per prompt of `inputs` (from encode_batch, on the model's
+    device), with the explicit sampling config (temperature, top-k/top-p off, repetition penalty off; greedy with
+    do_sample=False). Every stage reads truncation from here and parses answers through `answer`."""
+    import torch
+
+    config = sampling_config(model, max_new_tokens, temperature, do_sample=do_sample, num_return_sequences=n)
+    eos = eos_token_ids(config)
+    with torch.inference_mode():
+        sequences = model.generate(**inputs, generation_config=config)
+    ids = sequences[:, inputs["input_ids"].shape[1]:]
+    mask = completion_mask(ids, eos + placeholder_token_ids(model))
+    ended = torch.isin(ids, torch.tensor(eos, device=ids.device)) & mask.bool()
+    truncated = (~ended.any(dim=1)).tolist()
+    texts = processor.batch_decode(ids * mask + (1 - mask) * eos[0], skip_special_tokens=True)
+    return Samples(ids=ids, mask=mask, truncated=truncated, texts=texts, n=n)
+
+
+def answer(completion: Completion, parse: Callable[[str], Any]) -> Any:
+    """THE truncation rule, the same in every stage: a completion cut off by the token budget is unparseable (None),
+    whatever its text holds ("... \\boxed{3.2}. Wait, let me reconsider" cut at the budget is not a 3.2)."""
+    return None if completion.truncated else parse(completion.text)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Reruns: the settings that define a run's result, recorded once and checked on every rerun
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def fingerprint(path: str | os.PathLike) -> str:
+    """Identity of a file or folder by content metadata (relative name, size, mtime of every file), or the string
+    itself for something that is not on disk (a hub id). Cheap enough for a 7B checkpoint or a 10k-image pool."""
+    path = Path(path)
+    if not path.exists():
+        return str(path)
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    digest = hashlib.sha256()
+    for f in files:
+        stat = f.stat()
+        digest.update(f"{f.relative_to(path) if f != path else f.name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def changed_settings(saved: dict, settings: dict) -> list[str]:
+    """'name: old -> new' for every setting whose value differs from the saved one."""
+    return [f"{key}: {saved.get(key)!r} -> {value!r}" for key, value in settings.items() if saved.get(key) != value]
+
+
+def refuse_changed_settings(path: str | os.PathLike, settings: dict, what: str, remedy: str) -> None:
+    """Die naming each changed setting if `path` (a JSON file holding a "settings" object, or the settings
+    themselves) records other settings than `settings`; nothing if it does not exist. The caller writes it."""
+    path = Path(path)
+    if not path.exists():
+        return
+    saved = json.loads(path.read_text())
+    changes = changed_settings(saved.get("settings", saved), settings)
+    if changes:
+        die(f"{what} was made with other settings ({'; '.join(changes)}); {remedy}")
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -26,17 +26,22 @@ PUBLISHED_COMPARE = ("You are performing an image quality assessment task. Compa
 PUBLISHED_SCORE = ("You are doing the image quality assessment task. Here is the question: What is your overall rating "
                    "on the quality of this picture? The rating should be a float between 1 and 5, rounded to two decimal "
                    "places, with 1 representing very poor quality and 5 representing excellent quality.")
+# The released model's card (two copies agree): images first, then " " and the text; this reasoning suffix
 PUBLISHED_SUFFIX = ("You FIRST think about the reasoning process as an internal monologue and then provide the final "
-                    "answer. The reasoning process MUST BE enclosed within <think> </think> tags. The final answer MUST "
-                    "BE put in \\boxed{}.")
+                    "answer. The final answer MUST BE put in \\boxed{}.")
+EASYR1_SUFFIX = ("You FIRST think about the reasoning process as an internal monologue and then provide the final "
+                 "answer. The reasoning process MUST BE enclosed within <think> </think> tags. The final answer MUST "
+                 "BE put in \\boxed{}.")
 VQR1_SUFFIX = ("First output the thinking process in <think> </think> tags and then output the final answer with only "
                "one score in <answer> </answer> tags.")
 
 
 def test_prompts_byte_exact():
     evo = PRESETS["evoquality"]
-    assert evo.prompt("compare", True) == PUBLISHED_COMPARE + " " + PUBLISHED_SUFFIX
-    assert evo.prompt("score", True) == PUBLISHED_SCORE + " " + PUBLISHED_SUFFIX
+    assert evo.prompt("compare", True) == " " + PUBLISHED_COMPARE + " " + PUBLISHED_SUFFIX
+    assert evo.prompt("score", True) == " " + PUBLISHED_SCORE + " " + PUBLISHED_SUFFIX
+    assert PRESETS["evoquality_easyr1"].prompt("score", True) == " " + PUBLISHED_SCORE + " " + EASYR1_SUFFIX
+    assert not evo.add_vision_id
     assert PRESETS["visualquality_r1"].prompt("score", True) == PUBLISHED_SCORE + " " + VQR1_SUFFIX
 
 
@@ -367,6 +372,82 @@ def test_two_image_prompt_samples_differ(tiny_model_dir, demo_pool):
     # the shipped config (top_k=1) would have made all eight identical
     shipped = model.generate(**inputs, max_new_tokens=12, num_return_sequences=8)
     assert len(set(common.completion_texts(processor, shipped, inputs["input_ids"].shape[1]))) == 1
+
+
+CHAT_HEAD = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
+
+
+def test_evoquality_chat_text_is_the_cards_format(tiny_model_dir):
+    """The card's `<image><image> You are performing ...`: the images, one space, the text; no "Picture N:"."""
+    processor = common.load_processor(tiny_model_dir)
+    evo = PRESETS["evoquality"]
+    two = common.chat_text(processor, evo.prompt("compare", True), 2, evo.add_vision_id)
+    assert two == (CHAT_HEAD + IMAGE + IMAGE + " " + PUBLISHED_COMPARE + " " + PUBLISHED_SUFFIX
+                   + "<|im_end|>\n<|im_start|>assistant\n")
+    one = common.chat_text(processor, evo.prompt("score", True), 1, evo.add_vision_id)
+    assert one == (CHAT_HEAD + IMAGE + " " + PUBLISHED_SCORE + " " + PUBLISHED_SUFFIX
+                   + "<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_sample_matches_generate_and_flags_truncation(tiny_model_dir, demo_pool):
+    import torch
+
+    model, processor = common.load_model(tiny_model_dir), common.load_processor(tiny_model_dir)
+    images = [[common.load_image(p)] for p in sorted(demo_pool.glob("*.png"))[:3]]
+    inputs = common.encode_batch(processor, [PRESETS["evoquality"].prompt("score", False)] * 3, images)
+    samples = common.sample(model, processor, inputs, n=1, max_new_tokens=10, do_sample=False)
+    reference = model.generate(**inputs, generation_config=common.sampling_config(model, 10, do_sample=False))
+    T = samples.ids.shape[1]
+    torch.testing.assert_close(samples.ids, reference[:, inputs["input_ids"].shape[1]:][:, :T])
+    eos = set(common.eos_token_ids(common.sampling_config(model, 10)))
+    for row, truncated in zip(samples.ids.tolist(), samples.truncated):
+        assert truncated == (not eos & set(row))  # a random tiny model rarely ends: most rows run out of budget
+    assert [len(c) for c in samples.completions()] == [1, 1, 1]
+
+
+def test_truncated_answer_is_unparseable_in_every_stage():
+    text = "The image is sharp. \\boxed{3.2}. Wait, let me reconsider"
+    parse = lambda t: parse_score(t, PRESETS["evoquality"])
+    assert common.answer(common.Completion(text, truncated=False), parse) == 3.2
+    assert common.answer(common.Completion(text, truncated=True), parse) is None
+
+
+def test_completion_mask_from_positions():
+    import torch
+
+    eos, pad = 5, 5
+    ids = torch.tensor([[1, 2, eos, pad], [1, 2, 3, 4], [eos, pad, pad, pad]])
+    assert common.completion_mask(ids, [eos, pad]).tolist() == [[1, 1, 1, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
+
+
+def test_refuse_changed_settings_names_each_change(tmp_path, capsys):
+    path = tmp_path / "settings.json"
+    common.refuse_changed_settings(path, {"lr": 1e-6}, "x", "y")  # nothing recorded yet: no refusal
+    common.write_json_atomic(path, {"settings": {"lr": 1e-6, "beta": 0.05, "model": "a"}})
+    common.refuse_changed_settings(path, {"lr": 1e-6, "beta": 0.05, "model": "a"}, "x", "y")
+    with pytest.raises(SystemExit):
+        common.refuse_changed_settings(path, {"lr": 3e-7, "beta": 0.05, "model": "b"}, "runs/r1", "use another --out")
+    err = capsys.readouterr().err
+    assert "lr: 1e-06 -> 3e-07" in err and "model: 'a' -> 'b'" in err and "beta" not in err
+    assert "runs/r1" in err and "use another --out" in err
+
+
+def test_fingerprint_sees_content_changes(tmp_path):
+    import os
+
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "w.bin").write_bytes(b"1234")
+    before = common.fingerprint(tmp_path / "m")
+    assert common.fingerprint(tmp_path / "m") == before
+    (tmp_path / "m" / "w.bin").write_bytes(b"12345")
+    assert common.fingerprint(tmp_path / "m") != before
+    assert common.fingerprint("Qwen/Qwen2.5-VL-7B-Instruct") == "Qwen/Qwen2.5-VL-7B-Instruct"
+    (tmp_path / "f").write_bytes(b"a")
+    st = os.stat(tmp_path / "f")
+    one = common.fingerprint(tmp_path / "f")
+    os.utime(tmp_path / "f", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    assert common.fingerprint(tmp_path / "f") != one
 
 
 def test_score_prompt_generates(tiny_model_dir, demo_pool):
