@@ -54,8 +54,13 @@ def test_prompts_match_method_page():
 
 
 def test_preset_hash_changes_with_text():
-    assert PRESETS["evoquality"].hash() != PRESETS["visualquality_r1"].hash()
-    assert PRESETS["evoquality"].hash() == common.get_preset("evoquality").hash()
+    import dataclasses
+
+    evo = PRESETS["evoquality"]
+    assert evo.hash() != PRESETS["visualquality_r1"].hash() != PRESETS["evoquality_easyr1"].hash()
+    assert dataclasses.replace(evo).hash() == evo.hash()  # a separately built, equal preset: the same hash
+    for change in ({"lead": ""}, {"add_vision_id": True}, {"score": evo.score + " "}, {"answer": "answer_tag"}):
+        assert dataclasses.replace(evo, **change).hash() != evo.hash(), change
     with pytest.raises(ValueError, match="unknown prompt preset"):
         common.get_preset("nope")
 
@@ -450,11 +455,28 @@ def test_fingerprint_sees_content_changes(tmp_path):
     assert common.fingerprint(tmp_path / "f") != one
 
 
-def test_score_prompt_generates(tiny_model_dir, demo_pool):
-    model, processor = common.load_model(tiny_model_dir), common.load_processor(tiny_model_dir)
-    image = common.load_image(sorted(demo_pool.glob("*.png"))[0])
-    inputs = common.encode_batch(processor, [PRESETS["evoquality"].prompt("score", False)] * 2, [[image], [image]])
-    out = model.generate(**inputs, generation_config=common.sampling_config(model, 10, do_sample=False))
-    texts = common.completion_texts(processor, out, inputs["input_ids"].shape[1])
-    assert len(texts) == 2 and texts[0] == texts[1]  # greedy on identical inputs (left padded alike)
-    assert out.shape[1] > inputs["input_ids"].shape[1]
+def test_greedy_config_decodes_argmax_batched_like_alone(tiny_model_dir, demo_pool):
+    """Greedy generate with the explicit config equals a hand-written argmax loop, row by row, in a left-padded batch
+    of two different images (different prompt lengths)."""
+    import torch
+
+    model, processor = common.load_model(tiny_model_dir), common.load_processor(tiny_model_dir, max_pixels=112 * 112)
+    images = [common.load_image(p) for p in sorted(demo_pool.glob("*.png"))[:2]]
+    images[1] = images[1].resize((56, 56))  # fewer vision tokens: the batch is left padded
+    prompt = PRESETS["evoquality"].prompt("score", False)
+    inputs = common.encode_batch(processor, [prompt] * 2, [[im] for im in images])
+    assert (inputs["attention_mask"] == 0).any()
+    out = model.generate(**inputs, generation_config=common.sampling_config(model, 6, do_sample=False))
+    for row, image in enumerate(images):
+        alone = dict(common.encode_batch(processor, [prompt], [[image]]))
+        ids = alone["input_ids"]
+        for _ in range(6):
+            extra = {"mm_token_type_ids": torch.nn.functional.pad(alone["mm_token_type_ids"],
+                                                                  (0, ids.shape[1] - alone["input_ids"].shape[1]))
+                     } if "mm_token_type_ids" in alone else {}  # generated tokens are text
+            with torch.no_grad():
+                logits = model(**dict(alone, input_ids=ids, attention_mask=torch.ones_like(ids), **extra)).logits
+            ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+        want = ids[0, alone["input_ids"].shape[1]:]
+        got = out[row, inputs["input_ids"].shape[1]:][:len(want)]
+        assert got.tolist() == want[:len(got)].tolist()
