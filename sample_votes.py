@@ -11,7 +11,7 @@ is mapped back to image identity: a vote for a, a vote for b, or an abstention (
 --max-new-tokens). One line per pair, in pair order:
 
     {"a": "x.png", "b": "y.png", "votes_a": 19, "votes_b": 11, "abstain": 2, "first_slot_wins": 17,
-     "answers": [{"order": "ab", "choice": "a", "truncated": false, "text": "<think>...</think> \\boxed{0}"}, ...]}
+     "answers": [{"order": "ab", "choice": "a", "truncated": false, "text": "... \\boxed{0}"}, ...]}
 
 `--mode score` (cheaper, NOT the paper's method) instead samples the score prompt K times for every image of the
 pairs: one line per image {"image", "scores": [3.25, null, ...], "truncated": [false, true, ...], "answers": [...]}
@@ -65,7 +65,7 @@ class Args:
     seed: int = common.arg(0, help="seed of the pair draw, of odd-K vote orders and of sampling")
     temperature: float = common.arg(1.0, help="sampling temperature (> 0: K greedy votes would all be the same)")
     max_new_tokens: int = common.arg(512, help="completion budget; an answer cut off by it is an abstention")
-    reasoning: bool = common.arg(True, help="ask for <think> reasoning before the final answer (the paper's format)")
+    reasoning: bool = common.arg(True, help="ask for reasoning before the final answer (the preset's reasoning suffix)")
     prompt: str = common.arg("evoquality", help="prompt preset (common.PRESETS)", choices=sorted(common.PRESETS))
     mode: str = common.arg("compare", choices=["compare", "score"],
                            help="compare: the paper's pairwise votes; score: K scores per image (cheaper, not paper)")
