@@ -20,6 +20,10 @@ Rules (EVOQUALITY.md, offline stage). K_a, K_b = votes for a and for b; abstenti
   votes; |K_a - K_b| / (K_a + K_b) < --min-margin; a tie when --drop-ties. The defaults reproduce the paper: only
   pairs without a single valid vote are dropped.
   A pair recorded twice ((a, b) or (b, a)) has its counts merged, with a warning.
+Truncation (stats): answers cut off by --max-new-tokens are abstentions (common.answer); the stats count them from
+  each answer's `truncated` flag (compare mode: in "answers", kept by --no-text too; score mode: the "truncated" list)
+  as truncation_rate = truncated answers / answers with a flag (votes in compare mode, score samples in score mode),
+  and say in truncation_flags when some or all answers carry none (votes not written by sample_votes.py).
 Rankings (--rankings): one line per image, best first, over the kept pairs: wins / losses / ties by majority,
   win_rate = (wins + ties / 2) / comparisons, and bt_strength, the Bradley-Terry log-strength theta
   (P(i beats j) = sigmoid(theta_i - theta_j)) fitted to the vote counts, MAP with a tiny prior (--bt-prior):
@@ -71,11 +75,22 @@ COMPARE_KEYS = {"a", "b", "votes_a", "votes_b", "abstain"}  # and "first_slot_wi
 SCORE_KEYS = {"image", "scores"}
 
 
-def read_compare(path: Path, records: Iterator[tuple[int, dict]]) -> tuple[list[str], dict[str, np.ndarray]]:
-    """Image names and one row per record: a, b (indices into the names), votes_a, votes_b, abstain,
-    first_slot_wins (-1 where absent)."""
+def count_truncated(path: Path, lineno: int, flags: list, values: list) -> int:
+    """Answers of one record cut off by the token budget, checked: one true/false per answer, each an abstention."""
+    if type(flags) is not list or len(flags) != len(values) or not all(type(f) is bool for f in flags):
+        raise ValueError(f"{path}:{lineno}: 'truncated' must be one true/false flag per answer")
+    if any(f and v is not None for f, v in zip(flags, values)):
+        raise ValueError(f"{path}:{lineno}: an answer cut off by the token budget (truncated) counts as a vote; "
+                         f"it must be an abstention (null)")
+    return sum(flags)
+
+
+def read_compare(path: Path, records: Iterator[tuple[int, dict]]) -> tuple[list[str], dict[str, np.ndarray], dict]:
+    """Image names, one row per record: a, b (indices into the names), votes_a, votes_b, abstain,
+    first_slot_wins (-1 where absent), and the truncation counts {truncated, flagged, answers}."""
     ids: dict[str, int] = {}
     rows = []
+    truncation = {"truncated": 0, "flagged": 0, "answers": 0}
     for lineno, r in records:  # the hot loop of the whole stage (with json.loads): checks kept cheap
         if not r.keys() >= COMPARE_KEYS:
             raise ValueError(f"{path}:{lineno}: expected a compare-mode record with {sorted(COMPARE_KEYS)}, "
@@ -89,16 +104,26 @@ def read_compare(path: Path, records: Iterator[tuple[int, dict]]) -> tuple[list[
             raise ValueError(f"{path}:{lineno}: votes_a, votes_b, abstain must be non-negative integers")
         if first != -1 and (type(first) is not int or not 0 <= first <= va + vb):
             raise ValueError(f"{path}:{lineno}: first_slot_wins must be an integer in [0, votes_a + votes_b]")
+        answers = r.get("answers")
+        truncation["answers"] += va + vb + ab
+        if answers is not None and not (type(answers) is list and all(type(x) is dict for x in answers)):
+            raise ValueError(f"{path}:{lineno}: 'answers' must be a list of objects")
+        if answers and any("truncated" in x for x in answers):
+            truncation["truncated"] += count_truncated(path, lineno, [x.get("truncated") for x in answers],
+                                                       [x.get("choice") for x in answers])
+            truncation["flagged"] += len(answers)
         rows.append((ids.setdefault(a, len(ids)), ids.setdefault(b, len(ids)), va, vb, ab, first))
     columns = np.array(rows, dtype=np.int64).reshape(-1, 6).T
-    return list(ids), dict(zip(("a", "b", "votes_a", "votes_b", "abstain", "first_slot_wins"), columns))
+    return list(ids), dict(zip(("a", "b", "votes_a", "votes_b", "abstain", "first_slot_wins"), columns)), truncation
 
 
 def read_score(path: Path, records: Iterator[tuple[int, dict]], pairs_path: Path
-               ) -> tuple[list[str], np.ndarray, dict[str, np.ndarray]]:
-    """Image names, the (images x K) score matrix (NaN = unparsed or no record), and the drawn pairs a, b."""
+               ) -> tuple[list[str], np.ndarray, dict[str, np.ndarray], dict]:
+    """Image names, the (images x K) score matrix (NaN = unparsed or no record), the drawn pairs a, b, and the
+    truncation counts {truncated, flagged, answers} over the score samples."""
     ids: dict[str, int] = {}
     scores: dict[int, list] = {}
+    truncation = {"truncated": 0, "flagged": 0, "answers": 0}
     for lineno, r in records:
         image, values = r.get("image"), r.get("scores")
         if not r.keys() >= SCORE_KEYS or "a" in r:
@@ -112,6 +137,10 @@ def read_score(path: Path, records: Iterator[tuple[int, dict]], pairs_path: Path
             warnings.warn(f"{path}:{lineno}: image {image!r} recorded twice; keeping its first record")
             continue
         scores[i] = values
+        truncation["answers"] += len(values)
+        if "truncated" in r:
+            truncation["truncated"] += count_truncated(path, lineno, r["truncated"], values)
+            truncation["flagged"] += len(values)
     if not pairs_path.exists():
         raise ValueError(f"score-mode votes need the drawn pairs: {pairs_path} does not exist (see --pairs)")
     rows = []
@@ -128,7 +157,7 @@ def read_score(path: Path, records: Iterator[tuple[int, dict]], pairs_path: Path
     for i, values in scores.items():
         matrix[i, :len(values)] = np.array(values, dtype=np.float64)  # None -> NaN
     a, b = np.array(rows, dtype=np.int64).reshape(-1, 2).T
-    return list(ids), matrix, {"a": a, "b": b}
+    return list(ids), matrix, {"a": a, "b": b}, truncation
 
 
 def merge_duplicate_pairs(pairs: dict[str, np.ndarray], n_images: int) -> tuple[dict[str, np.ndarray], int]:
@@ -169,9 +198,9 @@ def read_votes(path: Path, pairs_path: Path) -> tuple[str, list[str], dict[str, 
                          f"{sorted(COMPARE_KEYS)} or score-mode {sorted(SCORE_KEYS)} (sample_votes.py output)")
     records = itertools.chain([first], records)
     if mode == "compare":
-        names, pairs = read_compare(path, records)
+        names, pairs, truncation = read_compare(path, records)
     else:
-        names, matrix, pairs = read_score(path, records, pairs_path)
+        names, matrix, pairs, truncation = read_score(path, records, pairs_path)
     n_rows = len(pairs["a"])
     pairs, duplicates = merge_duplicate_pairs(pairs, len(names))
     if duplicates:
@@ -181,7 +210,7 @@ def read_votes(path: Path, pairs_path: Path) -> tuple[str, list[str], dict[str, 
     if mode == "score":
         pairs.update(score_votes(matrix, pairs["a"], pairs["b"]))
         pairs["first_slot_wins"] = np.full(len(pairs["a"]), -1)
-    return mode, names, pairs, {"pair_records": n_rows, "duplicate_records": duplicates}
+    return mode, names, pairs, {"pair_records": n_rows, "duplicate_records": duplicates, "truncation": truncation}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -296,6 +325,7 @@ def vote_stats(mode: str, n_images: int, pairs: dict[str, np.ndarray], keep: np.
     compared[kept_a] = compared[kept_b] = True
     sizes = np.bincount(labels[compared])
     ratio = lambda x, y: round(float(x) / float(y), 6) if y else None
+    cut, flagged, answers = (info["truncation"][k] for k in ("truncated", "flagged", "answers"))
     return {
         "mode": mode,
         "pair_records_in": info["pair_records"],
@@ -308,6 +338,10 @@ def vote_stats(mode: str, n_images: int, pairs: dict[str, np.ndarray], keep: np.
         "votes_per_pair_mean": ratio((valid + abstain).sum(), len(va)),
         "tie_rate": ratio((va == vb)[voted].sum(), voted.sum()),  # among pairs with at least one valid vote
         "abstention_rate": ratio(abstain.sum(), (valid + abstain).sum()),
+        "truncated_answers": cut,  # cut off by --max-new-tokens: abstentions (votes; score samples in score mode)
+        "truncation_rate": ratio(cut, flagged),  # over the answers that carry a `truncated` flag
+        "truncation_flags": "every answer" if flagged == answers else
+        f"absent: truncation unknown for {answers - flagged} of {answers} answers (not written by sample_votes.py)",
         "first_slot_win_rate": ratio(first[seen].sum(), valid[seen].sum()) if seen.any() else None,  # position bias
         "majority_agreement_histogram": {  # max(K_a, K_b) / (K_a + K_b) over pairs with a valid vote
             "edges": [round(float(e), 2) for e in edges],
@@ -382,7 +416,8 @@ def main(args: Optional[Args] = None) -> dict:
     if args.stats:
         common.write_json_atomic(args.stats, stats)
     print(f"build_pseudolabels: {mode} mode, {stats['pairs_in']} pairs over {len(names)} images -> {n_kept} kept "
-          f"(dropped {dropped}); tie rate {stats['tie_rate']}, abstention rate {stats['abstention_rate']}; "
+          f"(dropped {dropped}); tie rate {stats['tie_rate']}, abstention rate {stats['abstention_rate']}, "
+          f"truncation rate {stats['truncation_rate']}; "
           f"read {t_read:.1f}s, write {t_write:.1f}s, rankings {t_rank:.1f}s")
     return stats
 

@@ -17,6 +17,16 @@
 #   FSDP_CONFIG  accelerate config file for the training stage (e.g. configs/fsdp_8gpu.yaml)
 #   VOTES_ARGS, LABEL_ARGS, TRAIN_ARGS, EVAL_ARGS   extra flags appended to each stage
 # Rerunning the same command skips finished stages and resumes a partial one; a finished run only prints the table.
+# A finished stage's marker, OUT/round_t/.done_STAGE, records the settings it ran with: its command line from the .py
+# script on, one word per line. A rerun that gives a finished stage other settings is refused (exit 2), naming each
+# changed flag: restore them, or use another OUT. (Refusing, not redoing the stage: its outputs feed every later stage
+# and round, which a silent redo would leave stale.) A partial stage is resumed by the stage itself, which refuses
+# changed settings on its own. Not settings, as they change how a stage runs, not what it computes:
+#   - the launcher and NPROC, except for grpo_train: more processes change which random numbers a vote or an
+#     evaluation sample draws, not what they estimate (the stages resume across process counts too), but each
+#     training process takes its own --pairs-per-step, so NPROC changes the training batch (recorded as NPROC=N);
+#   - --batch-size, --micro-batch-size, --gradient-checkpointing, --save-every, --save-total-limit, --text/--no-text.
+# Paths are recorded as written: OUT moved or given another way (relative/absolute) is a changed setting.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -76,11 +86,66 @@ train_launch=("${launch[@]}")
 bench_flags=()
 for spec in $BENCH; do bench_flags+=(--bench "$spec"); done
 
-# run_stage NAME DIR CMD...: skip when DIR/.done_NAME exists; else run with a log, marking success only at the end
+# stage_settings NAME CMD...: the words that define what a stage computes, one per line (see the header)
+stage_settings() {
+  local name=$1 word skip=0; shift
+  while (( $# )) && [[ $1 != *.py ]]; do shift; done  # the launcher: python / accelerate launch ... / torchrun ...
+  [[ $name == grpo_train ]] && echo "NPROC=$NPROC"
+  for word in "$@"; do
+    if (( skip )); then skip=0; continue; fi
+    case $word in
+      --batch-size|--micro-batch-size|--save-every|--save-total-limit) skip=1 ;;  # and the value that follows
+      --batch-size=*|--micro-batch-size=*|--save-every=*|--save-total-limit=*) ;;
+      --gradient-checkpointing|--no-gradient-checkpointing|--text|--no-text) ;;
+      *) printf '%s\n' "$word" ;;
+    esac
+  done
+}
+
+# changed_flags MARKER SETTINGS: "FLAG: OLD -> NEW" for each flag whose values differ ("; "-separated; empty if none)
+changed_flags() {
+  python - "$1" "$2" <<'PY'
+import re, sys
+
+def flags(words):  # flag (or NAME of a NAME=VALUE word, or "script" before the first flag) -> its value words
+    out, key = {}, "script"
+    for word in filter(None, words):
+        if word.startswith("--"):
+            key, _, value = word.partition("=")
+            out.setdefault(key, []).extend([value] if value else [])
+        elif re.fullmatch(r"[A-Z_]+=.*", word):
+            name, _, value = word.partition("=")
+            out[name] = [value]
+        else:
+            out.setdefault(key, []).append(word)
+    return out
+
+old, new = flags(open(sys.argv[1]).read().split("\n")), flags(sys.argv[2].split("\n"))
+show = lambda v: "(absent)" if v is None else " ".join(v) or "(set)"
+print("; ".join(f"{k}: {show(old.get(k))} -> {show(new.get(k))}" for k in dict.fromkeys([*old, *new])
+                if old.get(k) != new.get(k)))
+PY
+}
+
+# run_stage NAME DIR CMD...: skip when DIR/.done_NAME records the same settings, refuse when it records others;
+# else run with a log, and write the marker only at the end
 run_stage() {
   local name=$1 dir=$2; shift 2
-  local log=$dir/logs/$name.log
-  if [[ -f $dir/.done_$name ]]; then echo "  [skip] $name (done)"; return; fi
+  local log=$dir/logs/$name.log marker=$dir/.done_$name settings changes
+  settings=$(stage_settings "$name" "$@")
+  if [[ -f $marker ]]; then
+    if [[ ! -s $marker ]]; then
+      echo "error: $marker records no settings (an earlier version of this script wrote it); use another OUT, or" \
+        "delete the marker to run stage '$name' again" >&2
+      exit 2
+    fi
+    changes=$([[ $(<"$marker") == "$settings" ]] || changed_flags "$marker" "$settings")
+    if [[ -n $changes ]]; then
+      echo "error: stage '$name' in $dir finished with other settings ($changes); restore them, or use another OUT" >&2
+      exit 2
+    fi
+    echo "  [skip] $name (done)"; return
+  fi
   mkdir -p "$dir/logs"
   echo "  [run ] $name  (log: $log)"
   local start=$SECONDS
@@ -89,7 +154,7 @@ run_stage() {
     tail -n 5 "$log" >&2
     exit 1
   fi
-  touch "$dir/.done_$name"
+  printf '%s\n' "$settings" > "$marker.tmp" && mv "$marker.tmp" "$marker"
   echo "  [done] $name  $((SECONDS - start)) s"
 }
 

@@ -11,18 +11,25 @@ is mapped back to image identity: a vote for a, a vote for b, or an abstention (
 --max-new-tokens). One line per pair, in pair order:
 
     {"a": "x.png", "b": "y.png", "votes_a": 19, "votes_b": 11, "abstain": 2, "first_slot_wins": 17,
-     "answers": [{"order": "ab", "choice": "a", "truncated": false, "text": "<think>...</think> \\boxed{0}"}, ...]}
+     "answers": [{"order": "ab", "choice": "a", "truncated": false, "text": "... \\boxed{0}"}, ...]}
 
 `--mode score` (cheaper, NOT the paper's method) instead samples the score prompt K times for every image of the
-pairs: one line per image {"image", "scores": [3.25, null, ...], "answers": [text, ...]}, the pairs in
-`<out>.pairs.jsonl`; build_pseudolabels.py turns the scores into votes.
+pairs: one line per image {"image", "scores": [3.25, null, ...], "truncated": [false, true, ...], "answers": [...]}
+(a score cut off by --max-new-tokens is null, like an unparseable one), the pairs in `<out>.pairs.jsonl`;
+build_pseudolabels.py turns the scores into votes.
 
-Beside --out: `<out>.meta.json` (args, model, prompt preset and hash, versions, times, counts), `<out>.skipped.jsonl`
-(pairs with an unreadable image, and why), and while running `<out>.shard-RANK.jsonl`, one per process, which the main
-process merges into --out at the end (on several nodes, --out must be on a filesystem that every node sees).
+Beside --out: `<out>.meta.json` (the settings below, args, versions, times, counts with the abstention and truncation
+rates), `<out>.pool.json` (size and mtime of every pool image), `<out>.skipped.jsonl` (pairs with an unreadable image,
+and why), and while running `<out>.shard-RANK.jsonl`, one per process, which the main process merges into --out at the
+end (on several nodes, --out must be on a filesystem that every node sees).
 Rerun the same command to resume: finished pairs are kept, the rest are voted, every pair ends up exactly once, even
-after a SIGKILL (the merge is restartable too). A rerun with another model, prompt, K or pair draw against an existing
---out is refused unless --overwrite.
+after a SIGKILL (the merge is restartable too). A rerun that would change the votes is refused, naming each changed
+setting, unless --overwrite: the model (by content: common.fingerprint, so a checkpoint retrained in the same folder
+is another model), the prompt preset and its text, reasoning, mode, K, temperature, --max-new-tokens, --max-pixels, the
+pair draw (--num-pairs, --seed, the pool's image names in order), and every image that already has votes (by size and
+mtime: an image edited in place under the same name is refused; an unreadable image may be fixed, its pairs are then
+voted). --batch-size and the number of processes are not settings: they change which random numbers a vote draws,
+not what the votes estimate (K i.i.d. samples of the model's answer), so a resume may change them.
 """
 
 from __future__ import annotations
@@ -58,25 +65,28 @@ class Args:
     seed: int = common.arg(0, help="seed of the pair draw, of odd-K vote orders and of sampling")
     temperature: float = common.arg(1.0, help="sampling temperature (> 0: K greedy votes would all be the same)")
     max_new_tokens: int = common.arg(512, help="completion budget; an answer cut off by it is an abstention")
-    reasoning: bool = common.arg(True, help="ask for <think> reasoning before the final answer (the paper's format)")
+    reasoning: bool = common.arg(True, help="ask for reasoning before the final answer (the preset's reasoning suffix)")
     prompt: str = common.arg("evoquality", help="prompt preset (common.PRESETS)", choices=sorted(common.PRESETS))
     mode: str = common.arg("compare", choices=["compare", "score"],
                            help="compare: the paper's pairwise votes; score: K scores per image (cheaper, not paper)")
-    batch_size: int = common.arg(64, help="sequences per generate call, in whole prompts (at least one prompt)")
+    # 7B on one 80 GB GPU: each prompt is prefilled once, so the KV cache of the sampled sequences is the main cost:
+    # 28 layers x 2 (K, V) x 4 KV heads x 128 dims x 2 bytes = 56 KiB per token, x (2,000 prompt tokens for two
+    # KonIQ images + 512 new) = 144 MB per sequence; 256 sequences = 37 GB, + 16.6 GB bf16 weights = 54 GB of 80,
+    # the rest for the prefill of 256 / 16 = 16 prompts (K = 32) and the vision tower. CPU: use 8-16.
+    batch_size: int = common.arg(256, help="sequences sampled per call, in whole prompts; 256 fits 7B on one 80 GB GPU "
+                                           "(KV 144 MB/sequence x 256 = 37 GB + 16.6 GB weights)")
     max_pixels: Optional[int] = common.arg(None, help="downscale images above this many pixels (default: processor's)")
     text: bool = common.arg(True, help="keep each answer's raw text (--no-text keeps only the parsed answers)")
     strict: bool = common.arg(False, help="stop at the first unreadable image instead of skipping its pairs")
     overwrite: bool = common.arg(False, help="discard an existing --out (and its shards, meta, skipped); start over")
 
 
-Completion = tuple[str, bool]  # (text, truncated: no end-of-sequence token within --max-new-tokens)
-# generate_fn(prompt, images_per_prompt, n) -> n completions per prompt: the only place the model is touched, so tests
-# can plug in a scripted model whose answers are known.
-GenerateFn = Callable[[str, list[list[Image.Image]], int], list[list[Completion]]]
-
-# DEFINITION: what makes two runs' votes the same experiment; a resume must match every one of these.
-DEFINITION = ("model", "prompt", "prompt_hash", "reasoning", "mode", "votes_per_pair", "temperature", "max_new_tokens",
-              "max_pixels", "num_pairs", "seed", "images_sha256")
+# generate_fn(prompt, images_per_prompt, n) -> n common.Completion(text, truncated) per prompt: the only place the
+# model is touched, so tests can plug in a scripted model whose answers are known.
+GenerateFn = Callable[[str, list[list[Image.Image]], int], list[list[common.Completion]]]
+# the Args fields that define the votes (see the module docstring); settings_of adds the model, prompt and pool identity
+SETTINGS = ("prompt", "reasoning", "mode", "votes_per_pair", "temperature", "max_new_tokens", "max_pixels", "num_pairs",
+            "seed")
 
 
 # ALGO LOGIC: pairs, vote orders, answers mapped back to image identity
@@ -100,10 +110,10 @@ def vote_orders(a: str, b: str, k: int, seed: int) -> dict[str, int]:
 
 
 def sample_batched(generate_fn: GenerateFn, prompt: str, jobs: list[tuple[list[Image.Image], int]],
-                   batch_size: int) -> list[list[Completion]]:
-    """n completions for each job (images, n). Many prompts share one generate call (about batch_size sequences),
-    the repeats come from num_return_sequences, so jobs are grouped by n."""
-    results: list[list[Completion]] = [[] for _ in jobs]
+                   batch_size: int) -> list[list[common.Completion]]:
+    """n completions for each job (images, n). Many prompts share one call (about batch_size sequences), each
+    prompt sampled n times, so jobs are grouped by n."""
+    results: list[list[common.Completion]] = [[] for _ in jobs]
     for n in sorted({n for _, n in jobs if n > 0}):
         todo = [i for i, (_, m) in enumerate(jobs) if m == n]
         step = max(1, batch_size // n)
@@ -140,11 +150,11 @@ def vote_pairs(pairs: list[tuple[str, str]], images: dict[str, Image.Image], gen
     for p, (a, b) in enumerate(pairs):
         answers = []
         for order, per_order in zip(("ab", "ba"), completions[2 * p: 2 * p + 2]):
-            for text, truncated in per_order:
-                index = None if truncated else parse(text)  # 0: the first image shown is better, 1: the second
+            for completion in per_order:
+                index = common.answer(completion, parse)  # 0: the first image shown is better, 1: the second
                 choice = None if index is None else ("a" if (index == 0) == (order == "ab") else "b")
-                answers.append({"order": order, "choice": choice, "truncated": truncated}
-                               | ({"text": text} if keep_text else {}))
+                answers.append({"order": order, "choice": choice, "truncated": completion.truncated}
+                               | ({"text": completion.text} if keep_text else {}))
         records.append(compare_record(a, b, answers))
     return records
 
@@ -152,44 +162,40 @@ def vote_pairs(pairs: list[tuple[str, str]], images: dict[str, Image.Image], gen
 def score_images(names: list[str], images: dict[str, Image.Image], generate_fn: GenerateFn, prompt: str,
                  parse: Callable[[str], Optional[float]], k: int, batch_size: int,
                  keep_text: bool = True) -> list[dict]:
-    """--mode score: K sampled scores per image (None where unparseable or cut off)."""
+    """--mode score: K sampled scores per image (None where unparseable or cut off), and which were cut off."""
     completions = sample_batched(generate_fn, prompt, [([images[x]], k) for x in names], batch_size)
-    return [{"image": x, "scores": [None if truncated else parse(text) for text, truncated in per_image]}
-            | ({"answers": [text for text, _ in per_image]} if keep_text else {})
+    return [{"image": x, "scores": [common.answer(c, parse) for c in per_image],
+             "truncated": [c.truncated for c in per_image]}
+            | ({"answers": [c.text for c in per_image]} if keep_text else {})
             for x, per_image in zip(names, completions)]
 
 
 def summarize(records: list[dict], mode: str, skipped: int) -> dict:
-    """Pairs, votes, abstention rate, first-slot win rate (position bias; 0.5 is unbiased), mean majority agreement."""
+    """Pairs, votes, abstention rate, truncation rate (answers cut off by --max-new-tokens: abstentions too),
+    first-slot win rate (position bias; 0.5 is unbiased), mean majority agreement."""
     if mode == "score":
         samples = [s for r in records for s in r["scores"]]
+        truncated = sum(t for r in records for t in r["truncated"])
         return {"images": len(records), "skipped_pairs": skipped, "samples": len(samples),
-                "unparseable_rate": sum(s is None for s in samples) / max(len(samples), 1)}
+                "unparseable_rate": sum(s is None for s in samples) / max(len(samples), 1),
+                "truncated_samples": truncated, "truncation_rate": truncated / max(len(samples), 1)}
     votes = sum(r["votes_a"] + r["votes_b"] + r["abstain"] for r in records)
     answered = sum(r["votes_a"] + r["votes_b"] for r in records)
+    truncated = sum(x["truncated"] for r in records for x in r["answers"])
     agreement = [max(r["votes_a"], r["votes_b"]) / (r["votes_a"] + r["votes_b"])
                  for r in records if r["votes_a"] + r["votes_b"]]
     return {"pairs": len(records), "skipped_pairs": skipped, "votes": votes,
             "abstention_rate": (votes - answered) / max(votes, 1),
+            "truncated_votes": truncated, "truncation_rate": truncated / max(votes, 1),
             "first_slot_win_rate": sum(r["first_slot_wins"] for r in records) / max(answered, 1),
             "mean_majority_agreement": sum(agreement) / max(len(agreement), 1)}
 
 
 # TRY NOT TO MODIFY: model, images, files, processes
 def make_generate_fn(model, processor, add_vision_id: bool, max_new_tokens: int, temperature: float) -> GenerateFn:
-    import torch
-
-    def generate(prompt: str, images: list[list[Image.Image]], n: int) -> list[list[Completion]]:
+    def generate(prompt: str, images: list[list[Image.Image]], n: int) -> list[list[common.Completion]]:
         inputs = common.encode_batch(processor, [prompt] * len(images), images, add_vision_id).to(model.device)
-        config = common.sampling_config(model, max_new_tokens, temperature, num_return_sequences=n)
-        with torch.inference_mode():
-            sequences = model.generate(**inputs, generation_config=config)
-        length = inputs["input_ids"].shape[1]
-        texts = common.completion_texts(processor, sequences, length)
-        eos = torch.tensor(common.eos_token_ids(config), device=sequences.device)
-        finished = torch.isin(sequences[:, length:], eos).any(dim=1).tolist()
-        # generate repeats each prompt n times in place: rows i*n .. i*n+n-1 belong to prompt i
-        return [[(texts[i * n + j], not finished[i * n + j]) for j in range(n)] for i in range(len(images))]
+        return common.sample(model, processor, inputs, n, max_new_tokens, temperature).completions()
 
     return generate
 
@@ -272,26 +278,41 @@ def merge(out: Path, pairs: list[tuple[str, str]], keys: list, mode: str) -> tup
     return records, skipped_records
 
 
-def definition_of(args: Args, names: list[str]) -> dict:
-    model = str(Path(args.model).resolve()) if Path(args.model).exists() else args.model
-    fields = {**dataclasses.asdict(args), "model": model, "prompt_hash": common.get_preset(args.prompt).hash(),
-              "images_sha256": hashlib.sha256("\n".join(names).encode()).hexdigest()}
-    return {key: fields[key] for key in DEFINITION}
+def settings_of(args: Args, names: list[str]) -> dict:
+    """What defines the votes (module docstring); a rerun against an existing --out must match every one."""
+    return {"model": common.fingerprint(args.model), **{key: getattr(args, key) for key in SETTINGS},
+            "prompt_hash": common.get_preset(args.prompt).hash(),  # the preset's text, not only its name
+            "pool_names": hashlib.sha256("\n".join(names).encode()).hexdigest()[:16]}  # the pair draw's input
 
 
-def refuse_mismatch(out: Path, definition: dict) -> None:
-    meta_path = Path(f"{out}.meta.json")
-    if meta_path.exists():
-        old = json.loads(meta_path.read_text())
-        changed = [key for key in DEFINITION if old.get(key) != definition[key]]
-        if changed:
-            was = ", ".join(f"{key}={old.get(key)!r}" for key in changed)
-            now = ", ".join(f"{key}={definition[key]!r}" for key in changed)
-            common.die(f"{out} holds votes made with {was}; this run asks for {now}. "
-                       f"Use another --out, or --overwrite to discard them")
-    elif out.exists() or shard_paths(out):
-        common.die(f"{out} exists without {meta_path.name}, so it cannot be resumed safely; "
-                   f"use another --out, or --overwrite to discard it")
+def image_stats(root: Path, names: list[str]) -> dict[str, Optional[list[int]]]:
+    """[size, mtime_ns] of every pool image (None if it is missing): an image's identity, cheap for 10k images."""
+    stats: dict[str, Optional[list[int]]] = {}
+    for name in names:
+        try:
+            stat = (root / name).stat()
+            stats[name] = [stat.st_size, stat.st_mtime_ns]
+        except OSError:
+            stats[name] = None
+    return stats
+
+
+def refuse_changes(out: Path, settings: dict, stats: dict, done: dict, mode: str) -> None:
+    """Die if the votes already in --out were made with other settings, or on an image changed since."""
+    meta_path, remedy = Path(f"{out}.meta.json"), "use another --out, or --overwrite to discard them"
+    if not meta_path.exists():
+        if out.exists() or shard_paths(out):
+            common.die(f"{out} exists without {meta_path.name}, so it cannot be resumed safely; {remedy}")
+        return
+    common.refuse_changed_settings(meta_path, settings, str(out), remedy)
+    pool_path = Path(f"{out}.pool.json")
+    old = json.loads(pool_path.read_text()) if pool_path.exists() else {}
+    voted = {x for key in done for x in ((key,) if mode == "score" else key)}
+    changed = sorted(x for x in voted if old.get(x) != stats.get(x))
+    if changed:
+        more = f" and {len(changed) - 5} more" if len(changed) > 5 else ""
+        common.die(f"{out} holds votes on images changed since (size or mtime): {', '.join(changed[:5])}{more}; "
+                   f"{remedy}")
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -321,13 +342,13 @@ def main(argv: Optional[list[str]] = None) -> None:
         for x in pair:
             pairs_of.setdefault(x, []).append(pair)
     keys = pairs if args.mode == "compare" else list(pairs_of)  # units of work, in output order
-    definition = definition_of(args, names)
-    if not args.overwrite:
-        refuse_mismatch(out, definition)
+    settings, stats = settings_of(args, names), image_stats(root, names)
     try:
         done = {} if args.overwrite else read_done(out)[0]
     except ValueError as e:  # a malformed line inside a file (not a cut last line, which is dropped)
         common.die(str(e))
+    if not args.overwrite:
+        refuse_changes(out, settings, stats, done, args.mode)
     mine = [key for key in keys if key not in done][state.process_index::state.num_processes]
     generate_fn = load_generate_fn(args, state.device) if mine else None
     state.wait_for_everyone()  # every process has read the old files before any is deleted or appended to
@@ -336,10 +357,13 @@ def main(argv: Optional[list[str]] = None) -> None:
         if args.overwrite:
             for path in [out, *shard_paths(out), Path(f"{out}.skipped.jsonl"), Path(f"{out}.pairs.jsonl")]:
                 path.unlink(missing_ok=True)
-        meta = {**definition, "args": dataclasses.asdict(args), "package_versions": common.package_versions(),
+        model_path = str(Path(args.model).resolve()) if Path(args.model).exists() else args.model
+        meta = {"settings": settings, "model_path": model_path, "args": dataclasses.asdict(args),
+                "package_versions": common.package_versions(),
                 "num_processes": state.num_processes, "num_images": len(names),
                 "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(start)),
                 "finished": None, "counts": None}
+        common.write_lines_atomic(f"{out}.pool.json", [json.dumps(stats, ensure_ascii=False) + "\n"])
         common.write_json_atomic(f"{out}.meta.json", meta)
         if args.mode == "score":
             common.write_jsonl_atomic(Path(f"{out}.pairs.jsonl"), [{"a": a, "b": b} for a, b in pairs])

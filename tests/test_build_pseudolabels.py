@@ -259,6 +259,54 @@ def test_stats_by_hand(tmp_path):
     assert hist["edges"][0] == 0.5 and hist["edges"][-1] == 1.0 and len(hist["counts"]) == 10
     assert hist["counts"] == [1, 0, 2, 0, 0, 0, 0, 1, 0, 0]
     assert stats["connected_components"] == 2 and stats["largest_component_images"] == 4  # x-y-z-w and p-q
+    # hand-made records carry no per-answer flags: the rate is unknown, and the stats say so
+    assert stats["truncated_answers"] == 0 and stats["truncation_rate"] is None
+    assert stats["truncation_flags"] == "absent: truncation unknown for 96 of 96 answers (not written by " \
+                                        "sample_votes.py)"
+
+
+def answers(choices: str, truncated: str) -> list[dict]:
+    """Per-answer records as sample_votes.py --no-text writes them: choices 'a'/'b'/'-' (none), truncated 'T'/'.'."""
+    return [{"order": "ab", "choice": None if c == "-" else c, "truncated": t == "T"} for c, t in zip(choices, truncated)]
+
+
+def test_truncation_rate_from_answer_flags(tmp_path, capsys):
+    records = [{"a": "x.png", "b": "y.png", "votes_a": 2, "votes_b": 1, "abstain": 3,
+                "answers": answers("ab-a--", "..T.T.")},  # 2 of the 3 abstentions were cut off
+               {"a": "y.png", "b": "z.png", "votes_a": 0, "votes_b": 2, "abstain": 2, "answers": answers("-bb-", "T..T")}]
+    _, _, stats = run(tmp_path, records)
+    assert (stats["truncated_answers"], stats["truncation_rate"]) == (4, 0.4)  # 4 of 10 votes
+    assert stats["truncation_flags"] == "every answer" and stats["abstention_rate"] == 0.5
+    assert "truncation rate 0.4" in capsys.readouterr().out
+    # one record without flags: the rate covers the others, and the stats say how many answers it misses
+    _, _, stats = run(tmp_path, records + [CRAFTED[4]])
+    assert stats["truncation_rate"] == 0.4 and "unknown for 8 of 18 answers" in stats["truncation_flags"]
+    # bad flags: a cut-off answer that still voted, a flag that is not a boolean, answers that are not objects
+    for bad, message in (
+            ({**records[0], "answers": answers("ab-a--", "T.T.T.")}, "votes.jsonl:1: an answer cut off by the token "
+                                                                      "budget (truncated) counts as a vote"),
+            ({**records[0], "answers": [{**x, "truncated": "no"} for x in records[0]["answers"]]},
+             "votes.jsonl:1: 'truncated' must be one true/false flag per answer"),
+            ({**records[0], "answers": [{"truncated": True}, {"choice": None}]},
+             "votes.jsonl:1: 'truncated' must be one true/false flag per answer"),
+            ({**records[0], "answers": "ab-a--"}, "votes.jsonl:1: 'answers' must be a list of objects")):
+        assert message in run_error(tmp_path, capsys, [bad])
+
+
+def test_score_mode_truncation_rate(tmp_path, capsys):
+    write_jsonl(tmp_path / "votes.jsonl.pairs.jsonl", [{"a": "x.png", "b": "y.png"}])
+    scores = [{"image": "x.png", "scores": [3.0, None, None, 2.0], "truncated": [False, True, False, False]},
+              {"image": "y.png", "scores": [2.0, 4.0, None, 3.0], "truncated": [False, False, True, False]}]
+    _, _, stats = run(tmp_path, write_jsonl(tmp_path / "votes.jsonl", scores))
+    assert (stats["truncated_answers"], stats["truncation_rate"]) == (2, 0.25)  # 2 of 8 score samples
+    assert stats["truncation_flags"] == "every answer"
+    _, _, stats = run(tmp_path, write_jsonl(tmp_path / "votes.jsonl", [scores[0], {"image": "y.png",
+                                                                                   "scores": [1.0, 2.0]}]))
+    assert stats["truncation_rate"] == 0.25 and "unknown for 2 of 6 answers" in stats["truncation_flags"]
+    for bad, message in (({**scores[0], "truncated": [False, True, False, True]}, "votes.jsonl:1: an answer cut off"),
+                         ({**scores[0], "truncated": [False, True]}, "votes.jsonl:1: 'truncated' must be one"),
+                         ({**scores[0], "truncated": [0, 1, 0, 0]}, "votes.jsonl:1: 'truncated' must be one")):
+        assert message in run_error(tmp_path, capsys, write_jsonl(tmp_path / "votes.jsonl", [bad]))
 
 
 # ---------------------------------------------------------------------------------------------------------------------

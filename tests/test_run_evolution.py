@@ -44,6 +44,11 @@ def test_demo_runs_end_to_end(demo_run):
     assert not (demo_run / "round_1" / "model" / "checkpoints").exists()  # optimizer states of a finished round
     labels = [json.loads(line) for line in (demo_run / "round_1" / "pseudolabels.jsonl").read_text().splitlines()]
     assert labels and all(set(r) >= {"a", "b", "p_star"} for r in labels)
+    # each marker records its stage's settings: the command from the script on, without launcher or batch sizes
+    votes = (demo_run / "round_1" / ".done_sample_votes").read_text().splitlines()
+    assert votes[0] == "sample_votes.py" and votes[votes.index("--votes-per-pair") + 1] == "2"
+    assert "--batch-size" not in votes and "8" not in votes and "python" not in votes
+    assert (demo_run / "round_1" / ".done_grpo_train").read_text().splitlines()[:2] == ["NPROC=1", "grpo_train.py"]
 
 
 def test_rerun_of_finished_run_only_prints_the_table(demo_run):
@@ -55,6 +60,49 @@ def test_rerun_of_finished_run_only_prints_the_table(demo_run):
     assert "round_1" in result.stdout  # the table
     after = {p: p.stat().st_mtime_ns for p in before}
     assert before == after
+
+
+def files_and_times(out: Path) -> dict:
+    return {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+
+
+def test_finished_stage_refuses_changed_settings(demo_run):
+    """Reruns of the finished demo with one setting changed: refused before anything runs, naming each change."""
+    before = files_and_times(demo_run)
+    round_1 = demo_run / "round_1"
+    cases = [
+        ({"K": "4", "SEED": "5"}, f"error: stage 'sample_votes' in {round_1} finished with other settings "
+                                  "(--votes-per-pair: 2 -> 4; --seed: 1 -> 6); restore them, or use another OUT"),
+        ({"LABEL_ARGS": "--label soft --drop-ties"}, f"error: stage 'build_pseudolabels' in {round_1} finished with "
+         "other settings (--label: (absent) -> soft; --drop-ties: (absent) -> (set)); restore them, or use another OUT"),
+        ({"NPROC": "2"}, f"error: stage 'grpo_train' in {round_1} finished with other settings (NPROC: 1 -> 2); "
+                         "restore them, or use another OUT"),  # the votes and labels stay: skipped
+        ({"EVAL_ARGS": "--samples 2"}, f"error: stage 'evaluate' in {demo_run / 'round_0'} finished with other "
+                                       "settings (--samples: 4 -> 4 2)"),  # appended to the demo's: argparse takes the last
+    ]
+    for change, message in cases:
+        result = run_loop({"OUT": str(demo_run), **SMALL, **change})
+        assert result.returncode == 2 and message in result.stderr, result.stdout + result.stderr
+        assert "[run ]" not in result.stdout
+        if "NPROC" in change:  # the process count is no setting of the votes and labels
+            assert "[skip] sample_votes" in result.stdout and "[skip] build_pseudolabels" in result.stdout
+    # not settings: batch sizes, --no-text; a flag repeated to no effect (other words, the same flags): all skipped
+    result = run_loop({"OUT": str(demo_run), **SMALL, "VOTES_ARGS": "--batch-size 2 --no-reasoning",
+                       "TRAIN_ARGS": "--micro-batch-size 1", "EVAL_ARGS": "--no-text --batch-size 3"})
+    assert result.returncode == 0 and "[run ]" not in result.stdout, result.stdout + result.stderr
+    # a marker of the earlier version (an empty file) records nothing to compare: refused
+    marker = round_1 / ".done_build_pseudolabels"
+    saved = marker.read_bytes()
+    try:
+        marker.write_bytes(b"")
+        result = run_loop({"OUT": str(demo_run), **SMALL})
+        assert result.returncode == 2 and f"error: {marker} records no settings" in result.stderr
+    finally:
+        marker.write_bytes(saved)
+    after = files_and_times(demo_run)
+    changed = {p for p in after if after[p] != before.get(p)} - {demo_run / "results.md", demo_run / "results.json",
+                                                                   marker}
+    assert not changed and set(after) == set(before)
 
 
 def test_settings_errors():

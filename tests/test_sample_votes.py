@@ -8,6 +8,7 @@ Run as a script, this file is sample_votes.py with the scripted model, for the t
     torchrun --nproc_per_node 2 tests/test_sample_votes.py --model scripted --images DIR --out votes.jsonl ...
 """
 
+import dataclasses
 import itertools
 import json
 import os
@@ -38,16 +39,16 @@ def brightness(img: Image.Image) -> float:
     return float(np.asarray(img, dtype=np.float64).mean())
 
 
-def scripted_completion(imgs: list, j: int) -> tuple[str, bool]:
+def scripted_completion(imgs: list, j: int) -> common.Completion:
     if len(imgs) == 2:
         answer = f"\\boxed{{{0 if brightness(imgs[0]) > brightness(imgs[1]) else 1}}}"
     else:
         answer = f"\\boxed{{{1 + 4 * brightness(imgs[0]) / 255:.2f}}}"
-    if j % 4 == 0:
-        return "<think> hmm </think> \\boxed{7}", False  # out of range for both tasks: unparseable, never guessed
-    if j % 4 == 1:
-        return f"<think> the brighter one </think> {answer} and then", True  # cut off: an abstention, though parseable
-    return f"<think> the brighter one </think> {answer}", False
+    if j % 4 == 0:  # out of range for both tasks: unparseable, never guessed
+        return common.Completion("<think> hmm </think> \\boxed{7}", False)
+    if j % 4 == 1:  # cut off: an abstention, though parseable
+        return common.Completion(f"<think> the brighter one </think> {answer} and then", True)
+    return common.Completion(f"<think> the brighter one </think> {answer}", False)
 
 
 def scripted(calls: list | None = None, fail_after: int | None = None, delay: float = 0.0):
@@ -64,7 +65,7 @@ def scripted(calls: list | None = None, fail_after: int | None = None, delay: fl
 
 def always(index: int):
     """A maximally position-biased model: always answers `index` (0: the first image shown)."""
-    return lambda prompt, images, n: [[(f"\\boxed{{{index}}}", False)] * n for _ in images]
+    return lambda prompt, images, n: [[common.Completion(f"\\boxed{{{index}}}", False)] * n for _ in images]
 
 
 def expected_counts(pool: Path, a: str, b: str, k: int, seed: int = 0) -> dict:
@@ -160,14 +161,38 @@ def test_identity_mapping_abstentions_and_batching(demo_pool):
 
 
 def test_summarize_hand_worked():
-    records = [{"votes_a": 3, "votes_b": 1, "abstain": 0, "first_slot_wins": 2},
-               {"votes_a": 0, "votes_b": 2, "abstain": 2, "first_slot_wins": 1},
-               {"votes_a": 0, "votes_b": 0, "abstain": 4, "first_slot_wins": 0}]
+    def answers(truncated: int, total: int) -> list[dict]:
+        return [{"truncated": i < truncated} for i in range(total)]
+
+    records = [{"votes_a": 3, "votes_b": 1, "abstain": 0, "first_slot_wins": 2, "answers": answers(0, 4)},
+               {"votes_a": 0, "votes_b": 2, "abstain": 2, "first_slot_wins": 1, "answers": answers(1, 4)},
+               {"votes_a": 0, "votes_b": 0, "abstain": 4, "first_slot_wins": 0, "answers": answers(4, 4)}]
     s = sample_votes.summarize(records, "compare", skipped=1)
     assert s["pairs"] == 3 and s["votes"] == 12 and s["skipped_pairs"] == 1
     assert s["abstention_rate"] == pytest.approx(6 / 12)
+    assert s["truncated_votes"] == 5 and s["truncation_rate"] == pytest.approx(5 / 12)
     assert s["first_slot_win_rate"] == pytest.approx(3 / 6)
     assert s["mean_majority_agreement"] == pytest.approx((3 / 4 + 2 / 2) / 2)  # pairs without votes left out
+    scores = [{"scores": [3.0, None, None], "truncated": [False, True, False]},
+              {"scores": [None, 2.5], "truncated": [True, False]}]
+    s = sample_votes.summarize(scores, "score", skipped=0)
+    assert (s["images"], s["samples"], s["truncated_samples"]) == (2, 5, 2)
+    assert s["unparseable_rate"] == pytest.approx(3 / 5) and s["truncation_rate"] == pytest.approx(2 / 5)
+
+
+def test_default_batch_size_fits_7b_on_80gb_and_says_why():
+    """The default --batch-size against the KV-cache arithmetic of Qwen2.5-VL-7B (config values written out here)."""
+    field = next(f for f in dataclasses.fields(sample_votes.Args) if f.name == "batch_size")
+    layers, kv_heads, head_dim, bf16 = 28, 4, 128, 2
+    per_token = layers * 2 * kv_heads * head_dim * bf16  # K and V
+    per_sequence = per_token * (2000 + 512)  # two KonIQ images' prompt + the completion budget
+    weights = 16.6e9
+    used = weights + field.default * per_sequence
+    assert per_token == 56 * 1024 and round(per_sequence / 1e6) == 144
+    assert used < 0.75 * 80e9  # room for the prefill activations and the vision tower
+    assert weights + 2 * field.default * per_sequence > 80e9  # and not far below the limit: twice would not fit
+    help_text = field.metadata["help"]
+    assert f"{field.default} fits 7B on one 80 GB GPU" in help_text and "144 MB/sequence" in help_text
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -185,15 +210,21 @@ def test_run_meta_and_summary(pool, tmp_path, monkeypatch, capsys):
         assert {key: r[key] for key in ("votes_a", "votes_b", "abstain", "first_slot_wins")} == \
             expected_counts(pool, r["a"], r["b"], 8)
     meta = json.loads(Path(f"{out}.meta.json").read_text())
-    assert meta["model"] == "scripted" and meta["votes_per_pair"] == 8 and meta["mode"] == "compare"
-    assert meta["prompt"] == "evoquality" and meta["prompt_hash"] == common.get_preset("evoquality").hash()
+    settings = meta["settings"]
+    assert settings["model"] == "scripted" and settings["votes_per_pair"] == 8 and settings["mode"] == "compare"
+    assert settings["prompt"] == "evoquality" and settings["prompt_hash"] == common.get_preset("evoquality").hash()
+    assert len({p.hash() for p in common.PRESETS.values()}) == len(common.PRESETS)  # the hash tells presets apart
     assert meta["args"]["batch_size"] == 16 and meta["package_versions"]["torch"] != "missing"
     assert meta["started"] and meta["finished"]
-    # scripted: per order of 4 samples, 2 abstain; the better image wins every valid vote, once per slot
-    expected = {"pairs": 20, "skipped_pairs": 0, "votes": 160, "abstention_rate": 0.5, "first_slot_win_rate": 0.5,
-                "mean_majority_agreement": 1.0}
+    pool_stats = json.loads(Path(f"{out}.pool.json").read_text())
+    assert pool_stats == {x: [(pool / x).stat().st_size, (pool / x).stat().st_mtime_ns] for x in names}
+    # scripted: per order of 4 samples, 2 abstain (one of them cut off); the better image wins every valid vote,
+    # once per slot
+    expected = {"pairs": 20, "skipped_pairs": 0, "votes": 160, "abstention_rate": 0.5, "truncated_votes": 40,
+                "truncation_rate": 0.25, "first_slot_win_rate": 0.5, "mean_majority_agreement": 1.0}
     assert {key: meta["counts"][key] for key in expected} == expected
-    assert "abstention_rate 0.500" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "abstention_rate 0.500" in printed and "truncation_rate 0.250" in printed
     assert not list(tmp_path.glob("votes.jsonl.shard-*")) and Path(f"{out}.skipped.jsonl").read_text() == ""
 
 
@@ -243,22 +274,112 @@ def test_resume_after_sigkill(pool, tmp_path, monkeypatch):
     assert out.read_bytes() == reference.read_bytes()
 
 
-def test_refuses_changed_model_prompt_or_k(pool, tmp_path, monkeypatch, capsys):
+def refused(monkeypatch, capsys, argv, generate_fn=None) -> str:
+    """The one-line error of a run that must be refused (exit 2, nothing voted)."""
+    calls, _ = [], capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        run(monkeypatch, generate_fn or scripted(calls), *argv)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and calls == [] and len(err.splitlines()) == 1, err
+    return err
+
+
+def test_refuses_each_changed_setting(pool, tmp_path, monkeypatch, capsys):
     out = tmp_path / "votes.jsonl"
     run(monkeypatch, scripted(), *base_argv(pool, out))
     before, _ = out.read_bytes(), capsys.readouterr()
-    for change, word in ((["--model", "other"], "model"), (["--prompt", "visualquality_r1"], "prompt"),
-                         (["--votes-per-pair", "6"], "votes_per_pair"), (["--num-pairs", "10"], "num_pairs")):
-        argv = [*base_argv(pool, out), *change]  # argparse: the last occurrence wins
-        with pytest.raises(SystemExit) as e:
-            run(monkeypatch, scripted(), *argv)
-        assert e.value.code == 2
-        err = capsys.readouterr().err.strip()
-        assert len(err.splitlines()) == 1 and word in err and "--overwrite" in err
+    for change, named in ((["--model", "other"], "model: 'scripted' -> 'other'"),
+                          (["--prompt", "visualquality_r1"], "prompt: 'evoquality' -> 'visualquality_r1'; prompt_hash: "
+                           f"'{common.PRESETS['evoquality'].hash()}' -> '{common.PRESETS['visualquality_r1'].hash()}'"),
+                          (["--no-reasoning"], "reasoning: True -> False"),
+                          (["--mode", "score"], "mode: 'compare' -> 'score'"),
+                          (["--votes-per-pair", "6"], "votes_per_pair: 8 -> 6"),
+                          (["--temperature", "0.7"], "temperature: 1.0 -> 0.7"),
+                          (["--max-new-tokens", "64"], "max_new_tokens: 512 -> 64"),
+                          (["--max-pixels", "3136"], "max_pixels: None -> 3136"),
+                          (["--num-pairs", "10"], "num_pairs: 20 -> 10"),
+                          (["--seed", "1"], "seed: 0 -> 1")):
+        err = refused(monkeypatch, capsys, [*base_argv(pool, out), *change])  # argparse: the last occurrence wins
+        assert err == f"error: {out} was made with other settings ({named}); use another --out, or --overwrite to " \
+                      f"discard them", err
+    # two changes at once: both named
+    err = refused(monkeypatch, capsys, [*base_argv(pool, out), "--seed", "1", "--votes-per-pair", "6"])
+    assert "votes_per_pair: 8 -> 6; seed: 0 -> 1" in err
+    # the preset's text edited under the same name: its hash changes
+    edited = dataclasses.replace(common.PRESETS["evoquality"], compare=common.PRESETS["evoquality"].compare + " ")
+    with monkeypatch.context() as m:
+        m.setitem(common.PRESETS, "evoquality", edited)
+        err = refused(monkeypatch, capsys, base_argv(pool, out))
+    assert f"prompt_hash: '{common.PRESETS['evoquality'].hash()}' -> '{edited.hash()}'" in err
+    # another pool listing (one image more): the pair draw's input changed
+    shutil.copy(pool / "pool_00000.png", pool / "pool_00012.png")
+    assert "pool_names: " in refused(monkeypatch, capsys, base_argv(pool, out))
+    (pool / "pool_00012.png").unlink()
     assert out.read_bytes() == before
+    # not settings: --batch-size, --no-text, --strict (how the votes are computed and stored, not what they are)
+    calls = []
+    run(monkeypatch, scripted(calls), *base_argv(pool, out, "--batch-size", 4, "--no-text", "--strict"))
+    assert calls == [] and out.read_bytes() == before
     run(monkeypatch, scripted(), *base_argv(pool, out), "--votes-per-pair", 4, "--overwrite")
     assert {len(r["answers"]) for r in common.read_jsonl(out)} == {4}
-    assert json.loads(Path(f"{out}.meta.json").read_text())["votes_per_pair"] == 4
+    assert json.loads(Path(f"{out}.meta.json").read_text())["settings"]["votes_per_pair"] == 4
+
+
+def test_refuses_a_model_retrained_in_place(pool, tmp_path, monkeypatch, capsys):
+    model, out = tmp_path / "model", tmp_path / "votes.jsonl"
+    model.mkdir()
+    (model / "model.safetensors").write_bytes(b"weights of round 1")
+    argv = base_argv(pool, out, "--model", model, "--num-pairs", 3)
+    run(monkeypatch, scripted(), *argv)
+    old = common.fingerprint(model)
+    assert json.loads(Path(f"{out}.meta.json").read_text())["settings"]["model"] == old
+    (model / "model.safetensors").write_bytes(b"weights of round 2, retrained")  # same folder, same file names
+    err = refused(monkeypatch, capsys, argv)
+    assert f"model: '{old}' -> '{common.fingerprint(model)}'" in err and old != common.fingerprint(model)
+
+
+def test_refuses_a_pool_image_modified_in_place(pool, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "votes.jsonl"
+    argv = base_argv(pool, out, "--num-pairs", 3)
+    run(monkeypatch, scripted(), *argv)
+    voted = {x for r in common.read_jsonl(out) for x in (r["a"], r["b"])}
+    _, names = common.list_images(pool)
+    unvoted = sorted(set(names) - voted)
+    assert len(voted) <= 6 and unvoted
+    # an image without votes may change (nothing recorded depends on it): accepted, nothing voted again
+    with Image.open(pool / unvoted[0]) as img:
+        img.rotate(90).save(pool / unvoted[0])
+    calls = []
+    run(monkeypatch, scripted(calls), *argv)
+    assert calls == []
+    # an image with votes, rewritten in place under the same name (the same size, a later mtime): refused
+    target = pool / sorted(voted)[0]
+    data = target.read_bytes()
+    stat = target.stat()
+    target.write_bytes(data)
+    os.utime(target, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+    err = refused(monkeypatch, capsys, argv)
+    assert err == f"error: {out} holds votes on images changed since (size or mtime): {sorted(voted)[0]}; " \
+                  f"use another --out, or --overwrite to discard them"
+    # and one whose size changed
+    with Image.open(target) as img:
+        img.resize((64, 64)).save(target)
+    assert sorted(voted)[0] in refused(monkeypatch, capsys, argv)
+
+
+def test_refuses_an_out_without_meta_or_from_an_older_version(pool, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "votes.jsonl"
+    run(monkeypatch, scripted(), *base_argv(pool, out))
+    meta_path = Path(f"{out}.meta.json")
+    meta = json.loads(meta_path.read_text())
+    old = {k: v for k, v in meta.pop("settings").items() if k != "pool_names"}  # the layout of the earlier version:
+    meta_path.write_text(json.dumps({**old, **meta, "images_sha256": "0" * 64}))  # settings on top, pool by name
+    err = refused(monkeypatch, capsys, base_argv(pool, out))
+    assert "(pool_names: None -> '" in err and "model: " not in err
+    meta_path.unlink()
+    err = refused(monkeypatch, capsys, base_argv(pool, out))
+    assert err == f"error: {out} exists without votes.jsonl.meta.json, so it cannot be resumed safely; " \
+                  f"use another --out, or --overwrite to discard them"
 
 
 def test_corrupt_image_skipped_or_strict(pool, tmp_path, monkeypatch, capsys):
@@ -296,6 +417,39 @@ def test_score_mode(pool, tmp_path, monkeypatch):
     for r in records:
         score = round(1 + 4 * brightness(Image.open(pool / r["image"]).convert("RGB")) / 255, 2)
         assert r["scores"] == [None, None, score, score] * 2 and "answers" not in r
+        assert r["truncated"] == [False, True, False, False] * 2  # kept by --no-text
+    counts = json.loads(Path(f"{out}.meta.json").read_text())["counts"]
+    assert (counts["samples"], counts["truncated_samples"]) == (8 * len(records), 2 * len(records))
+    assert counts["truncation_rate"] == 0.25 and counts["unparseable_rate"] == 0.5
+
+
+def cut_off_every_other(prompt, images, n):
+    """The right boxed answer in every sample, but samples 1, 3, ... were cut off by the token budget."""
+    return [[common.Completion(scripted_completion(imgs, 2).text, j % 2 == 1) for j in range(n)] for imgs in images]
+
+
+@pytest.mark.parametrize("mode", ["compare", "score"])
+def test_truncated_boxed_answers_are_abstentions_and_counted(pool, tmp_path, monkeypatch, mode):
+    import build_pseudolabels
+
+    out = tmp_path / "votes.jsonl"
+    run(monkeypatch, cut_off_every_other, *base_argv(pool, out, "--mode", mode, "--num-pairs", 6, "--no-text"))
+    meta = json.loads(Path(f"{out}.meta.json").read_text())["counts"]
+    stats = build_pseudolabels.main(build_pseudolabels.Args(votes=str(out), out=str(tmp_path / "pl.jsonl")))
+    assert stats["truncation_rate"] == 0.5 and stats["truncation_flags"] == "every answer"
+    assert meta["truncation_rate"] == 0.5
+    if mode == "compare":
+        for r in common.read_jsonl(out):  # each boxed answer cut off is an abstention, never a vote
+            assert (r["votes_a"] + r["votes_b"], r["abstain"]) == (4, 4)
+            assert all((x["choice"] is None) == x["truncated"] for x in r["answers"])
+        assert (meta["truncated_votes"], meta["abstention_rate"]) == (24, 0.5)
+        assert (stats["truncated_answers"], stats["abstention_rate"]) == (24, 0.5)
+    else:
+        records = common.read_jsonl(out)
+        for r in records:
+            assert [s is None for s in r["scores"]] == r["truncated"] == [False, True] * 4
+        assert (meta["truncated_samples"], meta["unparseable_rate"]) == (4 * len(records), 0.5)
+        assert stats["truncated_answers"] == 4 * len(records)
 
 
 def test_two_processes_equal_one(pool, tmp_path, monkeypatch):
@@ -355,7 +509,10 @@ def test_real_tiny_model_end_to_end(tiny_model_dir, demo_pool, tmp_path):
             assert x["choice"] == (None if index is None else "ab"[index] if x["order"] == "ab" else "ba"[index])
         assert sum(x["truncated"] for x in r["answers"]) >= 2  # a random tiny model rarely emits EOS in 8 tokens
     meta = json.loads(Path(f"{out}.meta.json").read_text())
-    assert meta["model"] == str(Path(tiny_model_dir).resolve()) and meta["counts"]["votes"] == 24
+    assert meta["model_path"] == str(Path(tiny_model_dir).resolve()) and meta["counts"]["votes"] == 24
+    assert meta["settings"]["model"] == common.fingerprint(tiny_model_dir) != tiny_model_dir
+    truncated = sum(x["truncated"] for r in records for x in r["answers"])
+    assert meta["counts"]["truncated_votes"] == truncated and meta["counts"]["truncation_rate"] == truncated / 24
     # user errors: one line, exit 2, no traceback
     (tmp_path / "empty").mkdir()
     for bad in (["--model", str(tmp_path / "missing")], ["--images", str(tmp_path / "empty")]):
