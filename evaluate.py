@@ -386,11 +386,10 @@ def xlsx_table(path: Path, sheet: Optional[str], columns: tuple[str, ...]) -> li
 def mat_vector(path: Path, key: str) -> np.ndarray:
     """The variable `key` of a MATLAB .mat file, flattened (a cell array comes back as an object array)."""
     from scipy.io import loadmat
-    from scipy.io.matlab import MatReadError
 
     try:
         data = loadmat(path)
-    except (MatReadError, ValueError, OSError, NotImplementedError, TypeError) as e:
+    except Exception as e:  # a damaged file raises MatReadError, ValueError, IndexError, ... depending on where
         raise ValueError(f"{path}: cannot read it as a MATLAB .mat file ({type(e).__name__}: {e})") from None
     if key not in data:
         raise ValueError(f"{path}: no variable {key!r}; it holds {sorted(k for k in data if not k.startswith('__'))}")
@@ -481,7 +480,7 @@ def read_livec(path: Path) -> Release:
         name = str(name[0]) if name.size and isinstance(name[0], str) else None
         if name is None:
             raise ValueError(f"{names_file}, AllImages_release entry {i + 1}: not a file name ({item!r})")
-        rows.append(Row(name, value, f"{path}, AllMOS_release entry {i + 1}", {}))
+        rows.append(Row(name, float(value), f"{path}, AllMOS_release entry {i + 1}", {}))
     dropped = [row.image for row in rows[:LIVEC_TRAINING_ENTRIES]]
     return Release("LIVE Challenge (LIVE-Wild)", [path, names_file], rows[LIVEC_TRAINING_ENTRIES:],
                    ("../Images", "Images"), False, "MOS, 0-100 (higher is better)",
@@ -490,9 +489,10 @@ def read_livec(path: Path) -> Release:
 
 
 # KADID-10k (database.mmsp-kn.de/kadid-10k-database.html): dmos.csv with header dist_img,ref_img,dmos,var; 10,125
-# distorted images (and the 81 references) in images/. Despite its name, `dmos` is the mean of degradation category
-# ratings on 1-5 where 5 means imperceptible: HIGHER is better (pyiqa's scripts/process_kadid10k.py copies it
-# unflipped as the MOS; public loaders note "KADID DMOS: 1-5 scale (higher = better quality)").
+# distorted images (and the 81 references) in images/. Despite its name, `dmos` is HIGHER-is-better: a mean of
+# degradation category ratings (ITU-T P.910 DCR, 5 = imperceptible .. 1 = very annoying) on 1-5. pyiqa's
+# scripts/process_kadid10k.py copies it unflipped as the MOS; public loaders note "KADID DMOS: 1-5 scale (higher =
+# better quality)" and one checked "dmos is quality-oriented" against the raw ratings of all 10,125 images.
 def read_kadid(path: Path) -> Release:
     rows = [Row(r["dist_img"], r["dmos"], where, {}) for where, r in csv_table(path, ("dist_img", "dmos"))]
     return Release("KADID-10k", [path], rows, ("images", "."), False,
