@@ -551,6 +551,8 @@ def read_csiq(path: Path) -> Release:
     rows = []
     for where, v, cells in xlsx_table(path, "all_by_image", ("image", "dst_type", "dst_lev", "dmos")):
         image, kind, level = v["image"], str(v["dst_type"]).strip().lower(), v["dst_lev"]
+        if image is None:
+            raise ValueError(f"{where}, cell {cells['image']}: no image name")
         image = str(int(image)) if isinstance(image, float) and image.is_integer() else str(image).strip()
         if kind not in CSIQ_TYPES:
             raise ValueError(f"{where}, cell {cells['dst_type']}: unknown dst_type {v['dst_type']!r}; "
