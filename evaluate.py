@@ -69,7 +69,7 @@ import common
 @dataclass
 class Args:
     model: str = common.arg("", help="checkpoint folder or hub id, e.g. ByteDance/EvoQuality")
-    bench: list[str] = common.arg([], help="NAME=PATH[@IMAGE_FOLDER], PATH a dataset folder or a label file; repeatable")
+    bench: list[str] = common.arg([], help="NAME=PATH[@IMAGE_FOLDER], PATH a dataset folder or label file; repeatable")
     images: str = common.arg("", help="score these images instead (a folder or a .txt/.jsonl list); no metrics")
     out: str = common.arg("", help="output folder for predictions and summaries")
     predictions: str = common.arg("", help="recompute metrics from the predictions in this folder (no model)")
@@ -365,8 +365,8 @@ def xlsx_rows(path: Path, sheet: Optional[str] = None) -> tuple[str, list[tuple[
 
 
 def xlsx_table(path: Path, sheet: Optional[str], columns: tuple[str, ...]) -> list[tuple[str, dict, dict]]:
-    """[(where, {header: value}, {header: cell reference})] for the rows below the first row that holds every name in `columns` (the header
-    need not be row 1: CSIQ's is row 4). Rows with none of `columns` filled are padding and skipped."""
+    """[(where, {header: value}, {header: cell reference})] for the rows below the first row that holds every name in
+    `columns` (the header need not be row 1: CSIQ's is row 4). Rows with none of `columns` filled are padding."""
     name, rows = xlsx_rows(path, sheet)
     for i, (_, cells) in enumerate(rows):
         header = {str(v).strip(): col for col, v in cells.items() if isinstance(v, str)}
