@@ -1,5 +1,7 @@
-"""evaluate.py: metrics against hand-worked numbers and scipy, the three benchmark formats, bad input, resume,
---predictions recomputation, and end-to-end runs on the tiny model (one process and two under torchrun)."""
+"""evaluate.py: metrics against hand-worked numbers and scipy, the generic benchmark formats, bad input, resume,
+--predictions recomputation, the one truncation rule, reruns refused by setting (model identity, label content),
+--images scoring, and end-to-end runs on the tiny model (one process, and two under torchrun) checked against plain
+`generate`. The eight official releases are in test_benchmarks.py."""
 
 import json
 import math
