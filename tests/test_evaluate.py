@@ -1,5 +1,7 @@
-"""evaluate.py: metrics against hand-worked numbers and scipy, the three benchmark formats, bad input, resume,
---predictions recomputation, and end-to-end runs on the tiny model (one process and two under torchrun)."""
+"""evaluate.py: metrics against hand-worked numbers and scipy, the generic benchmark formats, bad input, resume,
+--predictions recomputation, the one truncation rule, reruns refused by setting (model identity, label content),
+--images scoring, and end-to-end runs on the tiny model (one process, and two under torchrun) checked against plain
+`generate`. The eight official releases are in test_benchmarks.py."""
 
 import json
 import math
@@ -110,7 +112,8 @@ def test_three_formats_are_detected_and_parsed(tmp_path):
     plain = tmp_path / "plain.jsonl"
     plain.write_text('{"image": "a.png", "mos": 3.42}\n\n{"image": "b.png", "mos": 1}\n')
     entries, applied, label = evaluate.read_benchmark(plain)
-    assert [(e["image"], e["mos"], e["line"]) for e in entries] == [("a.png", 3.42, 1), ("b.png", 1.0, 3)]
+    assert [(e["image"], e["mos"], e["line"]) for e in entries] == [("a.png", 3.42, f"{plain}:1"),
+                                                                    ("b.png", 1.0, f"{plain}:3")]
     assert (applied, label) == (False, "mos")
 
     vqr1 = tmp_path / "vqr1.jsonl"
@@ -128,7 +131,8 @@ def test_three_formats_are_detected_and_parsed(tmp_path):
     entries, applied, label = evaluate.read_benchmark(csv_file)
     assert [e["image"] for e in entries] == ["d1.png", "d2.png", "d3.png"] and not applied and label == "mos"
     entries, applied, _ = evaluate.read_benchmark(csv_file, ("split", "test"))
-    assert [(e["image"], e["mos"], e["line"]) for e in entries] == [("d2.png", 0.7, 3), ("d3.png", 0.2, 4)] and applied
+    assert [(e["image"], e["mos"], e["line"]) for e in entries] == [("d2.png", 0.7, f"{csv_file}:3"),
+                                                                    ("d3.png", 0.2, f"{csv_file}:4")] and applied
     koniq = tmp_path / "koniq.csv"  # pyiqa's KonIQ file names its column img_name
     koniq.write_text("img_name,mos,std,split\n1.jpg,77.3,0.5,training\n")
     assert evaluate.read_benchmark(koniq)[0][0]["image"] == "1.jpg"
@@ -179,17 +183,21 @@ def test_user_errors_exit_2_without_traceback(tmp_path, demo_bench):
 
 
 def fake_answers(calls):
-    """Answers that depend on the image: a score from its pixel spread; 2 of the 12 demo images get no answer."""
-    def generate_answers(model, processor, images, prompt, preset, generation_config, samples):
+    """Answers that depend on the image: a score from its pixel spread; of the 12 demo images, 2 get no answer and
+    1 gets a closed box cut off by the token budget (truncated: unparseable)."""
+    def sample_answers(model, processor, images, prompt, preset, args):
         calls.append(len(images))
         out = []
         for image in images:
             spread = float(np.asarray(image, dtype=float).std())
-            text = f"<think>ok</think> \\boxed{{{1 + spread / 30:.2f}}}"
-            text = "<think>hm</think> no idea" if int(spread) % 4 == 1 else text
-            out.append([text] * samples)
+            text, truncated = f"<think>ok</think> \\boxed{{{1 + spread / 30:.2f}}}", False
+            if int(spread) % 4 == 1:
+                text = "<think>hm</think> no idea"
+            elif int(spread) % 7 == 3:
+                text, truncated = f"\\boxed{{{1 + spread / 30:.2f}}}. Wait, let me reconsider", True
+            out.append([common.Completion(text, truncated)] * args.samples)
         return out
-    return generate_answers
+    return sample_answers
 
 
 @pytest.fixture
@@ -202,7 +210,7 @@ def bench_with_a_gap(tmp_path, demo_bench):
 
 
 def run_eval(monkeypatch, calls, tiny_model_dir, bench, root, out, *extra):
-    monkeypatch.setattr(evaluate, "generate_answers", fake_answers(calls))
+    monkeypatch.setattr(evaluate, "sample_answers", fake_answers(calls))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return evaluate.main(["--model", tiny_model_dir, "--bench", f"demo={bench}@{root}", "--bench",
@@ -222,7 +230,12 @@ def test_live_run_predictions_recompute_and_lower_better(monkeypatch, tmp_path, 
     valid = [r for r in records if r["score"] is not None]
     demo = summary["benchmarks"]["demo"]
     assert (demo["n"], demo["missing"], demo["missing_images"]) == (13, 1, ["lost.png"])
-    assert demo["n_valid"] == 10 and demo["coverage"] == pytest.approx(10 / 13)
+    assert demo["n_valid"] == 8 and demo["coverage"] == pytest.approx(8 / 13)
+    # the truncated answers hold a closed box, yet score nothing (the one truncation rule), and are counted
+    cut = [r for r in records if any(r.get("truncated", []))]
+    assert len(cut) == 2
+    assert all(r["score"] is None and r["scores"] == [None] for r in cut)
+    assert demo["truncation_rate"] == pytest.approx(2 / 12)
     pred, mos = [r["score"] for r in valid], [r["mos"] for r in valid]
     assert demo["srcc"] == pytest.approx(stats.spearmanr(pred, mos).statistic)
     assert demo["plcc"] == pytest.approx(stats.pearsonr(pred, mos).statistic)
@@ -267,7 +280,7 @@ def test_resume_after_truncation_and_after_a_crash(monkeypatch, tmp_path, tiny_m
         calls.append(1)
         return real(*a, **k)
     calls.clear()
-    monkeypatch.setattr(evaluate, "generate_answers", crash_after_one_batch)
+    monkeypatch.setattr(evaluate, "sample_answers", crash_after_one_batch)
     with pytest.raises(KeyboardInterrupt), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         evaluate.main(["--model", tiny_model_dir, "--bench", f"demo={bench_with_a_gap}@{demo_bench}",
@@ -284,38 +297,143 @@ def test_resume_after_truncation_and_after_a_crash(monkeypatch, tmp_path, tiny_m
     assert e.value.code == 2
 
 
+def test_truncated_closed_box_scores_nothing():
+    preset = common.get_preset("evoquality")
+    text = "<think>looks sharp</think> \\boxed{3.2}. Wait, let me reconsider"
+    assert common.parse_score(text, preset) == 3.2  # the text alone would parse: only the flag stops it
+    score, scores = evaluate.image_score([common.Completion(text, True), common.Completion("\\boxed{4.0}", False)],
+                                         preset)
+    assert scores == [None, 4.0] and score == 4.0
+
+
+def test_reruns_that_change_a_result_are_refused(monkeypatch, tmp_path, tiny_model_dir, demo_bench, capsys):
+    """The model by identity (a retrained checkpoint in the same folder), a benchmark by its label file's content,
+    each decoding setting; a new benchmark is not a change."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    bench = tmp_path / "labels.jsonl"
+    shutil.copy(demo_bench / "labels.jsonl", bench)
+    out, calls = tmp_path / "o", []
+    monkeypatch.setattr(evaluate, "sample_answers", fake_answers(calls))
+
+    def run(*extra):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return evaluate.main(["--model", str(model), "--bench", f"demo={bench}@{demo_bench}", "--out", str(out),
+                                  "--max-new-tokens", "4", *extra])
+
+    def refused(*extra) -> str:
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as e:
+            run(*extra)
+        assert e.value.code == 2
+        return capsys.readouterr().err
+
+    run()
+    assert sum(calls) == 12
+    err = refused("--samples", "4", "--temperature", "0.7")
+    assert "samples: 1 -> 4" in err and "temperature: None -> 0.7" in err
+    assert "max_new_tokens: 4 -> 8" in refused("--max-new-tokens", "8")
+    assert "prompt: 'evoquality' -> 'visualquality_r1'" in refused("--prompt", "visualquality_r1")
+    assert "reasoning: True -> False" in refused("--no-reasoning")
+
+    (model / "config.json").write_text((model / "config.json").read_text() + "\n")  # retrained in place
+    assert "model:" in refused()
+    shutil.rmtree(model)
+    shutil.copytree(tiny_model_dir, model)  # copytree keeps mtimes: the same files, the same model
+    lines = bench.read_text().splitlines()
+    record = json.loads(lines[0])
+    lines[0] = json.dumps({**record, "mos": record["mos"] + 0.5})  # one label corrected
+    bench.write_text("\n".join(lines) + "\n")
+    assert "benchmark demo:" in refused()
+
+    lines[0] = json.dumps(record)
+    bench.write_text("\n".join(lines) + "\n")
+    calls.clear()
+    with warnings.catch_warnings():  # the original file again, plus a new benchmark: allowed, only it is scored
+        warnings.simplefilter("ignore")
+        evaluate.main(["--model", str(model), "--bench", f"demo={bench}@{demo_bench}",
+                       f"more={demo_bench / 'labels.jsonl'}", "--out", str(out), "--max-new-tokens", "4"])
+    assert sum(calls) == 12
+    saved = json.loads((out / "eval_config.json").read_text())["settings"]
+    assert {"benchmark demo", "benchmark more"} <= set(saved)
+
+
+def test_images_mode_scores_every_image_and_lists_unreadable_ones(monkeypatch, tmp_path, tiny_model_dir, demo_pool):
+    folder = tmp_path / "photos"
+    shutil.copytree(demo_pool, folder)
+    (folder / "sub").mkdir()
+    shutil.copy(demo_pool / "pool_00000.png", folder / "sub" / "again.png")
+    (folder / "broken.png").write_bytes(b"not a png")
+    calls = []
+    monkeypatch.setattr(evaluate, "sample_answers", fake_answers(calls))
+    args = ["--model", tiny_model_dir, "--images", str(folder), "--out", str(tmp_path / "o"), "--batch-size", "5",
+            "--max-new-tokens", "4", "--samples", "2"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        summary = evaluate.main(args)
+    records = common.read_jsonl(tmp_path / "o" / "predictions.jsonl")
+    assert [r["image"] for r in records] == common.list_images(folder)[1]  # every image, in the folder's order
+    assert len(records) == 14 and sum(calls) == 13 and all("mos" not in r for r in records)
+    broken = next(r for r in records if r["image"] == "broken.png")
+    assert broken["score"] is None and "cannot read image" in broken["error"]
+    assert summary["images"]["unreadable"] == [{"image": "broken.png", "error": broken["error"]}]
+    assert all(len(r["scores"]) == 2 for r in records if not r.get("error"))  # --samples 2
+    assert "srcc" not in json.dumps(summary) and not list((tmp_path / "o").glob("predictions_*"))
+    calls.clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        evaluate.main(args)  # resume: only the broken image is tried again, and it still cannot be read
+    assert calls == [] and common.read_jsonl(tmp_path / "o" / "predictions.jsonl") == records
+
+
+def test_bench_and_images_together_is_refused(tmp_path, demo_bench):
+    run = subprocess.run([sys.executable, "evaluate.py", "--model", "none", "--out", str(tmp_path / "o"),
+                          "--images", str(demo_bench), "--bench", f"d={demo_bench / 'labels.jsonl'}"],
+                         cwd=ROOT, env=ENV, capture_output=True, text=True)
+    assert run.returncode == 2 and "--bench and --images" in run.stderr
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # end to end on the tiny model: one process, then two under torchrun
 # ---------------------------------------------------------------------------------------------------------------------
 
 
 def test_end_to_end_tiny_model_one_and_two_processes(tmp_path, tiny_model_dir, demo_bench):
-    args = ["--model", tiny_model_dir, "--bench", f"demo={demo_bench / 'labels.jsonl'}", "--max-new-tokens", "16",
-            "--batch-size", "4"]
-    one = subprocess.run([sys.executable, "evaluate.py", *args, "--out", str(tmp_path / "one")], cwd=ROOT, env=ENV,
-                         capture_output=True, text=True, timeout=300)
+    """One process on the benchmark, then two under torchrun on --images of the same folder: both paths shard,
+    resume and merge through the same code, and greedy answers must come back on the same images."""
+    args = ["--model", tiny_model_dir, "--max-new-tokens", "16", "--batch-size", "4"]
+    one = subprocess.run([sys.executable, "evaluate.py", *args, "--bench", f"demo={demo_bench / 'labels.jsonl'}",
+                          "--out", str(tmp_path / "one")], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                         timeout=300)
     assert one.returncode == 0, one.stderr[-3000:]
     assert "| demo | 12 |" in one.stdout and "| WAVG | 12 |" in one.stdout
     records = common.read_jsonl(tmp_path / "one" / "predictions_demo.jsonl")
     assert [r["image"] for r in records] == [f"bench_{i:05d}.png" for i in range(12)]
     assert all(len(r["answers"]) == 1 and r["answers"][0] for r in records)
-    for r in records:  # nothing is invented: the score is what the parser makes of the saved text
-        assert r["scores"] == [common.parse_score(r["answers"][0])] and r["n_valid"] == (r["score"] is not None)
+    assert len({r["answers"][0] for r in records}) > 1  # answers differ by image, so a mix-up below would show
+    for r in records:  # nothing is invented: the score is what the parser makes of the saved, untruncated text
+        parsed = None if r["truncated"][0] else common.parse_score(r["answers"][0])
+        assert r["scores"] == [parsed] and r["n_valid"] == (r["score"] is not None)
     summary = json.loads((tmp_path / "one" / "summary.json").read_text())
-    assert summary["benchmarks"]["demo"]["n"] == 12 and summary["num_processes"] == 1
+    demo = summary["benchmarks"]["demo"]
+    assert demo["n"] == 12 and summary["num_processes"] == 1 and demo["dataset"] == "generic file"
+    assert demo["truncation_rate"] == pytest.approx(np.mean([r["truncated"][0] for r in records]))
 
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "evaluate.py", *args,
-                          "--out", str(tmp_path / "two")], cwd=ROOT, env=ENV, capture_output=True, text=True,
-                         timeout=300)
+                          "--images", str(demo_bench), "--out", str(tmp_path / "two")], cwd=ROOT, env=ENV,
+                         capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr[-3000:]
     assert json.loads((tmp_path / "two" / "summary.json").read_text())["num_processes"] == 2
-    assert common.read_jsonl(tmp_path / "two" / "predictions_demo.jsonl") == records  # greedy: same answers
-    assert two.stdout.count("| WAVG |") == 1  # only the main process reports
+    scored = common.read_jsonl(tmp_path / "two" / "predictions.jsonl")
+    assert [{k: v for k, v in r.items() if k != "mos"} for r in records] == scored
+    assert two.stdout.count("12 images: ") == 1  # only the main process reports
 
 
 def test_sampled_answers_are_grouped_per_image(tiny_model_dir, demo_bench):
-    """generate returns each input's samples contiguously: at a near-zero temperature every sample of image i is
-    image i's own greedy answer; at temperature 1 (top_k=0, not the shipped top_k=1) the samples differ."""
+    """Against plain `generate`, one image at a time, greedy: evaluate's greedy answers and truncation flags equal
+    it; at a near-zero temperature every sample of image i is image i's reference answer (the grouping); at
+    temperature 1 (top_k=0, not the shipped top_k=1) the samples differ."""
     import torch
 
     model = common.load_model(tiny_model_dir, dtype=torch.float32, device="cpu").eval()
@@ -323,12 +441,23 @@ def test_sampled_answers_are_grouped_per_image(tiny_model_dir, demo_bench):
     preset = common.get_preset("evoquality")
     prompt = preset.prompt("score", True)
     images = [common.load_image(demo_bench / f"bench_{i:05d}.png") for i in (0, 1, 2)]
-    greedy = common.sampling_config(model, 32, do_sample=False)
-    alone = [evaluate.generate_answers(model, processor, [im], prompt, preset, greedy, 1)[0][0] for im in images]
-    assert len(set(alone)) > 1  # the images lead to different answers, so a mix-up would show
-    cold = common.sampling_config(model, 32, temperature=1e-5, num_return_sequences=3)
-    grouped = evaluate.generate_answers(model, processor, images, prompt, preset, cold, 3)
-    assert grouped == [[text] * 3 for text in alone]
-    hot = common.sampling_config(model, 32, temperature=1.0, num_return_sequences=3)
-    sampled = evaluate.generate_answers(model, processor, images, prompt, preset, hot, 3)
-    assert [len(group) for group in sampled] == [3, 3, 3] and len(set(sampled[0])) > 1
+    eos = common.eos_token_ids(common.sampling_config(model, 4))
+    reference, ended = [], []
+    for image in images:
+        inputs = common.encode_batch(processor, [prompt], [[image]])
+        with torch.inference_mode():
+            out = model.generate(**inputs, do_sample=False, max_new_tokens=32,  # the shipped penalty 1.05 off
+                                 repetition_penalty=1.0)[0, inputs["input_ids"].shape[1]:]
+        reference.append(processor.decode(out, skip_special_tokens=True))
+        ended.append(any(t in eos for t in out.tolist()))
+    assert len(set(reference)) > 1  # the images lead to different answers, so a mix-up would show
+
+    def run(**kwargs):
+        return evaluate.sample_answers(model, processor, images, prompt, preset,
+                                       evaluate.Args(max_new_tokens=32, **kwargs))
+    greedy = run(samples=1)
+    assert [g[0].text for g in greedy] == reference and [g[0].truncated for g in greedy] == [not e for e in ended]
+    cold = run(samples=3, temperature=1e-5)
+    assert [[c.text for c in group] for group in cold] == [[text] * 3 for text in reference]
+    hot = run(samples=3, temperature=1.0)
+    assert [len(group) for group in hot] == [3, 3, 3] and len({c.text for c in hot[0]}) > 1
