@@ -45,10 +45,11 @@ class Settings:
     gradient_checkpointing: bool = common.arg(True, help="grpo_train.py --gradient-checkpointing")
     bf16: bool = common.arg(True, help="grpo_train.py --bf16: bf16 compute and all-gathers, bf16 reference")
     shard_reference: bool = common.arg(False, help="grpo_train.py --shard-reference: the reference sharded too")
-    prefill_once: bool = common.arg(False, help="prefill each image once and copy its KV cache G times "
-                                                "(off: generate prefills every rollout row)")
-    logprob_chunk: int = common.arg(1024, help="tokens (micro-batch rows x completion positions) per fp32 chunk of the "
-                                              "gather-minus-logsumexp log-probs")
+    rollout_batch: int = common.arg(4, help="grpo_train.py --rollout-batch: images per sampling call (x G rows)")
+    prefill_once: bool = common.arg(True, help="common.sample prefills each prompt once and copies its KV cache G "
+                                               "times (--no-prefill-once: generate prefills all G rows)")
+    logprob_chunk: int = common.arg(64, help="completion positions per fp32 chunk of the gather-minus-logsumexp "
+                                             "log-probs (grpo_train.py's LOGPROB_CHUNK), recomputed in backward")
     overhead_gib: float = common.arg(3.0, help="per-GPU allowance: CUDA context, cuBLAS workspaces, NCCL buffers, "
                                                "allocator fragmentation")
     process_rss_gib: float = common.arg(3.0, help="host RAM of one process before any weight (python, torch, CUDA)")
@@ -208,10 +209,10 @@ def plan(cfg: dict, s: Settings) -> dict:
     image_tokens = patches // v["spatial_merge_size"] ** 2
     prompt = image_tokens + s.text_tokens
     T, S = s.max_new_tokens, image_tokens + s.text_tokens + s.max_new_tokens  # every completion runs to the budget
-    images = 2 * s.pairs_per_step  # distinct images of a process's pairs, at most
+    images = min(s.rollout_batch, 2 * s.pairs_per_step)  # images of one sampling call
     rollouts, B = images * s.group_size, s.micro_batch_size
     prefill_rows = images if s.prefill_once else rollouts
-    chunk = min(s.logprob_chunk, B * T)  # rows of the flattened [micro-batch x completion, vocab] logits
+    chunk = B * min(s.logprob_chunk, T) * V * 4  # one fp32 chunk of logits / temperature
     logits = B * (T + 1) * V * cb  # lm_head output for the completion positions of one micro-batch
     inference = max(B * S * inference_per_token(h, t["intermediate_size"], cb),
                     B * patches * inference_per_token(hv, v["intermediate_size"], cb))
@@ -225,20 +226,21 @@ def plan(cfg: dict, s: Settings) -> dict:
     rollout = [
         Row("policy unsharded for generate", cb * P, "all-gathered once per rollout phase, resharded after"),
         Row("KV cache", kv_cache_bytes(cfg, rollouts, S, cb),
-            f"{rollouts} rollouts ({images} images x G {s.group_size}) x {S} tokens ({prompt} prompt + {T} new)"),
+            f"{rollouts} rows ({images} images of one sampling call x G {s.group_size}) x {S} tokens "
+            f"({prompt} prompt + {T} new)"),
         Row("prefill transient (one layer at a time)",
             max(prefill_rows * prompt * inference_per_token(h, t["intermediate_size"], cb),
-                prefill_rows * patches * inference_per_token(hv, v["intermediate_size"], cb))
-            + prefill_rows * image_tokens * h * cb,
-            f"{prefill_rows} prompt rows{' (prefill once per image)' if s.prefill_once else ' (each rollout row)'}; "
-            "plus the image embeddings"),
+                images * patches * inference_per_token(hv, v["intermediate_size"], cb))
+            + images * image_tokens * h * cb,
+            f"{prefill_rows} prompt rows{' (each prompt once)' if s.prefill_once else ' (every rollout row)'}, "
+            f"or the vision tower on {images} images; plus the image embeddings"),
         Row("sampling logits", 2 * rollouts * V * 4, "fp32 logits and probabilities of one decode step"),
     ]
     reference_rows = [
         Row("forward transient (one layer at a time)", inference + 2 * B * S * h * cb,
             f"micro-batch {B} x {S} tokens, or its {B} x {patches} patches in the vision tower"),
-        Row("logits + one log-prob chunk", logits + 2 * chunk * V * 4,
-            f"{B} x {T + 1} x {V} lm_head output; an fp32 chunk of {chunk} tokens (gather - logsumexp)"),
+        Row("logits + log-prob chunk", logits + 2 * chunk,
+            f"{B} x {T + 1} x {V} lm_head output; fp32 chunk of {B} x {min(s.logprob_chunk, T)} positions and its exp"),
     ]
     if s.shard_reference:
         reference_rows.insert(0, Row("reference root + 2 layers unsharded", cb * (root + 2 * largest_unit),
@@ -263,14 +265,18 @@ def plan(cfg: dict, s: Settings) -> dict:
         Row("2 layers in flight", 2 * largest_unit * (cb + cb + 4),
             f"largest unit {largest_unit / 1e6:.0f} M params: current + prefetched, params + grads + fp32 copy"),
         activations,
-        Row("logits + log-prob chunks, with grads",
-            2 * logits + B * T * V * 4 + 2 * chunk * V * 4,
-            "lm_head output and its grad; every chunk's fp32 logits saved for logsumexp's backward"),
+        Row("logits + log-prob chunk, with grads", 2 * logits + 3 * chunk,
+            "lm_head output (kept for the chunks' recompute) and its grad; one recomputed fp32 chunk, its exp, its grad"),
+    ]
+    optimizer_step = [
+        Row("fp32 gradients", 4 * P_shard, "clipped, then consumed by AdamW"),
+        Row("AdamW foreach temporaries", 4 * P_shard, "sqrt(v) of every shard at once (one fp32 shard-sized list)"),
     ]
     return {"P": P, "P_shard": P_shard, "units": units, "root": root, "largest_unit": largest_unit,
             "patches": patches, "image_tokens": image_tokens, "prompt": prompt, "S": S, "images": images,
             "rollouts": rollouts, "resident": resident,
-            "phases": {"rollout": rollout, "reference log-probs": reference_rows, "policy update": update},
+            "phases": {"rollout": rollout, "reference log-probs": reference_rows, "policy update": update,
+                       "optimizer step": optimizer_step},
             "overhead": int(s.overhead_gib * GiB)}
 
 
@@ -281,15 +287,16 @@ def phase_peaks(p: dict) -> dict[str, int]:
 
 
 def host_rows(p: dict, s: Settings) -> list[Row]:
+    """Host RAM at start-up (models are read into CPU memory before they reach a GPU) and at the final save."""
     cb, P, N = 2 if s.bf16 else 4, p["P"], s.gpus
-    load = 4 * P + cb * P  # fp32 policy + reference in the compute dtype
     base = N * s.process_rss_gib * GiB
+    reference = cb * P if s.shard_reference else N * cb * P
     return [
-        Row("start-up, every rank loads both models", N * load + base,
-            f"{N} x (fp32 policy {4 * P / GiB:.1f} + reference {cb * P / GiB:.1f} GiB) + {N} x {s.process_rss_gib} "
-            "GiB per process"),
-        Row("start-up, rank 0 loads + broadcasts", load + base,
-            "the other ranks build on the meta device and receive their shards"),
+        Row("start-up, every rank reads both models", N * (4 * P + cb * P) + base,
+            f"{N} x (fp32 policy {4 * P / GiB:.1f} + reference {cb * P / GiB:.1f} GiB): what --fsdp avoids"),
+        Row("start-up, --fsdp", max(4 * P, reference) + base,
+            "rank 0 reads the fp32 policy and sends each rank its shards (the others build on meta); then the "
+            + ("reference the same way" if s.shard_reference else f"bf16 reference replica is read by all {N} ranks")),
         Row("final save, rank 0", 4 * P + cb * P + base,
             "full fp32 state dict gathered to rank 0's CPU, then cast to the checkpoint dtype"),
     ]
@@ -311,8 +318,8 @@ def report(cfg: dict, s: Settings, config_name: str, meta_count: int | None) -> 
                 f"; meta-device model: {meta_count:,} ({'match' if meta_count == p['P'] else 'MISMATCH'})"),
              f"GPUs: {s.gpus} x {s.gpu_gib:g} GiB; {'bf16' if s.bf16 else 'fp32'} compute, gradient checkpointing "
              f"{'on' if s.gradient_checkpointing else 'off'}, reference {'sharded' if s.shard_reference else 'replica'}",
-             f"step per process: {s.pairs_per_step} pairs -> {p['images']} images x G {s.group_size} = "
-             f"{p['rollouts']} rollouts; image {s.image_width}x{s.image_height} -> {p['patches']} patches, "
+             f"sampling call: {p['images']} images x G {s.group_size} = {p['rollouts']} rows; "
+             f"image {s.image_width}x{s.image_height} -> {p['patches']} patches, "
              f"{p['image_tokens']} image tokens; prompt {p['prompt']} tokens, sequence {p['S']}; "
              f"micro-batch {s.micro_batch_size}",
              "", f"{'per GPU':58s} {'GiB':>6s}  note"]
@@ -341,19 +348,22 @@ def report(cfg: dict, s: Settings, config_name: str, meta_count: int | None) -> 
         "gradients exist only in the policy-update phase (zero_grad(set_to_none=True) after each step).",
         "the policy is gathered once for the whole rollout phase (unshard, generate, reshard); in forward/backward "
         "FSDP gathers one layer at a time with one prefetched, and keeps the root gathered from forward to backward.",
-        f"every completion runs to --max-new-tokens ({s.max_new_tokens}); the KV cache holds all rollouts of the "
-        f"step's images at once; with --prefill-once {'on' if s.prefill_once else 'off'}.",
-        f"{p['images']} distinct images per process and step (2 x pairs; fewer when pairs share an image); the "
-        f"vision tower runs once per row of a micro-batch (each row carries its image's pixels).",
+        f"every completion runs to --max-new-tokens ({s.max_new_tokens}); the KV cache holds the G rows of one "
+        f"sampling call ({p['images']} images, --rollout-batch {s.rollout_batch}) in the compute dtype; "
+        + ("each prompt prefilled once, its cache copied G times (common.sample)." if s.prefill_once else
+           "generate prefills all G rows of each prompt."),
+        "the vision tower runs once per image in a sampling call, and once per ROW of a log-prob micro-batch "
+        "(each row carries its image's pixels).",
         f"prompt = {p['image_tokens']} image tokens + {s.text_tokens} text tokens (chat template + prompt; an "
         f"estimate for Qwen's tokenizer); image processor max_pixels {s.max_pixels}.",
         "attention through fused kernels (SDPA flash / memory-efficient): no tokens x tokens matrix is stored.",
-        f"log-probs: gather minus logsumexp over fp32 chunks of {s.logprob_chunk} tokens (an assumed chunk size); without "
-        "gradient every chunk is freed, with gradient autograd keeps each chunk's fp32 logits for backward.",
-        "activation rows are estimates (see text_layer_saved_per_token / vision_block_saved_per_patch); the "
-        "parameter, optimizer, sharding and KV-cache rows are exact sizes (checked in tests/test_memory_plan.py).",
+        f"log-probs: gather minus logsumexp over fp32 chunks of {s.logprob_chunk} positions, each chunk checkpointed "
+        "(recomputed in backward), so only the compute-dtype logits and their grad span the micro-batch.",
+        "exact sizes, checked against real tensors in tests/test_memory_plan.py: parameters, fp32 shards, AdamW "
+        "state, KV cache, image patches, and what one layer / one block saves for backward; estimates: how many of "
+        "those are live at once (activation, transient, logits rows) and the allowance.",
         f"CUDA/NCCL allowance {s.overhead_gib:g} GiB per GPU; host: {s.process_rss_gib:g} GiB per process before "
-        "weights; 1 GiB = 1.074 GB (an '80 GB' H100 shows about 79.6 GiB).",
+        "weights (included in every host row), one model read at a time; 1 GiB = 1.074 GB (an '80 GB' H100 shows about 79.6 GiB).",
     ]]
     return "\n".join(lines)
 

@@ -181,6 +181,51 @@ def test_cli_prints_the_7b_plan_on_8_gpus():
     assert run.returncode == 0, run.stderr
     assert "8,292,166,656" in run.stdout and "=> peak" in run.stdout and "assumptions" in run.stdout
     cfg = json.loads(CONFIG_7B.read_text())
-    peak = lambda **kw: max(mp.phase_peaks(mp.plan(cfg, settings(**kw))).values())  # noqa: E731
-    assert peak(shard_reference=True) < peak() and peak(prefill_once=True) < peak()
-    assert peak(gradient_checkpointing=False) > peak()
+    base = mp.plan(cfg, settings())
+    sharded = mp.plan(cfg, settings(shard_reference=True))
+    assert row(sharded["resident"], "reference") == 2 * base["P_shard"]  # bf16, 1/8
+    assert row(base["resident"], "reference") == 2 * base["P"]
+    peak = lambda **kw: mp.phase_peaks(mp.plan(cfg, settings(**kw)))  # noqa: E731
+    assert peak(prefill_once=False)["rollout"] > peak()["rollout"]
+    assert peak(gradient_checkpointing=False)["policy update"] > peak()["policy update"]
+
+
+def run_gpu_check(*args, **env):
+    return subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh"), *args], capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1", **env})
+
+
+def test_gpu_check_refuses_a_grpo_train_without_fsdp(tmp_path):
+    fake = tmp_path / "grpo_train.py"
+    fake.write_text("print('usage: grpo_train.py [--bf16 | --no-bf16] [--gradient-checkpointing] [--fsdp-x]')\n")
+    run = run_gpu_check(str(tmp_path / "work"), GRPO_TRAIN=str(fake))
+    assert run.returncode == 2 and "has no --fsdp flag" in run.stderr
+
+
+def test_gpu_check_dry_run_builds_inputs_and_plan_and_the_report_reads_a_run(tmp_path):
+    """--dry-run on CPU: the wide model on the meta device (its count checked against memory_plan), the processor's
+    real prompt length for a 1024 x 768 image, the pseudo-labels, the plan. Then the report on a stand-in train log."""
+    work = tmp_path / "work"
+    run = run_gpu_check("--dry-run", str(work), TEXT_LAYERS="1", VISION_DEPTH="1", STEPS="1")
+    assert run.returncode == 0, run.stderr[-3000:]
+    inputs = json.loads((work / "inputs.json").read_text())
+    assert inputs["image_tokens"] == 999 and inputs["images"] == 8 and not inputs["weights"]
+    cfg = json.loads((work / "model" / "config.json").read_text())
+    assert cfg["text_config"]["hidden_size"] == 3584 and cfg["text_config"]["num_hidden_layers"] == 1
+    assert f"parameters: {inputs['parameters']:,}" in run.stdout and "=> peak" in run.stdout
+    assert len((work / "pseudolabels.jsonl").read_text().splitlines()) == 4
+
+    (work / "run").mkdir()
+    steps = [{"step": k, "step_seconds": 10.0 * k, "generation_seconds": 6.0, "logprob_seconds": 1.0,
+              "backward_seconds": 3.0, "generated_tokens_per_s": 500.0, "generated_tokens": 8192} for k in (1, 2)]
+    (work / "run" / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in steps))
+    (work / "peak.json").write_text(json.dumps({"rollout": 10 * mp.GiB, "other": 20 * mp.GiB, "rollout_reserved": 0,
+                                                "other_reserved": 0, "sampling_calls": 2, "device": "stand-in"}))
+    report = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_check_report.py"), str(work)],
+                            capture_output=True, text=True, timeout=120)
+    assert report.returncode == 0, report.stderr
+    s = mp.Settings(config=str(work / "model"), gpus=1, max_new_tokens=256, text_tokens=inputs["text_tokens"])
+    peaks = mp.phase_peaks(mp.plan(cfg, s))
+    rest = max(peaks["reference log-probs"], peaks["policy update"], peaks["optimizer step"]) - 3 * mp.GiB
+    assert f"{20 * mp.GiB / rest:7.2f}" in report.stdout  # measured / planned, outside sampling
+    assert "step 20.0 s = generation 6.0 s (30%)" in report.stdout  # the mean leaves out the warm-up step
