@@ -220,8 +220,9 @@ def plan(cfg: dict, s: Settings) -> dict:
         Row("fp32 master parameters", 4 * P_shard, f"1/{N} shard (dim 0, padded)"),
         Row("AdamW m and v (fp32)", 8 * P_shard + 4 * len(shapes), f"1/{N} shard, plus a step counter per tensor"),
         Row(f"reference, {'bf16' if s.bf16 else 'fp32'}",
-            cb * P_shard if s.shard_reference else cb * P,
-            f"frozen, sharded 1/{N}" if s.shard_reference else "frozen replica on every GPU (--shard-reference: 1/N)"),
+            cb * (P_shard + root) if s.shard_reference else cb * P,
+            f"frozen, sharded 1/{N}, plus its root, gathered for good after its first forward (FSDP2 reshards a root "
+            "only after backward)" if s.shard_reference else "frozen replica on every GPU (--shard-reference: 1/N)"),
     ]
     rollout = [
         Row("policy unsharded for generate", cb * P, "all-gathered once per rollout phase, resharded after"),
@@ -243,8 +244,8 @@ def plan(cfg: dict, s: Settings) -> dict:
             f"{B} x {T + 1} x {V} lm_head output; fp32 chunk of {B} x {min(s.logprob_chunk, T)} positions and its exp"),
     ]
     if s.shard_reference:
-        reference_rows.insert(0, Row("reference root + 2 layers unsharded", cb * (root + 2 * largest_unit),
-                                     "FSDP keeps the root gathered after forward; one layer prefetched"))
+        reference_rows.insert(0, Row("reference: 2 layers gathered", cb * 2 * largest_unit,
+                                     "the current one and the prefetched one"))
     if s.gradient_checkpointing:
         activations = Row("activations, gradient checkpointing",
                           L * B * S * h * cb + D * B * patches * hv * cb
