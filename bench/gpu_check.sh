@@ -5,20 +5,20 @@
 # stops early), 3 steps. Prints the step time split, generated tokens/s and peak GPU memory beside
 # bench/memory_plan.py's prediction for the same model and settings. About 3-5 minutes, at most 8, on one H100/H200.
 #
-#   bash bench/gpu_check.sh [WORK]             # default WORK: $OUT/gpu_check if $OUT is set, else /tmp/gpu_check
+#   bash bench/gpu_check.sh [WORK]             # WORK (default /tmp/gpu_check) holds the model, images and the run
 #   bash bench/gpu_check.sh --dry-run [WORK]   # CPU, seconds: builder (no weights), inputs and the plan only
 #
 # Settings from the environment: TEXT_LAYERS (4), VISION_DEPTH (4), STEPS (3), NEW_TOKENS (256), GRPO_TRAIN
-# (grpo_train.py), TIME_LIMIT (420 s for the training run).
+# (grpo_train.py), TIME_LIMIT (360 s for the training run). With $OUT set, the small outputs (report, plan, logs)
+# are copied to $OUT/gpu_check at exit, also after a failure; the weights never are.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DRY=0
 if [[ "${1:-}" == "--dry-run" ]]; then DRY=1; shift; fi
-WORK=${1:-${OUT:+$OUT/gpu_check}}
-WORK=${WORK:-/tmp/gpu_check}
+WORK=${1:-/tmp/gpu_check}
 GRPO_TRAIN=${GRPO_TRAIN:-grpo_train.py}
 TEXT_LAYERS=${TEXT_LAYERS:-4}; VISION_DEPTH=${VISION_DEPTH:-4}; STEPS=${STEPS:-3}; NEW_TOKENS=${NEW_TOKENS:-256}
-TIME_LIMIT=${TIME_LIMIT:-420}
+TIME_LIMIT=${TIME_LIMIT:-360}
 G=8; PAIRS=4; MICRO=4
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 die() { echo "gpu_check: error: $*" >&2; exit 2; }
@@ -38,7 +38,18 @@ if [[ $DRY == 0 ]]; then
 fi
 
 # 2. Inputs: the wide random model (weights on the GPU, saved in bf16), images, pseudo-labels.
+if [[ -d "$WORK" && -n "$(ls -A "$WORK")" && ! -f "$WORK/inputs.json" ]]; then
+  die "$WORK is not empty and holds no inputs.json: not a gpu_check folder, refusing to delete it"
+fi
 rm -rf "$WORK"; mkdir -p "$WORK"
+keep() {  # the small outputs to $OUT (the device machine's return folder), whatever happened
+  [[ -n "${OUT:-}" ]] || return 0
+  mkdir -p "$OUT/gpu_check"
+  for f in report.txt plan.txt train.log inputs.json peak.json smi.csv run/train_log.jsonl; do
+    [[ -f "$WORK/$f" ]] && cp "$WORK/$f" "$OUT/gpu_check/" || true
+  done
+}
+trap keep EXIT
 python bench/make_wide_model.py "$WORK" --text-layers "$TEXT_LAYERS" --vision-depth "$VISION_DEPTH" \
   --pairs $((PAIRS * STEPS)) $([[ $DRY == 1 ]] && echo --meta)
 TEXT_TOKENS=$(python -c "import json, sys; print(json.load(open(sys.argv[1]))['text_tokens'])" "$WORK/inputs.json")
@@ -55,7 +66,7 @@ python bench/gpu_check_report.py "$WORK" --write-wrapper "$GRPO_TRAIN"
 GPU=${CUDA_VISIBLE_DEVICES:-0}; GPU=${GPU%%,*}
 nvidia-smi -i "$GPU" --query-gpu=memory.used --format=csv,noheader,nounits -lms 250 > "$WORK/smi.csv" &
 SMI=$!
-trap 'kill $SMI 2>/dev/null || true' EXIT
+trap 'kill $SMI 2>/dev/null || true; keep' EXIT
 set +e
 timeout "$TIME_LIMIT" torchrun --standalone --nproc_per_node 1 "$WORK/wrapper.py" \
   --model "$WORK/model" --pseudolabels "$WORK/pseudolabels.jsonl" --images-root "$WORK/images" --out "$WORK/run" \
@@ -66,7 +77,9 @@ set -e
 kill $SMI 2>/dev/null || true
 [[ $RC == 0 ]] || die "grpo_train.py exited with $RC (124: over TIME_LIMIT=$TIME_LIMIT s); log: $WORK/train.log"
 
-# 4. The report; then drop the large files (the last step's full training state, the final weights).
+# 4. The plan for this model and these settings, the report; then drop the large files (the last step's full
+# training state, the final weights).
+python bench/memory_plan.py --config "$WORK/model" "${PLAN_ARGS[@]}" --no-check-meta > "$WORK/plan.txt"
 python bench/gpu_check_report.py "$WORK" --group-size $G --pairs-per-step $PAIRS --micro-batch-size $MICRO \
   --max-new-tokens "$NEW_TOKENS" | tee "$WORK/report.txt"
 rm -rf "$WORK/run/checkpoints" "$WORK/run"/*.safetensors "$WORK/model"/*.safetensors

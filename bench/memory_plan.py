@@ -5,16 +5,15 @@
 
 Parameters are counted exactly from the config (every weight and bias of a Qwen2.5-VL, by its HF name and shape) and
 checked against the model built on the meta device (no memory, no download). Every other row is arithmetic over
-those shapes and the settings; the assumptions behind each are printed with the plan. A step goes through three
-phases (rollout, reference log-probs, policy update); the peak of each is what is resident in every phase (the fp32
-shards, the AdamW state, the reference) plus that phase's own buffers, plus a CUDA/NCCL allowance.
+those shapes and the settings; the assumptions behind each are printed with the plan. A step goes through four
+phases (rollout, reference log-probs, policy update, optimizer step); the peak of each is what is resident in every
+phase (the fp32 shards, the AdamW state, the reference) plus that phase's own buffers, plus a CUDA/NCCL allowance.
 tests/test_memory_plan.py checks the counted rows against measured tensors on the tiny model; bench/gpu_check.sh
 sets the plan's peak beside a measured one on one GPU.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -216,6 +215,7 @@ def plan(cfg: dict, s: Settings) -> dict:
     logits = B * (T + 1) * V * cb  # lm_head output for the completion positions of one micro-batch
     inference = max(B * S * inference_per_token(h, t["intermediate_size"], cb),
                     B * patches * inference_per_token(hv, v["intermediate_size"], cb))
+    # resident in every phase: what FSDP keeps sharded, and the reference
     resident = [
         Row("fp32 master parameters", 4 * P_shard, f"1/{N} shard (dim 0, padded)"),
         Row("AdamW m and v (fp32)", 8 * P_shard + 4 * len(shapes), f"1/{N} shard, plus a step counter per tensor"),
@@ -224,6 +224,7 @@ def plan(cfg: dict, s: Settings) -> dict:
             f"frozen, sharded 1/{N}, plus its root, gathered for good after its first forward (FSDP2 reshards a root "
             "only after backward)" if s.shard_reference else "frozen replica on every GPU (--shard-reference: 1/N)"),
     ]
+    # rollout: the whole policy gathered once (no collective per token), one sampling call's KV cache
     rollout = [
         Row("policy unsharded for generate", cb * P, "all-gathered once per rollout phase, resharded after"),
         Row("KV cache", kv_cache_bytes(cfg, rollouts, S, cb),
@@ -237,6 +238,7 @@ def plan(cfg: dict, s: Settings) -> dict:
             f"or the vision tower on {images} images; plus the image embeddings"),
         Row("sampling logits", 2 * rollouts * V * 4, "fp32 logits and probabilities of one decode step"),
     ]
+    # reference log-probs: a no-grad forward per micro-batch, one layer's buffers at a time
     reference_rows = [
         Row("forward transient (one layer at a time)", inference + 2 * B * S * h * cb,
             f"micro-batch {B} x {S} tokens, or its {B} x {patches} patches in the vision tower"),
@@ -246,6 +248,7 @@ def plan(cfg: dict, s: Settings) -> dict:
     if s.shard_reference:
         reference_rows.insert(0, Row("reference: 2 layers gathered", cb * 2 * largest_unit,
                                      "the current one and the prefetched one"))
+    # policy update: forward + backward per micro-batch, gradients reduce-scattered into fp32 shards
     if s.gradient_checkpointing:
         activations = Row("activations, gradient checkpointing",
                           L * B * S * h * cb + D * B * patches * hv * cb
@@ -310,7 +313,6 @@ def gib(x: float) -> str:
 def report(cfg: dict, s: Settings, config_name: str, meta_count: int | None) -> str:
     p = plan(cfg, s)
     peaks = phase_peaks(p)
-    t, v = text_config(cfg), cfg["vision_config"]
     text_p = sum(numel(sh) for u, n, sh in param_shapes(cfg) if not n.startswith("model.visual."))
     lines = [f"Memory plan of grpo_train.py --fsdp for {config_name}",
              f"parameters: {p['P']:,} ({p['P'] / 1e9:.2f} B; text {text_p / 1e9:.2f} B, vision "
