@@ -1,0 +1,127 @@
+"""gpu_check_report: what bench/gpu_check.sh prints. The step-time split and generated tokens/s from the run's
+train_log.jsonl, and the measured peak GPU memory (torch's allocator, inside and outside sampling, and nvidia-smi's
+samples) beside bench/memory_plan.py's prediction for the same model and settings.
+
+    python bench/gpu_check_report.py WORK --group-size 8 --pairs-per-step 4 --micro-batch-size 4 --max-new-tokens 256
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import memory_plan  # noqa: E402
+
+GiB = memory_plan.GiB
+
+# Run by torchrun in place of grpo_train.py: the same script, plus peak-memory bookkeeping around common.sample (the
+# rollout phase). A random model's completions run to the budget, are unparseable and get reward 0 (zero advantages);
+# every forward, backward and optimizer step still runs, so time and memory are those of a real step.
+WRAPPER = """
+import atexit, json, runpy, sys
+import torch
+sys.path.insert(0, {root!r})
+import common
+peaks = {{"rollout": 0, "other": 0, "rollout_reserved": 0, "other_reserved": 0, "sampling_calls": 0}}
+sample = common.sample
+
+def take(region):  # the allocator keeps one running maximum: read it into the region, then restart it
+    if not torch.cuda.is_available():  # a CPU rehearsal of the script
+        return
+    peaks[region] = max(peaks[region], torch.cuda.max_memory_allocated())
+    peaks[region + "_reserved"] = max(peaks[region + "_reserved"], torch.cuda.max_memory_reserved())
+    torch.cuda.reset_peak_memory_stats()
+
+def sampled(*args, **kwargs):  # the rollout phase's peak apart from the rest of the step
+    take("other")
+    peaks["sampling_calls"] += 1
+    try:
+        return sample(*args, **kwargs)
+    finally:
+        take("rollout")
+
+def dump():
+    take("other")
+    peaks["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    json.dump(peaks, open({peak!r}, "w"))
+
+common.sample = sampled
+atexit.register(dump)
+sys.argv[0] = {script!r}
+runpy.run_path({script!r}, run_name="__main__")
+"""
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("work", help="bench/gpu_check.sh's work folder")
+    parser.add_argument("--group-size", type=int, default=8)
+    parser.add_argument("--pairs-per-step", type=int, default=4)
+    parser.add_argument("--micro-batch-size", type=int, default=4)
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--rollout-batch", type=int, default=4)
+    parser.add_argument("--write-wrapper", metavar="SCRIPT", help="only write the torchrun wrapper for SCRIPT")
+    a = parser.parse_args()
+    work = Path(a.work)
+    if a.write_wrapper:
+        (work / "wrapper.py").write_text(WRAPPER.format(root=str(Path(a.write_wrapper).resolve().parent),
+                                                        script=str(Path(a.write_wrapper).resolve()),
+                                                        peak=str(work / "peak.json")))
+        return
+
+    inputs = json.loads((work / "inputs.json").read_text())
+    s = memory_plan.Settings(config=str(work / "model"), gpus=1, micro_batch_size=a.micro_batch_size,
+                             group_size=a.group_size, pairs_per_step=a.pairs_per_step,
+                             max_new_tokens=a.max_new_tokens, text_tokens=inputs["text_tokens"],
+                             rollout_batch=a.rollout_batch)
+    cfg = json.loads((work / "model" / "config.json").read_text())
+    p = memory_plan.plan(cfg, s)
+    predicted = {k: v - p["overhead"] for k, v in memory_plan.phase_peaks(p).items()}  # allocator bytes only
+
+    log = [json.loads(line) for line in (work / "run" / "train_log.jsonl").read_text().splitlines() if line.strip()]
+    if not log:
+        sys.exit("error: the run logged no step")
+    print(f"grpo_train.py --fsdp --bf16 --gradient-checkpointing, 1 process: random Qwen2.5-VL, 7B widths, "
+          f"{p['P'] / 1e9:.2f} B parameters; G {a.group_size}, {a.pairs_per_step} pairs/step, "
+          f"{inputs['prompt_tokens']}-token prompts (1024x768 images), {a.max_new_tokens} new tokens, "
+          f"micro-batch {a.micro_batch_size}")
+    keys = ("step_seconds", "generation_seconds", "logprob_seconds", "backward_seconds", "generated_tokens_per_s")
+    print(f"{'step':>5s} " + " ".join(f"{k.replace('_seconds', ' s').replace('generated_tokens_per_s', 'tokens/s'):>13s}"
+                                      for k in keys) + "  generated tokens")
+    for r in log:
+        print(f"{r['step']:5d} " + " ".join(f"{r.get(k, float('nan')):13.2f}" for k in keys)
+              + f"  {r.get('generated_tokens', '?')}")
+    timed = log[1:] or log  # the first step carries the warm-up
+    mean = {k: sum(r.get(k, float("nan")) for r in timed) / len(timed) for k in keys}
+    split = ", ".join(f"{k.split('_')[0]} {mean[k]:.1f} s ({mean[k] / mean['step_seconds']:.0%})" for k in keys[1:4])
+    print(f"mean of steps {timed[0]['step']}-{timed[-1]['step']}: step {mean['step_seconds']:.1f} s = {split}; "
+          f"{mean['generated_tokens_per_s']:.0f} generated tokens/s")
+
+    peak_file, smi_file = work / "peak.json", work / "smi.csv"
+    measured = json.loads(peak_file.read_text()) if peak_file.exists() else {}
+    smi = [float(x) for x in smi_file.read_text().split() if x.strip()] if smi_file.exists() else []
+    print(f"\npeak GPU memory, GiB ({measured.get('device', 'device unknown')}; "
+          f"{measured.get('sampling_calls', '?')} sampling calls)   measured   memory_plan.py   ratio")
+    for name, key, phases in (("rollout (inside common.sample)", "rollout", ["rollout"]),
+                              ("rest of the step (log-probs, update)", "other",
+                               ["reference log-probs", "policy update", "optimizer step"])):
+        plan_bytes = max(predicted[ph] for ph in phases)
+        if key in measured:
+            print(f"  {name:38s} {measured[key] / GiB:8.1f} {plan_bytes / GiB:16.1f} {measured[key] / plan_bytes:7.2f}"
+                  "   (torch max_memory_allocated; plan without the allowance)")
+        else:
+            print(f"  {name:38s} {'-':>8s} {plan_bytes / GiB:16.1f}   (no peak.json)")
+    whole = max(memory_plan.phase_peaks(p).values())
+    if smi:
+        print(f"  {'whole run, nvidia-smi memory.used':38s} {max(smi) / 1024:8.1f} {whole / GiB:16.1f} "
+              f"{max(smi) / 1024 / (whole / GiB):7.2f}   (plan with the {p['overhead'] / GiB:g} GiB allowance)")
+    if "other_reserved" in measured:
+        print(f"  {'allocator reserved (max)':38s} {max(measured['rollout_reserved'], measured['other_reserved']) / GiB:8.1f}"
+              f"   (rollout {measured['rollout_reserved'] / GiB:.1f}, rest {measured['other_reserved'] / GiB:.1f})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,387 @@
+"""memory_plan: the per-GPU and host memory plan of grpo_train.py's FSDP2 path, from a model's config.json alone.
+
+    python bench/memory_plan.py --config configs/qwen2_5_vl_7b_config.json --gpus 8 --gpu-gib 80 \\
+        --micro-batch-size 4 --group-size 8 --pairs-per-step 4 --max-new-tokens 512 --gradient-checkpointing
+
+Parameters are counted exactly from the config (every weight and bias of a Qwen2.5-VL, by its HF name and shape) and
+checked against the model built on the meta device (no memory, no download). Every other row is arithmetic over
+those shapes and the settings; the assumptions behind each are printed with the plan. A step goes through four
+phases (rollout, reference log-probs, policy update, optimizer step); the peak of each is what is resident in every
+phase (the fp32 shards, the AdamW state, the reference) plus that phase's own buffers, plus a CUDA/NCCL allowance.
+tests/test_memory_plan.py checks the counted rows against measured tensors on the tiny model; bench/gpu_check.sh
+sets the plan's peak beside a measured one on one GPU.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import common  # noqa: E402
+
+GiB = 2 ** 30
+
+
+@dataclass
+class Settings:
+    config: str = common.arg(help="a Qwen2.5-VL config.json (the file, or a folder holding one)")
+    gpus: int = common.arg(8, help="N: GPUs the policy is sharded over (one process each)")
+    gpu_gib: float = common.arg(80.0, help="memory of one GPU in GiB, for the margin")
+    micro_batch_size: int = common.arg(4, help="grpo_train.py --micro-batch-size: rows per forward/backward")
+    group_size: int = common.arg(8, help="grpo_train.py --group-size: G rollouts per image")
+    pairs_per_step: int = common.arg(4, help="grpo_train.py --pairs-per-step (per process)")
+    image_width: int = common.arg(1024, help="image width in pixels (KonIQ-10k: 1024 x 768)")
+    image_height: int = common.arg(768, help="image height in pixels")
+    text_tokens: int = common.arg(110, help="prompt tokens besides the image's: chat template + the evoquality "
+                                            "score prompt (about 430 characters), an estimate for Qwen's tokenizer")
+    max_pixels: int = common.arg(12845056, help="image processor max_pixels (Qwen2.5-VL's preprocessor_config.json)")
+    min_pixels: int = common.arg(3136, help="image processor min_pixels")
+    max_new_tokens: int = common.arg(512, help="grpo_train.py --max-new-tokens; every completion is taken to run to it")
+    gradient_checkpointing: bool = common.arg(True, help="grpo_train.py --gradient-checkpointing")
+    bf16: bool = common.arg(True, help="grpo_train.py --bf16: bf16 compute and all-gathers, bf16 reference")
+    shard_reference: bool = common.arg(False, help="grpo_train.py --shard-reference: the reference sharded too")
+    rollout_batch: int = common.arg(4, help="grpo_train.py --rollout-batch: images per sampling call (x G rows)")
+    prefill_once: bool = common.arg(True, help="common.sample prefills each prompt once and copies its KV cache G "
+                                               "times (--no-prefill-once: generate prefills all G rows)")
+    logprob_chunk: int = common.arg(64, help="completion positions per fp32 chunk of the gather-minus-logsumexp "
+                                             "log-probs (grpo_train.py's LOGPROB_CHUNK), recomputed in backward")
+    overhead_gib: float = common.arg(3.0, help="per-GPU allowance: CUDA context, cuBLAS workspaces, NCCL buffers, "
+                                               "allocator fragmentation")
+    process_rss_gib: float = common.arg(3.0, help="host RAM of one process before any weight (python, torch, CUDA)")
+    check_meta: bool = common.arg(True, help="also count the parameters of the model built on the meta device")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Parameters: every tensor of a Qwen2.5-VL from its config, grouped into the FSDP units grpo_train.py --fsdp shards
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def text_config(cfg: dict) -> dict:
+    """The language model's settings: the published config.json is flat, transformers 5 nests them in text_config."""
+    flat = {k: v for k, v in cfg.items() if not isinstance(v, dict)}
+    return {**flat, **cfg.get("text_config", {})}
+
+
+def param_shapes(cfg: dict) -> list[tuple[str, str, tuple[int, ...]]]:
+    """(FSDP unit, HF parameter name, shape) of every parameter. Units: each decoder layer, each vision block, and
+    the root (embeddings, final norm, lm_head, vision patch embedding and merger)."""
+    if cfg.get("model_type") != "qwen2_5_vl":
+        raise SystemExit(f"error: model_type {cfg.get('model_type')!r}: this plan counts Qwen2.5-VL (qwen2_5_vl) only")
+    t, v = text_config(cfg), cfg["vision_config"]
+    h, V, I, L = t["hidden_size"], t["vocab_size"], t["intermediate_size"], t["num_hidden_layers"]
+    q, kv = t["num_attention_heads"] * head_dim(t), t["num_key_value_heads"] * head_dim(t)
+    shapes = [("root", "model.language_model.embed_tokens.weight", (V, h))]
+    for i in range(L):
+        shapes += [(f"text layer {i}", f"model.language_model.layers.{i}.{name}", shape) for name, shape in [
+            ("self_attn.q_proj.weight", (q, h)), ("self_attn.q_proj.bias", (q,)),
+            ("self_attn.k_proj.weight", (kv, h)), ("self_attn.k_proj.bias", (kv,)),
+            ("self_attn.v_proj.weight", (kv, h)), ("self_attn.v_proj.bias", (kv,)),
+            ("self_attn.o_proj.weight", (h, q)),  # no bias
+            ("mlp.gate_proj.weight", (I, h)), ("mlp.up_proj.weight", (I, h)), ("mlp.down_proj.weight", (h, I)),
+            ("input_layernorm.weight", (h,)), ("post_attention_layernorm.weight", (h,))]]
+    shapes.append(("root", "model.language_model.norm.weight", (h,)))
+    hv, Iv, m = v["hidden_size"], v["intermediate_size"], v["spatial_merge_size"]
+    channels = v.get("in_channels", v.get("in_chans", 3))
+    shapes.append(("root", "model.visual.patch_embed.proj.weight",  # Conv3d, no bias
+                   (hv, channels, v["temporal_patch_size"], v["patch_size"], v["patch_size"])))
+    for i in range(v["depth"]):
+        shapes += [(f"vision block {i}", f"model.visual.blocks.{i}.{name}", shape) for name, shape in [
+            ("norm1.weight", (hv,)), ("norm2.weight", (hv,)),
+            ("attn.qkv.weight", (3 * hv, hv)), ("attn.qkv.bias", (3 * hv,)),
+            ("attn.proj.weight", (hv, hv)), ("attn.proj.bias", (hv,)),
+            ("mlp.gate_proj.weight", (Iv, hv)), ("mlp.gate_proj.bias", (Iv,)),
+            ("mlp.up_proj.weight", (Iv, hv)), ("mlp.up_proj.bias", (Iv,)),
+            ("mlp.down_proj.weight", (hv, Iv)), ("mlp.down_proj.bias", (hv,))]]
+    merged = hv * m * m  # the merger concatenates m x m neighbouring patches
+    shapes += [("root", "model.visual.merger.ln_q.weight", (hv,)),
+               ("root", "model.visual.merger.mlp.0.weight", (merged, merged)),
+               ("root", "model.visual.merger.mlp.0.bias", (merged,)),
+               ("root", "model.visual.merger.mlp.2.weight", (v["out_hidden_size"], merged)),
+               ("root", "model.visual.merger.mlp.2.bias", (v["out_hidden_size"],))]
+    if not cfg.get("tie_word_embeddings", t.get("tie_word_embeddings", False)):
+        shapes.append(("root", "lm_head.weight", (V, h)))
+    return shapes
+
+
+def head_dim(t: dict) -> int:
+    return t.get("head_dim") or t["hidden_size"] // t["num_attention_heads"]
+
+
+def numel(shape: tuple[int, ...]) -> int:
+    return math.prod(shape)
+
+
+def shard_numel(shape: tuple[int, ...], n: int) -> int:
+    """Elements one rank holds of a parameter FSDP2 shards on dim 0 over n ranks: ceil(dim0 / n) rows (the padded
+    shard every rank allocates; rank 0's real shard is exactly this size)."""
+    return -(-shape[0] // n) * numel(shape[1:])
+
+
+def meta_param_count(config_path: str) -> tuple[int, dict[str, tuple[int, ...]]]:
+    """Parameter count and shapes of the real model class built from the config on the meta device (no memory)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    with torch.device("meta"):
+        model = AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(config_path))
+    shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
+    return sum(map(numel, shapes.values())), shapes
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Tokens, KV cache, activations
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def image_patches(cfg: dict, s: Settings) -> int:
+    """Vision patches of one image after Qwen's smart_resize (sides rounded to patch x merge, area bounded)."""
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+
+    v = cfg["vision_config"]
+    factor = v["patch_size"] * v["spatial_merge_size"]
+    height, width = smart_resize(s.image_height, s.image_width, factor, s.min_pixels, s.max_pixels)
+    return (height // v["patch_size"]) * (width // v["patch_size"])
+
+
+def kv_cache_bytes(cfg: dict, rows: int, tokens: int, dtype_bytes: int) -> int:
+    """Keys and values of every decoder layer for `rows` sequences of `tokens` tokens."""
+    t = text_config(cfg)
+    return rows * tokens * t["num_hidden_layers"] * 2 * t["num_key_value_heads"] * head_dim(t) * dtype_bytes
+
+
+def text_layer_saved_per_token(cfg: dict, cb: int) -> int:
+    """What one decoder layer saves for backward per token (no checkpointing; cb = bytes of the compute dtype): each
+    RMSNorm its fp32 input, its normalised output and an fp32 rsqrt; the q/k/v input, q and k after RoPE, v, the
+    attention output (= o_proj's input) and its fp32 logsumexp per head; the MLP input, gate, up, silu(gate) and
+    down_proj's input (4 x intermediate). Attention through a fused kernel: no tokens x tokens matrix.
+    Equal to saved-tensor hooks on a real layer (tests/test_memory_plan.py)."""
+    t = text_config(cfg)
+    h, heads = t["hidden_size"], t["num_attention_heads"]
+    kv = t["num_key_value_heads"] * head_dim(t)
+    return 2 * (4 * h + cb * h + 4) + cb * (4 * h + 2 * kv + 4 * t["intermediate_size"]) + 4 * heads
+
+
+def vision_block_saved_per_patch(cfg: dict, cb: int) -> int:
+    """The same for a vision block, per patch: the fused qkv output stays alive whole (v is a view of it) beside the
+    roped q and k, and the attention output is copied before proj (9 widths instead of the text layer's 4 + KV)."""
+    v = cfg["vision_config"]
+    hv = v["hidden_size"]
+    return 2 * (4 * hv + cb * hv + 4) + cb * (9 * hv + 4 * v["intermediate_size"]) + 4 * v["num_heads"]
+
+
+def inference_per_token(width: int, intermediate: int, cb: int) -> int:
+    """Live buffers of one layer's forward without autograd, per token: input, output, fp32 norm, q/k/v/attention
+    (about 4 widths), gate, up and their product (3 x intermediate)."""
+    return 4 * width + cb * (6 * width + 3 * intermediate)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The plan: rows per phase, then totals
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    name: str
+    bytes: int
+    note: str = ""
+
+
+def plan(cfg: dict, s: Settings) -> dict:
+    """Every row of the plan, by phase, plus the numbers the rows are made of."""
+    N, cb = s.gpus, 2 if s.bf16 else 4
+    shapes = param_shapes(cfg)
+    P = sum(numel(sh) for _, _, sh in shapes)
+    P_shard = sum(shard_numel(sh, N) for _, _, sh in shapes)
+    units: dict[str, int] = {}
+    for unit, _, sh in shapes:
+        units[unit] = units.get(unit, 0) + numel(sh)
+    root = units.pop("root")
+    largest_unit = max(units.values())
+    t, v = text_config(cfg), cfg["vision_config"]
+    h, L, V, hv, D = t["hidden_size"], t["num_hidden_layers"], t["vocab_size"], v["hidden_size"], v["depth"]
+    patches = image_patches(cfg, s)
+    image_tokens = patches // v["spatial_merge_size"] ** 2
+    prompt = image_tokens + s.text_tokens
+    T, S = s.max_new_tokens, image_tokens + s.text_tokens + s.max_new_tokens  # every completion runs to the budget
+    images = min(s.rollout_batch, 2 * s.pairs_per_step)  # images of one sampling call
+    rollouts, B = images * s.group_size, s.micro_batch_size
+    prefill_rows = images if s.prefill_once else rollouts
+    chunk = B * min(s.logprob_chunk, T) * V * 4  # one fp32 chunk of logits / temperature
+    logits = B * (T + 1) * V * cb  # lm_head output for the completion positions of one micro-batch
+    inference = max(B * S * inference_per_token(h, t["intermediate_size"], cb),
+                    B * patches * inference_per_token(hv, v["intermediate_size"], cb))
+    # resident in every phase: what FSDP keeps sharded, and the reference
+    resident = [
+        Row("fp32 master parameters", 4 * P_shard, f"1/{N} shard (dim 0, padded)"),
+        Row("AdamW m and v (fp32)", 8 * P_shard + 4 * len(shapes), f"1/{N} shard, plus a step counter per tensor"),
+        Row(f"reference, {'bf16' if s.bf16 else 'fp32'}",
+            cb * (P_shard + root) if s.shard_reference else cb * P,
+            f"frozen, sharded 1/{N}, plus its root, gathered for good after its first forward (FSDP2 reshards a root "
+            "only after backward)" if s.shard_reference else "frozen replica on every GPU (--shard-reference: 1/N)"),
+    ]
+    # rollout: the whole policy gathered once (no collective per token), one sampling call's KV cache
+    rollout = [
+        Row("policy unsharded for generate", cb * P, "all-gathered once per rollout phase, resharded after"),
+        Row("KV cache", kv_cache_bytes(cfg, rollouts, S, cb),
+            f"{rollouts} rows ({images} images of one sampling call x G {s.group_size}) x {S} tokens "
+            f"({prompt} prompt + {T} new)"),
+        Row("prefill transient (one layer at a time)",
+            max(prefill_rows * prompt * inference_per_token(h, t["intermediate_size"], cb),
+                images * patches * inference_per_token(hv, v["intermediate_size"], cb))
+            + images * image_tokens * h * cb,
+            f"{prefill_rows} prompt rows{' (each prompt once)' if s.prefill_once else ' (every rollout row)'}, "
+            f"or the vision tower on {images} images; plus the image embeddings"),
+        Row("sampling logits", 2 * rollouts * V * 4, "fp32 logits and probabilities of one decode step"),
+    ]
+    # reference log-probs: a no-grad forward per micro-batch, one layer's buffers at a time
+    reference_rows = [
+        Row("forward transient (one layer at a time)", inference + 2 * B * S * h * cb,
+            f"micro-batch {B} x {S} tokens, or its {B} x {patches} patches in the vision tower"),
+        Row("logits + log-prob chunk", logits + 2 * chunk,
+            f"{B} x {T + 1} x {V} lm_head output; fp32 chunk of {B} x {min(s.logprob_chunk, T)} positions and its exp"),
+    ]
+    if s.shard_reference:
+        reference_rows.insert(0, Row("reference: 2 layers gathered", cb * 2 * largest_unit,
+                                     "the current one and the prefetched one"))
+    # policy update: forward + backward per micro-batch, gradients reduce-scattered into fp32 shards
+    if s.gradient_checkpointing:
+        activations = Row("activations, gradient checkpointing",
+                          L * B * S * h * cb + D * B * patches * hv * cb
+                          + 2 * max(B * S * text_layer_saved_per_token(cfg, cb),
+                                    B * patches * vision_block_saved_per_patch(cfg, cb)),
+                          "each layer's and block's input kept; one layer recomputed in backward (x2 with its grads)")
+    else:
+        activations = Row("activations, no checkpointing (estimate)",
+                          L * B * S * text_layer_saved_per_token(cfg, cb)
+                          + D * B * patches * vision_block_saved_per_patch(cfg, cb),
+                          f"{text_layer_saved_per_token(cfg, cb) / 1024:.0f} KiB/token/layer, "
+                          f"{vision_block_saved_per_patch(cfg, cb) / 1024:.0f} KiB/patch/block saved for backward")
+    update = [
+        Row("fp32 gradients", 4 * P_shard, f"1/{N} shard (reduce-scattered in fp32)"),
+        Row("root unsharded + its grads", root * (cb + cb + 4),
+            f"{root / 1e9:.2f} B params (embeddings, lm_head, vision patch embed + merger): "
+            "kept gathered from forward to backward; grads in compute dtype + an fp32 copy to reduce-scatter"),
+        Row("2 layers in flight", 2 * largest_unit * (cb + cb + 4),
+            f"largest unit {largest_unit / 1e6:.0f} M params: current + prefetched, params + grads + fp32 copy"),
+        activations,
+        Row("logits + log-prob chunk, with grads", 2 * logits + 3 * chunk,
+            "lm_head output (kept for the chunks' recompute) and its grad; one recomputed fp32 chunk, its exp, its grad"),
+    ]
+    optimizer_step = [
+        Row("fp32 gradients", 4 * P_shard, "clipped, then consumed by AdamW"),
+        Row("AdamW foreach temporaries", 4 * P_shard, "sqrt(v) of every shard at once (one fp32 shard-sized list)"),
+    ]
+    return {"P": P, "P_shard": P_shard, "units": units, "root": root, "largest_unit": largest_unit,
+            "patches": patches, "image_tokens": image_tokens, "prompt": prompt, "S": S, "images": images,
+            "rollouts": rollouts, "resident": resident,
+            "phases": {"rollout": rollout, "reference log-probs": reference_rows, "policy update": update,
+                       "optimizer step": optimizer_step},
+            "overhead": int(s.overhead_gib * GiB)}
+
+
+def phase_peaks(p: dict) -> dict[str, int]:
+    """Bytes at each phase's peak: resident + the phase's rows + the CUDA/NCCL allowance."""
+    resident = sum(r.bytes for r in p["resident"])
+    return {name: resident + sum(r.bytes for r in rows) + p["overhead"] for name, rows in p["phases"].items()}
+
+
+def host_rows(p: dict, s: Settings) -> list[Row]:
+    """Host RAM at start-up (models are read into CPU memory before they reach a GPU) and at the final save."""
+    cb, P, N = 2 if s.bf16 else 4, p["P"], s.gpus
+    base = N * s.process_rss_gib * GiB
+    reference = cb * P if s.shard_reference else N * cb * P
+    return [
+        Row("start-up, every rank reads both models", N * (4 * P + cb * P) + base,
+            f"{N} x (fp32 policy {4 * P / GiB:.1f} + reference {cb * P / GiB:.1f} GiB): what --fsdp avoids"),
+        Row("start-up, --fsdp", max(4 * P, reference) + base,
+            "rank 0 reads the fp32 policy and sends each rank its shards (the others build on meta); then the "
+            + ("reference the same way" if s.shard_reference else f"bf16 reference replica is read by all {N} ranks")),
+        Row("final save, rank 0", 4 * P + cb * P + base,
+            "full fp32 state dict gathered to rank 0's CPU, then cast to the checkpoint dtype"),
+    ]
+
+
+def gib(x: float) -> str:
+    return f"{x / GiB:6.1f}"
+
+
+def report(cfg: dict, s: Settings, config_name: str, meta_count: int | None) -> str:
+    p = plan(cfg, s)
+    peaks = phase_peaks(p)
+    text_p = sum(numel(sh) for u, n, sh in param_shapes(cfg) if not n.startswith("model.visual."))
+    lines = [f"Memory plan of grpo_train.py --fsdp for {config_name}",
+             f"parameters: {p['P']:,} ({p['P'] / 1e9:.2f} B; text {text_p / 1e9:.2f} B, vision "
+             f"{(p['P'] - text_p) / 1e9:.2f} B), counted from the config"
+             + ("" if meta_count is None else
+                f"; meta-device model: {meta_count:,} ({'match' if meta_count == p['P'] else 'MISMATCH'})"),
+             f"GPUs: {s.gpus} x {s.gpu_gib:g} GiB; {'bf16' if s.bf16 else 'fp32'} compute, gradient checkpointing "
+             f"{'on' if s.gradient_checkpointing else 'off'}, reference {'sharded' if s.shard_reference else 'replica'}",
+             f"sampling call: {p['images']} images x G {s.group_size} = {p['rollouts']} rows; "
+             f"image {s.image_width}x{s.image_height} -> {p['patches']} patches, "
+             f"{p['image_tokens']} image tokens; prompt {p['prompt']} tokens, sequence {p['S']}; "
+             f"micro-batch {s.micro_batch_size}",
+             "", f"{'per GPU':58s} {'GiB':>6s}  note"]
+    lines.append("resident in every phase")
+    lines += [f"  {r.name:56s} {gib(r.bytes)}  {r.note}" for r in p["resident"]]
+    for name, rows in p["phases"].items():
+        lines.append(f"{name} (on top of the resident rows)")
+        lines += [f"  {r.name:56s} {gib(r.bytes)}  {r.note}" for r in rows]
+    lines.append(f"  {'CUDA/NCCL allowance (every phase)':56s} {gib(p['overhead'])}  context, workspaces, NCCL, "
+                 "fragmentation")
+    lines += ["", f"peak per GPU by phase (of {s.gpu_gib:g} GiB)"]
+    limit = s.gpu_gib * GiB
+    for name, peak in peaks.items():
+        lines.append(f"  {name:56s} {gib(peak)}  margin {gib(limit - peak).strip()} GiB "
+                     f"({(limit - peak) / limit:.0%})")
+    worst = max(peaks, key=peaks.get)
+    verdict = "fits" if peaks[worst] <= limit else "DOES NOT FIT"
+    lines.append(f"  {'=> peak: ' + worst:56s} {gib(peaks[worst])}  {verdict}, margin "
+                 f"{(limit - peaks[worst]) / GiB:.1f} GiB")
+    lines += ["", f"{'host RAM (one node)':58s} {'GiB':>6s}"]
+    lines += [f"  {r.name:56s} {gib(r.bytes)}  {r.note}" for r in host_rows(p, s)]
+    lines += ["", "assumptions"] + [f"  - {a}" for a in [
+        "FSDP2 fully_shard on every decoder layer, every vision block and the root; parameters sharded on dim 0 "
+        "(each rank allocates ceil(dim0 / N) rows); MixedPrecisionPolicy(param_dtype=compute dtype, "
+        "reduce_dtype=fp32); fp32 master weights, gradients and AdamW m, v.",
+        "gradients exist only in the policy-update phase (zero_grad(set_to_none=True) after each step).",
+        "the policy is gathered once for the whole rollout phase (unshard, generate, reshard); in forward/backward "
+        "FSDP gathers one layer at a time with one prefetched, and keeps the root gathered from forward to backward.",
+        f"every completion runs to --max-new-tokens ({s.max_new_tokens}); the KV cache holds the G rows of one "
+        f"sampling call ({p['images']} images, --rollout-batch {s.rollout_batch}) in the compute dtype; "
+        + ("each prompt prefilled once, its cache copied G times (common.sample)." if s.prefill_once else
+           "generate prefills all G rows of each prompt."),
+        "the vision tower runs once per image in a sampling call, and once per ROW of a log-prob micro-batch "
+        "(each row carries its image's pixels).",
+        f"prompt = {p['image_tokens']} image tokens + {s.text_tokens} text tokens (chat template + prompt; an "
+        f"estimate for Qwen's tokenizer); image processor max_pixels {s.max_pixels}.",
+        "attention through fused kernels (SDPA flash / memory-efficient): no tokens x tokens matrix is stored.",
+        f"log-probs: gather minus logsumexp over fp32 chunks of {s.logprob_chunk} positions, each chunk checkpointed "
+        "(recomputed in backward), so only the compute-dtype logits and their grad span the micro-batch.",
+        "exact sizes, checked against real tensors in tests/test_memory_plan.py: parameters, fp32 shards, AdamW "
+        "state, KV cache, image patches, and what one layer / one block saves for backward; estimates: how many of "
+        "those are live at once (activation, transient, logits rows) and the allowance.",
+        f"CUDA/NCCL allowance {s.overhead_gib:g} GiB per GPU; host: {s.process_rss_gib:g} GiB per process before "
+        "weights (included in every host row), one model read at a time; 1 GiB = 1.074 GB (an '80 GB' H100 shows about 79.6 GiB).",
+    ]]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    s = common.parse_args(Settings)
+    path = Path(s.config) / "config.json" if Path(s.config).is_dir() else Path(s.config)
+    if not path.is_file():
+        common.die(f"--config {s.config}: no such config.json")
+    cfg = json.loads(path.read_text())
+    meta = meta_param_count(str(path))[0] if s.check_meta else None
+    print(report(cfg, s, str(path), meta))
+    if meta is not None and meta != sum(numel(sh) for _, _, sh in param_shapes(cfg)):
+        common.die(f"{path}: the count from the config differs from the meta-device model's ({meta:,})")
+
+
+if __name__ == "__main__":
+    main()
