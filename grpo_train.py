@@ -685,10 +685,14 @@ def save_final_model(run: Run, out: Path) -> None:
         unwrapped = run.generator  # the model itself (DDP unwrapped)
         if run.args.bf16:
             state_dict = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in state_dict.items()}
-            unwrapped.config.dtype = torch.bfloat16
         tmp = out / ".final.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         unwrapped.save_pretrained(tmp, state_dict=state_dict)
+        if run.args.bf16:  # save_pretrained writes the dtype of the fp32 master weights into config.json
+            config = unwrapped.config
+            for c in [config, *(getattr(config, key) for key in config.sub_configs)]:
+                c.dtype = torch.bfloat16
+            config.save_pretrained(tmp)
         run.processor.save_pretrained(tmp)
         names = sorted((p.name for p in tmp.iterdir()), key=lambda name: name == "config.json")
         (out / "config.json").unlink(missing_ok=True)
