@@ -193,7 +193,7 @@ def token_logprobs(model, prompt: dict, completion_ids: torch.Tensor, temperatur
 
 
 def _chunk_logprobs(logits: torch.Tensor, ids: torch.Tensor, temperature: float) -> torch.Tensor:
-    x = logits.float() / temperature
+    x = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature  # bf16 logits: fp32 here
     return x.gather(-1, ids[..., None]).squeeze(-1) - torch.logsumexp(x, dim=-1)
 
 
