@@ -546,3 +546,66 @@ def test_resume_with_changed_settings_is_refused_naming_each(setup, monkeypatch,
     labels.write_text(s["labels"].read_text().replace('"p_star": 1.0', '"p_star": 0.9', 1))
     assert run_main(monkeypatch, argv) == 2
     assert "pseudolabels_sha256: " in capsys.readouterr().err
+
+
+def test_a_scripted_step_through_the_real_parser_puts_each_advantage_on_its_own_rows(setup, monkeypatch, tmp_path):
+    """One step of the real loop (main, 1 process) with a scripted sampler and the real answer parser: image X's
+    rollouts answer high, Y's low, one of each truncated or unparseable; p*(X, Y) = 1. The logged rewards and the
+    gradient norm must equal an independent computation that puts each image's advantages on its own completions
+    (with the advantages swapped between the images, the gradient norm differs)."""
+    s = setup
+    processor = common.load_processor(s["model"])
+    model = common.load_model(s["model"], dtype=torch.float32)
+    preset = common.get_preset("evoquality")
+    eos = common.eos_token_ids(common.sampling_config(model, 1))
+    script = {"pool_00003.png": [("\\boxed{4.5}", True), ("so \\boxed{4.0}", True), ("\\boxed{5.0}. Wait", False)],
+              "pool_00007.png": [("no idea", True), ("\\boxed{1.5}", True), ("\\boxed{2.0}", True)]}
+    encoded = {x: dict(common.encode_batch(processor, [preset.prompt("score", False)],
+                                           [[common.load_image(s["pool"] / x)]])) for x in script}
+    which = {x: float(e["pixel_values"].sum()) for x, e in encoded.items()}  # the image, from its pixels
+    tokens = {x: [processor.tokenizer(t).input_ids + (eos[:1] if ended else []) for t, ended in rows]
+              for x, rows in script.items()}
+
+    def scripted_sample(model_, processor_, inputs, n, max_new_tokens, temperature=1.0, do_sample=True):
+        sizes = inputs["image_grid_thw"].prod(dim=1).tolist()  # one image per prompt: its pixel rows
+        names = [min(which, key=lambda x: abs(which[x] - float(chunk.sum())))
+                 for chunk in inputs["pixel_values"].split(sizes)]
+        rows = [row for x in names for row in tokens[x]]  # prompt-major, as common.sample returns them
+        width = max(map(len, rows))
+        ids = torch.tensor([row + eos[:1] * (width - len(row)) for row in rows])
+        mask = common.completion_mask(ids, eos)
+        return common.Samples(ids=ids, mask=mask, truncated=[not ended for x in names for _, ended in script[x]],
+                              texts=processor.batch_decode(ids * mask + (1 - mask) * eos[0], skip_special_tokens=True),
+                              n=n)
+
+    labels = tmp_path / "labels.jsonl"
+    labels.write_text(json.dumps({"a": "pool_00003.png", "b": "pool_00007.png", "p_star": 1.0}) + "\n")
+    out = tmp_path / "out"
+    argv = ["--model", s["model"], "--pseudolabels", str(labels), "--images-root", str(s["pool"]), "--out", str(out),
+            "--group-size", "3", "--pairs-per-step", "1", "--max-new-tokens", "8", "--no-reasoning", "--lr", "1e-3",
+            "--max-grad-norm", "1e9", "--micro-batch-size", "2"]  # both images in one sampling call
+    monkeypatch.setattr(common, "sample", scripted_sample)
+    monkeypatch.setattr(sys, "argv", ["grpo_train.py", *argv])
+    grpo_train.main()
+    (record,) = common.read_jsonl(out / "train_log.jsonl")
+
+    scores = {"pool_00003.png": [4.5, 4.0, None], "pool_00007.png": [None, 1.5, 2.0]}  # truncated, unparseable: None
+    rewards = pair_fidelity_rewards(scores, [("pool_00003.png", "pool_00007.png", 1.0)])
+    reward_matrix = torch.tensor([rewards[x] for x in script], dtype=torch.float64)
+    assert record["reward_mean"] == pytest.approx(float(reward_matrix.mean()), abs=1e-12)
+    assert record["parse_failure_rate"] == pytest.approx(2 / 6) and record["truncation_rate"] == pytest.approx(1 / 6)
+
+    def grad_norm(advantages):  # on-policy at step 1: the loss gradient is -(1/N) sum_i A_i grad mean_t logp_i
+        model.zero_grad()
+        for k, x in enumerate(script):
+            prompt = grpo_train.select_rows(encoded[x], [0, 0, 0], model.config.vision_start_token_id)
+            ids = scripted_sample(None, None, encoded[x], 3, 8)
+            logp = grpo_train.token_logprobs(model, prompt, ids.ids, 1.0)
+            mask = ids.mask.double()
+            per_seq = (logp.double() * mask).sum(1) / mask.sum(1)
+            (-(advantages[k] * per_seq).sum() / 6).backward()
+        return float(torch.sqrt(sum((p.grad ** 2).sum() for p in model.parameters() if p.grad is not None)))
+
+    advantages = group_advantages(reward_matrix)
+    assert record["grad_norm"] == pytest.approx(grad_norm(advantages), rel=1e-4)
+    assert abs(grad_norm(advantages.flip(0)) - record["grad_norm"]) > 1e-3 * record["grad_norm"]
