@@ -3,6 +3,7 @@ log-probs, policy forward + backward + AdamW, and generated tokens/s, for G = 8 
 
     python bench/bench_grpo.py [--steps 4] [--max-new-tokens 64] [--bf16] [--parity]
     python bench/bench_grpo.py --ddp-vs-fsdp [--steps 3]     # 2 processes (torchrun), DDP then --fsdp, side by side
+    python bench/bench_grpo.py --against 45faead --size 30m   # that commit's grpo_train.py, then today's, side by side
 
 It runs the real script (a stand-in parser makes the random tiny model's answers parseable, so every group has a
 gradient) and reads the per-step timings from train_log.jsonl; the first step (warm-up) is left out of the means.
@@ -21,6 +22,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+SIZES = {"tiny": {}, "30m": dict(text_hidden=512, text_layers=8, vision_hidden=256, vision_depth=4,
+                                 max_pixels=448 * 448)}  # 30m: compute-dominated on CPU, like 7B's prefill regime
 WRAPPER = """
 import runpy, sys, zlib
 sys.path.insert(0, {root!r})
@@ -84,6 +87,8 @@ def main() -> None:
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--parity", action="store_true")
     parser.add_argument("--ddp-vs-fsdp", action="store_true", help="2 processes: DDP and --fsdp on the same steps")
+    parser.add_argument("--against", default=None, help="a commit whose grpo_train.py runs first, on the same steps")
+    parser.add_argument("--size", choices=sorted(SIZES), default="tiny", help="model: the tiny one or a 30 M one")
     a = parser.parse_args()
     from demo.synthetic import write_set
     from demo.tiny_models import build_tiny_checkpoint
@@ -93,17 +98,17 @@ def main() -> None:
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        model = build_tiny_checkpoint(tmp / "tiny")
-        pool = write_set(tmp / "pool", "pool", 32)
+        model = build_tiny_checkpoint(tmp / "tiny", **SIZES[a.size])
+        pool = write_set(tmp / "pool", "pool", 32, size=448) if a.size == "30m" else write_set(tmp / "pool", "pool", 32)
         images = sorted(p.name for p in pool.glob("*.png"))
         with open(tmp / "pseudolabels.jsonl", "w") as f:  # 16 disjoint pairs: 8 images a step, 64 rollouts
             for k in range(16):
                 f.write(json.dumps({"a": images[2 * k], "b": images[2 * k + 1], "p_star": k % 2}) + "\n")
-        wrapper = tmp / "wrapper.py"
-        wrapper.write_text(WRAPPER.format(root=str(ROOT), script=str(ROOT / "grpo_train.py")))
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
-        def train(name: str, nproc: int, *extra: str) -> list[dict]:
+        def train(name: str, nproc: int, *extra: str, script: Path = ROOT / "grpo_train.py") -> list[dict]:
+            wrapper = tmp / f"wrapper_{name}.py"
+            wrapper.write_text(WRAPPER.format(root=str(ROOT), script=str(script)))
             launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run",
                                                             "--standalone", "--nproc_per_node", str(nproc)]
             cmd = [*launcher, str(wrapper), "--model", str(model), "--pseudolabels", str(tmp / "pseudolabels.jsonl"),
@@ -124,8 +129,15 @@ def main() -> None:
                                                       f"phase): {setting}")
             print(f"FSDP / DDP: s per generated token {fsdp['per_token'] / ddp['per_token']:.2f}x, "
                   f"step {fsdp['step'] / ddp['step']:.2f}x")
+        elif a.against:
+            old = tmp / "old_grpo_train.py"
+            old.write_text(subprocess.run(["git", "show", f"{a.against}:grpo_train.py"], cwd=ROOT, check=True,
+                                          capture_output=True, text=True).stdout)
+            before = summary(train("old", 1, script=old), f"grpo_train.py of {a.against}, {a.size} model: {setting}")
+            now = summary(train("now", 1), f"grpo_train.py now, {a.size} model: {setting}")
+            print(f"speed-up now vs {a.against}: step {before['step'] / now['step']:.2f}x")
         else:
-            summary(train("one", 1), f"grpo_train.py on the tiny Qwen2.5-VL: {setting}")
+            summary(train("one", 1), f"grpo_train.py on the {a.size} Qwen2.5-VL: {setting}")
         if a.parity:
             parity(str(model), pool)
 
