@@ -197,7 +197,8 @@ def _chunk_logprobs(logits: torch.Tensor, ids: torch.Tensor, temperature: float)
     return x.gather(-1, ids[..., None]).squeeze(-1) - torch.logsumexp(x, dim=-1)
 
 
-def logprobs_at(logits: torch.Tensor, ids: torch.Tensor, temperature: float, chunk: int = LOGPROB_CHUNK) -> torch.Tensor:
+def logprobs_at(logits: torch.Tensor, ids: torch.Tensor, temperature: float,
+                chunk: int = LOGPROB_CHUNK) -> torch.Tensor:
     """log_softmax(logits / temperature) at `ids`, as gather minus logsumexp over `chunk` positions at a time: never a
     full fp32 [N, T, vocab] log-softmax (at 152k vocab it would outweigh the logits). Each chunk is recomputed in
     backward (checkpoint), so backward keeps the logits only, not an fp32 copy per chunk."""
@@ -277,7 +278,8 @@ def shard(model, mesh, bf16: bool):
     fp32 master weights (AdamW on bf16 weights would round lr 3e-7 updates away)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 \
+        else MixedPrecisionPolicy()  # fp32: no casts
     for block in [*model.model.visual.blocks, *model.model.language_model.layers]:
         fully_shard(block, mesh=mesh, mp_policy=mp)
     fully_shard(model, mesh=mesh, mp_policy=mp)

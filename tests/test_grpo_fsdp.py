@@ -44,7 +44,7 @@ def s(tmp_path_factory, tiny_model_dir, demo_pool):
     wrapper.write_text(WRAPPER.format(root=str(ROOT), script=str(ROOT / "grpo_train.py")))
     images = sorted(p.name for p in demo_pool.glob("*.png"))
     labels = tmp / "pseudolabels.jsonl"
-    with open(labels, "w") as f:  # every pair holds image 0: a step of 2 pairs has 3 images, 2 on one process, 1 on the other
+    with open(labels, "w") as f:  # every pair holds image 0: a step of 2 pairs has 3 images (2 + 1 per process)
         for k in range(6):
             f.write(json.dumps({"a": images[0], "b": images[k + 1], "p_star": [1.0, 0.0, 0.5][k % 3]}) + "\n")
     return {"tmp": tmp, "wrapper": wrapper, "labels": labels, "model": tiny_model_dir, "pool": demo_pool}

@@ -245,7 +245,8 @@ def test_rewards_parse_through_the_truncation_rule_and_land_on_their_images_rows
     lo = [C("\\boxed{1.5}", False), C("no answer", False), C("\\boxed{2.0}", False)]
     mid = [C("\\boxed{3.0}", False), C("\\boxed{3.5}", False), C("\\boxed{2.5}", True)]
     mask = torch.tensor([[1, 1, 0]] * 3 + [[1, 1, 1]] * 3)
-    calls = [grpo_train.Call([2, 1], {}, mask.clone(), mask, [mid, hi]), grpo_train.Call([0], {}, mask[:3], mask[:3], [lo])]
+    calls = [grpo_train.Call([2, 1], {}, mask.clone(), mask, [mid, hi]),
+             grpo_train.Call([0], {}, mask[:3], mask[:3], [lo])]
     run = SimpleNamespace(preset=common.get_preset("evoquality"), args=SimpleNamespace(gamma=1e-6))
     pairs = [("hi.png", "lo.png", 1.0), ("mid.png", "lo.png", 0.5)]
     r = grpo_train.rewards(run, calls, images, pairs)
