@@ -6,35 +6,45 @@ takes a clipped policy-gradient step with a KL penalty towards the frozen initia
 stage"). The result in --out is a plain HF checkpoint: the next round's --model.
 
     python grpo_train.py --model Qwen/Qwen2.5-VL-7B-Instruct --pseudolabels runs/r1/pseudolabels.jsonl \\
-        --images-root data/koniq/images --out runs/r1/model --bf16 --gradient-checkpointing
+        --images-root data/koniq/images --out runs/r1/model          # bf16 + gradient checkpointing on a GPU
 
-    # the same on several GPUs (DDP: each process draws its own pairs, gradients are averaged)
+    # several GPUs, small models: DDP replicas (accelerate); torchrun on CPU
     accelerate launch --num_processes 8 grpo_train.py ... (same flags)
 
-    # the paper's scale (Qwen2.5-VL-7B full fine-tune, 8 x 80 GB): FSDP2, see configs/fsdp_8gpu.yaml for the memory plan
-    accelerate launch --config_file configs/fsdp_8gpu.yaml grpo_train.py ... --bf16 --gradient-checkpointing
+    # the paper's scale (Qwen2.5-VL-7B full fine-tune, 8 x 80 GB): FSDP2, the same code path on CPU (gloo) and GPU
+    accelerate launch --num_processes 8 grpo_train.py ... --fsdp [--shard-reference]
+    torchrun --standalone --nproc_per_node 2 grpo_train.py ... --fsdp          # what the tests run on CPU
 
     # a killed run: the same command with --resume continues from the latest --out/checkpoints/step-N
 
-Outputs: --out/{config.json, model weights, processor, generation config}, --out/args.json,
---out/train_log.jsonl (one line per step), --out/checkpoints/step-N/ (full training state).
+A step is defined globally, so that N processes compute what 1 process would: the step's pairs are the same slice of
+the seeded order whatever N; its distinct images are cut into sampling calls of --rollout-batch images, call k seeded
+by (seed, step, k) and run by process k mod N; every process sees every score (the rewards need all partners); the
+loss is normalised by the step's total number of rollouts. Every process runs the same number of forward/backward
+passes (zero-weight repeats of a real micro-batch), so FSDP's and DDP's collectives stay in lock-step.
+
+Outputs: --out/{config.json, model weights, processor, generation config}, --out/args.json, --out/settings.json
+(what --resume checks), --out/train_log.jsonl (one line per step), --out/checkpoints/step-N/ (torch.distributed
+.checkpoint: model, AdamW, scheduler, RNG; the data position is the step).
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
 import os
 import random
 import shutil
 import time
+import zlib
 from dataclasses import asdict, dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 
 import common
 
@@ -47,30 +57,43 @@ class Args:
     out: str = common.arg(help="output folder: the trained HF checkpoint, train_log.jsonl, checkpoints/")
     ref_model: Optional[str] = common.arg(None, help="frozen KL reference (default: --model, the initial policy)")
     group_size: int = common.arg(8, help="G: rollouts per image (>= 2: the reward needs a variance)")
-    pairs_per_step: int = common.arg(4, help="pseudo-labelled pairs per step and process; their images are rolled out")
+    pairs_per_step: int = common.arg(4, help="pseudo-labelled pairs per step and process (a step: this x processes)")
     epochs: int = common.arg(1, help="passes over the pseudo-labelled pairs")
     lr: float = common.arg(3e-7, help="AdamW peak learning rate (paper: 3e-7, linear decay)")
     beta: float = common.arg(0.05, help="weight of the k3 KL penalty towards the reference")
     clip_eps: float = common.arg(0.2, help="PPO clip range of the ratio")
     ppo_epochs: int = common.arg(1, help="optimisation passes over each step's rollouts (1: on-policy)")
     temperature: float = common.arg(1.0, help="sampling temperature, also used for every log-prob")
-    max_new_tokens: int = common.arg(512, help="longest completion")
-    reasoning: bool = common.arg(True, help="ask for <think> reasoning before the boxed answer")
+    max_new_tokens: int = common.arg(512, help="longest completion (a completion cut here is unparseable: reward 0)")
+    reasoning: bool = common.arg(True, help="ask for reasoning before the boxed answer")
     prompt: str = common.arg("evoquality", help="prompt preset", choices=sorted(common.PRESETS))
     gamma: float = common.arg(1e-6, help="variance floor in the fidelity reward's Phi")
+    rollout_batch: int = common.arg(4, help="images per sampling call (x G rows); seeded per call, not per process")
     micro_batch_size: int = common.arg(4, help="sequences per forward/backward (does not change the gradient)")
     max_grad_norm: float = common.arg(1.0, help="gradient clipping norm")
     warmup_steps: int = common.arg(0, help="linear warmup optimizer steps before the linear decay")
     weight_decay: float = common.arg(0.0, help="AdamW weight decay")
     max_steps: int = common.arg(0, help="stop after N steps (0: all epochs); the schedule still spans all epochs")
     seed: int = common.arg(0, help="seed of the pair order and of the rollouts")
-    bf16: bool = common.arg(False, help="bf16 autocast (fp32 master weights and AdamW), bf16 reference and checkpoint")
-    gradient_checkpointing: bool = common.arg(False, help="recompute activations in backward (saves memory)")
+    bf16: Optional[bool] = common.arg(None, help="bf16 compute, fp32 master weights and AdamW; bf16 reference and "
+                                                 "checkpoint (default: on with CUDA, off on CPU)")
+    gradient_checkpointing: Optional[bool] = common.arg(None, help="recompute activations in backward "
+                                                                   "(default: on with CUDA, off on CPU)")
+    fsdp: bool = common.arg(False, help="shard the policy with FSDP2 (7B full fine-tuning); default: DDP replicas")
+    shard_reference: bool = common.arg(False, help="with --fsdp: shard the frozen reference too (else a replica)")
     max_pixels: Optional[int] = common.arg(None, help="image processor max_pixels (default: the checkpoint's)")
     save_every: int = common.arg(100, help="save the full training state every N steps (and at the end)")
     save_total_limit: int = common.arg(2, help="keep only the latest N checkpoints/step-N folders")
-    resume: bool = common.arg(False, help="continue from the latest --out/checkpoints/step-N")
-    skip_missing: bool = common.arg(False, help="drop pairs whose images are missing instead of refusing")
+    resume: bool = common.arg(False, help="continue from the latest --out/checkpoints/step-N (same settings only)")
+    skip_missing: bool = common.arg(False, help="drop pairs whose images do not open instead of refusing")
+    dist_timeout: int = common.arg(1800, help="seconds a collective waits before raising (a hang becomes an error)")
+
+
+# settings that change the result: a --resume with any of them different is refused (common.refuse_changed_settings)
+METHOD_SETTINGS = ("group_size", "epochs", "lr", "beta", "clip_eps", "ppo_epochs", "temperature", "max_new_tokens",
+                   "reasoning", "prompt", "gamma", "rollout_batch", "max_grad_norm", "warmup_steps", "weight_decay",
+                   "seed", "bf16", "max_pixels", "skip_missing", "images_root")
+LOGPROB_CHUNK = 64  # completion positions per log-softmax chunk: 64 x micro-batch x 152k vocab x 4 B at most
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -149,16 +172,6 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor
     return loss, metrics
 
 
-def completion_mask(completion_ids: torch.Tensor, eos_ids: list[int]) -> torch.Tensor:
-    """1 for every completion token up to and including the first EOS (all of them if none), from positions:
-    the pad token may itself be an EOS id, so `token != pad` would drop a real EOS or keep padding."""
-    is_eos = torch.isin(completion_ids, torch.tensor(eos_ids, device=completion_ids.device))
-    T = completion_ids.shape[1]
-    first_eos = torch.where(is_eos.any(dim=1), is_eos.int().argmax(dim=1), torch.full_like(is_eos[:, 0], T - 1,
-                                                                                            dtype=torch.long))
-    return (torch.arange(T, device=completion_ids.device)[None, :] <= first_eos[:, None]).long()
-
-
 def token_logprobs(model, prompt: dict, completion_ids: torch.Tensor, temperature: float,
                    placeholder_ids: tuple[int, ...] = (), pad_id: int = 0) -> torch.Tensor:
     """log pi(token) of each completion token [N, T], from ONE forward over prompt + completion with the very
@@ -176,8 +189,27 @@ def token_logprobs(model, prompt: dict, completion_ids: torch.Tensor, temperatur
     if "mm_token_type_ids" in prompt:  # M-RoPE positions: completion tokens are text
         inputs["mm_token_type_ids"] = torch.cat([prompt["mm_token_type_ids"], torch.zeros_like(completion_ids)], dim=1)
     logits = model(**inputs, use_cache=False, logits_to_keep=T + 1).logits[:, :-1]  # position t predicts token t + 1
-    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
-    return logp.gather(-1, completion_ids[..., None]).squeeze(-1)
+    return logprobs_at(logits, completion_ids, temperature)
+
+
+def _chunk_logprobs(logits: torch.Tensor, ids: torch.Tensor, temperature: float) -> torch.Tensor:
+    x = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature  # bf16 logits: fp32 here
+    return x.gather(-1, ids[..., None]).squeeze(-1) - torch.logsumexp(x, dim=-1)
+
+
+def logprobs_at(logits: torch.Tensor, ids: torch.Tensor, temperature: float,
+                chunk: int = LOGPROB_CHUNK) -> torch.Tensor:
+    """log_softmax(logits / temperature) at `ids`, as gather minus logsumexp over `chunk` positions at a time: never a
+    full fp32 [N, T, vocab] log-softmax (at 152k vocab it would outweigh the logits). Each chunk is recomputed in
+    backward (checkpoint), so backward keeps the logits only, not an fp32 copy per chunk."""
+    from torch.utils.checkpoint import checkpoint
+
+    parts = []
+    for s in range(0, ids.shape[1], chunk):
+        args = (logits[:, s:s + chunk], ids[:, s:s + chunk], temperature)
+        parts.append(checkpoint(_chunk_logprobs, *args, use_reentrant=False) if torch.is_grad_enabled()
+                     else _chunk_logprobs(*args))
+    return torch.cat(parts, dim=1)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -203,23 +235,352 @@ def select_rows(batch: dict, rows: list[int], vision_start_id: int) -> dict:
     return out
 
 
-def step_pairs(pairs: list, seed: int, step: int, steps_per_epoch: int, rank: int, world: int, per_step: int) -> list:
-    """The pairs of one process at one step: a seeded shuffle per epoch, cut into disjoint per-process slices.
+def step_pairs(pairs: list, seed: int, step: int, steps_per_epoch: int, per_step: int) -> list:
+    """The pairs of one step (all processes together): a seeded shuffle per epoch, cut into disjoint slices.
     A function of the step alone, so a resumed run draws exactly the pairs the killed run would have drawn."""
     epoch, position = divmod(step, steps_per_epoch)
     order = list(range(len(pairs)))
     random.Random(f"{seed}-{epoch}").shuffle(order)
-    start = (position * world + rank) * per_step
-    return [pairs[i] for i in order[start:start + per_step]]
+    return [pairs[i] for i in order[position * per_step:(position + 1) * per_step]]
+
+
+def sampling_calls(n_images: int, rollout_batch: int, rank: int, world: int) -> list[tuple[int, list[int]]]:
+    """(k, image indices) of the sampling calls this process runs: call k samples the step's images
+    [k * rollout_batch, (k + 1) * rollout_batch) and runs on process k mod world. Seeded by k (see rollout), the
+    rollouts are the same with any number of processes."""
+    calls = [list(range(s, min(s + rollout_batch, n_images))) for s in range(0, n_images, rollout_batch)]
+    return [(k, images) for k, images in enumerate(calls) if k % world == rank]
+
+
+@dataclass
+class Call:
+    """One sampling call's rollouts; row i * G + g is the g-th rollout of image i of the call."""
+
+    images: list[int]  # indices into the step's images (empty: a zero-weight stand-in, see lockstep)
+    batch: dict  # model inputs, the prompt repeated G times per image
+    ids: torch.Tensor  # [rows, T] completion tokens
+    mask: torch.Tensor  # [rows, T] completion mask (common.completion_mask)
+    completions: list[list[common.Completion]]  # per image, its G (text, truncated)
+
+    def micro_batch(self, rows: list[int], vision_start_id: int) -> tuple[dict, torch.Tensor, torch.Tensor]:
+        width = int(self.mask[rows].sum(dim=1).max())  # causal: trailing padding changes no earlier log-prob
+        return select_rows(self.batch, rows, vision_start_id), self.ids[rows, :width], self.mask[rows, :width]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# TRY NOT TO MODIFY: inputs, checkpoints, the final model
+# Distributed: everything that knows about processes and shards is here (torchtitan style)
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def load_pairs(path: str, images_root: str, skip_missing: bool) -> list[tuple[str, str, float]]:
-    """(a, b, p_star) of every pseudo-labelled pair; refuses malformed lines and missing images before any model."""
+def shard(model, mesh, bf16: bool):
+    """FSDP2: each vision block and each decoder layer is one all-gather unit; the root holds the rest (embeddings,
+    patch embedding, merger, norm, lm_head). With bf16: bf16 compute and all-gathers, fp32 gradient reduction,
+    fp32 master weights (AdamW on bf16 weights would round lr 3e-7 updates away)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 \
+        else MixedPrecisionPolicy()  # fp32: no casts
+    for block in [*model.model.visual.blocks, *model.model.language_model.layers]:
+        fully_shard(block, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
+    return model
+
+
+def load_sharded(name: str, dtype: torch.dtype, mesh, bf16: bool, gradient_checkpointing: bool = False):
+    """A sharded model without a full copy per process: every process builds it on the meta device and shards it;
+    process 0 alone reads the checkpoint into host RAM and sends each process its shards (full_state_dict +
+    broadcast_from_rank0). Buffers (rotary frequencies: not in the state dict) are broadcast from process 0 too."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from transformers import AutoConfig, AutoModelForImageTextToText, GenerationConfig
+
+    with torch.device("meta"):
+        model = AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(name), dtype=dtype)
+    full = common.load_model(name, dtype=dtype) if dist.get_rank() == 0 else None
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    shard(model, mesh, bf16)
+    model.to_empty(device=torch.device(mesh.device_type, torch.cuda.current_device()) if mesh.device_type == "cuda"
+                   else "cpu")
+    set_model_state_dict(model, full.state_dict() if full is not None else {},
+                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    buffers = dict(full.named_buffers()) if full is not None else {}
+    for key, buffer in model.named_buffers():
+        if full is not None:
+            buffer.copy_(buffers[key])
+        dist.broadcast(buffer, src=0)
+    try:  # the shipped generation config (special token ids); sampling never inherits its knobs (common.sample)
+        model.generation_config = GenerationConfig.from_pretrained(name)
+    except OSError:
+        pass
+    return model
+
+
+def fsdp_units(model) -> list:
+    from torch.distributed.fsdp import FSDPModule
+
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+@contextlib.contextmanager
+def full_weights(model):
+    """FSDP2: all-gather every shard ONCE for a whole rollout phase and keep it gathered between forwards, so that
+    decoding runs with no collective per token (processes that decode different numbers of tokens or calls cannot
+    desynchronise), then reshard. A no-op for a replica. The root already stays gathered after its forward.
+    transformers' generate reads fully_shard's `_is_fsdp_managed_module` flag to turn on synced_gpus (an all-reduce
+    per decoded token, which would make unequal sampling calls hang): with the weights gathered no process needs the
+    others, so the flag is lowered for the phase."""
+    units = fsdp_units(model)
+    if not units:
+        yield
+        return
+    for unit in units:
+        unit.unshard()
+    for unit in units[1:]:
+        unit.set_reshard_after_forward(False, recurse=False)
+    model._is_fsdp_managed_module = False
+    try:
+        yield
+    finally:
+        model._is_fsdp_managed_module = True
+        for unit in units[1:]:
+            unit.set_reshard_after_forward(True, recurse=False)
+        for unit in units:
+            unit.reshard()
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def all_reduce(values: list[float], op: str, device) -> list[float]:
+    """Sum ("sum") or maximum ("max") of each value over processes."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if world_size() > 1:
+        dist.all_reduce(t, dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+    return t.tolist()
+
+
+def all_gather(obj) -> list:
+    """`obj` of every process, in rank order."""
+    if world_size() == 1:
+        return [obj]
+    out = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def lockstep(micro_batches: list, stand_in, device) -> list[tuple[object, bool]]:
+    """(micro-batch, real) for every pass of this process: its own micro-batches, then zero-weight repeats of a real
+    IMAGE micro-batch up to the largest count of any process. Under FSDP every forward and backward is a collective
+    (under DDP every backward), so a process that ran fewer would leave the others waiting forever; a text-only
+    stand-in would not do (it would skip the vision blocks' all-gathers)."""
+    count = int(all_reduce([len(micro_batches)], "max", device)[0])
+    return [(mb, True) for mb in micro_batches] + [(stand_in, False)] * (count - len(micro_batches))
+
+
+def init_distributed(args: Args, cuda: bool):
+    """The accelerator (process group, device, DDP for replicas); with --fsdp and one process, a 1-process group.
+    Every collective times out after --dist-timeout: a desynchronised process raises instead of hanging."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedType, InitProcessGroupKwargs
+
+    timeout = timedelta(seconds=args.dist_timeout)
+    # cpu=True when there is no GPU: without it accelerate 1.15 runs each torchrun process alone (DistributedType.NO)
+    accelerator = Accelerator(mixed_precision="bf16" if args.bf16 and not args.fsdp else "no", cpu=not cuda,
+                              kwargs_handlers=[InitProcessGroupKwargs(timeout=timeout)])
+    if accelerator.distributed_type == DistributedType.FSDP:
+        common.die("accelerate's FSDP plugin is not used by grpo_train.py (it would shard twice): launch without an "
+                   "FSDP config and pass --fsdp")
+    if args.fsdp and not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo", store=dist.HashStore(), rank=0, world_size=1,
+                                timeout=timeout)
+    return accelerator
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The step, phase by phase (ALGO LOGIC)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    """What every phase needs: settings, models, and this process's place."""
+
+    args: Args
+    accelerator: object
+    model: object  # the policy as trained (DDP-wrapped, FSDP-sharded or plain)
+    generator: object  # the same weights as a module that samples (DDP unwrapped)
+    reference: object
+    optimizer: object
+    scheduler: object
+    processor: object
+    preset: common.Preset
+    prompt_text: str
+    eos_ids: list[int]
+    placeholder_ids: tuple[int, ...]
+    vision_start_id: int
+    device: torch.device
+    rank: int
+    world: int
+    ddp: bool
+
+    def encode(self, images: list[str]) -> dict:
+        encoded = common.encode_batch(self.processor, [self.prompt_text] * len(images),
+                                      [[common.load_image(Path(self.args.images_root) / x)] for x in images],
+                                      add_vision_id=self.preset.add_vision_id)
+        return {k: v.to(self.device) for k, v in encoded.items()}
+
+
+def rollout(run: Run, images: list[str], step: int) -> list[Call]:
+    """This process's sampling calls: each distinct image prompt encoded once, G samples of it (common.sample),
+    seeded by (seed, step, call) so that the rollouts do not depend on the number of processes. Under FSDP the
+    weights are gathered once for the whole phase."""
+    G, calls = run.args.group_size, []
+    run.model.eval()
+    with full_weights(run.model), run.accelerator.autocast():
+        for k, idx in sampling_calls(len(images), run.args.rollout_batch, run.rank, run.world):
+            encoded = run.encode([images[i] for i in idx])
+            torch.manual_seed(zlib.crc32(f"{run.args.seed}-{step}-{k}".encode()))
+            s = common.sample(run.generator, run.processor, encoded, G, run.args.max_new_tokens, run.args.temperature,
+                              do_sample=True)
+            batch = select_rows(encoded, [i for i in range(len(idx)) for _ in range(G)], run.vision_start_id)
+            # clone: tensors made under inference mode cannot enter autograd
+            calls.append(Call(idx, batch, s.ids.clone(), s.mask.clone(), s.completions()))
+    return calls
+
+
+def rewards(run: Run, calls: list[Call], images: list[str], pairs_now: list) -> dict:
+    """Every process's scores to every process (an image's reward needs its partners' score statistics), then the
+    fidelity rewards of all the step's pairs and the advantages within each image's group. A completion cut off at
+    --max-new-tokens is unparseable (common.answer): reward 0."""
+    local = {}
+    for call in calls:
+        lengths = call.mask.sum(dim=1).tolist()
+        for j, i in enumerate(call.images):
+            completions = call.completions[j]
+            G = len(completions)
+            local[i] = ([common.answer(c, lambda t: common.parse_score(t, run.preset)) for c in completions],
+                        [c.truncated for c in completions], lengths[j * G:(j + 1) * G])
+    merged = {i: v for part in all_gather(local) for i, v in part.items()}
+    scores = {images[i]: merged[i][0] for i in range(len(images))}
+    fidelity = pair_fidelity_rewards(scores, pairs_now, run.args.gamma)
+    reward_matrix = torch.tensor([fidelity[x] for x in images], dtype=torch.float64)
+    return {"scores": scores, "rewards": reward_matrix, "advantages": group_advantages(reward_matrix),
+            "truncated": [t for i in range(len(images)) for t in merged[i][1]],
+            "lengths": [n for i in range(len(images)) for n in merged[i][2]]}
+
+
+def schedule(run: Run, calls: list[Call], images: list[str]) -> list[tuple[tuple[Call, list[int]], bool]]:
+    """The micro-batches of this process, in lock-step with the others (see lockstep). A process with no sampling
+    call this step (fewer calls than processes) uses the step's first image with a one-token completion as stand-in."""
+    mbs = run.args.micro_batch_size
+    own = [(c, list(range(s, min(s + mbs, len(c.ids))))) for c in calls for s in range(0, len(c.ids), mbs)]
+    if own:
+        stand_in = own[0]
+    else:
+        one = torch.full((1, 1), run.eos_ids[0], device=run.device)
+        stand_in = (Call([], run.encode(images[:1]), one, torch.ones_like(one), []), [0])
+    return lockstep(own, stand_in, run.device)
+
+
+def reference_logprobs(run: Run, passes: list) -> list[torch.Tensor]:
+    """log pi_ref of every completion token, micro-batch by micro-batch (no gradient)."""
+    out = []
+    with torch.no_grad(), run.accelerator.autocast():
+        for (call, rows), _ in passes:
+            prompt, ids, _ = call.micro_batch(rows, run.vision_start_id)
+            out.append(token_logprobs(run.reference, prompt, ids, run.args.temperature, run.placeholder_ids,
+                                      run.eos_ids[0]))
+    return out
+
+
+def policy_update(run: Run, passes: list, ref_logps: list[torch.Tensor], advantages: torch.Tensor,
+                  n_rollouts: int) -> dict:
+    """--ppo-epochs passes of loss + backward over the micro-batches, one optimizer step each. The loss of a
+    micro-batch is weighted by its share of the step's rollouts (all processes together), times the number of
+    processes because DDP and FSDP average gradients over processes: the gradient is that of the mean loss over all
+    the step's rollouts, as one process would compute it. Stand-in micro-batches weigh 0: `(loss * 0).backward()`."""
+    args, G = run.args, run.args.group_size
+    run.model.train()
+    old_logps: list[torch.Tensor] = []
+    sums = [0.0, 0.0, 0.0]  # loss, kl, clip_fraction: means over the step's rollouts (this process's share)
+    for ppo_epoch in range(args.ppo_epochs):
+        for k, ((call, rows), real) in enumerate(passes):
+            prompt, ids, mask = call.micro_batch(rows, run.vision_start_id)
+            adv_rows = advantages[call.images].flatten() if real else torch.zeros(len(call.ids), dtype=torch.float64)
+            sync = not run.ddp or k == len(passes) - 1  # DDP: all-reduce once, in the last backward
+            with (contextlib.nullcontext() if sync else run.accelerator.no_sync(run.model)), run.accelerator.autocast():
+                logp = token_logprobs(run.model, prompt, ids, args.temperature, run.placeholder_ids, run.eos_ids[0])
+                if ppo_epoch == 0:  # old policy = the policy before this step's first update
+                    old_logps.append(logp.detach())
+                loss, metrics = grpo_loss(logp, old_logps[k], ref_logps[k], adv_rows[rows].to(run.device), mask,
+                                          args.beta, args.clip_eps)
+                weight = len(rows) / n_rollouts * run.world if real else 0.0
+                (loss * weight).backward()
+            if ppo_epoch == args.ppo_epochs - 1 and real:
+                for j, value in enumerate((loss, metrics["kl"], metrics["clip_fraction"])):
+                    sums[j] += float(value.detach()) * len(rows) / n_rollouts
+        grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), args.max_grad_norm)
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: a DTensor
+        run.optimizer.step()
+        run.scheduler.step()
+        run.optimizer.zero_grad(set_to_none=True)
+    loss, kl, clip_fraction = all_reduce(sums, "sum", run.device)
+    return {"loss": loss, "kl": kl, "clip_fraction": clip_fraction, "grad_norm": float(grad_norm)}
+
+
+def log_record(run: Run, step: int, steps_per_epoch: int, pairs_now: list, r: dict, update: dict, passes: list,
+               seconds: list[float]) -> dict:
+    """One train_log.jsonl line: the step's metrics over all processes (null for an undefined statistic)."""
+    reward_matrix, G = r["rewards"], run.args.group_size
+    valid = reward_matrix[torch.isfinite(reward_matrix)]
+    skipped = ~torch.isfinite(reward_matrix).all(dim=1)
+    group_std = reward_matrix.std(dim=1)
+    score_groups = [[q for q in qs if q is not None] for qs in r["scores"].values()]
+    score_std = [torch.tensor(s).std().item() for s in score_groups if len(s) >= 2]
+    parsed = [q for qs in r["scores"].values() for q in qs]
+    stand_ins, = all_reduce([sum(not real for _, real in passes)], "sum", run.device)
+    t_generation, t_reference, t_update, t_step = all_reduce(seconds, "max", run.device)  # the slowest process
+    tokens = sum(r["lengths"])
+    record = {"step": step + 1, "epoch": step // steps_per_epoch, "lr": run.scheduler.get_last_lr()[0], **update,
+              "reward_mean": valid.mean().item() if len(valid) else None,
+              "reward_std": valid.std().item() if len(valid) > 1 else None,
+              "parse_failure_rate": sum(q is None for q in parsed) / len(parsed),
+              "truncation_rate": sum(r["truncated"]) / len(r["truncated"]),
+              "groups_skipped": int(skipped.sum()), "groups": len(reward_matrix),
+              "zero_std_fraction": float(((group_std == 0) & ~skipped).double().mean()),
+              "score_mean": sum(map(sum, score_groups)) / max(1, sum(map(len, score_groups)))
+              if any(score_groups) else None,
+              "score_within_group_std": sum(score_std) / len(score_std) if score_std else None,
+              "completion_length": tokens / len(r["lengths"]), "generated_tokens": tokens,
+              "stand_in_micro_batches": int(stand_ins), "step_seconds": t_step, "generation_seconds": t_generation,
+              "logprob_seconds": t_reference, "backward_seconds": t_update,
+              "generated_tokens_per_s": tokens / t_generation, "pairs": [[a, b] for a, b, _ in pairs_now]}
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
+
+
+def train_step(run: Run, pairs_now: list, step: int, steps_per_epoch: int) -> dict:
+    t0 = time.perf_counter()
+    images = list(dict.fromkeys(x for a, b, _ in pairs_now for x in (a, b)))  # both members of every pair
+    calls = rollout(run, images, step)
+    t1 = time.perf_counter()
+    r = rewards(run, calls, images, pairs_now)
+    passes = schedule(run, calls, images)
+    ref_logps = reference_logprobs(run, passes)
+    t2 = time.perf_counter()
+    update = policy_update(run, passes, ref_logps, r["advantages"], len(images) * run.args.group_size)
+    t3 = time.perf_counter()
+    return log_record(run, step, steps_per_epoch, pairs_now, r, update, passes, [t1 - t0, t2 - t1, t3 - t2, t3 - t0])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# TRY NOT TO MODIFY: inputs, settings, checkpoints, the final model
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def load_pairs(path: str, images_root: str, skip_missing: bool) -> tuple[list[tuple[str, str, float]], int]:
+    """(a, b, p_star) of every pseudo-labelled pair, and how many were dropped; refuses malformed lines, and images
+    that do not open (every one is decoded, common.load_image), before any model is loaded."""
     try:
         records = common.read_jsonl(path, with_lineno=True)
     except ValueError as e:
@@ -234,17 +595,31 @@ def load_pairs(path: str, images_root: str, skip_missing: bool) -> list[tuple[st
             common.die(f"{path}:{lineno}: expected {{'a': path, 'b': other path, 'p_star': number in [0, 1]}}, "
                        f"got {json.dumps(r)[:200]}")
         pairs.append((a, b, float(p_star)))
-    root = Path(images_root)
-    missing = sorted({x for a, b, _ in pairs for x in (a, b) if not (root / x).is_file()})
-    if missing and not skip_missing:
-        shown = ", ".join(missing[:10]) + (f", ... ({len(missing) - 10} more)" if len(missing) > 10 else "")
-        common.die(f"{len(missing)} image(s) named in {path} do not exist under {root}: {shown} "
+    bad = {}
+    for x in dict.fromkeys(x for a, b, _ in pairs for x in (a, b)):
+        try:
+            common.load_image(Path(images_root) / x)
+        except ValueError as e:
+            bad[x] = str(e).split(": ", 1)[-1]
+    if bad and not skip_missing:
+        shown = "; ".join(f"{x} ({why})" for x, why in list(bad.items())[:10])
+        more = f"; ... ({len(bad) - 10} more)" if len(bad) > 10 else ""
+        common.die(f"{len(bad)} image(s) named in {path} cannot be opened under {images_root}: {shown}{more} "
                    "(--skip-missing drops their pairs)")
-    if missing:
-        kept = [p for p in pairs if not ({p[0], p[1]} & set(missing))]
-        print(f"--skip-missing: dropped {len(pairs) - len(kept)} of {len(pairs)} pairs ({len(missing)} missing images)")
-        pairs = kept
-    return pairs
+    kept = [p for p in pairs if p[0] not in bad and p[1] not in bad]
+    if bad:
+        print(f"--skip-missing: dropped {len(pairs) - len(kept)} of {len(pairs)} pairs ({len(bad)} images do not "
+              f"open: {', '.join(list(bad)[:10])})")
+    return kept, len(pairs) - len(kept)
+
+
+def run_settings(args: Args, n_pairs: int, world: int, preset: common.Preset) -> dict:
+    """What defines the run's result, checked on --resume: the method settings, the global batch, the models'
+    identity (common.fingerprint) and the pseudo-labels' content."""
+    return {**{k: getattr(args, k) for k in METHOD_SETTINGS}, "pairs_per_step_all_processes":
+            args.pairs_per_step * world, "n_pairs": n_pairs, "preset_hash": preset.hash(),
+            "model": common.fingerprint(args.model), "ref_model": common.fingerprint(args.ref_model or args.model),
+            "pseudolabels_sha256": common.file_sha256(args.pseudolabels)}
 
 
 def latest_checkpoint(out: Path) -> Optional[Path]:
@@ -253,246 +628,197 @@ def latest_checkpoint(out: Path) -> Optional[Path]:
     return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
 
 
-def save_checkpoint(accelerator, out: Path, step: int, trainer_state: dict, keep: int) -> None:
-    """Full training state (model, optimizer, scheduler, RNG; accelerate's save_state) + the data position, written
-    to step-N.tmp and renamed: a kill mid-save leaves no step-N folder that --resume would trust."""
+def save_checkpoint(run: Run, out: Path, step: int, keep: int) -> None:
+    """Model and AdamW through torch.distributed.checkpoint (each process writes its own shards; a replica's tensors
+    once), the scheduler and RNG per process, the data position (the step): written to step-N.tmp and renamed, so a
+    kill mid-save leaves no step-N folder that --resume would trust."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
     final, tmp = out / "checkpoints" / f"step-{step}", out / "checkpoints" / f"step-{step}.tmp"
-    if accelerator.is_main_process:
+    main = run.accelerator.is_main_process
+    if main:
         shutil.rmtree(tmp, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp), safe_serialization=False)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        common.write_json_atomic(tmp / "trainer_state.json", {**trainer_state, "step": step})
+    run.accelerator.wait_for_everyone()
+    model_state, optim_state = get_state_dict(run.model, run.optimizer)
+    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(tmp))
+    torch.save({"scheduler": run.scheduler.state_dict(), "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                "python_rng": random.getstate()}, tmp / f"process-{run.rank}.pt")
+    run.accelerator.wait_for_everyone()
+    if main:
+        common.write_json_atomic(tmp / "trainer_state.json", {"step": step, "world_size": run.world})
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         steps = sorted(int(p.name.split("-")[1]) for p in (out / "checkpoints").glob("step-*")
                        if p.name.split("-")[1].isdigit())
         for old in steps[:-keep] if keep > 0 else []:
             shutil.rmtree(out / "checkpoints" / f"step-{old}", ignore_errors=True)
-    accelerator.wait_for_everyone()
+    run.accelerator.wait_for_everyone()
 
 
-def save_final_model(accelerator, model, processor, out: Path, bf16: bool) -> None:
-    """The loadable HF checkpoint in --out: written to --out/.final.tmp, then renamed file by file with config.json
-    last, so that --out never holds a config.json beside half-written weights."""
-    state_dict = accelerator.get_state_dict(model)  # gathers full weights under FSDP
-    if accelerator.is_main_process:
-        unwrapped = accelerator.unwrap_model(model)
-        if bf16:  # fp32 master weights -> bf16 on disk, like the released checkpoints
+def load_checkpoint(run: Run, checkpoint: Path) -> int:
+    """The state save_checkpoint wrote, into this run's (sharded or replicated) model and optimizer; its step."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_state, optim_state = get_state_dict(run.model, run.optimizer)
+    state = {"model": model_state, "optim": optim_state}
+    dcp.load(state, checkpoint_id=str(checkpoint))
+    set_state_dict(run.model, run.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    own = checkpoint / f"process-{run.rank}.pt"
+    extra = torch.load(own if own.exists() else checkpoint / "process-0.pt", weights_only=False)
+    run.scheduler.load_state_dict(extra["scheduler"])
+    torch.set_rng_state(extra["torch_rng"])
+    if extra["cuda_rng"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(extra["cuda_rng"])
+    random.setstate(extra["python_rng"])
+    return json.loads((checkpoint / "trainer_state.json").read_text())["step"]
+
+
+def save_final_model(run: Run, out: Path) -> None:
+    """The loadable HF checkpoint in --out, gathered to process 0 in the model's dtype (bf16 for a bf16 run, like the
+    released checkpoints): written to --out/.final.tmp, then renamed file by file with config.json last, so that
+    --out never holds a config.json beside half-written weights."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state_dict = get_model_state_dict(run.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if run.accelerator.is_main_process:
+        unwrapped = run.generator  # the model itself (DDP unwrapped)
+        if run.args.bf16:
             state_dict = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in state_dict.items()}
-            unwrapped.config.dtype = torch.bfloat16
         tmp = out / ".final.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         unwrapped.save_pretrained(tmp, state_dict=state_dict)
-        processor.save_pretrained(tmp)
+        if run.args.bf16:  # save_pretrained writes the dtype of the fp32 master weights into config.json
+            config = unwrapped.config
+            for c in [config, *(getattr(config, key) for key in config.sub_configs)]:
+                c.dtype = torch.bfloat16
+            config.save_pretrained(tmp)
+        run.processor.save_pretrained(tmp)
         names = sorted((p.name for p in tmp.iterdir()), key=lambda name: name == "config.json")
         (out / "config.json").unlink(missing_ok=True)
         for name in names:
             os.replace(tmp / name, out / name)
         tmp.rmdir()
-    accelerator.wait_for_everyone()
+    run.accelerator.wait_for_everyone()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Main loop
+# Main
 # ---------------------------------------------------------------------------------------------------------------------
+
+
+def load_models(args: Args, accelerator, device) -> tuple:
+    """(policy as trained, policy as sampler, reference). FSDP: both sharded from one host copy (load_sharded);
+    replicas: the fp32 policy on every process (DDP through accelerate), the reference beside it."""
+    ref_name, ref_dtype = args.ref_model or args.model, torch.bfloat16 if args.bf16 else torch.float32
+    if args.fsdp:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        mesh = init_device_mesh(device.type, (world_size(),))
+        model = load_sharded(args.model, torch.float32, mesh, args.bf16, args.gradient_checkpointing)
+        reference = (load_sharded(ref_name, ref_dtype, mesh, bf16=False) if args.shard_reference
+                     else common.load_model(ref_name, dtype=ref_dtype, device=device))
+        with torch.no_grad():  # FSDP2 initialises on the first forward through the ROOT; sampling may start elsewhere
+            model(input_ids=torch.zeros((1, 1), dtype=torch.long, device=device))
+        model.reshard()  # the root stays gathered after a forward: the optimizer must see the sharded parameters
+        generator = model
+    else:
+        policy = common.load_model(args.model, dtype=torch.float32)
+        if args.gradient_checkpointing:
+            policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model = accelerator.prepare(policy)
+        generator = accelerator.unwrap_model(model)
+        reference = common.load_model(ref_name, dtype=ref_dtype, device=device)
+    return model, generator, reference.eval().requires_grad_(False)
 
 
 def main() -> None:
     args = common.parse_args(Args)
     if args.group_size < 2:
         common.die(f"--group-size {args.group_size}: needs >= 2 (the reward uses each image's score variance)")
-    if args.ppo_epochs < 1 or args.pairs_per_step < 1 or args.micro_batch_size < 1 or args.epochs < 1:
-        common.die("--ppo-epochs, --pairs-per-step, --micro-batch-size and --epochs must be >= 1")
+    if min(args.ppo_epochs, args.pairs_per_step, args.micro_batch_size, args.epochs, args.rollout_batch) < 1:
+        common.die("--ppo-epochs, --pairs-per-step, --micro-batch-size, --rollout-batch and --epochs must be >= 1")
     if args.temperature <= 0:
         common.die("--temperature must be > 0 (GRPO samples; log-probs divide the logits by it)")
-    pairs = load_pairs(args.pseudolabels, args.images_root, args.skip_missing)  # before any model is loaded
+    if args.shard_reference and not args.fsdp:
+        common.die("--shard-reference needs --fsdp")
+    cuda = torch.cuda.is_available()
+    args.bf16 = cuda if args.bf16 is None else args.bf16
+    args.gradient_checkpointing = cuda if args.gradient_checkpointing is None else args.gradient_checkpointing
+    pairs, dropped = load_pairs(args.pseudolabels, args.images_root, args.skip_missing)  # before any model
 
-    from accelerate import Accelerator
-    from accelerate.utils import DistributedType, gather_object
     from tqdm import tqdm
     from transformers import get_linear_schedule_with_warmup
 
-    # cpu=True when there is no GPU: without it accelerate 1.15 runs each torchrun process alone (DistributedType.NO)
-    accelerator = Accelerator(mixed_precision="bf16" if args.bf16 else "no", cpu=not torch.cuda.is_available())
-    rank, world = accelerator.process_index, accelerator.num_processes
+    accelerator = init_distributed(args, cuda)
+    rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
     out = Path(args.out)
-    steps_per_epoch = len(pairs) // (args.pairs_per_step * world)
+    per_step = args.pairs_per_step * world
+    steps_per_epoch = len(pairs) // per_step
     if steps_per_epoch == 0:
         common.die(f"{len(pairs)} pairs is fewer than one step needs ({args.pairs_per_step} pairs x {world} processes)")
     total_steps = steps_per_epoch * args.epochs
     last_step = min(total_steps, args.max_steps) if args.max_steps > 0 else total_steps
-    pairs_sha = hashlib.sha256(json.dumps(pairs).encode()).hexdigest()[:16]
-    trainer_state = {"world_size": world, "pairs_per_step": args.pairs_per_step, "n_pairs": len(pairs),
-                     "pairs_sha256": pairs_sha, "seed": args.seed, "steps_per_epoch": steps_per_epoch}
+    preset = common.get_preset(args.prompt)
     checkpoint = latest_checkpoint(out)
     if checkpoint is not None and not args.resume:
         common.die(f"{out} already holds a run ({checkpoint.name}); pass --resume to continue it, or use another --out")
     if checkpoint is None and not args.resume and common.read_jsonl(out / "train_log.jsonl"):
         common.die(f"{out} holds a train_log.jsonl but no checkpoint; pass --resume to start over in it, or choose "
                    "another --out")
-    preset = common.get_preset(args.prompt)
+    settings = run_settings(args, len(pairs), world, preset)
+    if args.resume:
+        common.refuse_changed_settings(out / "settings.json", settings, f"the run in {out}",
+                                       "rerun with its settings, or train into another --out")
     if accelerator.is_main_process:
         for stale in (out / "checkpoints").glob("step-*.tmp"):  # a save that a kill interrupted
             shutil.rmtree(stale, ignore_errors=True)
+        common.write_json_atomic(out / "settings.json", {"settings": settings})
         common.write_json_atomic(out / "args.json", {"args": asdict(args), "preset": preset.name,
                                                      "preset_hash": preset.hash(), "world_size": world,
-                                                     "n_pairs": len(pairs), "total_steps": total_steps,
+                                                     "n_pairs": len(pairs), "pairs_dropped": dropped,
+                                                     "total_steps": total_steps,
                                                      "versions": common.package_versions()})
+    accelerator.wait_for_everyone()
 
-    # TRY NOT TO MODIFY: models. The policy keeps fp32 master weights (bf16 AdamW would round lr 3e-7 updates away);
-    # the reference is a frozen bf16/fp32 replica on every process, outside DDP/FSDP (no collectives in its forward).
-    device = accelerator.device
+    # TRY NOT TO MODIFY: models (fp32 master weights: bf16 AdamW would round lr 3e-7 updates away), optimizer, resume
     processor = common.load_processor(args.model, max_pixels=args.max_pixels)
-    policy = common.load_model(args.model, dtype=torch.float32)
-    reference = common.load_model(args.ref_model or args.model, dtype=torch.bfloat16 if args.bf16 else torch.float32,
-                                  device=device).eval().requires_grad_(False)
-    if args.gradient_checkpointing:
-        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    vision_start_id = policy.config.vision_start_token_id
-    generation_config = common.sampling_config(policy, args.max_new_tokens, args.temperature, do_sample=True)
-    eos_ids = common.eos_token_ids(generation_config)
-    placeholder_ids = tuple(i for i in (policy.config.image_token_id, getattr(policy.config, "video_token_id", None))
-                            if i is not None)
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    model, generator, reference = load_models(args, accelerator, device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     scheduler = get_linear_schedule_with_warmup(optimizer, args.warmup_steps, total_steps * args.ppo_epochs)
-    model, optimizer = accelerator.prepare(policy, optimizer)
-    accelerator.register_for_checkpointing(scheduler)  # not prepared: accelerate would step it once per process
-    fsdp = accelerator.distributed_type == DistributedType.FSDP
-    ddp = accelerator.distributed_type in (DistributedType.MULTI_GPU, DistributedType.MULTI_CPU)
-
-    start_step = 0
+    config = generator.config
+    run = Run(args, accelerator, model, generator, reference, optimizer, scheduler, processor, preset,
+              preset.prompt("score", args.reasoning), common.eos_token_ids(common.sampling_config(generator, 1)),
+              tuple(common.placeholder_token_ids(generator)), config.vision_start_token_id, device, rank, world,
+              ddp=world > 1 and not args.fsdp)
+    start_step = load_checkpoint(run, checkpoint) if checkpoint is not None else 0
     if checkpoint is not None:
-        saved = json.loads((checkpoint / "trainer_state.json").read_text())
-        changed = {k: (saved.get(k), v) for k, v in trainer_state.items() if saved.get(k) != v}
-        if changed:
-            common.die(f"--resume from {checkpoint}: the data order would change ({changed}); same inputs, "
-                       "--pairs-per-step, --seed and number of processes needed")
-        accelerator.load_state(str(checkpoint))
-        start_step = saved["step"]
         accelerator.print(f"resuming from {checkpoint} at step {start_step}")
     if accelerator.is_main_process and (out / "train_log.jsonl").exists():  # drop steps logged after the checkpoint
         kept = [r for r in common.read_jsonl(out / "train_log.jsonl") if r.get("step", 0) <= start_step]
         common.write_jsonl_atomic(out / "train_log.jsonl", kept)
     accelerator.wait_for_everyone()
     log = common.JsonlWriter(out / "train_log.jsonl") if accelerator.is_main_process else None
-    prompt_text = preset.prompt("score", args.reasoning)
-    G = args.group_size
 
     progress = tqdm(range(start_step, last_step), initial=start_step, total=last_step,
                     disable=not accelerator.is_main_process, desc="grpo")
     for step in progress:
-        t0 = time.perf_counter()
-        # ALGO LOGIC: rollouts. Both members of every pair are scored in this step; G rows per image.
-        pairs_now = step_pairs(pairs, args.seed, step, steps_per_epoch, rank, world, args.pairs_per_step)
-        images = list(dict.fromkeys(x for a, b, _ in pairs_now for x in (a, b)))
-        encoded = common.encode_batch(processor, [prompt_text] * len(images),
-                                      [[common.load_image(Path(args.images_root) / x)] for x in images],
-                                      add_vision_id=preset.add_vision_id)
-        batch = select_rows(dict(encoded), [i for i in range(len(images)) for _ in range(G)], vision_start_id)
-        batch = {k: v.to(device) for k, v in batch.items()}
-        torch.manual_seed(args.seed * 1_000_003 + step * 1009 + rank)  # rollouts are a function of (seed, step, rank)
-        model.eval()
-        with torch.no_grad(), accelerator.autocast():
-            # FSDP2 shards hook into the module itself, so the unwrapped module generates with gathered layers;
-            # synced_gpus keeps every rank stepping until all are done (a rank that stops early would hang the others).
-            sequences = accelerator.unwrap_model(model).generate(
-                **batch, generation_config=generation_config, synced_gpus=fsdp and world > 1)
-        prompt_len = batch["input_ids"].shape[1]
-        completions = sequences[:, prompt_len:]
-        mask = completion_mask(completions, eos_ids + list(placeholder_ids))  # see token_logprobs
-        texts = processor.batch_decode(completions * mask + (1 - mask) * eos_ids[0], skip_special_tokens=True)
-        parsed = [common.parse_score(t, preset) for t in texts]
-        t_generation = time.perf_counter() - t0
-
-        # ALGO LOGIC: rewards and advantages within each image's group
-        scores = {x: parsed[i * G:(i + 1) * G] for i, x in enumerate(images)}
-        rewards = pair_fidelity_rewards(scores, pairs_now, args.gamma)
-        reward_matrix = torch.tensor([rewards[x] for x in images], dtype=torch.float32)
-        advantages = group_advantages(reward_matrix).flatten().to(device)
-
-        # ALGO LOGIC: reference log-probs (frozen), then --ppo-epochs passes of micro-batched loss + backward
-        t1 = time.perf_counter()
-        N = len(parsed)
-        micro_batches = [list(range(s, min(s + args.micro_batch_size, N))) for s in range(0, N, args.micro_batch_size)]
-
-        def mb_inputs(rows):
-            width = int(mask[rows].sum(dim=1).max())  # causal: trailing padding changes no earlier log-prob
-            return select_rows(batch, rows, vision_start_id), completions[rows, :width], mask[rows, :width]
-
-        ref_logps = []
-        with torch.no_grad(), accelerator.autocast():
-            for rows in micro_batches:
-                prompt, ids, _ = mb_inputs(rows)
-                ref_logps.append(token_logprobs(reference, prompt, ids, args.temperature, placeholder_ids, eos_ids[0]))
-        t_logprobs = time.perf_counter() - t1
-
-        t2 = time.perf_counter()
-        model.train()
-        old_logps: list[torch.Tensor] = []
-        sums = {"loss": 0.0, "kl": 0.0, "clip_fraction": 0.0}
-        for ppo_epoch in range(args.ppo_epochs):
-            for k, rows in enumerate(micro_batches):
-                prompt, ids, mb_mask = mb_inputs(rows)
-                sync = not ddp or k == len(micro_batches) - 1  # DDP: all-reduce once, on the last micro-batch
-                with (contextlib.nullcontext() if sync else accelerator.no_sync(model)), accelerator.autocast():
-                    logp = token_logprobs(model, prompt, ids, args.temperature, placeholder_ids, eos_ids[0])
-                    if ppo_epoch == 0:  # old policy = the policy before this step's first update
-                        old_logps.append(logp.detach())
-                    loss, metrics = grpo_loss(logp, old_logps[k], ref_logps[k], advantages[rows], mb_mask,
-                                              args.beta, args.clip_eps)
-                    # weight by the micro-batch's share of sequences: the sum is the mean over all N sequences
-                    accelerator.backward(loss * len(rows) / N)
-                if ppo_epoch == args.ppo_epochs - 1:
-                    for key, value in (("loss", loss), *metrics.items()):
-                        sums[key] += float(value.detach()) * len(rows) / N
-            grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-        t_backward = time.perf_counter() - t2
-
-        # TRY NOT TO MODIFY: logging (means over processes; counts summed)
-        valid_rewards = reward_matrix[torch.isfinite(reward_matrix)]
-        skipped = ~torch.isfinite(reward_matrix).all(dim=1)
-        group_std = reward_matrix.std(dim=1)
-        score_groups = [[q for q in qs if q is not None] for qs in scores.values()]
-        score_std = [torch.tensor(s).std().item() for s in score_groups if len(s) >= 2]
-        n_tokens = int(mask.sum())
-        local = {
-            "loss": sums["loss"], "kl": sums["kl"], "clip_fraction": sums["clip_fraction"],
-            "reward_mean": valid_rewards.mean().item() if len(valid_rewards) else float("nan"),
-            "reward_std": valid_rewards.std().item() if len(valid_rewards) > 1 else float("nan"),
-            "parse_failure_rate": sum(q is None for q in parsed) / N,
-            "zero_std_fraction": float(((group_std == 0) & ~skipped).float().mean()),
-            "score_mean": (sum(map(sum, score_groups)) / max(1, sum(map(len, score_groups))))
-            if any(score_groups) else float("nan"),
-            "score_within_group_std": sum(score_std) / len(score_std) if score_std else float("nan"),
-            "completion_length": n_tokens / N,
-        }
-        means = accelerator.reduce(torch.tensor(list(local.values()), dtype=torch.float64, device=device), "mean")
-        totals = accelerator.reduce(torch.tensor([float(skipped.sum()), float(len(images)), float(n_tokens)],
-                                                 dtype=torch.float64, device=device), "sum")
-        all_pairs = gather_object([[a, b] for a, b, _ in pairs_now])
-        step_seconds = time.perf_counter() - t0
-        record = {"step": step + 1, "epoch": step // steps_per_epoch, "lr": scheduler.get_last_lr()[0],
-                  **{k: v if math.isfinite(v) else None for k, v in zip(local, means.tolist())},  # NaN -> null
-                  "groups_skipped": int(totals[0]), "groups": int(totals[1]), "grad_norm": float(grad_norm),
-                  "generated_tokens": int(totals[2]), "step_seconds": step_seconds,
-                  "generation_seconds": t_generation, "logprob_seconds": t_logprobs, "backward_seconds": t_backward,
-                  "generated_tokens_per_s": n_tokens / t_generation, "pairs": all_pairs}
+        pairs_now = step_pairs(pairs, args.seed, step, steps_per_epoch, per_step)
+        record = train_step(run, pairs_now, step, steps_per_epoch)
         if log is not None:
             log.write(record)
-        progress.set_postfix(step_s=f"{step_seconds:.1f}", reward=f"{record['reward_mean'] or float('nan'):.3f}")
+        progress.set_postfix(step_s=f"{record['step_seconds']:.1f}", reward=f"{record['reward_mean'] or 0:.3f}")
         if (step + 1) % args.save_every == 0 or step + 1 == last_step:
-            save_checkpoint(accelerator, out, step + 1, trainer_state, args.save_total_limit)
+            save_checkpoint(run, out, step + 1, args.save_total_limit)
 
     if log is not None:
         log.close()
-    save_final_model(accelerator, model, processor, out, args.bf16)
+    save_final_model(run, out)
     accelerator.print(f"wrote {out} (step {last_step} of {total_steps})")
-    accelerator.end_training()
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@
 #   bash run_evolution.sh                                   # CPU demo on a tiny model (numbers meaningless)
 #   MODEL=Qwen/Qwen2.5-VL-7B-Instruct IMAGES=/data/koniq10k/512x384 NPROC=8 \
 #     BENCH="koniq=/data/koniq_test.jsonl@/data/koniq10k/512x384 spaq=/data/spaq.jsonl@/data/spaq" \
-#     TRAIN_ARGS="--bf16 --gradient-checkpointing" FSDP_CONFIG=configs/fsdp_8gpu.yaml bash run_evolution.sh
+#     FSDP=1 bash run_evolution.sh
 #
 # Settings (environment variables; echoed at start, forwarded as explicit flags; no stage reads the environment):
 #   MODEL   base model path or hub id           IMAGES  unlabeled pool: folder or list file (IMAGES_ROOT: its root)
@@ -14,7 +14,7 @@
 #   OUT     runs/NAME                           NPROC   1 = plain python, N > 1 = accelerate launch (torchrun on CPU)
 #   SEED    0 (round t draws its pairs with SEED + t)
 #   REF     base: the KL reference is the base model in every round | round: the round's starting model
-#   FSDP_CONFIG  accelerate config file for the training stage (e.g. configs/fsdp_8gpu.yaml)
+#   FSDP    0 | 1: train with grpo_train.py --fsdp (FSDP2 sharding, for 7B); FSDP_CONFIG is retired
 #   VOTES_ARGS, LABEL_ARGS, TRAIN_ARGS, EVAL_ARGS   extra flags appended to each stage
 # Rerunning the same command skips finished stages and resumes a partial one; a finished run only prints the table.
 # A finished stage's marker, OUT/round_t/.done_STAGE, records the settings it ran with: its command line from the .py
@@ -50,7 +50,7 @@ if [[ -z "${MODEL:-}" ]]; then
   EVAL_ARGS="--no-reasoning --max-new-tokens 12 --batch-size 8 --samples 4 ${EVAL_ARGS:-}"
 fi
 ROUNDS=${ROUNDS:-2} PAIRS=${PAIRS:-20000} K=${K:-32} G=${G:-8} SEED=${SEED:-0} REF=${REF:-base} NPROC=${NPROC:-1}
-OUT=${OUT:-runs/$(basename "${MODEL%/}")} BENCH=${BENCH:-} FSDP_CONFIG=${FSDP_CONFIG:-}
+OUT=${OUT:-runs/$(basename "${MODEL%/}")} BENCH=${BENCH:-} FSDP=${FSDP:-0}
 VOTES_ARGS=${VOTES_ARGS:-} LABEL_ARGS=${LABEL_ARGS:-} TRAIN_ARGS=${TRAIN_ARGS:-} EVAL_ARGS=${EVAL_ARGS:-}
 [[ "$REF" == base || "$REF" == round ]] || { echo "error: REF must be 'base' or 'round', not '$REF'" >&2; exit 2; }
 
@@ -66,7 +66,7 @@ if [[ $DEMO == 1 ]]; then
   fi
 fi
 if [[ -d "$IMAGES" ]]; then IMAGES_ROOT=${IMAGES_ROOT:-$IMAGES}; else IMAGES_ROOT=${IMAGES_ROOT:-$(dirname "$IMAGES")}; fi
-for name in MODEL IMAGES IMAGES_ROOT BENCH ROUNDS PAIRS K G OUT NPROC SEED REF FSDP_CONFIG VOTES_ARGS LABEL_ARGS TRAIN_ARGS EVAL_ARGS; do
+for name in MODEL IMAGES IMAGES_ROOT BENCH ROUNDS PAIRS K G OUT NPROC SEED REF FSDP VOTES_ARGS LABEL_ARGS TRAIN_ARGS EVAL_ARGS; do
   printf '%-12s %s\n' "$name" "${!name}"
 done
 mkdir -p "$OUT"
@@ -81,7 +81,12 @@ if (( NPROC > 1 )); then
   fi
 fi
 train_launch=("${launch[@]}")
-[[ -n "$FSDP_CONFIG" ]] && train_launch=(accelerate launch --config_file "$FSDP_CONFIG" --num_processes "$NPROC")
+if [[ -n "${FSDP_CONFIG:-}" ]]; then
+  echo "error: FSDP_CONFIG is retired (accelerate's FSDP plugin is not applied on CPU, so it was never tested): use FSDP=1" >&2
+  exit 2
+fi
+[[ "$FSDP" == 0 || "$FSDP" == 1 ]] || { echo "error: FSDP must be 0 or 1, not '$FSDP'" >&2; exit 2; }
+(( FSDP )) && TRAIN_ARGS="--fsdp $TRAIN_ARGS"  # grpo_train.py shards the policy itself (same launcher)
 
 bench_flags=()
 for spec in $BENCH; do bench_flags+=(--bench "$spec"); done

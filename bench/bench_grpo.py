@@ -2,6 +2,8 @@
 log-probs, policy forward + backward + AdamW, and generated tokens/s, for G = 8 and 4 pairs per step.
 
     python bench/bench_grpo.py [--steps 4] [--max-new-tokens 64] [--bf16] [--parity]
+    python bench/bench_grpo.py --ddp-vs-fsdp [--steps 3]     # 2 processes (torchrun), DDP then --fsdp, side by side
+    python bench/bench_grpo.py --against 45faead --size 30m   # that commit's grpo_train.py, then today's, side by side
 
 It runs the real script (a stand-in parser makes the random tiny model's answers parseable, so every group has a
 gradient) and reads the per-step timings from train_log.jsonl; the first step (warm-up) is left out of the means.
@@ -20,11 +22,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+SIZES = {"tiny": {}, "30m": dict(text_hidden=512, text_layers=8, vision_hidden=256, vision_depth=4,
+                                 max_pixels=448 * 448)}  # 30m: compute-dominated on CPU, like 7B's prefill regime
 WRAPPER = """
 import runpy, sys, zlib
 sys.path.insert(0, {root!r})
 import common
 common.parse_score = lambda text, preset=None: 1 + (zlib.crc32(text.encode()) % 401) / 100
+common.answer = lambda completion, parse: parse(completion.text)  # the random model never ends: ignore truncation
 sys.argv[0] = {script!r}
 runpy.run_path({script!r}, run_name="__main__")
 """
@@ -51,12 +56,27 @@ def parity(model_dir: str, pool: Path) -> None:
         with torch.no_grad(), torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32):
             out = model.generate(**batch, generation_config=config, output_scores=True, return_dict_in_generate=True)
             ids = out.sequences[:, batch["input_ids"].shape[1]:]
-            mask = grpo_train.completion_mask(ids, eos + [model.config.image_token_id]).bool()
+            mask = common.completion_mask(ids, eos + [model.config.image_token_id]).bool()
             expect = torch.stack([torch.log_softmax(s.float(), -1) for s in out.scores], 1)
             expect = expect.gather(-1, ids[..., None]).squeeze(-1)
             got = grpo_train.token_logprobs(model, batch, ids, 0.7, (model.config.image_token_id,), eos[0])
         print(f"parity on {device} {str(dtype)[6:]}: max |logp(one forward) - log_softmax(generate scores)| = "
               f"{(got - expect)[mask].abs().max().item():.2e} over {int(mask.sum())} tokens")
+
+
+def summary(log: list[dict], title: str) -> dict:
+    timed = log[1:] or log
+    mean = lambda key: sum(r[key] for r in timed) / len(timed)  # noqa: E731
+    step = mean("step_seconds")
+    print(f"{title}, mean of {len(timed)} steps after a warm-up step")
+    for name, key in (("generation", "generation_seconds"), ("reference log-probs", "logprob_seconds"),
+                      ("policy fwd+bwd+AdamW", "backward_seconds")):
+        print(f"  {name:22s} {mean(key):7.3f} s  {mean(key) / step:6.1%}")
+    print(f"  {'step':22s} {step:7.3f} s")
+    per_token = mean("generation_seconds") / mean("generated_tokens")
+    print(f"  generated tokens/step  {mean('generated_tokens'):7.0f}   s per generated token {per_token * 1e3:7.2f} ms"
+          f"   mean completion length {mean('completion_length'):.1f}")
+    return {"step": step, "per_token": per_token}
 
 
 def main() -> None:
@@ -66,47 +86,60 @@ def main() -> None:
     parser.add_argument("--micro-batch-size", type=int, default=8)
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--parity", action="store_true")
+    parser.add_argument("--ddp-vs-fsdp", action="store_true", help="2 processes: DDP and --fsdp on the same steps")
+    parser.add_argument("--against", default=None, help="a commit whose grpo_train.py runs first, on the same steps")
+    parser.add_argument("--size", choices=sorted(SIZES), default="tiny", help="model: the tiny one or a 30 M one")
     a = parser.parse_args()
     from demo.synthetic import write_set
     from demo.tiny_models import build_tiny_checkpoint
 
+    import torch
+
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        model = build_tiny_checkpoint(tmp / "tiny")
-        pool = write_set(tmp / "pool", "pool", 32)
+        model = build_tiny_checkpoint(tmp / "tiny", **SIZES[a.size])
+        pool = write_set(tmp / "pool", "pool", 32, size=448) if a.size == "30m" else write_set(tmp / "pool", "pool", 32)
         images = sorted(p.name for p in pool.glob("*.png"))
         with open(tmp / "pseudolabels.jsonl", "w") as f:  # 16 disjoint pairs: 8 images a step, 64 rollouts
             for k in range(16):
                 f.write(json.dumps({"a": images[2 * k], "b": images[2 * k + 1], "p_star": k % 2}) + "\n")
-        wrapper = tmp / "wrapper.py"
-        wrapper.write_text(WRAPPER.format(root=str(ROOT), script=str(ROOT / "grpo_train.py")))
-        cmd = [sys.executable, str(wrapper), "--model", str(model), "--pseudolabels", str(tmp / "pseudolabels.jsonl"),
-               "--images-root", str(pool), "--out", str(tmp / "out"), "--group-size", "8", "--pairs-per-step", "4",
-               "--max-new-tokens", str(a.max_new_tokens), "--micro-batch-size", str(a.micro_batch_size),
-               "--max-steps", str(a.steps), "--save-every", "1000", "--lr", "1e-4"] + (["--bf16"] if a.bf16 else [])
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-        run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-        if run.returncode:
-            sys.exit(f"grpo_train.py failed:\n{run.stderr[-4000:]}")
-        log = [json.loads(line) for line in open(tmp / "out" / "train_log.jsonl")]
+
+        def train(name: str, nproc: int, *extra: str, script: Path = ROOT / "grpo_train.py") -> list[dict]:
+            wrapper = tmp / f"wrapper_{name}.py"
+            wrapper.write_text(WRAPPER.format(root=str(ROOT), script=str(script)))
+            launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run",
+                                                            "--standalone", "--nproc_per_node", str(nproc)]
+            cmd = [*launcher, str(wrapper), "--model", str(model), "--pseudolabels", str(tmp / "pseudolabels.jsonl"),
+                   "--images-root", str(pool), "--out", str(tmp / name), "--group-size", "8", "--pairs-per-step",
+                   str(4 // nproc), "--max-new-tokens", str(a.max_new_tokens), "--micro-batch-size",
+                   str(a.micro_batch_size), "--max-steps", str(a.steps), "--save-every", "1000", "--lr", "1e-4",
+                   *(["--bf16"] if a.bf16 else []), *extra]
+            run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+            if run.returncode:
+                sys.exit(f"grpo_train.py failed:\n{run.stderr[-4000:]}")
+            return [json.loads(line) for line in open(tmp / name / "train_log.jsonl")]
+
+        setting = f"G=8, 4 pairs/step (8 images, 64 rollouts), max_new_tokens={a.max_new_tokens}, " \
+                  f"micro-batch {a.micro_batch_size}, {device}"
+        if a.ddp_vs_fsdp:
+            ddp = summary(train("ddp", 2), f"2 processes, DDP replicas: {setting}")
+            fsdp = summary(train("fsdp", 2, "--fsdp"), f"2 processes, --fsdp (weights gathered once per rollout "
+                                                      f"phase): {setting}")
+            print(f"FSDP / DDP: s per generated token {fsdp['per_token'] / ddp['per_token']:.2f}x, "
+                  f"step {fsdp['step'] / ddp['step']:.2f}x")
+        elif a.against:
+            old = tmp / "old_grpo_train.py"
+            old.write_text(subprocess.run(["git", "show", f"{a.against}:grpo_train.py"], cwd=ROOT, check=True,
+                                          capture_output=True, text=True).stdout)
+            before = summary(train("old", 1, script=old), f"grpo_train.py of {a.against}, {a.size} model: {setting}")
+            now = summary(train("now", 1), f"grpo_train.py now, {a.size} model: {setting}")
+            print(f"speed-up now vs {a.against}: step {before['step'] / now['step']:.2f}x")
+        else:
+            summary(train("one", 1), f"grpo_train.py on the {a.size} Qwen2.5-VL: {setting}")
         if a.parity:
             parity(str(model), pool)
-
-    timed = log[1:] or log
-    mean = lambda key: sum(r[key] for r in timed) / len(timed)  # noqa: E731
-    step = mean("step_seconds")
-    import torch
-
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
-    print(f"grpo_train.py on the tiny Qwen2.5-VL, {device}: G=8, 4 pairs/step ({timed[0]['groups']} images, "
-          f"{timed[0]['groups'] * 8} rollouts), max_new_tokens={a.max_new_tokens}, micro-batch {a.micro_batch_size}, "
-          f"mean of {len(timed)} steps after a warm-up step")
-    for name, key in (("generation", "generation_seconds"), ("reference log-probs", "logprob_seconds"),
-                      ("policy fwd+bwd+AdamW", "backward_seconds")):
-        print(f"  {name:22s} {mean(key):7.3f} s  {mean(key) / step:6.1%}")
-    print(f"  {'step':22s} {step:7.3f} s")
-    print(f"  generated tokens/step  {mean('generated_tokens'):7.0f}   tokens/s during generation "
-          f"{mean('generated_tokens_per_s'):8.0f}   mean completion length {mean('completion_length'):.1f}")
 
 
 if __name__ == "__main__":

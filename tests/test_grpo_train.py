@@ -4,6 +4,7 @@ and subprocess runs of the script (one step, kill + resume, two processes, bad i
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,7 +17,8 @@ from scipy.stats import norm
 
 import common
 import grpo_train
-from grpo_train import completion_mask, group_advantages, grpo_loss, pair_fidelity_rewards
+from common import completion_mask
+from grpo_train import group_advantages, grpo_loss, pair_fidelity_rewards
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
@@ -199,13 +201,63 @@ def test_completion_mask_from_positions_when_pad_is_an_eos():
     assert completion_mask(ids, [eos, pad]).tolist() == [[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1] * 5, [1, 0, 0, 0, 0]]
 
 
-def test_step_pairs_are_disjoint_across_processes_and_a_pass_per_epoch():
+def test_step_pairs_are_disjoint_and_a_pass_per_epoch():
     pairs = [(f"a{i}", f"b{i}", 1.0) for i in range(10)]
-    drawn = [grpo_train.step_pairs(pairs, 3, step, 2, rank, 2, 2) for step in range(2) for rank in range(2)]
+    drawn = [grpo_train.step_pairs(pairs, 3, step, 2, 4) for step in range(2)]
     flat = [p for d in drawn for p in d]
     assert len(set(flat)) == 8 and set(flat) <= set(pairs)
-    next_epoch = [grpo_train.step_pairs(pairs, 3, step, 2, rank, 2, 2) for step in (2, 3) for rank in range(2)]
+    next_epoch = [grpo_train.step_pairs(pairs, 3, step, 2, 4) for step in (2, 3)]
     assert next_epoch != drawn and len({p for d in next_epoch for p in d}) == 8
+
+
+def test_sampling_calls_cover_every_image_once_whatever_the_number_of_processes():
+    for n, batch, world in ((7, 2, 2), (3, 1, 2), (5, 4, 3), (1, 4, 2)):
+        calls = [c for rank in range(world) for c in grpo_train.sampling_calls(n, batch, rank, world)]
+        assert sorted(i for _, images in calls for i in images) == list(range(n))
+        assert sorted(calls) == grpo_train.sampling_calls(n, batch, 0, 1)  # the same calls (and seeds) as 1 process
+    assert grpo_train.sampling_calls(3, 1, 1, 2) == [(1, [1])]
+
+
+def test_chunked_logprobs_equal_the_full_log_softmax_with_gradients():
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 11, 50, generator=gen, dtype=torch.float64) * 4
+    ids = torch.randint(0, 50, (3, 11), generator=gen)
+    full = logits.clone().requires_grad_(True)
+    expect = torch.log_softmax(full / 0.7, dim=-1).gather(-1, ids[..., None]).squeeze(-1)
+    weights = torch.randn(3, 11, generator=gen, dtype=torch.float64)
+    (expect * weights).sum().backward()
+    chunked = logits.clone().requires_grad_(True)
+    got = grpo_train.logprobs_at(chunked, ids, 0.7, chunk=4)  # 11 positions: chunks of 4, 4, 3
+    (got * weights).sum().backward()
+    assert torch.allclose(got, expect, atol=1e-12) and torch.allclose(chunked.grad, full.grad, atol=1e-12)
+    with torch.no_grad():
+        assert torch.allclose(grpo_train.logprobs_at(logits, ids, 0.7, chunk=5), expect.detach(), atol=1e-12)
+
+
+def test_rewards_parse_through_the_truncation_rule_and_land_on_their_images_rows():
+    """The real parser (common.answer + parse_score) on scripted completions; the calls come in another order than
+    the step's images, and image 'hi' (scored high, p* says it is better) must get the high rewards."""
+    from types import SimpleNamespace
+
+    C = common.Completion
+    images = ["lo.png", "hi.png", "mid.png"]
+    hi = [C("\\boxed{4.50}", False), C("it is fine \\boxed{4.0}", False), C("\\boxed{5.0}. Wait, let me", True)]
+    lo = [C("\\boxed{1.5}", False), C("no answer", False), C("\\boxed{2.0}", False)]
+    mid = [C("\\boxed{3.0}", False), C("\\boxed{3.5}", False), C("\\boxed{2.5}", True)]
+    mask = torch.tensor([[1, 1, 0]] * 3 + [[1, 1, 1]] * 3)
+    calls = [grpo_train.Call([2, 1], {}, mask.clone(), mask, [mid, hi]),
+             grpo_train.Call([0], {}, mask[:3], mask[:3], [lo])]
+    run = SimpleNamespace(preset=common.get_preset("evoquality"), args=SimpleNamespace(gamma=1e-6))
+    pairs = [("hi.png", "lo.png", 1.0), ("mid.png", "lo.png", 0.5)]
+    r = grpo_train.rewards(run, calls, images, pairs)
+    assert r["scores"] == {"lo.png": [1.5, None, 2.0], "hi.png": [4.5, 4.0, None], "mid.png": [3.0, 3.5, None]}
+    assert r["truncated"] == [False] * 3 + [False, False, True] + [False, False, True]  # in the step's image order
+    assert r["lengths"] == [2, 2, 2] + [3, 3, 3] + [2, 2, 2]
+    expect = pair_fidelity_rewards(r["scores"], pairs, 1e-6)
+    assert r["rewards"].tolist() == [expect[x] for x in images]
+    assert r["rewards"][1, 2] == 0 and r["rewards"][0, 1] == 0  # truncated / unparseable: reward 0
+    assert r["rewards"][1, :2].min() > 0.9 > r["rewards"][0, 0]  # the better image's parseable rollouts score high
+    assert (r["advantages"][1, :2] > 0).all() and r["advantages"][1, 2] < 0
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -294,6 +346,7 @@ def parse_score(text, preset=None):  # deterministic in the text: varied rewards
     h = zlib.crc32(text.encode())
     return None if h % 5 == 0 else 1 + (h % 401) / 100
 common.parse_score = parse_score
+common.answer = lambda completion, parse: parse(completion.text)  # the random model never ends: ignore truncation
 sys.argv[0] = {script!r}
 runpy.run_path({script!r}, run_name="__main__")
 """
@@ -331,7 +384,9 @@ def test_one_real_step_changes_parameters_and_writes_the_log(setup):
     missing = json.dumps({"a": "gone.png", "b": "pool_00000.png", "p_star": 1})
     labels.write_text(s["labels"].read_text() + missing + "\n")
     out = s["tmp"] / "one_step"
-    args = base_args(s, out, "--max-steps", "1", "--skip-missing")
+    # two passes over the rollouts with a tight clip: the second pass's ratios move away from 1 and get clipped (0 if
+    # the old log-probs were wrongly refreshed per pass)
+    args = base_args(s, out, "--max-steps", "1", "--skip-missing", "--ppo-epochs", "2", "--clip-eps", "0.01")
     args[args.index("--pseudolabels") + 1] = str(labels)
     r = run(s, args)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -339,10 +394,11 @@ def test_one_real_step_changes_parameters_and_writes_the_log(setup):
     (record,) = common.read_jsonl(out / "train_log.jsonl")
     for key in ("step", "epoch", "lr", "loss", "reward_mean", "reward_std", "parse_failure_rate", "groups_skipped",
                 "zero_std_fraction", "kl", "clip_fraction", "grad_norm", "score_mean", "score_within_group_std",
-                "completion_length", "step_seconds", "generated_tokens_per_s"):
+                "completion_length", "step_seconds", "generated_tokens_per_s", "truncation_rate"):
         assert key in record, key
     assert record["step"] == 1 and record["grad_norm"] > 0 and 0 <= record["reward_mean"] <= 1
-    assert 0 < record["parse_failure_rate"] < 1 and record["clip_fraction"] == 0.0  # on-policy: rho = 1
+    assert 0 < record["parse_failure_rate"] < 1 and record["clip_fraction"] > 0 and record["kl"] > 0
+    assert 0 <= record["truncation_rate"] <= 1 and record["stand_in_micro_batches"] == 0
     assert json.loads((out / "args.json").read_text())["args"]["group_size"] == 4
     before = common.load_model(s["model"], dtype=torch.float32).state_dict()
     after = common.load_model(str(out), dtype=torch.float32).state_dict()
@@ -398,7 +454,7 @@ def test_two_processes(setup):
     assert len(drawn) == 8 and len(set(drawn)) == 8  # 2 processes x 2 pairs x 2 steps, all different
     assert all(x["groups"] >= 4 and x["grad_norm"] > 0 for x in log)
     assert json.loads((out / "args.json").read_text())["world_size"] == 2
-    assert (out / "checkpoints" / "step-2" / "random_states_1.pkl").exists()
+    assert (out / "checkpoints" / "step-2" / "process-1.pt").exists()
     common.load_model(str(out))
 
 
@@ -446,3 +502,111 @@ def test_bad_input_is_refused_before_loading_a_model(setup, monkeypatch, capsys,
     argv[argv.index("--group-size") + 1] = "1"
     assert run_main(monkeypatch, argv) == 2
     assert "--group-size 1" in capsys.readouterr().err
+
+    images = tmp_path / "images"  # an image that exists but does not decode
+    images.mkdir()
+    (images / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    shutil.copy(s["pool"] / "pool_00000.png", images / "ok.png")
+    labels.write_text(json.dumps({"a": "ok.png", "b": "broken.png", "p_star": 1}) + "\n")
+    argv = base_args(s, tmp_path / "out")
+    argv[argv.index("--pseudolabels") + 1], argv[argv.index("--images-root") + 1] = str(labels), str(images)
+    assert run_main(monkeypatch, argv) == 2
+    err = capsys.readouterr().err
+    assert "1 image(s)" in err and "broken.png (UnidentifiedImageError" in err and "--skip-missing" in err
+
+
+def test_resume_with_changed_settings_is_refused_naming_each(setup, monkeypatch, capsys, tmp_path):
+    """The first run records its settings (settings.json) before loading a model; a --resume that changes the
+    method, the reference or the pseudo-labels' content is refused, naming each change."""
+    s = setup
+
+    class Stop(Exception):
+        pass
+
+    def stop(*a, **k):
+        raise Stop
+
+    out = tmp_path / "out"
+    labels = tmp_path / "labels.jsonl"
+    labels.write_text(s["labels"].read_text())
+    argv = base_args(s, out, "--resume")
+    argv[argv.index("--pseudolabels") + 1] = str(labels)
+    monkeypatch.setattr(common, "load_model", stop)
+    monkeypatch.setattr(sys, "argv", ["grpo_train.py", *argv])
+    with pytest.raises(Stop):
+        grpo_train.main()
+    assert json.loads((out / "settings.json").read_text())["settings"]["lr"] == 1e-3
+    with pytest.raises(Stop):  # the same settings: accepted
+        grpo_train.main()
+    changed = [*argv, "--lr", "2e-3", "--beta", "0.1", "--group-size", "8", "--ref-model", str(tmp_path)]
+    assert run_main(monkeypatch, changed) == 2
+    err = capsys.readouterr().err
+    for change in ("lr: 0.001 -> 0.002", "beta: 0.05 -> 0.1", "group_size: 4 -> 8", "ref_model: "):
+        assert change in err, (change, err)
+    assert "rerun with its settings" in err and "clip_eps" not in err
+    labels.write_text(s["labels"].read_text().replace('"p_star": 1.0', '"p_star": 0.9', 1))
+    assert run_main(monkeypatch, argv) == 2
+    assert "pseudolabels_sha256: " in capsys.readouterr().err
+
+
+def test_a_scripted_step_through_the_real_parser_puts_each_advantage_on_its_own_rows(setup, monkeypatch, tmp_path):
+    """One step of the real loop (main, 1 process) with a scripted sampler and the real answer parser: image X's
+    rollouts answer high, Y's low, one of each truncated or unparseable; p*(X, Y) = 1. The logged rewards and the
+    gradient norm must equal an independent computation that puts each image's advantages on its own completions
+    (with the advantages swapped between the images, the gradient norm differs)."""
+    s = setup
+    processor = common.load_processor(s["model"])
+    model = common.load_model(s["model"], dtype=torch.float32)
+    preset = common.get_preset("evoquality")
+    eos = common.eos_token_ids(common.sampling_config(model, 1))
+    script = {"pool_00003.png": [("\\boxed{4.5}", True), ("so \\boxed{4.0}", True), ("\\boxed{5.0}. Wait", False)],
+              "pool_00007.png": [("no idea", True), ("\\boxed{1.5}", True), ("\\boxed{2.0}", True)]}
+    encoded = {x: dict(common.encode_batch(processor, [preset.prompt("score", False)],
+                                           [[common.load_image(s["pool"] / x)]])) for x in script}
+    which = {x: float(e["pixel_values"].sum()) for x, e in encoded.items()}  # the image, from its pixels
+    tokens = {x: [processor.tokenizer(t).input_ids + (eos[:1] if ended else []) for t, ended in rows]
+              for x, rows in script.items()}
+
+    def scripted_sample(model_, processor_, inputs, n, max_new_tokens, temperature=1.0, do_sample=True):
+        sizes = inputs["image_grid_thw"].prod(dim=1).tolist()  # one image per prompt: its pixel rows
+        names = [min(which, key=lambda x: abs(which[x] - float(chunk.sum())))
+                 for chunk in inputs["pixel_values"].split(sizes)]
+        rows = [row for x in names for row in tokens[x]]  # prompt-major, as common.sample returns them
+        width = max(map(len, rows))
+        ids = torch.tensor([row + eos[:1] * (width - len(row)) for row in rows])
+        mask = common.completion_mask(ids, eos)
+        return common.Samples(ids=ids, mask=mask, truncated=[not ended for x in names for _, ended in script[x]],
+                              texts=processor.batch_decode(ids * mask + (1 - mask) * eos[0], skip_special_tokens=True),
+                              n=n)
+
+    labels = tmp_path / "labels.jsonl"
+    labels.write_text(json.dumps({"a": "pool_00003.png", "b": "pool_00007.png", "p_star": 1.0}) + "\n")
+    out = tmp_path / "out"
+    argv = ["--model", s["model"], "--pseudolabels", str(labels), "--images-root", str(s["pool"]), "--out", str(out),
+            "--group-size", "3", "--pairs-per-step", "1", "--max-new-tokens", "8", "--no-reasoning", "--lr", "1e-3",
+            "--max-grad-norm", "1e9", "--micro-batch-size", "2"]  # both images in one sampling call
+    monkeypatch.setattr(common, "sample", scripted_sample)
+    monkeypatch.setattr(sys, "argv", ["grpo_train.py", *argv])
+    grpo_train.main()
+    (record,) = common.read_jsonl(out / "train_log.jsonl")
+
+    scores = {"pool_00003.png": [4.5, 4.0, None], "pool_00007.png": [None, 1.5, 2.0]}  # truncated, unparseable: None
+    rewards = pair_fidelity_rewards(scores, [("pool_00003.png", "pool_00007.png", 1.0)])
+    reward_matrix = torch.tensor([rewards[x] for x in script], dtype=torch.float64)
+    assert record["reward_mean"] == pytest.approx(float(reward_matrix.mean()), abs=1e-12)
+    assert record["parse_failure_rate"] == pytest.approx(2 / 6) and record["truncation_rate"] == pytest.approx(1 / 6)
+
+    def grad_norm(advantages):  # on-policy at step 1: the loss gradient is -(1/N) sum_i A_i grad mean_t logp_i
+        model.zero_grad()
+        for k, x in enumerate(script):
+            prompt = grpo_train.select_rows(encoded[x], [0, 0, 0], model.config.vision_start_token_id)
+            ids = scripted_sample(None, None, encoded[x], 3, 8)
+            logp = grpo_train.token_logprobs(model, prompt, ids.ids, 1.0)
+            mask = ids.mask.double()
+            per_seq = (logp.double() * mask).sum(1) / mask.sum(1)
+            (-(advantages[k] * per_seq).sum() / 6).backward()
+        return float(torch.sqrt(sum((p.grad ** 2).sum() for p in model.parameters() if p.grad is not None)))
+
+    advantages = group_advantages(reward_matrix)
+    assert record["grad_norm"] == pytest.approx(grad_norm(advantages), rel=1e-4)
+    assert abs(grad_norm(advantages.flip(0)) - record["grad_norm"]) > 1e-3 * record["grad_norm"]
