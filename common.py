@@ -451,19 +451,73 @@ def sample(model, processor, inputs, n: int, max_new_tokens: int, temperature: f
            do_sample: bool = True) -> Samples:
     """THE sampling routine of every stage: n completions per prompt of `inputs` (from encode_batch, on the model's
     device), with the explicit sampling config (temperature, top-k/top-p off, repetition penalty off; greedy with
-    do_sample=False). Every stage reads truncation from here and parses answers through `answer`."""
+    do_sample=False). Every stage reads truncation from here and parses answers through `answer`.
+
+    Each prompt is prefilled ONCE (its images encoded once) and its n continuations are decoded from copies of that
+    KV cache: `generate(num_return_sequences=n)` would prefill the same prompt n times, and at 7B with ~2,000-token
+    two-image prompts that prefill, not the short answers, is the cost."""
     import torch
 
-    config = sampling_config(model, max_new_tokens, temperature, do_sample=do_sample, num_return_sequences=n)
+    config = sampling_config(model, max_new_tokens, temperature, do_sample=do_sample)
     eos = eos_token_ids(config)
-    with torch.inference_mode():
-        sequences = model.generate(**inputs, generation_config=config)
-    ids = sequences[:, inputs["input_ids"].shape[1]:]
+    ids, _ = _sample_tokens(model, inputs, n, config)
     mask = completion_mask(ids, eos + placeholder_token_ids(model))
     ended = torch.isin(ids, torch.tensor(eos, device=ids.device)) & mask.bool()
     truncated = (~ended.any(dim=1)).tolist()
     texts = processor.batch_decode(ids * mask + (1 - mask) * eos[0], skip_special_tokens=True)
     return Samples(ids=ids, mask=mask, truncated=truncated, texts=texts, n=n)
+
+
+def _sample_tokens(model, inputs, n: int, config):
+    """(completion ids [P*n, T], their log-probs under the sampling distribution [P*n, T]): prefill once, repeat the
+    cache n times, then one token per step for every row, as `generate` does (softmax of logits / temperature and
+    multinomial, or argmax; a row that emitted an EOS id gets the pad id; stop when every row has ended)."""
+    import torch
+
+    with torch.inference_mode():
+        logits, cache, attention_mask, position = _prefill_once(model, inputs, n)
+        eos = torch.tensor(eos_token_ids(config), device=logits.device)
+        running = torch.ones(logits.shape[0], dtype=torch.bool, device=logits.device)
+        tokens, logprobs = [], []
+        for step in range(config.max_new_tokens):
+            scores = logits.float() / config.temperature if config.do_sample else logits.float()
+            token = (torch.multinomial(torch.softmax(scores, -1), 1).squeeze(1) if config.do_sample
+                     else scores.argmax(-1))
+            token = torch.where(running, token, config.pad_token_id)  # ended rows keep padding
+            tokens.append(token)
+            logprobs.append(torch.log_softmax(scores, -1).gather(1, token[:, None]).squeeze(1))
+            running &= ~torch.isin(token, eos)
+            if not running.any() or step == config.max_new_tokens - 1:
+                break
+            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(token), 1)], dim=1)
+            out = model(input_ids=token[:, None], attention_mask=attention_mask, cache=cache, use_cache=True,
+                        position_ids=(position + step).view(1, -1, 1).expand(3, -1, -1))
+            logits = out.logits[:, -1]
+    return torch.stack(tokens, 1), torch.stack(logprobs, 1)
+
+
+def _prefill_once(model, inputs, n: int):
+    """One forward over the P prompts (vision tower included), then everything the decode loop needs repeated n
+    times in place (row p*n+k = prompt p's k-th copy): last-token logits, KV cache, attention mask, and the M-RoPE
+    position of each row's first new token."""
+    import torch
+
+    language = model.model
+    if not hasattr(language, "rope_deltas"):
+        raise TypeError(f"common.sample supports Qwen-VL models (M-RoPE with rope_deltas); got {type(model).__name__}")
+    # cleared so that the prefill recomputes it for THESE prompts (a stale one from an earlier batch is never reused)
+    language.rope_deltas = None
+    out = model(**inputs, use_cache=True, logits_to_keep=1)
+    deltas = language.rope_deltas if language.rope_deltas is not None else torch.zeros_like(inputs["input_ids"][:, :1])
+    # Qwen-VL's M-RoPE: after the prompt every text token sits at (its index among real tokens) + rope delta,
+    # equal on all three axes; the first new token's index is the number of real prompt tokens
+    position = inputs["attention_mask"].sum(1) + deltas.view(-1).to(inputs["attention_mask"].device)
+    cache = out.cache
+    if n > 1:
+        cache.batch_repeat_interleave(n)
+    language.rope_deltas = deltas.repeat_interleave(n, dim=0)  # what generate would hold for the expanded batch
+    repeat = lambda t: t.repeat_interleave(n, dim=0)  # noqa: E731
+    return repeat(out.logits[:, -1]), cache, repeat(inputs["attention_mask"]), repeat(position)
 
 
 def answer(completion: Completion, parse: Callable[[str], Any]) -> Any:
