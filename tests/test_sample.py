@@ -23,14 +23,17 @@ def checkpoints(tiny_model_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def images(demo_pool):
     pool = [common.load_image(p) for p in sorted(demo_pool.glob("*.png"))[:3]]
-    return [[pool[0], pool[1]], [pool[2].resize((28, 28))]]  # 2 x 4 image tokens vs 1 x 1: left padding
+    # a pair in both orders (2 x 4 image tokens) around one small image (1 token): left padding, a shared image
+    return [[pool[0], pool[1]], [pool[2].resize((28, 28))], [pool[1], pool[0]]]
+
+
+PROMPTS = [PRESETS["evoquality"].prompt("compare", True), PRESETS["evoquality"].prompt("score", False),
+           PRESETS["evoquality"].prompt("compare", True)]
 
 
 def mixed_batch(processor, images):
-    evo = PRESETS["evoquality"]
-    prompts = [evo.prompt("compare", True), evo.prompt("score", False)]
-    inputs = common.encode_batch(processor, prompts, images, evo.add_vision_id)
-    assert (inputs["attention_mask"][1] == 0).sum() > 0 and inputs["attention_mask"].all(1).tolist() == [True, False]
+    inputs = common.encode_batch(processor, PROMPTS, images, PRESETS["evoquality"].add_vision_id)
+    assert inputs["attention_mask"].all(1).tolist() == [True, False, True]
     return inputs
 
 
@@ -81,13 +84,18 @@ class EosBias:
 def test_greedy_equals_generate_token_for_token(checkpoints, images, arch):
     model, processor = checkpoints[arch]
     inputs = mixed_batch(processor, images)
+    encoded = []  # images per call of the vision tower
+    hook = model.model.visual.register_forward_pre_hook(lambda m, args, kwargs: encoded.append(len(kwargs["grid_thw"])),
+                                                        with_kwargs=True)
     for n in (1, 2):  # twice on one model: no M-RoPE state carried over from the previous batch
         want = reference_sample(model, processor, inputs, n, 12, do_sample=False)
         got = common.sample(model, processor, inputs, n, 12, do_sample=False)
         assert_same(got, want)
-        assert got.ids.shape == (2 * n, 12)
+        assert got.ids.shape == (3 * n, 12)
+    hook.remove()
+    assert encoded == [5, 3] * 2  # generate: every image shown; sample: each distinct image once
     # a batch of one prompt right after: another length, another rope delta
-    single = common.encode_batch(processor, ["hello"], images[1:])
+    single = common.encode_batch(processor, ["hello"], [images[1]])
     assert_same(common.sample(model, processor, single, 1, 6, do_sample=False),
                 reference_sample(model, processor, single, 1, 6, do_sample=False))
 
@@ -118,7 +126,7 @@ def test_eos_mid_way_gives_the_same_ids_mask_and_truncation_as_generate(checkpoi
     with EosBias(model, 100.0):  # every row ends at once: the loop stops as generate does, before the budget
         torch.manual_seed(0)
         short = common.sample(model, processor, inputs, 3, 10)
-        assert short.ids.shape == (6, 1) and short.truncated == [False] * 6 and short.mask.tolist() == [[1]] * 6
+        assert short.ids.shape == (9, 1) and short.truncated == [False] * 9 and short.mask.tolist() == [[1]] * 9
 
 
 def full_forward_logprobs(model, processor, prompt: str, images, completion, temperature: float):
@@ -136,8 +144,6 @@ def full_forward_logprobs(model, processor, prompt: str, images, completion, tem
 @pytest.mark.parametrize("n", [1, 3])
 def test_sampled_logprobs_equal_a_full_forward_and_rows_are_prompt_major(checkpoints, images, n):
     model, processor = checkpoints["qwen2_5_vl"]
-    evo = PRESETS["evoquality"]
-    prompts = [evo.prompt("compare", True), evo.prompt("score", False)]
     inputs = mixed_batch(processor, images)
     config = common.sampling_config(model, 8, temperature=0.7)
     torch.manual_seed(0)
@@ -147,10 +153,10 @@ def test_sampled_logprobs_equal_a_full_forward_and_rows_are_prompt_major(checkpo
     assert torch.equal(again.ids, ids)  # same seed -> same samples
     mask = common.completion_mask(ids, common.eos_token_ids(config) + common.placeholder_token_ids(model))
     placeholder = torch.isin(ids, torch.tensor(common.placeholder_token_ids(model)))
-    for row in range(2 * n):  # row p * n + k belongs to prompt p
+    for row in range(3 * n):  # row p * n + k belongs to prompt p
         p = row // n
         keep = int(mask[row].sum()) - int(placeholder[row][mask[row].bool()].any())  # a sampled <|image_pad|> ends it
-        expect = full_forward_logprobs(model, processor, prompts[p], images[p], ids[row, :keep], 0.7)
+        expect = full_forward_logprobs(model, processor, PROMPTS[p], images[p], ids[row, :keep], 0.7)
         torch.testing.assert_close(logprobs[row, :keep], expect, atol=1e-5, rtol=0)
     if n > 1:
         assert len({tuple(r) for r in ids[:n].tolist()}) > 1  # the copies are sampled independently
