@@ -562,13 +562,12 @@ def _encode_images_once(model, inputs) -> dict:
     # a few of each image's own values find candidates (no arithmetic: equal images give equal keys); only exact
     # equality makes two images one
     keys = [(tuple(g), tuple(p.flatten()[::max(1, p.numel() // 64)].tolist())) for g, p in zip(grid.tolist(), patches)]
-    first, index = {}, []  # first: key -> positions (in `patches`) of its distinct images; index: image -> distinct
-    distinct: list[int] = []
+    distinct, index, candidates = [], [], {}  # first occurrences; image -> its distinct number; key -> numbers
     for i, (key, p) in enumerate(zip(keys, patches)):
-        same = next((d for d in first.get(key, []) if torch.equal(patches[distinct[d]], p)), None)
+        same = next((d for d in candidates.get(key, []) if torch.equal(patches[distinct[d]], p)), None)
         if same is None:
             same = len(distinct)
-            first.setdefault(key, []).append(same)
+            candidates.setdefault(key, []).append(same)
             distinct.append(i)
         index.append(same)
     if len(distinct) == len(patches):

@@ -150,7 +150,7 @@ def test_sampled_logprobs_equal_a_full_forward_and_rows_are_prompt_major(checkpo
     ids, logprobs = common._sample_tokens(model, inputs, n, config)
     torch.manual_seed(0)
     again = common.sample(model, processor, inputs, n, 8, temperature=0.7)
-    assert torch.equal(again.ids, ids)  # same seed -> same samples
+    assert torch.equal(again.ids, ids) and not again.ids.is_inference()  # same seed -> same samples; usable in training
     mask = common.completion_mask(ids, common.eos_token_ids(config) + common.placeholder_token_ids(model))
     placeholder = torch.isin(ids, torch.tensor(common.placeholder_token_ids(model)))
     for row in range(3 * n):  # row p * n + k belongs to prompt p
@@ -175,3 +175,22 @@ def test_a_model_without_mrope_state_is_refused(tmp_path):
         common._sample_tokens(model, {"input_ids": torch.ones(1, 3, dtype=torch.long),
                                       "attention_mask": torch.ones(1, 3, dtype=torch.long)}, 2,
                               common.sampling_config(model, 2))
+
+
+def test_repeated_cache_with_room_equals_repeat_interleave_then_append():
+    from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
+
+    torch.manual_seed(0)
+    keys, values = torch.randn(2, 3, 5, 4), torch.randn(2, 3, 5, 4)
+    new_keys, new_values = torch.randn(6, 3, 1, 4), torch.randn(6, 3, 1, 4)
+    for layer in (DynamicLayer(), DynamicSlidingWindowLayer(sliding_window=16)):  # the second: the library's repeat
+        cache = DynamicCache()
+        cache.layers = [layer]
+        cache.update(keys, values, 0)
+        cache = common._repeat_with_room(cache, 3, room=2)
+        assert torch.equal(cache.layers[0].keys, keys.repeat_interleave(3, 0)) and cache.get_seq_length() == 5
+        for step in range(2):
+            k, v = cache.update(new_keys + step, new_values - step, 0)
+        assert torch.equal(k, torch.cat([keys.repeat_interleave(3, 0), new_keys, new_keys + 1], 2))
+        assert torch.equal(v, torch.cat([values.repeat_interleave(3, 0), new_values, new_values - 1], 2))
+        assert cache.get_seq_length() == 7
