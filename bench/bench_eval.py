@@ -1,70 +1,65 @@
-"""Benchmark evaluate.py's scorer: images/s of batched generation vs a naive one-image-per-generate loop.
+"""Benchmark: evaluation with --samples 8 through common.sample (each prompt prefilled once) against the generate path
+of commit 45faead (`generate(num_return_sequences=8)`, which prefills every image's prompt 8 times), side by side.
 
-Same model, same images, same greedy decoding, measured side by side in one run (the tiny model by default):
+    OMP_NUM_THREADS=2 python bench/bench_eval.py                         # both model sizes, 3 repeats each
+    OMP_NUM_THREADS=2 python bench/bench_eval.py --size 30m --samples 8 --repeats 1
 
-    python bench/bench_eval.py                          # tiny random Qwen2.5-VL, 32 demo images, batch 8
-    python bench/bench_eval.py --model Qwen/Qwen2.5-VL-7B-Instruct --images data/koniq/1024x768 --n-images 64
+One image per prompt (the score prompt with reasoning, evaluate.py's default), --batch-size images per call as
+evaluate.py batches them, sampled at temperature 1. The model sizes, the counters (prompt tokens prefilled per
+generated sequence, vision patches encoded per image) and the timing rules (one warm-up each, alternating repeats,
+medians) are bench_votes.py's.
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
-import tempfile
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_votes import common, compare, load, load_size, new_generate, old_generate, report  # noqa: E402
 
-import common  # noqa: E402
-import evaluate  # noqa: E402
-
-
-@dataclass
-class Args:
-    model: str = common.arg("", help="checkpoint (default: build the tiny random Qwen2.5-VL)")
-    images: str = common.arg("", help="image folder or list (default: synthetic demo images)")
-    n_images: int = common.arg(32, help="images scored by each method")
-    batch_size: int = common.arg(8, help="images per generate call for the batched scorer")
-    max_new_tokens: int = common.arg(64, help="tokens per answer (the tiny model never stops early)")
+SETTINGS = {  # size: (images, new tokens)
+    "tiny": (32, 64),
+    "30m": (8, 8),
+}
 
 
-def images_per_second(model, processor, images, batch_size: int, generation_config, prompt, preset) -> float:
-    start = time.perf_counter()
-    for i in range(0, len(images), batch_size):
-        evaluate.generate_answers(model, processor, images[i:i + batch_size], prompt, preset, generation_config, 1)
-    return len(images) / (time.perf_counter() - start)
+def bench_size(size: str, repeats: int, samples: int, batch_size: int) -> None:
+    import torch
+
+    n_images, max_new_tokens = SETTINGS[size]
+    model, processor, images, description = load_size(size, n_images)
+    prompt = common.get_preset("evoquality").prompt("score", True)
+
+    def scores(generate):
+        def fn(warmup: bool = False) -> int:
+            todo = images[:1] if warmup else images
+            for s in range(0, len(todo), batch_size):
+                for per_image in generate(model, processor, prompt, [[im] for im in todo[s:s + batch_size]], samples,
+                                          max_new_tokens):
+                    for text, truncated in per_image:  # parsed as the stage does
+                        common.answer(common.Completion(text, truncated), common.parse_score)
+            return len(todo)
+        return fn
+
+    print(f"== {size}: {description}; {n_images} images x {samples} samples, {max_new_tokens} new tokens, "
+          f"{batch_size} images per call; torch threads {torch.get_num_threads()}; median of {repeats}; {load()}")
+    results = compare(model, {"old (45faead generate)": scores(old_generate),
+                              "new (common.sample)": scores(new_generate)}, repeats)
+    report(results, "images", n_images * samples, n_images)
+    print(f"  after: {load()}")
 
 
 def main() -> None:
-    import torch
-
-    args = common.parse_args(Args)
-    with tempfile.TemporaryDirectory() as tmp:
-        if not args.model:
-            from demo.tiny_models import build_tiny_checkpoint
-
-            args.model = str(build_tiny_checkpoint(Path(tmp) / "tiny"))
-        if not args.images:
-            from demo.synthetic import write_set
-
-            args.images = str(write_set(Path(tmp) / "bench", "bench", args.n_images))
-        root, names = common.list_images(args.images)
-        images = [common.load_image(root / name) for name in names[:args.n_images]]
-        model = common.load_model(args.model, device="cuda" if torch.cuda.is_available() else None).eval()
-        processor = common.load_processor(args.model)
-    preset = common.get_preset("evoquality")
-    prompt = preset.prompt("score", True)
-    generation_config = common.sampling_config(model, args.max_new_tokens, do_sample=False)
-    images_per_second(model, processor, images[:args.batch_size], args.batch_size, generation_config, prompt, preset)
-
-    naive = images_per_second(model, processor, images, 1, generation_config, prompt, preset)
-    batched = images_per_second(model, processor, images, args.batch_size, generation_config, prompt, preset)
-    print(f"device {model.device}, torch threads {torch.get_num_threads()}, {len(images)} images, "
-          f"{args.max_new_tokens} new tokens each, greedy")
-    print(f"naive   (1 image per generate):  {naive:8.2f} images/s")
-    print(f"batched ({args.batch_size} images per generate): {batched:8.2f} images/s")
-    print(f"speed-up: {batched / naive:.2f}x")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", choices=["tiny", "30m", "both"], default="both")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--samples", type=int, default=8, help="evaluate.py --samples: answers per image")
+    parser.add_argument("--batch-size", type=int, default=8, help="evaluate.py --batch-size: images per call")
+    args = parser.parse_args()
+    for size in (["tiny", "30m"] if args.size == "both" else [args.size]):
+        bench_size(size, args.repeats, args.samples, args.batch_size)
 
 
 if __name__ == "__main__":
