@@ -33,11 +33,12 @@ if [[ -z "${MODEL:-}" ]]; then
   OUT=${OUT:-runs/demo}
   ASSETS=$OUT/assets
   MODEL=$ASSETS/base IMAGES=$ASSETS/pool BENCH=${BENCH:-synthetic=$ASSETS/bench/labels.jsonl}
-  ROUNDS=${ROUNDS:-2} PAIRS=${PAIRS:-48} K=${K:-8} G=${G:-8}
+  ROUNDS=${ROUNDS:-2} PAIRS=${PAIRS:-32} K=${K:-8} G=${G:-8}
   DEMO_FLAGS="--no-reasoning --max-new-tokens 10 --max-pixels 3136"
+  DEMO_PPS=$(( PAIRS >= 24 ? 8 : (PAIRS >= 3 ? PAIRS / 3 : 1) ))  # tiny PAIRS (tests) still give >= 1 GRPO step
   VOTES_ARGS="$DEMO_FLAGS --batch-size 64 --no-text ${VOTES_ARGS:-}"
   LABEL_ARGS="${LABEL_ARGS:-}"
-  TRAIN_ARGS="$DEMO_FLAGS --pairs-per-step 8 --lr 5e-4 --warmup-steps 1 --beta 0.02 --micro-batch-size 256 --save-every 5 ${TRAIN_ARGS:-}"
+  TRAIN_ARGS="$DEMO_FLAGS --pairs-per-step $DEMO_PPS --lr 5e-4 --warmup-steps 1 --beta 0.02 --micro-batch-size 256 --save-every 5 ${TRAIN_ARGS:-}"
   EVAL_ARGS="$DEMO_FLAGS --batch-size 64 --samples 8 --no-text ${EVAL_ARGS:-}"
 fi
 ROUNDS=${ROUNDS:-2} PAIRS=${PAIRS:-20000} K=${K:-32} G=${G:-8} SEED=${SEED:-0} REF=${REF:-base} NPROC=${NPROC:-1}
@@ -46,7 +47,7 @@ VOTES_ARGS=${VOTES_ARGS:-} LABEL_ARGS=${LABEL_ARGS:-} TRAIN_ARGS=${TRAIN_ARGS:-}
 [[ "$REF" == base || "$REF" == round ]] || { echo "error: REF must be 'base' or 'round', not '$REF'" >&2; exit 2; }
 
 if [[ $DEMO == 1 ]]; then
-  echo "== DEMO: the real loop on the CPU test bed's shipped base (demo/base, a 0.24 M-parameter Qwen2.5-VL warm-started"
+  echo "== DEMO: the real loop on the CPU test bed's shipped base (demo/base, a 0.71 M-parameter Qwen2.5-VL warm-started"
   echo "== on a synthetic world: image quality = noise level). Set MODEL and IMAGES (see README) for a real run."
   if [[ ! -f $ASSETS/.done ]]; then
     echo "building the demo assets in $ASSETS (once, a few seconds)"

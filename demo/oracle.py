@@ -140,7 +140,8 @@ def main() -> None:
         run.mkdir(parents=True, exist_ok=True)
         write_pseudolabels(run / "pseudolabels.jsonl", pairs, reverse=arm == "reversed")
         if not (run / "model" / "config.json").exists():
-            cmd = [sys.executable, "grpo_train.py", "--model", args.base, "--pseudolabels", str(run / "pseudolabels.jsonl"),
+            cmd = [sys.executable, "grpo_train.py", "--model", args.base,
+                   "--pseudolabels", str(run / "pseudolabels.jsonl"),
                    "--images-root", str(pool_dir), "--out", str(run / "model"), "--group-size", str(args.group_size),
                    "--seed", str(args.seed), "--no-reasoning", "--max-pixels", str(args.max_pixels),
                    "--max-new-tokens", str(args.max_new_tokens), "--lr", str(args.lr), "--beta", str(args.beta),
@@ -154,7 +155,9 @@ def main() -> None:
             print(f"{arm}: grpo_train.py {time.time() - t0:.0f} s", flush=True)
         steps = common.read_jsonl(run / "model" / "train_log.jsonl")
         q = max(1, len(steps) // 4)
-        mean = lambda rows, k: float(np.mean(v)) if (v := [r[k] for r in rows if r.get(k) is not None]) else None  # noqa: E731
+        def mean(rows: list, k: str):
+            values = [r[k] for r in rows if r.get(k) is not None]
+            return float(np.mean(values)) if values else None
         record["arms"][arm] = {**evaluate(str(run / "model")), "grpo": {
             "steps": len(steps), "reward_first_quarter": mean(steps[:q], "reward_mean"),
             "reward_last_quarter": mean(steps[-q:], "reward_mean"), "kl_last": steps[-1]["kl"],

@@ -65,8 +65,8 @@ class Args:
     seed: int = common.arg(0, help="seed of the weights, the batches and the curriculum")
     world: str = common.arg("mixed", choices=list(WORLDS), help="synthetic world (demo.synthetic): mixed or noise")
     score_scale: float = common.arg(1.0, help="score label = 1 + score_scale * (quality - 1) + content bias, in [1, 5]")
-    vision_scale: float = common.arg(1.0, help="multiply the merger's output layer at init: with 4-16 image tokens in a "
-                                               "~115-token prompt, image features are otherwise drowned out")
+    vision_scale: float = common.arg(1.0, help="multiply the merger's output layer at init (image tokens are 4-16 "
+                                               "of a ~115-token prompt: a louder image signal)")
     score_bias: float = common.arg(0.0, help="content bias of the SCORE labels: 0 for smooth .. this for shapes "
                                                "(miscalibrated absolute scores; compare labels stay true)")
     # not part of the cache key: measurement and bookkeeping
@@ -295,7 +295,8 @@ def train(args: Args, out: Path) -> dict:
             processor, preset,
             [[images[i]] for i in picks] + [shown for shown, _ in pairs],
             ["score"] * args.score_batch + ["compare"] * args.compare_batch,
-            [f"\\boxed{{{score_label(quality[i], contents[i], args):.2f}}}" for i in picks] + [f"\\boxed{{{target}}}" for _, target in pairs],
+            [f"\\boxed{{{score_label(quality[i], contents[i], args):.2f}}}" for i in picks]
+            + [f"\\boxed{{{target}}}" for _, target in pairs],
         ).to(device)
         losses = per_example_loss(model, batch)
         score_loss, compare_loss = losses[:args.score_batch].mean(), losses[args.score_batch:].mean()

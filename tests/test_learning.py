@@ -1,7 +1,7 @@
 """Does grpo_train.py LEARN? A few GRPO steps of the real stage (a subprocess: its real code path) on the shipped base
 of the CPU test bed (demo/base), with oracle pseudo-labels (p* from the true quality), must raise the SRCC of the
-pool's scores (or at least not lower it) and the same steps with REVERSED labels must lower it, by a clear margin between the
-two arms. Unit tests cannot see a reward
+pool's scores (or at least not lower it) and the same steps with REVERSED labels must lower it, by a clear margin
+between the two arms. Unit tests cannot see a reward
 aligned with the wrong rows, an advantage with the wrong sign or a log-prob of the wrong token; this test does.
 
 The pool is one the base can tell apart: the shipped base's scores follow image CONTENT (smooth field, stripes,
