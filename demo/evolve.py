@@ -47,7 +47,9 @@ CACHE = ROOT / "demo" / "cache"
 
 @dataclass
 class Args:
-    base: str = common.arg("", help="base checkpoint (default: the newest demo/cache/base-*/ with a heldout.json)")
+    base: str = common.arg(str(ROOT / "demo" / "base"), help="base checkpoint (default: the shipped demo/base)")
+    world: str = common.arg("noise", choices=["mixed", "noise"], help="synthetic world of pool and bench")
+    image_size: int = common.arg(56, help="side of the synthetic pool and bench images")
     mode: str = common.arg("compare", choices=["compare", "score"], help="vote mode of sample_votes.py")
     ks: list[int] = common.arg([32, 1], help="votes per pair K of each run (the first, largest, is the main run)")
     acc_ks: list[int] = common.arg([1, 4, 8, 32], help="K values of the pseudo-label accuracy table")
@@ -63,7 +65,7 @@ class Args:
     ref: str = common.arg("base", choices=["base", "round"], help="KL reference (REF of run_evolution.sh)")
     eval_samples: int = common.arg(8, help="sampled answers averaged per benchmark image")
     greedy: bool = common.arg(True, help="also evaluate every round's model greedily (one answer per image)")
-    max_pixels: int = common.arg(112 * 112, help="processor max_pixels: the base was trained with 16 tokens per image")
+    max_pixels: int = common.arg(56 * 56, help="processor max_pixels (the shipped base: 56 x 56, 4 tokens per image)")
     max_new_tokens: int = common.arg(10, help="answer budget (\\boxed{3.25} is 8 tokens in the demo tokenizer)")
     label_args: str = common.arg("", help="extra flags for build_pseudolabels.py (LABEL_ARGS)")
     seed: int = common.arg(0, help="SEED of run_evolution.sh (round t draws its pairs with SEED + t)")
@@ -199,12 +201,14 @@ def default_base() -> str:
     return str(bases[-1].parent)
 
 
-def make_data(work: Path, which: str, n: int, keep_labels: bool) -> tuple[Path, Path]:
+def make_data(work: Path, which: str, n: int, keep_labels: bool, world: str = "mixed", size: int = 112
+              ) -> tuple[Path, Path]:
     """(image folder, labels file). The pool's labels are moved OUT of its folder: no stage can read them."""
-    folder, labels = work / f"{which}_{n}", work / f"{which}_{n}.labels.jsonl"
+    name = f"{which}_{n}" if (world, size) == ("mixed", 112) else f"{world}{size}_{which}_{n}"
+    folder, labels = work / name, work / f"{name}.labels.jsonl"
     if not labels.exists():
         shutil.rmtree(folder, ignore_errors=True)
-        write_set(folder, which, n)
+        write_set(folder, which, n, size, world)
         shutil.copy(folder / "labels.jsonl", labels) if keep_labels else shutil.move(folder / "labels.jsonl", labels)
     return folder, labels
 
@@ -317,8 +321,8 @@ def main() -> None:
     base = str(Path(args.base or default_base()).resolve())
     work = Path(args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
-    pool, pool_labels = make_data(work, "pool", args.pool, keep_labels=False)
-    bench, bench_labels = make_data(work, "bench", args.bench, keep_labels=True)
+    pool, pool_labels = make_data(work, "pool", args.pool, False, args.world, args.image_size)
+    bench, bench_labels = make_data(work, "bench", args.bench, True, args.world, args.image_size)
     bench_labels = bench / "labels.jsonl"  # evaluate.py resolves image paths relative to the labels file's folder
     settings = {**settings_key(args), "base": base}
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]

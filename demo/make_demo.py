@@ -1,39 +1,45 @@
 """Assets of the CPU demo that `bash run_evolution.sh` runs with no settings.
 
-A tiny Qwen2.5-VL of the real architecture (0.2 M parameters) is taught the no-reasoning ANSWER FORMAT with a short
-supervised warm-start (demo/warmstart.py with a small model and budget), so that the stages have answers to parse;
-its quality judgement is near random, so the demo's numbers mean nothing. Plus a pool of synthetic unlabeled images
-and a small synthetic benchmark with a known quality (demo/synthetic.py).
+The base is the test bed's SHIPPED base, demo/base/ (a 0.24 M-parameter Qwen2.5-VL of the real architecture,
+warm-started on the synthetic "noise" world by demo/warmstart.py; demo/base/REPRODUCE.md holds the command, settings
+and sha256), copied to OUT/base. Plus a pool of unlabeled synthetic images (their true quality goes to
+OUT/pool.labels.jsonl, OUTSIDE the pool folder: no stage reads it) and a held-out synthetic benchmark with a known
+quality (OUT/bench/labels.jsonl, read only by evaluate.py).
 
-    python demo/make_demo.py --out runs/demo_assets     # writes base/, pool/, bench/labels.jsonl
+    python demo/make_demo.py --out runs/demo/assets     # writes base/, pool/, pool.labels.jsonl, bench/
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from demo import warmstart  # noqa: E402
 from demo.synthetic import write_set  # noqa: E402
 
+SHIPPED_BASE = Path(__file__).resolve().parent / "base"
+WORLD, SIZE = "noise", 56  # the world and image side the shipped base was warm-started on
 
-def make_demo(out: Path, steps: int = 150, pool: int = 24, bench: int = 16) -> None:
-    write_set(out / "pool", "pool", pool)
-    write_set(out / "bench", "bench", bench)
-    args = warmstart.Args(out=str(out / "base"), steps=steps, score_batch=8, compare_batch=8, warmup_steps=5, lr=3e-3,
-                          n_images=200, max_pixels=56 * 56, text_hidden=64, text_layers=2, vision_hidden=32,
-                          vision_depth=2, tried_log="")
-    warmstart.train(args, out / "base")
+
+def make_demo(out: Path, pool: int = 64, bench: int = 128, base: Path = SHIPPED_BASE) -> None:
+    if not (base / "model.safetensors").exists():
+        sys.exit(f"error: {base} holds no model.safetensors (the shipped demo base; see demo/base/REPRODUCE.md)")
+    write_set(out / "pool", "pool", pool, SIZE, WORLD)
+    os.replace(out / "pool" / "labels.jsonl", out / "pool.labels.jsonl")
+    write_set(out / "bench", "bench", bench, SIZE, WORLD)
+    shutil.rmtree(out / "base", ignore_errors=True)
+    shutil.copytree(base, out / "base", ignore=shutil.ignore_patterns("*.md", "warmstart.json", "heldout.json"))
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="folder for base/, pool/ and bench/")
-    parser.add_argument("--steps", type=int, default=150, help="warm-start steps (enough to learn the answer format)")
-    parser.add_argument("--pool", type=int, default=24, help="unlabeled pool images")
-    parser.add_argument("--bench", type=int, default=16, help="benchmark images")
+    parser.add_argument("--pool", type=int, default=64, help="unlabeled pool images")
+    parser.add_argument("--bench", type=int, default=128, help="benchmark images")
+    parser.add_argument("--base", default=str(SHIPPED_BASE), help="base checkpoint folder to copy")
     a = parser.parse_args()
-    make_demo(Path(a.out), a.steps, a.pool, a.bench)
+    make_demo(Path(a.out), a.pool, a.bench, Path(a.base))
     print(a.out)

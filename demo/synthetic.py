@@ -2,7 +2,8 @@
 
 Content (from a seed): smooth colour fields, stripes, fine texture, hard-edged shapes. Distortions at levels 0..4:
 Gaussian blur, Gaussian noise, JPEG quality, contrast reduction; some images carry two. The known quality is
-`5 - worst level - 0.5 * second level` (clipped to [1, 5]): it is used only to REPORT (benchmark MOS, pseudo-label
+`5 - worst level - 0.5 * second level` (clipped to [1, 5]); in the "noise" world every image has one
+distortion, Gaussian noise, and quality `5 - level`: it is used only to REPORT (benchmark MOS, pseudo-label
 accuracy), never by the evolution itself.
 
 Three disjoint content sets come from different seed ranges (warm-start, unlabeled pool, held-out benchmark).
@@ -23,6 +24,7 @@ from PIL import Image, ImageDraw, ImageFilter
 SEED_BASE = {"warmstart": 0, "pool": 1_000_000, "bench": 2_000_000}  # disjoint content seeds per set
 CONTENTS = ("smooth", "stripes", "texture", "shapes")
 DISTORTIONS = ("blur", "noise", "jpeg", "contrast")
+WORLDS = ("mixed", "noise")
 
 
 def make_content(rng: np.random.Generator, size: int, kind: str) -> Image.Image:
@@ -69,11 +71,19 @@ def distort(img: Image.Image, kind: str, level: int, rng: np.random.Generator) -
     return Image.fromarray(np.clip(arr.mean() + factor * (arr - arr.mean()), 0, 255).astype(np.uint8), "RGB")
 
 
-def make_image(seed: int, size: int = 112) -> tuple[Image.Image, dict]:
-    """One image and its record (content, distortions, quality), fully determined by `seed`."""
+def make_image(seed: int, size: int = 112, world: str = "mixed") -> tuple[Image.Image, dict]:
+    """One image and its record (content, distortions, quality), fully determined by `seed` and the world:
+    "mixed" (four distortion kinds, a quarter with two) or "noise" (one kind, Gaussian noise: a world a tiny vision
+    tower perceives easily)."""
+    if world not in WORLDS:
+        raise ValueError(f"unknown world {world!r}; expected one of {WORLDS}")
     rng = np.random.default_rng(seed)
     content = CONTENTS[rng.integers(len(CONTENTS))]
     img = make_content(rng, size, content)
+    if world == "noise":
+        level = int(rng.integers(0, 5))
+        return distort(img, "noise", level, rng), {"content": content, "distortions": {"noise": level},
+                                                   "mos": float(5 - level)}
     kinds = list(rng.choice(DISTORTIONS, size=2 if rng.random() < 0.25 else 1, replace=False))
     levels = [int(rng.integers(0, 5)) for _ in kinds]
     for kind, level in zip(kinds, levels):
@@ -83,13 +93,13 @@ def make_image(seed: int, size: int = 112) -> tuple[Image.Image, dict]:
     return img, {"content": content, "distortions": dict(zip(kinds, levels)), "mos": quality}
 
 
-def write_set(out_dir: str | Path, which: str, n: int, size: int = 112) -> Path:
+def write_set(out_dir: str | Path, which: str, n: int, size: int = 112, world: str = "mixed") -> Path:
     """Write n images of one content set and `labels.jsonl` ({"image", "mos", ...}: also a benchmark file)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     with open(out_dir / "labels.jsonl", "w") as f:
         for i in range(n):
-            img, record = make_image(SEED_BASE[which] + i, size)
+            img, record = make_image(SEED_BASE[which] + i, size, world)
             name = f"{which}_{i:05d}.png"
             img.save(out_dir / name)
             f.write(json.dumps({"image": name, **record}) + "\n")
@@ -102,5 +112,6 @@ if __name__ == "__main__":
     parser.add_argument("--set", default="pool", choices=sorted(SEED_BASE))
     parser.add_argument("--n", type=int, default=64)
     parser.add_argument("--size", type=int, default=112)
+    parser.add_argument("--world", default="mixed", choices=WORLDS)
     a = parser.parse_args()
-    print(write_set(a.out_dir, a.set, a.n, a.size))
+    print(write_set(a.out_dir, a.set, a.n, a.size, a.world))

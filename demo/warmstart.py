@@ -35,7 +35,7 @@ from scipy.stats import spearmanr
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402
-from demo.synthetic import CONTENTS, DISTORTIONS, SEED_BASE, distort, make_content, make_image  # noqa: E402
+from demo.synthetic import CONTENTS, DISTORTIONS, SEED_BASE, WORLDS, distort, make_content, make_image  # noqa: E402
 from demo.tiny_models import build_model, build_processor, build_tokenizer  # noqa: E402
 
 CACHE = Path(__file__).resolve().parent / "cache"
@@ -63,6 +63,12 @@ class Args:
     vision_depth: int = common.arg(2, help="vision tower layers")
     vocab_size: int = common.arg(600, help="BPE vocabulary size (before the special tokens)")
     seed: int = common.arg(0, help="seed of the weights, the batches and the curriculum")
+    world: str = common.arg("mixed", choices=list(WORLDS), help="synthetic world (demo.synthetic): mixed or noise")
+    score_scale: float = common.arg(1.0, help="score label = 1 + score_scale * (quality - 1) + content bias, in [1, 5]")
+    vision_scale: float = common.arg(1.0, help="multiply the merger's output layer at init (image tokens are 4-16 "
+                                               "of a ~115-token prompt: a louder image signal)")
+    score_bias: float = common.arg(0.0, help="content bias of the SCORE labels: 0 for smooth .. this for shapes "
+                                               "(miscalibrated absolute scores; compare labels stay true)")
     # not part of the cache key: measurement and bookkeeping
     n_bench: int = common.arg(200, help="held-out benchmark images (bench seed range) for the measurement")
     bench_pairs: int = common.arg(200, help="held-out benchmark pairs (different quality) for compare accuracy")
@@ -74,6 +80,7 @@ class Args:
     tried_log: str = common.arg(str(CACHE / "tried.jsonl"), help="append settings + results here ('' to skip)")
 
 
+ADDED_LATER = {"world", "score_scale", "score_bias", "vision_scale"}
 NOT_IN_KEY = {"out", "n_bench", "bench_pairs", "eval_samples", "eval_every", "log_every", "measure_only", "force",
               "tried_log"}
 
@@ -81,28 +88,42 @@ NOT_IN_KEY = {"out", "n_bench", "bench_pairs", "eval_samples", "eval_every", "lo
 def settings_hash(args: Args) -> str:
     import hashlib
 
-    key = {k: v for k, v in dataclasses.asdict(args).items() if k not in NOT_IN_KEY}
+    defaults = Args()
+    key = {k: v for k, v in dataclasses.asdict(args).items() if k not in NOT_IN_KEY
+           and not (k in ADDED_LATER and v == getattr(defaults, k))}  # older bases keep their hash
     key["recipe_version"] = RECIPE_VERSION
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
 
 
 # ALGO LOGIC: the warm-start data (warm-start seeds only) and the compare curriculum
-def warmstart_set(n: int, size: int) -> tuple[list[Image.Image], np.ndarray]:
-    """The first n images of the warm-start content set (the same ones demo.synthetic.write_set writes) and their
-    quality."""
-    images, quality = [], []
+def warmstart_set(n: int, size: int, world: str = "mixed") -> tuple[list[Image.Image], np.ndarray, list[str]]:
+    """The first n images of the warm-start content set (the same ones demo.synthetic.write_set writes), their
+    quality and their content kind."""
+    images, quality, contents = [], [], []
     for i in range(n):
-        img, record = make_image(SEED_BASE["warmstart"] + i, size)
+        img, record = make_image(SEED_BASE["warmstart"] + i, size, world)
         images.append(img)
         quality.append(record["mos"])
-    return images, np.array(quality)
+        contents.append(record["content"])
+    return images, np.array(quality), contents
 
 
-def same_content_variant(seed: int, kind: str, level: int, size: int) -> Image.Image:
+def score_label(quality: float, content: str, args: Args) -> float:
+    """The warm-start's ABSOLUTE score label. With score_bias > 0 it is miscalibrated by content, as a VLM's absolute
+    scores are (a smooth field and a shape drawing of equal quality get different labels), while every compare label
+    follows the true quality: comparing is then easier than scoring, the premise of the paper."""
+    bias = args.score_bias * CONTENTS.index(content) / (len(CONTENTS) - 1)
+    return float(np.clip(1.0 + args.score_scale * (quality - 1.0) + bias, 1.0, 5.0))
+
+
+def same_content_variant(seed: int, kind: str, level: int, size: int, world: str = "mixed") -> Image.Image:
     """The content of warm-start image `seed` (the same random draws as make_image) with one distortion at `level`:
     its quality is 5 - level, the same rule as demo.synthetic with a single distortion."""
     rng = np.random.default_rng(seed)
     img = make_content(rng, size, CONTENTS[rng.integers(len(CONTENTS))])
+    if world == "noise":
+        rng.integers(0, 5)  # make_image's level draw: the noise below is then make_image's noise
+        kind = "noise"
     return distort(img, kind, level, rng)
 
 
@@ -117,7 +138,7 @@ def compare_example(rng: np.random.Generator, images: list[Image.Image], quality
         low = int(rng.integers(0, 5 - min_gap))  # the better image's distortion level
         high = int(rng.integers(low + min_gap, 5))
         seed, kind = SEED_BASE["warmstart"] + int(rng.integers(len(images))), str(rng.choice(DISTORTIONS))
-        better, worse = (same_content_variant(seed, kind, level, args.image_size) for level in (low, high))
+        better, worse = (same_content_variant(seed, kind, level, args.image_size, args.world) for level in (low, high))
     else:
         while True:
             i, j = rng.integers(len(images), size=2)
@@ -194,13 +215,13 @@ def srcc(pred: list, mos: np.ndarray) -> float:
 
 
 def measure(model, processor, preset: common.Preset, n_bench: int, n_pairs: int, samples: int, size: int = 112,
-            seed: int = 0) -> dict:
+            seed: int = 0, world: str = "mixed") -> dict:
     """Score SRCC (greedy, one sampled answer, mean of `samples` sampled answers) on held-out benchmark images, and
     compare accuracy on held-out pairs of unequal quality shown in both orders (greedy, per sampled vote, and the
     majority of all sampled votes of a pair). Unparseable answers count as wrong, and as missing for the SRCC."""
     was_training = model.training
     model.eval()
-    bench = [make_image(SEED_BASE["bench"] + i, size) for i in range(n_bench)]
+    bench = [make_image(SEED_BASE["bench"] + i, size, world) for i in range(n_bench)]
     images, mos = [[img] for img, _ in bench], np.array([record["mos"] for _, record in bench])
     greedy = [common.parse_score(t[0], preset) for t in answers(model, processor, preset, "score", images, False)]
     result = {"n_bench": n_bench, "srcc_greedy": srcc(greedy, mos),
@@ -250,12 +271,15 @@ def train(args: Args, out: Path) -> dict:
     processor.tokenizer.padding_side = "left"  # as common.load_processor sets it for the stages
     model = build_model("qwen2_5_vl", tokenizer, text_hidden=args.text_hidden, text_layers=args.text_layers,
                         vision_hidden=args.vision_hidden, vision_depth=args.vision_depth, seed=args.seed).to(device)
+    with torch.no_grad():  # the merger's last linear layer writes the image tokens' embeddings
+        for p in model.model.visual.merger.mlp[-1].parameters():
+            p.mul_(args.vision_scale)
     vision = [p for n, p in model.named_parameters() if ".visual." in f".{n}"]  # the ViT and its merger
     others = [p for n, p in model.named_parameters() if ".visual." not in f".{n}"]
     optimizer = torch.optim.AdamW([{"params": others, "lr": args.lr}, {"params": vision, "lr": args.vision_lr}],
                                   weight_decay=0.0)
     peak = [group["lr"] for group in optimizer.param_groups]
-    images, quality = warmstart_set(args.n_images, args.image_size)
+    images, quality, contents = warmstart_set(args.n_images, args.image_size, args.world)
     print(f"[warmstart] {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters "
           f"({sum(p.numel() for p in vision) / 1e6:.2f} M vision), {len(images)} warm-start images, {device}")
 
@@ -271,7 +295,8 @@ def train(args: Args, out: Path) -> dict:
             processor, preset,
             [[images[i]] for i in picks] + [shown for shown, _ in pairs],
             ["score"] * args.score_batch + ["compare"] * args.compare_batch,
-            [f"\\boxed{{{quality[i]:.2f}}}" for i in picks] + [f"\\boxed{{{target}}}" for _, target in pairs],
+            [f"\\boxed{{{score_label(quality[i], contents[i], args):.2f}}}" for i in picks]
+            + [f"\\boxed{{{target}}}" for _, target in pairs],
         ).to(device)
         losses = per_example_loss(model, batch)
         score_loss, compare_loss = losses[:args.score_batch].mean(), losses[args.score_batch:].mean()
@@ -292,7 +317,7 @@ def train(args: Args, out: Path) -> dict:
             running = []
         if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
             point = {"step": step + 1, **measure(model, processor, preset, args.n_bench, args.bench_pairs, 0,
-                                                 args.image_size)}
+                                                 args.image_size, world=args.world)}
             curve.append(point)
             print(f"[warmstart] eval {json.dumps(point)}", flush=True)
     seconds = time.time() - start
@@ -315,7 +340,8 @@ def measure_folder(folder: Path, args: Args) -> dict:
     model = common.load_model(str(folder), dtype=torch.float32, device=device)
     processor = common.load_processor(str(folder), max_pixels=args.max_pixels)
     start = time.time()
-    result = measure(model, processor, preset, args.n_bench, args.bench_pairs, args.eval_samples, args.image_size)
+    result = measure(model, processor, preset, args.n_bench, args.bench_pairs, args.eval_samples, args.image_size,
+                     world=args.world)
     result["measure_seconds"] = round(time.time() - start, 1)
     common.write_json_atomic(folder / "heldout.json", result)
     return result

@@ -105,5 +105,6 @@ def test_smoke_one_round_appends_a_complete_record(tiny_base, tmp_path):
         assert {"round_1/sample_votes", "round_1/grpo_train", "round_1/evaluate"} <= set(run["stage_seconds"])
     assert set(record["pseudolabel_accuracy_round1"]) == {"pairs", "K1", "K2"}
     # the evolution never sees a label: the pool folder holds only images
-    pool = tmp_path / "work" / "pool_6"
-    assert sorted(p.suffix for p in pool.iterdir()) == [".png"] * 6 and (tmp_path / "work" / "pool_6.labels.jsonl").exists()
+    pool = tmp_path / "work" / "noise56_pool_6"
+    assert sorted(p.suffix for p in pool.iterdir()) == [".png"] * 6
+    assert (tmp_path / "work" / "noise56_pool_6.labels.jsonl").exists()

@@ -110,7 +110,7 @@ def test_loss_goes_down_on_a_fixed_batch(tiny):
                         vision_depth=1)
     preset = common.get_preset("evoquality")
     rng = np.random.default_rng(0)
-    images, quality = W.warmstart_set(8, 112)
+    images, quality, _ = W.warmstart_set(8, 112)
     pairs = [W.compare_example(rng, images, quality, 0.0, W.Args()) for _ in range(4)]
     batch = W.training_batch(processor, preset, [[images[i]] for i in range(4)] + [p for p, _ in pairs],
                              ["score"] * 4 + ["compare"] * 4,
@@ -143,10 +143,40 @@ def test_same_content_variant_is_the_warmstart_image_content():
 def test_curriculum_starts_with_gap_four_same_content_pairs():
     """At progress 0 every pair is one warm-start content, clean vs. level 4; the target points at the clean one."""
     rng = np.random.default_rng(1)
-    images, quality = W.warmstart_set(4, 112)
+    images, quality, _ = W.warmstart_set(4, 112)
     clean = [np.asarray(W.same_content_variant(seed, "blur", 0, 112)) for seed in range(4)]  # level 0: no distortion
     for _ in range(8):
         shown, target = W.compare_example(rng, images, quality, 0.0, W.Args())
         better, worse = np.asarray(shown[target]), np.asarray(shown[1 - target])
         assert any(np.array_equal(better, c) for c in clean)
         assert not any(np.array_equal(worse, c) for c in clean)
+
+
+def test_noise_world_and_its_same_content_variant():
+    """The "noise" world: one distortion, Gaussian noise, quality 5 - level; the curriculum's variant of an image at
+    its own level is the identical image (the same random draws, noise included), at another level it differs."""
+    levels = set()
+    for seed in range(20):
+        img, record = make_image(seed, 56, "noise")
+        (kind, level), = record["distortions"].items()
+        assert kind == "noise" and record["mos"] == 5 - level and img.size == (56, 56)
+        assert np.array_equal(np.asarray(W.same_content_variant(seed, "blur", level, 56, "noise")), np.asarray(img))
+        other = W.same_content_variant(seed, "noise", (level + 1) % 5, 56, "noise")
+        assert not np.array_equal(np.asarray(other), np.asarray(img))
+        levels.add(level)
+    assert levels == {0, 1, 2, 3, 4}
+    with pytest.raises(ValueError, match="unknown world"):
+        make_image(0, 56, "fog")
+
+
+def test_score_label_is_miscalibrated_by_content_only():
+    """label = clip(1 + scale * (q - 1) + bias * index(content) / 3, 1, 5), by hand; defaults give the true quality."""
+    args = W.Args(score_scale=0.4, score_bias=2.4)
+    assert W.score_label(5.0, "smooth", args) == pytest.approx(2.6)  # 1 + 0.4 * 4 + 0
+    assert W.score_label(1.0, "shapes", args) == pytest.approx(3.4)  # 1 + 0 + 2.4: a worse image scored higher
+    assert W.score_label(3.0, "texture", args) == pytest.approx(1 + 0.8 + 1.6)
+    assert W.score_label(5.0, "shapes", args) == 5.0  # clipped at 5
+    assert W.score_label(3.5, "stripes", W.Args()) == 3.5
+    # the new settings change the cache key only when set: bases built before them keep their hash
+    assert W.settings_hash(W.Args()) == W.settings_hash(W.Args(world="mixed", score_bias=0.0))
+    assert W.settings_hash(W.Args()) != W.settings_hash(W.Args(score_bias=2.4))
