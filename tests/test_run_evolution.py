@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -62,6 +63,10 @@ def test_rerun_of_finished_run_only_prints_the_table(demo_run):
     assert before == after
 
 
+# the demo's own --samples (run_evolution.sh's demo block), to which EVAL_ARGS is appended
+DEMO_SAMPLES = re.search(r'EVAL_ARGS="[^"]*--samples (\d+)', (ROOT / "run_evolution.sh").read_text()).group(1)
+
+
 def files_and_times(out: Path) -> dict:
     return {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
 
@@ -78,7 +83,7 @@ def test_finished_stage_refuses_changed_settings(demo_run):
         ({"NPROC": "2"}, f"error: stage 'grpo_train' in {round_1} finished with other settings (NPROC: 1 -> 2); "
                          "restore them, or use another OUT"),  # the votes and labels stay: skipped
         ({"EVAL_ARGS": "--samples 2"}, f"error: stage 'evaluate' in {demo_run / 'round_0'} finished with other "
-                                       "settings (--samples: 4 -> 4 2)"),  # appended to the demo's: argparse takes the last
+                                       f"settings (--samples: {DEMO_SAMPLES} -> {DEMO_SAMPLES} 2)"),  # argparse: the last
     ]
     for change, message in cases:
         result = run_loop({"OUT": str(demo_run), **SMALL, **change})
