@@ -13,7 +13,8 @@ counted by forward pre-hooks on the language model and the vision tower.
 Model sizes (random Qwen2.5-VL weights built from config like demo/tiny_models.py, cached under demo/cache/):
   tiny  the tests' default model (text 64 x 2, images capped at 56 px: 4 tokens each): overhead-dominated;
   30m   text 512 x 8 layers, vision 256 x 4, 448 px images (256 tokens each): compute-dominated on a CPU, a stand-in
-        for 7B's prefill-heavy regime on a GPU.
+        for 7B's prefill-heavy regime on a GPU (24 M parameters with the tiny tokenizer's vocabulary; "30 M" in the
+        issue). On a shared 2-core machine OMP_NUM_THREADS=1 gives stable timings; 2 threads thrash under load.
 """
 
 from __future__ import annotations
