@@ -3,14 +3,13 @@
 #   sample_votes.py -> build_pseudolabels.py -> grpo_train.py -> evaluate.py
 # with the previous round's checkpoint as the voter and the policy. Outputs go to OUT/round_t/.
 #
-#   bash run_evolution.sh                                   # CPU demo on a tiny model (numbers meaningless)
-#   MODEL=Qwen/Qwen2.5-VL-7B-Instruct IMAGES=/data/koniq10k/512x384 NPROC=8 \
-#     BENCH="koniq=/data/koniq_test.jsonl@/data/koniq10k/512x384 spaq=/data/spaq.jsonl@/data/spaq" \
-#     FSDP=1 bash run_evolution.sh
+#   bash run_evolution.sh                                   # CPU demo on the test bed's tiny base (README)
+#   MODEL=Qwen/Qwen2.5-VL-7B-Instruct IMAGES=/data/koniq10k/1024x768 NPROC=8 FSDP=1 \
+#     BENCH="koniq=/data/koniq10k spaq=/data/SPAQ" EVAL_ARGS="--split set=test" bash run_evolution.sh
 #
 # Settings (environment variables; echoed at start, forwarded as explicit flags; no stage reads the environment):
 #   MODEL   base model path or hub id           IMAGES  unlabeled pool: folder or list file (IMAGES_ROOT: its root)
-#   BENCH   space-separated NAME=FILE[@ROOT]    ROUNDS  2        PAIRS 20000     K 32     G 8
+#   BENCH   space-separated NAME=FOLDER|FILE[@ROOT] (evaluate.py --bench)  ROUNDS 2  PAIRS 20000  K 32  G 8
 #   OUT     runs/NAME                           NPROC   1 = plain python, N > 1 = accelerate launch (torchrun on CPU)
 #   SEED    0 (round t draws its pairs with SEED + t)
 #   REF     base: the KL reference is the base model in every round | round: the round's starting model
