@@ -17,24 +17,12 @@ import pytest
 import torch
 
 import common
+from test_grpo_train import WRAPPER  # the same scoring stand-in as the one-process tests
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
        "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
 TIMEOUT = 240  # a hang fails the test; --dist-timeout makes a desynchronised collective raise long before
-
-WRAPPER = """
-import runpy, sys, zlib
-sys.path.insert(0, {root!r})
-import common
-def parse_score(text, preset=None):  # deterministic in the text: varied rewards from a random model
-    h = zlib.crc32(text.encode())
-    return None if h % 5 == 0 else 1 + (h % 401) / 100
-common.parse_score = parse_score
-common.answer = lambda completion, parse: parse(completion.text)  # the random model never ends: ignore truncation
-sys.argv[0] = {script!r}
-runpy.run_path({script!r}, run_name="__main__")
-"""
 
 
 @pytest.fixture(scope="module")
