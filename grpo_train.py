@@ -175,7 +175,8 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor
 def token_logprobs(model, prompt: dict, completion_ids: torch.Tensor, temperature: float,
                    placeholder_ids: tuple[int, ...] = (), pad_id: int = 0) -> torch.Tensor:
     """log pi(token) of each completion token [N, T], from ONE forward over prompt + completion with the very
-    pixel_values/image_grid_thw used at generation, logits / temperature (the temperature the tokens were drawn at).
+    pixel_values/image_grid_thw used at generation (each distinct image encoded once: shared_image_features),
+    logits / temperature (the temperature the tokens were drawn at).
 
     A sampled image/video placeholder token (`placeholder_ids`; a degenerate rollout can emit one) would make the
     forward look for image features that do not exist; it is fed as `pad_id` instead. The completion mask ends at it,
@@ -188,8 +189,21 @@ def token_logprobs(model, prompt: dict, completion_ids: torch.Tensor, temperatur
                   attention_mask=torch.cat([prompt["attention_mask"], ones], dim=1))
     if "mm_token_type_ids" in prompt:  # M-RoPE positions: completion tokens are text
         inputs["mm_token_type_ids"] = torch.cat([prompt["mm_token_type_ids"], torch.zeros_like(completion_ids)], dim=1)
+    inputs = shared_image_features(model, inputs)
     logits = model(**inputs, use_cache=False, logits_to_keep=T + 1).logits[:, :-1]  # position t predicts token t + 1
     return logprobs_at(logits, completion_ids, temperature)
+
+
+def shared_image_features(model, inputs: dict) -> dict:
+    """The forward's inputs with each distinct image of the micro-batch through the vision tower ONCE (its G rollout
+    rows share its features as `mm_encoder_outputs`; with gradient, so its backward runs once too). Not under FSDP:
+    the root's vision weights (patch embedding, merger) are gathered only inside the root forward, so there every row
+    keeps its own pixel_values."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if isinstance(model, FSDPModule):
+        return inputs
+    return common._encode_images_once(getattr(model, "module", model), inputs)  # DDP: the wrapped module's tower
 
 
 def _chunk_logprobs(logits: torch.Tensor, ids: torch.Tensor, temperature: float) -> torch.Tensor:
