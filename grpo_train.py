@@ -69,7 +69,9 @@ class Args:
     prompt: str = common.arg("evoquality", help="prompt preset", choices=sorted(common.PRESETS))
     gamma: float = common.arg(1e-6, help="variance floor in the fidelity reward's Phi")
     rollout_batch: int = common.arg(4, help="images per sampling call (x G rows); seeded per call, not per process")
-    micro_batch_size: int = common.arg(4, help="sequences per forward/backward (does not change the gradient)")
+    micro_batch_size: int = common.arg(4, help="sequences per forward/backward (does not change the gradient); "
+                                       "each image of a micro-batch is encoded once, so a multiple of G encodes "
+                                       "each image once per pass")
     max_grad_norm: float = common.arg(1.0, help="gradient clipping norm")
     warmup_steps: int = common.arg(0, help="linear warmup optimizer steps before the linear decay")
     weight_decay: float = common.arg(0.0, help="AdamW weight decay")
