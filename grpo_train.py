@@ -69,7 +69,9 @@ class Args:
     prompt: str = common.arg("evoquality", help="prompt preset", choices=sorted(common.PRESETS))
     gamma: float = common.arg(1e-6, help="variance floor in the fidelity reward's Phi")
     rollout_batch: int = common.arg(4, help="images per sampling call (x G rows); seeded per call, not per process")
-    micro_batch_size: int = common.arg(4, help="sequences per forward/backward (does not change the gradient)")
+    micro_batch_size: int = common.arg(4, help="sequences per forward/backward (does not change the gradient); "
+                                       "each image of a micro-batch is encoded once, so a multiple of G encodes "
+                                       "each image once per pass")
     max_grad_norm: float = common.arg(1.0, help="gradient clipping norm")
     warmup_steps: int = common.arg(0, help="linear warmup optimizer steps before the linear decay")
     weight_decay: float = common.arg(0.0, help="AdamW weight decay")
@@ -175,7 +177,8 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor
 def token_logprobs(model, prompt: dict, completion_ids: torch.Tensor, temperature: float,
                    placeholder_ids: tuple[int, ...] = (), pad_id: int = 0) -> torch.Tensor:
     """log pi(token) of each completion token [N, T], from ONE forward over prompt + completion with the very
-    pixel_values/image_grid_thw used at generation, logits / temperature (the temperature the tokens were drawn at).
+    pixel_values/image_grid_thw used at generation (each distinct image encoded once: shared_image_features),
+    logits / temperature (the temperature the tokens were drawn at).
 
     A sampled image/video placeholder token (`placeholder_ids`; a degenerate rollout can emit one) would make the
     forward look for image features that do not exist; it is fed as `pad_id` instead. The completion mask ends at it,
@@ -188,8 +191,21 @@ def token_logprobs(model, prompt: dict, completion_ids: torch.Tensor, temperatur
                   attention_mask=torch.cat([prompt["attention_mask"], ones], dim=1))
     if "mm_token_type_ids" in prompt:  # M-RoPE positions: completion tokens are text
         inputs["mm_token_type_ids"] = torch.cat([prompt["mm_token_type_ids"], torch.zeros_like(completion_ids)], dim=1)
+    inputs = shared_image_features(model, inputs)
     logits = model(**inputs, use_cache=False, logits_to_keep=T + 1).logits[:, :-1]  # position t predicts token t + 1
     return logprobs_at(logits, completion_ids, temperature)
+
+
+def shared_image_features(model, inputs: dict) -> dict:
+    """The forward's inputs with each distinct image of the micro-batch through the vision tower ONCE (its G rollout
+    rows share its features as `mm_encoder_outputs`; with gradient, so its backward runs once too). Not under FSDP:
+    the root's vision weights (patch embedding, merger) are gathered only inside the root forward, so there every row
+    keeps its own pixel_values."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if isinstance(model, FSDPModule):
+        return inputs
+    return common._encode_images_once(getattr(model, "module", model), inputs)  # DDP: the wrapped module's tower
 
 
 def _chunk_logprobs(logits: torch.Tensor, ids: torch.Tensor, temperature: float) -> torch.Tensor:

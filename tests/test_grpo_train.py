@@ -307,6 +307,55 @@ def test_logprobs_equal_generate_scores_with_left_padding_twice(tiny_model_dir, 
     assert torch.allclose(got[0, :2], clean[0]) and completion_mask(ids, eos + [image_pad]).tolist() == [[1, 1, 1, 0]]
 
 
+def test_shared_image_features_equal_the_per_row_pass_in_logprobs_and_gradients(tiny_model_dir, demo_pool):
+    """A micro-batch mixing rows of two images: each image through the vision tower once, with the same per-token
+    log-probs and the same gradient (vision tower and language model) as one row at a time."""
+    torch.manual_seed(0)
+    processor = common.load_processor(tiny_model_dir)
+    model = common.load_model(tiny_model_dir, dtype=torch.float32).train()
+    preset = common.get_preset("evoquality")
+    images = [[common.load_image(demo_pool / "pool_00000.png")],
+              [common.load_image(demo_pool / "pool_00001.png").resize((28, 28))]]  # different sizes: left padding
+    encoded = dict(common.encode_batch(processor, [preset.prompt("score", True)] * 2, images, preset.add_vision_id))
+    rows = [0, 0, 1, 1, 0]
+    batch = grpo_train.select_rows(encoded, rows, model.config.vision_start_token_id)
+    ids = torch.randint(50, 500, (len(rows), 7))  # ordinary text tokens (the specials come after the 600 BPE ones)
+    weights = torch.randn(ids.shape)  # a loss in which every row and token has its own gradient
+    params = {"vision block 0 qkv": model.model.visual.blocks[0].attn.qkv.weight,
+              "vision patch embedding": model.model.visual.patch_embed.proj.weight,
+              "vision merger": next(model.model.visual.merger.parameters()),
+              "language layer 0 q": model.model.language_model.layers[0].self_attn.q_proj.weight,
+              "language last mlp": model.model.language_model.layers[-1].mlp.down_proj.weight}
+    calls = []
+    hook = model.model.visual.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
+
+    def logprobs_and_grads(row_groups):
+        model.zero_grad(set_to_none=True)
+        calls.clear()
+        parts = []
+        for group in row_groups:
+            prompt = grpo_train.select_rows(batch, group, model.config.vision_start_token_id)
+            logp = grpo_train.token_logprobs(model, prompt, ids[group], 0.7)
+            (logp * weights[group]).sum().backward()
+            parts.append(logp.detach())
+        return torch.cat(parts), {k: p.grad.clone() for k, p in params.items()}, list(calls)
+
+    shared, shared_grads, shared_calls = logprobs_and_grads([list(range(len(rows)))])
+    per_row, per_row_grads, per_row_calls = logprobs_and_grads([[r] for r in range(len(rows))])
+    hook.remove()
+    patches = encoded["image_grid_thw"].prod(-1).tolist()
+    assert shared_calls == [sum(patches)]  # one vision pass, each of the two distinct images once
+    assert per_row_calls == [patches[r] for r in rows]
+    gap = (shared - per_row).abs().max().item()
+    print(f"log-prob max gap {gap:.2e}")
+    assert gap < 1e-5
+    for name in params:
+        assert shared_grads[name].abs().max() > 0, name  # the parameter is in the graph
+        rel = ((shared_grads[name] - per_row_grads[name]).abs().max() / per_row_grads[name].abs().max()).item()
+        print(f"{name}: gradient max gap relative to its max {rel:.2e}")
+        assert rel < 1e-5, name
+
+
 def test_ratio_is_one_at_the_first_update(tiny_model_dir, demo_pool):
     """The old log-probs (no grad, eval mode, the whole batch) equal the policy's (grad, train mode, a micro-batch
     trimmed to its own completion width): on-policy, rho = 1 at the first update."""
