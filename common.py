@@ -507,7 +507,7 @@ def _prefill_once(model, inputs, n: int, room: int):
         raise TypeError(f"common.sample supports Qwen-VL models (M-RoPE with rope_deltas); got {type(model).__name__}")
     # cleared so that the prefill recomputes it for THESE prompts (a stale one from an earlier batch is never reused)
     language.rope_deltas = None
-    out = model(**_encode_images_once(model, inputs), use_cache=True, logits_to_keep=1)
+    out = model(**encode_images_once(model, inputs), use_cache=True, logits_to_keep=1)
     deltas = language.rope_deltas if language.rope_deltas is not None else torch.zeros_like(inputs["input_ids"][:, :1])
     # Qwen-VL's M-RoPE: after the prompt every text token sits at (its index among real tokens) + rope delta,
     # equal on all three axes; the first new token's index is the number of real prompt tokens
@@ -550,7 +550,7 @@ def _repeat_with_room(cache, n: int, room: int):
     return cache
 
 
-def _encode_images_once(model, inputs) -> dict:
+def encode_images_once(model, inputs) -> dict:
     """The prefill's inputs with each DISTINCT image of the batch encoded once (a pair's two orders show the same two
     images): its features go in as `mm_encoder_outputs` in place of `pixel_values`. Unchanged if none repeats."""
     import torch

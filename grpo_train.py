@@ -205,7 +205,7 @@ def shared_image_features(model, inputs: dict) -> dict:
 
     if isinstance(model, FSDPModule):
         return inputs
-    return common._encode_images_once(getattr(model, "module", model), inputs)  # DDP: the wrapped module's tower
+    return common.encode_images_once(getattr(model, "module", model), inputs)  # DDP: the wrapped module's tower
 
 
 def _chunk_logprobs(logits: torch.Tensor, ids: torch.Tensor, temperature: float) -> torch.Tensor:
