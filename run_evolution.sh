@@ -42,12 +42,12 @@ if [[ -z "${MODEL:-}" ]]; then
   OUT=${OUT:-runs/demo}
   ASSETS=$OUT/assets
   MODEL=$ASSETS/base IMAGES=$ASSETS/pool BENCH=${BENCH:-synthetic=$ASSETS/bench/labels.jsonl}
-  ROUNDS=${ROUNDS:-2} PAIRS=${PAIRS:-32} K=${K:-8} G=${G:-8}
+  ROUNDS=${ROUNDS:-2} PAIRS=${PAIRS:-128} K=${K:-8} G=${G:-8}
   DEMO_FLAGS="--no-reasoning --max-new-tokens 10 --max-pixels 3136"
   DEMO_PPS=$(( PAIRS >= 24 ? 8 : (PAIRS >= 3 ? PAIRS / 3 : 1) ))  # tiny PAIRS (tests) still give >= 1 GRPO step
   VOTES_ARGS="$DEMO_FLAGS --batch-size 64 --no-text ${VOTES_ARGS:-}"
   LABEL_ARGS="${LABEL_ARGS:-}"
-  TRAIN_ARGS="$DEMO_FLAGS --pairs-per-step $DEMO_PPS --lr 5e-4 --warmup-steps 1 --beta 0.02 --micro-batch-size 256 --save-every 5 ${TRAIN_ARGS:-}"
+  TRAIN_ARGS="$DEMO_FLAGS --pairs-per-step $DEMO_PPS --lr 1e-4 --warmup-steps 1 --beta 0.02 --micro-batch-size 256 --save-every 5 ${TRAIN_ARGS:-}"
   EVAL_ARGS="$DEMO_FLAGS --batch-size 64 --samples 8 --no-text ${EVAL_ARGS:-}"
 fi
 ROUNDS=${ROUNDS:-2} PAIRS=${PAIRS:-20000} K=${K:-32} G=${G:-8} SEED=${SEED:-0} REF=${REF:-base} NPROC=${NPROC:-1}
@@ -217,10 +217,12 @@ print(table)
 print(f"written: {out / 'results.md'}, {out / 'results.json'}")
 PY
 if [[ $DEMO == 1 ]]; then
-  echo "== DEMO finished: the real loop ran end to end on a SYNTHETIC world (quality = noise level of procedural images),"
-  echo "== not KonIQ. The shipped base's scores follow image content, not noise, and its comparisons are at chance"
-  echo "== (demo/base/heldout.json), so its K votes teach nothing: do NOT expect SRCC to rise here, and do not read a"
-  echo "== change of +-0.1 as an effect (the evaluation seed alone moves it that much). What the test bed has and has"
-  echo "== not shown: README, \"Does it evolve?\"."
+  echo "== DEMO finished: the real loop ran end to end on a SYNTHETIC world (image quality = noise level of procedural"
+  echo "== images), not KonIQ. The shipped base (demo/base/heldout.json) compares images well (majority of votes right on"
+  echo "== ~.97 of held-out pairs) but its absolute scores were taught with a content bias (as a VLM's absolute scores"
+  echo "== are miscalibrated), so its score ranking is weaker: that gap is what K votes can teach, and SRCC rising round"
+  echo "== over round is the method's mechanism at work. It says nothing about the size of the paper's gains on real"
+  echo "== images; one run's evaluation moves by about +-0.03. Controls (K = 1, oracle labels, 3 seeds): README,"
+  echo "== \"Does it evolve?\"."
 fi
 exit 0

@@ -69,6 +69,10 @@ class Args:
                                                "of a ~115-token prompt: a louder image signal)")
     score_bias: float = common.arg(0.0, help="content bias of the SCORE labels: 0 for smooth .. this for shapes "
                                                "(miscalibrated absolute scores; compare labels stay true)")
+    vision_pretrain_steps: int = common.arg(0, help="steps of vision-tower pre-training before the joint phase: a "
+                                                    "linear readout of every image token regresses the quality")
+    vision_aux_weight: float = common.arg(0.0, help="weight of that readout loss during the joint phase (score images)")
+    vision_batch: int = common.arg(64, help="images per vision pre-training step")
     # not part of the cache key: measurement and bookkeeping
     n_bench: int = common.arg(200, help="held-out benchmark images (bench seed range) for the measurement")
     bench_pairs: int = common.arg(200, help="held-out benchmark pairs (different quality) for compare accuracy")
@@ -80,7 +84,8 @@ class Args:
     tried_log: str = common.arg(str(CACHE / "tried.jsonl"), help="append settings + results here ('' to skip)")
 
 
-ADDED_LATER = {"world", "score_scale", "score_bias", "vision_scale"}
+ADDED_LATER = {"world", "score_scale", "score_bias", "vision_scale", "vision_pretrain_steps", "vision_aux_weight",
+               "vision_batch"}
 NOT_IN_KEY = {"out", "n_bench", "bench_pairs", "eval_samples", "eval_every", "log_every", "measure_only", "force",
               "tried_log"}
 
@@ -183,6 +188,20 @@ def per_example_loss(model, batch: dict) -> torch.Tensor:
     return (nll * answer).sum(1) / answer.sum(1)
 
 
+def readout_loss(model, head: torch.nn.Linear, processor, images: list[Image.Image], quality: np.ndarray
+                 ) -> torch.Tensor:
+    """Vision pre-training, as a real VLM's vision tower is pre-trained before it meets the language model: a linear
+    readout of EVERY image token (the merger's output, what the language model reads) regresses the image's quality
+    (MSE on (quality - 3) / 2). Without it the tiny language model learns the answer format and the label marginal in
+    ~60 steps and then ignores the image tokens (warmstart_tried.jsonl, diagnostic-compare-only-gap4)."""
+    vision = processor.image_processor(images=images, return_tensors="pt")
+    grid = vision["image_grid_thw"].to(model.device)
+    tokens = model.model.get_image_features(vision["pixel_values"].to(model.device), grid).pooler_output
+    per_image = torch.tensor([len(t) for t in tokens], device=model.device)
+    target = torch.tensor((quality - 3.0) / 2.0, dtype=torch.float32, device=model.device).repeat_interleave(per_image)
+    return torch.nn.functional.mse_loss(head(torch.cat(tokens).float()).squeeze(-1), target)
+
+
 def lr_factor(step: int, steps: int, warmup: int) -> float:
     if step < warmup:
         return (step + 1) / warmup
@@ -282,6 +301,11 @@ def train(args: Args, out: Path) -> dict:
     images, quality, contents = warmstart_set(args.n_images, args.image_size, args.world)
     print(f"[warmstart] {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters "
           f"({sum(p.numel() for p in vision) / 1e6:.2f} M vision), {len(images)} warm-start images, {device}")
+    with torch.random.fork_rng():  # the readout: discarded, never saved; its init leaves the torch RNG as it was
+        head = torch.nn.Linear(args.text_hidden, 1).to(device)
+    optimizer.add_param_group({"params": list(head.parameters()), "lr": args.vision_lr})
+    peak.append(args.vision_lr)
+    pretrain = pretrain_vision(model, head, processor, images, quality, rng, args)
 
     # TRY NOT TO MODIFY: the loop
     history, curve, running = [], [], []
@@ -301,6 +325,9 @@ def train(args: Args, out: Path) -> dict:
         losses = per_example_loss(model, batch)
         score_loss, compare_loss = losses[:args.score_batch].mean(), losses[args.score_batch:].mean()
         loss = score_loss + args.compare_weight * compare_loss
+        if args.vision_aux_weight:
+            loss = loss + args.vision_aux_weight * readout_loss(model, head, processor, [images[i] for i in picks],
+                                                                quality[picks])
         for group, lr in zip(optimizer.param_groups, peak):
             group["lr"] = lr * lr_factor(step, args.steps, args.warmup_steps)
         optimizer.zero_grad(set_to_none=True)
@@ -328,9 +355,30 @@ def train(args: Args, out: Path) -> dict:
     info = {"args": dataclasses.asdict(args), "hash": settings_hash(args), "recipe_version": RECIPE_VERSION,
             "steps": args.steps, "train_seconds": round(seconds, 1), "s_per_step": round(seconds / args.steps, 3),
             "device": str(device), "threads": torch.get_num_threads(), "history": history, "curve": curve,
+            "vision_pretrain": pretrain,
             "versions": common.package_versions()}
     common.write_json_atomic(out / "warmstart.json", info)
     return info
+
+
+def pretrain_vision(model, head: torch.nn.Linear, processor, images: list[Image.Image], quality: np.ndarray,
+                    rng: np.random.Generator, args: Args) -> list[dict]:
+    """The vision pre-training phase (readout_loss only, vision tower + readout, constant lr); its loss curve."""
+    optimizer = torch.optim.AdamW(list(model.model.visual.parameters()) + list(head.parameters()), lr=args.vision_lr,
+                                  weight_decay=0.0)
+    curve, running = [], []
+    for step in range(args.vision_pretrain_steps):
+        picks = rng.integers(len(images), size=args.vision_batch)
+        loss = readout_loss(model, head, processor, [images[i] for i in picks], quality[picks])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        running.append(loss.item())
+        if (step + 1) % args.log_every == 0 or step + 1 == args.vision_pretrain_steps:
+            curve.append({"step": step + 1, "readout_mse": round(float(np.mean(running)), 4)})
+            print(f"[warmstart] vision {json.dumps(curve[-1])}", flush=True)
+            running = []
+    return curve
 
 
 def measure_folder(folder: Path, args: Args) -> dict:
