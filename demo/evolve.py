@@ -61,6 +61,7 @@ class Args:
     pairs_per_step: int = common.arg(4, help="pseudo-labelled pairs per GRPO step")
     lr: float = common.arg(1e-4, help="GRPO learning rate (the paper's 3e-7 is for 7B parameters)")
     beta: float = common.arg(0.05, help="KL weight")
+    warmup_steps: int = common.arg(0, help="GRPO linear warm-up steps (the demo: 1)")
     epochs: int = common.arg(1, help="GRPO passes over the round's pseudo-labels")
     ref: str = common.arg("base", choices=["base", "round"], help="KL reference (REF of run_evolution.sh)")
     eval_samples: int = common.arg(8, help="sampled answers averaged per benchmark image")
@@ -73,6 +74,7 @@ class Args:
     work: str = common.arg(str(CACHE / "evo"), help="folder for the data and the runs (reused: finished stages skip)")
     results: str = common.arg(str(ROOT / "demo" / "evolve_results.json"), help="results JSON (a list; appended)")
     note: str = common.arg("", help="free text stored with the record (why this setting was tried)")
+    oracle: bool = common.arg(True, help="also run the oracle arm: the main run's pairs, p* from the TRUE order")
     report_only: bool = common.arg(False, help="do not run anything: measure and print the existing runs")
     summarize: bool = common.arg(False, help="only print mean +- std over seeds of every setting in --results")
 
@@ -124,6 +126,23 @@ def pseudolabel_accuracy(votes_path: Path, quality: dict[str, float], ks: list[i
         acc, ties = majority_accuracy([vote_fn(p, k) for p in pairs], truth)
         out[f"K{k}"] = {"accuracy": acc, "tie_rate": ties}
     return out
+
+
+def own_score_accuracy(predictions: Path, votes_path: Path, quality: dict[str, float]) -> dict:
+    """The premise's other side: how often the BASE's own scores rank a pair right, on the same pairs as
+    pseudolabel_accuracy (unequal true quality; equal scores count half), by the mean of its sampled scores and by
+    one sampled score (the first valid one; the score-mode counterpart of K = 1). `predictions`: evaluate.py --images."""
+    scores = {Path(r["image"]).name: r for r in common.read_jsonl(predictions)}
+    pairs = [(r["a"], r["b"]) for r in common.read_jsonl(votes_path) if quality[r["a"]] != quality[r["b"]]]
+    first = lambda r: next((x for x in r.get("scores", []) if x is not None), None)  # noqa: E731
+
+    def accuracy(value) -> float:
+        right = []
+        for a, b in pairs:
+            x, y = value(scores[a]), value(scores[b])
+            right.append(0.5 if x is None or y is None or x == y else float((x > y) == (quality[a] > quality[b])))
+        return float(np.mean(right))
+    return {"pairs": len(pairs), "mean_of_samples": accuracy(lambda r: r.get("score")), "single_sample": accuracy(first)}
 
 
 def bench_correlations(eval_dir: Path, mos: dict[str, float]) -> dict:
@@ -214,7 +233,7 @@ def make_data(work: Path, which: str, n: int, keep_labels: bool, world: str = "m
 
 
 def settings_key(args: Args) -> dict:
-    skip = {"jobs", "work", "results", "note", "report_only", "summarize", "ks", "greedy", "acc_ks"}
+    skip = {"jobs", "work", "results", "note", "report_only", "summarize", "ks", "greedy", "acc_ks", "oracle"}
     return {k: v for k, v in asdict(args).items() if k not in skip}
 
 
@@ -228,7 +247,8 @@ def run_one(args: Args, run: Path, k: int, base: str, pool: Path, bench_labels: 
            "VOTES_ARGS": f"{common_flags} --mode {args.mode} --batch-size 64 --no-text",
            "LABEL_ARGS": args.label_args,
            "TRAIN_ARGS": f"{common_flags} --lr {args.lr} --beta {args.beta} --pairs-per-step {args.pairs_per_step} "
-                         f"--epochs {args.epochs} --micro-batch-size 64 --save-every 1000",
+                         f"--epochs {args.epochs} --warmup-steps {args.warmup_steps} --micro-batch-size 64 "
+                         "--save-every 1000",
            "EVAL_ARGS": f"{common_flags} --samples {args.eval_samples} --batch-size 32 --seed {args.seed}"}
     run.mkdir(parents=True, exist_ok=True)
     print(f"K={k}: bash run_evolution.sh -> {run} (log: {run / 'evolution.log'})", flush=True)
@@ -259,6 +279,61 @@ def greedy_evals(args: Args, run: Path, base: str, bench_labels: Path) -> None:
             log.write(f"round {t}: greedy evaluation\n  [done] evaluate_greedy  {round(time.time() - start)} s\n")
 
 
+def run_logged(cmd: list[str], run: Path, label: str) -> None:
+    """A stage command with the log lines run_evolution.sh writes ("round t:", "[done] NAME N s"), one thread."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    with open(run / "evolution.log", "a") as log:
+        start = time.time()
+        subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, check=True)
+        log.write(f"{label}\n  [done] {Path(cmd[1]).stem}  {round(time.time() - start)} s\n")
+
+
+def run_oracle(args: Args, run: Path, main_run: Path, base: str, pool: Path, quality: dict[str, float],
+               bench_labels: Path) -> None:
+    """The oracle arm: round t trains on the main run's round-t pairs with p* from the TRUE order (1, 0 or .5), with
+    the same grpo_train.py / evaluate.py flags as the loop; only the votes are replaced by the truth. A positive
+    control: the ceiling of what perfect voting could teach at this budget."""
+    common_flags = ["--no-reasoning", "--max-pixels", str(args.max_pixels), "--max-new-tokens", str(args.max_new_tokens)]
+    for name in ("eval", "eval_greedy"):  # round 0 is the base: the main run measured it
+        if (main_run / "round_0" / name).exists() and not (run / "round_0" / name).exists():
+            shutil.copytree(main_run / "round_0" / name, run / "round_0" / name)
+    current = base
+    for t in range(1, args.rounds + 1):
+        R = run / f"round_{t}"
+        R.mkdir(parents=True, exist_ok=True)
+        if not (R / "model" / "config.json").exists():
+            pairs = common.read_jsonl(main_run / f"round_{t}" / "pseudolabels.jsonl")
+            (R / "pseudolabels.jsonl").write_text("".join(json.dumps({"a": r["a"], "b": r["b"], "p_star": float(
+                (quality[r["a"]] > quality[r["b"]]) + 0.5 * (quality[r["a"]] == quality[r["b"]]))}) + "\n"
+                for r in pairs))
+            run_logged([sys.executable, "grpo_train.py", "--model", current, "--ref-model", base, "--pseudolabels",
+                        str(R / "pseudolabels.jsonl"), "--images-root", str(pool), "--out", str(R / "model"),
+                        "--group-size", str(args.group_size), "--seed", str(args.seed + t), "--resume", *common_flags,
+                        "--lr", str(args.lr), "--beta", str(args.beta), "--pairs-per-step", str(args.pairs_per_step),
+                        "--epochs", str(args.epochs), "--warmup-steps", str(args.warmup_steps),
+                        "--micro-batch-size", "64", "--save-every", "1000"],
+                       run, f"round {t}: oracle labels")
+        if not (R / "eval" / "summary.json").exists():
+            run_logged([sys.executable, "evaluate.py", "--model", str(R / "model"), "--bench",
+                        f"synthetic={bench_labels}", "--out", str(R / "eval"), *common_flags, "--samples",
+                        str(args.eval_samples), "--batch-size", "32", "--seed", str(args.seed), "--no-text"],
+                       run, f"round {t}: evaluation")
+        current = str(R / "model")
+    if args.greedy:
+        greedy_evals(args, run, base, bench_labels)
+
+
+def base_pool_scores(args: Args, base: str, pool: Path, out: Path) -> Path:
+    """The base's own sampled scores of every pool image (evaluate.py --images, no labels): the premise's baseline."""
+    if not (out / "predictions.jsonl").exists():
+        out.mkdir(parents=True, exist_ok=True)
+        run_logged([sys.executable, "evaluate.py", "--model", base, "--images", str(pool), "--out", str(out),
+                    "--no-reasoning", "--max-pixels", str(args.max_pixels), "--max-new-tokens",
+                    str(args.max_new_tokens), "--samples", str(args.eval_samples), "--batch-size", "32", "--seed",
+                    str(args.seed), "--no-text"], out, "base scores of the pool")
+    return out / "predictions.jsonl"
+
+
 def print_table(record: dict) -> None:
     fmt = lambda v: "   -  " if v is None else f"{v:6.3f}"  # noqa: E731
     print(f"\n{record['settings']['mode']} mode, lr {record['settings']['lr']}, pairs {record['settings']['pairs']}, "
@@ -276,6 +351,10 @@ def print_table(record: dict) -> None:
     acc = record.get("pseudolabel_accuracy_round1") or {}
     print("pseudo-label accuracy on the same round-1 pairs (" + str(acc.get("pairs")) + " pairs of unequal quality): "
           + ", ".join(f"{k} {v['accuracy']:.3f} (ties {v['tie_rate']:.2f})" for k, v in acc.items() if k != "pairs"))
+    own = record.get("own_score_accuracy_round1")
+    if own:
+        print(f"the base's own score ranking on the same pairs: mean of {record['settings']['eval_samples']} samples "
+              f"{own['mean_of_samples']:.3f}, one sample {own['single_sample']:.3f} (the premise: majority votes > this)")
 
 
 def summarize(history: list[dict]) -> None:
@@ -310,6 +389,11 @@ def summarize(history: list[dict]) -> None:
             print("pseudo-label accuracy, round-1 pairs: " + ", ".join(
                 f"{k} {np.mean([a[k]['accuracy'] for a in accs]):.3f} +- {np.std([a[k]['accuracy'] for a in accs]):.3f}"
                 for k in accs[0] if k != "pairs"))
+        owns = [r["own_score_accuracy_round1"] for r in records if r.get("own_score_accuracy_round1")]
+        if owns:
+            print("base's own score ranking, same pairs: " + ", ".join(
+                f"{k} {np.mean([o[k] for o in owns]):.3f} +- {np.std([o[k] for o in owns]):.3f}"
+                for k in ("mean_of_samples", "single_sample")))
         print("wall seconds per run: " + ", ".join(
             f"{n} {np.mean([r['runs'][n]['wall_seconds'] for r in records]):.0f}" for n in records[0]["runs"]))
 
@@ -327,7 +411,9 @@ def main() -> None:
     settings = {**settings_key(args), "base": base}
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
     runs = {k: work / f"{args.mode}-{digest}" / f"K{k}" for k in args.ks}
+    oracle_run = work / f"{args.mode}-{digest}" / "oracle"
 
+    quality = {r["image"]: r["mos"] for r in common.read_jsonl(pool_labels)}
     start = time.time()
     if not args.report_only:
         with ThreadPoolExecutor(max(1, args.jobs)) as pool_of_runs:  # threads only wait on the subprocesses
@@ -335,9 +421,11 @@ def main() -> None:
                                            runs.items()))
         if any(errors):
             common.die("; ".join(e for e in errors if e))
+        if args.oracle:
+            oracle_run.mkdir(parents=True, exist_ok=True)
+            run_oracle(args, oracle_run, runs[args.ks[0]], base, pool, quality, bench_labels)
 
     mos = {r["image"]: r["mos"] for r in common.read_jsonl(bench_labels)}
-    quality = {r["image"]: r["mos"] for r in common.read_jsonl(pool_labels)}
     main_votes = runs[args.ks[0]] / "round_1" / "votes.jsonl"
     record = {
         "time": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
@@ -346,9 +434,13 @@ def main() -> None:
         "base_heldout": json.loads((Path(base) / "heldout.json").read_text()) if (Path(base) / "heldout.json").exists()
         else None,
         "invocation_seconds": round(time.time() - start, 1),
-        "runs": {f"K{k}": measure_run(run, args, mos, quality) for k, run in runs.items()},
+        "runs": {**{f"K{k}": measure_run(run, args, mos, quality) for k, run in runs.items()},
+                 **({"oracle": measure_run(oracle_run, args, mos, quality)} if oracle_run.exists() else {})},
         "pseudolabel_accuracy_round1": pseudolabel_accuracy(main_votes, quality, args.acc_ks, args.mode)
         if main_votes.exists() else None,
+        "own_score_accuracy_round1": own_score_accuracy(
+            base_pool_scores(args, base, pool, work / f"{args.mode}-{digest}" / "base_pool_scores"), main_votes,
+            quality) if main_votes.exists() and not args.report_only else None,
         "versions": common.package_versions(),
     }
     print_table(record)

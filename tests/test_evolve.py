@@ -58,6 +58,21 @@ def test_pseudolabel_accuracy_score_mode_hand_computed(tmp_path):
     assert acc["K4"] == pytest.approx({"accuracy": 0.0, "tie_rate": 0.0})
 
 
+def test_own_score_accuracy_hand_computed(tmp_path):
+    quality = {"x": 5.0, "y": 3.0, "z": 3.0, "w": 1.0}
+    predictions = tmp_path / "predictions.jsonl"
+    predictions.write_text("".join(json.dumps(r) + "\n" for r in [  # evaluate.py --images rows (paths as written)
+        {"image": "/pool/x", "score": 2.0, "scores": [None, 4.0]}, {"image": "/pool/y", "score": 3.0, "scores": [3.0]},
+        {"image": "/pool/z", "score": 1.0, "scores": [1.0]}, {"image": "/pool/w", "score": None, "scores": [None]}]))
+    votes = tmp_path / "votes.jsonl"
+    votes.write_text("".join(json.dumps({"a": a, "b": b, "answers": []}) + "\n"
+                             for a, b in [("x", "y"), ("y", "z"), ("z", "x"), ("w", "y")]))
+    own = E.own_score_accuracy(predictions, votes, quality)
+    # (y, z) equal quality: left out. Mean: x<y wrong, z<x right, w unscored -> half. First valid sample: x 4 > y 3
+    # right, z 1 < x 4 right, w none -> half.
+    assert own == {"pairs": 3, "mean_of_samples": pytest.approx(1.5 / 3), "single_sample": pytest.approx(2.5 / 3)}
+
+
 def test_stage_seconds_reads_every_invocation(tmp_path):
     log = tmp_path / "evolution.log"
     log.write_text("round 0: evaluate the base model\n  [done] evaluate  7 s\nround 1: voter and policy = m\n"
@@ -83,7 +98,7 @@ def test_smoke_one_round_appends_a_complete_record(tiny_base, tmp_path):
     results = tmp_path / "results.json"
     results.write_text(json.dumps([{"earlier": "record"}]))  # append-only: an earlier record must survive
     cmd = [sys.executable, "demo/evolve.py", "--base", str(tiny_base), "--work", str(tmp_path / "work"),
-           "--results", str(results), "--ks", "2", "1", "--acc-ks", "1", "2", "--rounds", "1", "--pool", "6",
+           "--results", str(results), "--ks", "2", "--acc-ks", "1", "2", "--rounds", "1", "--pool", "6",
            "--bench", "6", "--pairs", "4", "--group-size", "2", "--pairs-per-step", "2", "--eval-samples", "2",
            "--max-pixels", "3136", "--note", "smoke"]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -91,8 +106,21 @@ def test_smoke_one_round_appends_a_complete_record(tiny_base, tmp_path):
     history = json.loads(results.read_text())
     assert len(history) == 2 and history[0] == {"earlier": "record"}
     record = history[1]
-    assert record["note"] == "smoke" and record["settings"]["pairs"] == 4 and record["ks"] == [2, 1]
-    assert set(record["runs"]) == {"K2", "K1"}
+    assert record["note"] == "smoke" and record["settings"]["pairs"] == 4 and record["ks"] == [2]
+    assert set(record["runs"]) == {"K2", "oracle"}
+    oracle = record["runs"].pop("oracle")  # the positive control: same pairs as K2, p* from the true order
+    assert {"sampled", "greedy"} <= set(oracle["rounds"]["round_1"]) and "grpo" in oracle["rounds"]["round_1"]
+    assert oracle["rounds"]["round_0"]["sampled"] == record["runs"]["K2"]["rounds"]["round_0"]["sampled"]
+    work = next((tmp_path / "work").glob("compare-*"))
+    quality = {r["image"]: r["mos"] for r in map(json.loads, (tmp_path / "work" / "noise56_pool_6.labels.jsonl")
+                                                 .read_text().splitlines())}
+    voted = [json.loads(x) for x in (work / "K2" / "round_1" / "pseudolabels.jsonl").read_text().splitlines()]
+    truth = [json.loads(x) for x in (work / "oracle" / "round_1" / "pseudolabels.jsonl").read_text().splitlines()]
+    assert [(r["a"], r["b"]) for r in truth] == [(r["a"], r["b"]) for r in voted]
+    assert all(r["p_star"] == (1.0 if quality[r["a"]] > quality[r["b"]] else 0.0 if quality[r["a"]] < quality[r["b"]]
+                               else 0.5) for r in truth)
+    own = record["own_score_accuracy_round1"]
+    assert set(own) == {"pairs", "mean_of_samples", "single_sample"} and 0 <= own["mean_of_samples"] <= 1
     for run in record["runs"].values():
         assert set(run["rounds"]) == {"round_0", "round_1"}
         assert {"sampled", "greedy"} <= set(run["rounds"]["round_0"])
