@@ -362,13 +362,14 @@ def summarize(history: list[dict]) -> None:
     groups: dict[str, dict[int, dict]] = {}
     for record in history:
         if "settings" in record:
-            key = json.dumps({k: v for k, v in record["settings"].items() if k not in ("seed", "base", "summarize")}, sort_keys=True)
+            key = json.dumps({**{k: v for k, v in record["settings"].items() if k not in ("seed", "base", "summarize")},
+                              "base_sha256": record.get("base_sha256")}, sort_keys=True)  # one base, one group
             groups.setdefault(key, {})[record["settings"]["seed"]] = record
     for key, by_seed in groups.items():
         records = list(by_seed.values())
         st = json.loads(key)
         print(f"\n{st['mode']} mode, lr {st['lr']}, beta {st['beta']}, G {st['group_size']}, pairs {st['pairs']}, "
-              f"pool {st['pool']}, bench {st['bench']}: seeds {sorted(by_seed)}")
+              f"pool {st['pool']}, bench {st['bench']}, base sha256 {str(st['base_sha256'])[:12]}: seeds {sorted(by_seed)}")
         print("run  round  SRCC(mean of 8)   PLCC(mean of 8)   SRCC(1 sample)    SRCC(greedy)      vote acc")
         for name in records[0]["runs"]:
             for rnd in records[0]["runs"][name]["rounds"]:
@@ -431,6 +432,8 @@ def main() -> None:
         "time": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
         "command": " ".join(["python", "demo/evolve.py", *sys.argv[1:]]),
         "note": args.note, "settings_hash": digest, "settings": settings, "ks": args.ks,
+        "base_sha256": common.file_sha256(Path(base) / "model.safetensors")
+        if (Path(base) / "model.safetensors").exists() else None,
         "base_heldout": json.loads((Path(base) / "heldout.json").read_text()) if (Path(base) / "heldout.json").exists()
         else None,
         "invocation_seconds": round(time.time() - start, 1),

@@ -1,6 +1,6 @@
 """Assets of the CPU demo that `bash run_evolution.sh` runs with no settings.
 
-The base is the test bed's SHIPPED base, demo/base/ (a 0.24 M-parameter Qwen2.5-VL of the real architecture,
+The base is the test bed's SHIPPED base, demo/base/ (a 0.71 M-parameter Qwen2.5-VL of the real architecture,
 warm-started on the synthetic "noise" world by demo/warmstart.py; demo/base/REPRODUCE.md holds the command, settings
 and sha256), copied to OUT/base. Plus a pool of unlabeled synthetic images (their true quality goes to
 OUT/pool.labels.jsonl, OUTSIDE the pool folder: no stage reads it) and a held-out synthetic benchmark with a known

@@ -1,11 +1,13 @@
 """The CPU test bed's "base model": a tiny Qwen2.5-VL of the real architecture, given WEAK image-quality perception
 by a supervised warm-start (issue 8). It plays the role the pre-trained VLM plays in the paper.
 
-It trains on the warm-start content set of demo/synthetic.py only (never the pool or benchmark seeds), on both tasks,
-in the no-reasoning answer format of the `evoquality` preset (`\\boxed{0|1}`, `\\boxed{x.xx}`), with the prompts built
-by `common.encode_batch` exactly as the stages build them. It is kept weak by its STEP budget, not by label noise.
-The compare task gets its own curriculum: more compare examples per batch, easy same-content pairs with large
-quality gaps first, and a higher learning rate for the vision tower and merger.
+It trains on the warm-start content set of demo/synthetic.py only (never the pool or benchmark seeds), in two phases:
+an optional vision pre-training (`--vision-pretrain-steps`: a discarded linear readout of every image token regresses
+the quality, as a real VLM's vision tower is pre-trained before it meets the language model), then both tasks in the
+no-reasoning answer format of the `evoquality` preset (`\\boxed{0|1}`, `\\boxed{x.xx}`), with the prompts built by
+`common.encode_batch` exactly as the stages build them. The compare task gets its own curriculum: easy same-content
+pairs with large quality gaps first. With `--score-bias` the absolute score labels are miscalibrated by content while
+the compare labels stay true (the premise of the paper). The shipped base's command: demo/base/REPRODUCE.md.
 
 The folder (model, processor, generation config, warmstart.json, heldout.json) is built once, under
 demo/cache/base-<hash of the training settings>/ unless --out says otherwise, and reused when present.
@@ -69,6 +71,9 @@ class Args:
                                                "of a ~115-token prompt: a louder image signal)")
     score_bias: float = common.arg(0.0, help="content bias of the SCORE labels: 0 for smooth .. this for shapes "
                                                "(miscalibrated absolute scores; compare labels stay true)")
+    compare_label_noise: float = common.arg(0.0, help="flip each compare label with this probability: single sampled "
+                                                      "votes then err that often, as a VLM's do, while their majority "
+                                                      "stays right")
     vision_pretrain_steps: int = common.arg(0, help="steps of vision-tower pre-training before the joint phase: a "
                                                     "linear readout of every image token regresses the quality")
     vision_aux_weight: float = common.arg(0.0, help="weight of that readout loss during the joint phase (score images)")
@@ -85,7 +90,7 @@ class Args:
 
 
 ADDED_LATER = {"world", "score_scale", "score_bias", "vision_scale", "vision_pretrain_steps", "vision_aux_weight",
-               "vision_batch"}
+               "vision_batch", "compare_label_noise"}
 NOT_IN_KEY = {"out", "n_bench", "bench_pairs", "eval_samples", "eval_every", "log_every", "measure_only", "force",
               "tried_log"}
 
@@ -151,6 +156,12 @@ def compare_example(rng: np.random.Generator, images: list[Image.Image], quality
                 break
         better, worse = (images[i], images[j]) if quality[i] > quality[j] else (images[j], images[i])
     return ([better, worse], 0) if rng.random() < 0.5 else ([worse, better], 1)
+
+
+def noisy_label(target: int, rng: np.random.Generator, noise: float) -> int:
+    """The compare label, flipped with probability `noise` (no draw at all when noise is 0: older bases keep their
+    batches)."""
+    return 1 - target if noise and rng.random() < noise else target
 
 
 def training_batch(processor, preset: common.Preset, images: list[list[Image.Image]], tasks: list[str],
@@ -320,7 +331,7 @@ def train(args: Args, out: Path) -> dict:
             [[images[i]] for i in picks] + [shown for shown, _ in pairs],
             ["score"] * args.score_batch + ["compare"] * args.compare_batch,
             [f"\\boxed{{{score_label(quality[i], contents[i], args):.2f}}}" for i in picks]
-            + [f"\\boxed{{{target}}}" for _, target in pairs],
+            + [f"\\boxed{{{noisy_label(target, rng, args.compare_label_noise)}}}" for _, target in pairs],
         ).to(device)
         losses = per_example_loss(model, batch)
         score_loss, compare_loss = losses[:args.score_batch].mean(), losses[args.score_batch:].mean()
