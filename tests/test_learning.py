@@ -1,12 +1,14 @@
 """Does grpo_train.py LEARN? A few GRPO steps of the real stage (a subprocess: its real code path) on the shipped base
-of the CPU test bed (demo/base), with oracle pseudo-labels (p* from the true quality), must raise the SRCC of the
-pool's scores (or at least not lower it) and the same steps with REVERSED labels must lower it, by a clear margin
-between the two arms. Unit tests cannot see a reward
-aligned with the wrong rows, an advantage with the wrong sign or a log-prob of the wrong token; this test does.
+of the CPU test bed (demo/base), with oracle pseudo-labels (p* from the true quality of the pool images), must raise
+the SRCC of the model's scores on a HELD-OUT benchmark by a clear margin, and the same steps with REVERSED labels
+(p* -> 1 - p*) must lower it. Unit tests cannot see a reward aligned with the wrong rows, an advantage with the wrong
+sign or a log-prob of the wrong token; this test does: each of them erases the gap between the two arms.
 
-The pool is one the base can tell apart: the shipped base's scores follow image CONTENT (smooth field, stripes,
-texture, shapes) and not the noise level (see README "Does it evolve?"), so here the true quality is set by content
-(noise level 0, 1, 3, 4 by content kind). Oracle labels must then reorder the content kinds' scores."""
+The shipped base perceives the noise world (held-out compare accuracy .97) but its absolute scores were warm-started
+with content-biased labels (demo/warmstart.py score_label), so the SRCC of its scores is only ~.66 here: there is
+room both ways, and the fidelity reward on pairs must move the absolute scores of images it never trained on.
+Images: the noise world at 56 px (4 image tokens); the pool's true quality stays outside the pool folder, which is
+all grpo_train.py sees. Evaluation: SRCC of the mean of 8 sampled scores per bench image, mean of 2 sampling seeds."""
 
 import os
 import subprocess
@@ -15,63 +17,66 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import common  # noqa: E402
 from demo import oracle as O  # noqa: E402
-from demo.synthetic import SEED_BASE, make_image  # noqa: E402
-from demo.warmstart import same_content_variant  # noqa: E402
+from demo.synthetic import write_set  # noqa: E402
 
 BASE = ROOT / "demo" / "base"
-LEVEL = {"texture": 0, "smooth": 1, "stripes": 3, "shapes": 4}  # the base scores shapes > texture > smooth > stripes
-PER_CONTENT, PER_STEP, STEPS, G, LR, BETA = 2, 14, 8, 8, 5e-4, 0.02
-# Measured on this machine (pool SRCC, mean of 8 samples, mean of 2 seeds): base -.22, oracle .00, reversed -.61.
-# Eight steps move the base's own bias (reversed) much faster than they undo it (oracle): the gap between the arms is
-# what a wrong sign or a misaligned reward would erase, so it carries the main margin; oracle must not fall.
-GAP, DROP = 0.35, 0.2
+POOL, BENCH, PER_STEP, STEPS, G, LR, BETA, SEED = 64, 128, 8, 12, 8, 2e-4, 0.02, 0
+# Measured on this machine (held-out bench SRCC, base .660; GRPO seed = pair-draw seed 0..4):
+#   oracle    .822 .800 .735 .806 .747   (gain over base: worst +.075)
+#   reversed  .038 .288 .433 .484 .192   (drop below base: worst .176)
+#   gap       .784 .512 .302 .322 .555   (worst .302)
+# Other budgets tried (seeds 0-2 or 0-4): lr 1e-4 x 8 steps raised it by only .013; lr 3e-4 was unstable (an oracle
+# arm at .23 with 8 pairs/step, one at .63 < base with 12); lr 1e-4 x 16 steps and 16 pairs/step x 8 steps at 1.5e-4
+# were weaker in the worst seed (gain +.047 / +.055). The thresholds below are about half the worst seed's margins,
+# well above the evaluation noise (2 sampling seeds differ by <= .07 on a trained arm, .004 on the base).
+GAIN, DROP, GAP = 0.04, 0.1, 0.2
 
 
-def content_coded_pool(folder: Path) -> dict[str, float]:
-    """PER_CONTENT pool-seed images of each content kind, noise level set by the kind; {name: true quality}."""
-    folder.mkdir()
-    quality, counts, seed = {}, dict.fromkeys(LEVEL, 0), SEED_BASE["pool"]
-    while min(counts.values()) < PER_CONTENT:
-        content = make_image(seed, 56, "noise")[1]["content"]
-        if counts[content] < PER_CONTENT:
-            counts[content] += 1
-            name = f"{content}_{counts[content]}.png"
-            same_content_variant(seed, "noise", LEVEL[content], 56, "noise").save(folder / name)
-            quality[name] = 5.0 - LEVEL[content]
-        seed += 1
-    return quality
+@pytest.fixture
+def one_thread():
+    """Evaluate in one torch thread like grpo_train.py runs (OMP_NUM_THREADS=1): on 2 cores shared with other work,
+    2 threads made the evaluations 3x slower here (113 s vs 61 s for the whole test); the scores are the same."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def grpo(out: Path, labels: Path, pool: Path) -> None:
     cmd = [sys.executable, "grpo_train.py", "--model", str(BASE), "--pseudolabels", str(labels), "--images-root",
            str(pool), "--out", str(out), "--group-size", str(G), "--pairs-per-step", str(PER_STEP), "--lr", str(LR),
-           "--beta", str(BETA), "--max-steps", str(STEPS), "--epochs", "20", "--warmup-steps", "1",
+           "--beta", str(BETA), "--max-steps", str(STEPS), "--epochs", "1", "--warmup-steps", "1",
            "--no-reasoning", "--max-new-tokens", "10", "--max-pixels", "3136", "--micro-batch-size", "256",
-           "--save-every", "1000", "--seed", "0"]
+           "--save-every", "1000", "--seed", str(SEED)]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
 
 
-def test_oracle_labels_raise_pool_srcc_and_reversed_labels_lower_it(tmp_path):
+def test_oracle_labels_raise_heldout_srcc_and_reversed_labels_lower_it(tmp_path, one_thread):
     assert (BASE / "model.safetensors").exists(), "the shipped base demo/base is missing"
-    pool = tmp_path / "pool"
-    quality = content_coded_pool(pool)
-    names = sorted(quality)
-    pairs = O.oracle_pairs(quality, 10_000, seed=0)  # every pair
+    pool, bench = tmp_path / "pool", tmp_path / "bench"
+    write_set(pool, "pool", POOL, 56, "noise")
+    os.replace(pool / "labels.jsonl", tmp_path / "pool_labels.jsonl")  # grpo_train.py sees the images only
+    write_set(bench, "bench", BENCH, 56, "noise")
+    quality = {r["image"]: r["mos"] for r in common.read_jsonl(tmp_path / "pool_labels.jsonl")}
+    pairs = O.oracle_pairs(quality, PER_STEP * STEPS, seed=SEED)  # one epoch of exactly STEPS steps
     assert sum(p != 0.5 for _, _, p in pairs) >= 0.7 * len(pairs)
-    sets = {"pool": O.load_set(pool, [{"image": n, "mos": quality[n]} for n in names])}
-    srcc = {"base": O.srcc_table(str(BASE), sets, 8, 2, 3136, 10)["pool"]["srcc"]}
+    sets = {"bench": O.load_set(bench, common.read_jsonl(bench / "labels.jsonl"))}
+    srcc = {"base": O.srcc_table(str(BASE), sets, 8, 2, 3136, 10)["bench"]["srcc"]}
     for arm in ("oracle", "reversed"):
         O.write_pseudolabels(tmp_path / f"{arm}.jsonl", pairs, reverse=arm == "reversed")
         grpo(tmp_path / arm, tmp_path / f"{arm}.jsonl", pool)
-        srcc[arm] = O.srcc_table(str(tmp_path / arm), sets, 8, 2, 3136, 10)["pool"]["srcc"]
+        assert len(common.read_jsonl(tmp_path / arm / "train_log.jsonl")) == STEPS
+        srcc[arm] = O.srcc_table(str(tmp_path / arm), sets, 8, 2, 3136, 10)["bench"]["srcc"]
     print(srcc)
     assert np.isfinite(list(srcc.values())).all()
-    assert srcc["oracle"] > srcc["reversed"] + GAP, srcc
+    assert srcc["oracle"] > srcc["base"] + GAIN, srcc
     assert srcc["reversed"] < srcc["base"] - DROP, srcc
-    assert srcc["oracle"] >= srcc["base"], srcc
+    assert srcc["oracle"] > srcc["reversed"] + GAP, srcc
