@@ -1,6 +1,7 @@
-"""Does it evolve? The CPU test bed of issue 8: the REAL loop (run_evolution.sh: sample_votes -> build_pseudolabels ->
-grpo_train -> evaluate, `--no-reasoning`) on the cached warm-start base (demo/warmstart.py), for K = 32 and for the
-K = 1 control (same seed, same pool, same pairs), then a report that uses ground truth only AFTER the fact.
+"""Does it evolve? The CPU test bed (issues 8, 15): the REAL loop (run_evolution.sh: sample_votes -> build_pseudolabels
+-> grpo_train -> evaluate, `--no-reasoning`) on the shipped base (demo/base), for K = 32 and for the K = 1 control
+(same seed, same pool, same pairs), then the ORACLE arm (the K = 32 run's pairs of each round, p* from the true order,
+the same grpo_train.py / evaluate.py flags), then a report that uses ground truth only AFTER the fact.
 
 The evolution never sees a label: the pool is written by demo.synthetic.write_set and its labels.jsonl is moved out
 of the pool folder (to <pool>.labels.jsonl) before any stage runs. Only the held-out benchmark carries labels, and
@@ -10,10 +11,11 @@ Reported per run (K) and round: benchmark SRCC/PLCC of the mean of --eval-sample
 eval/summary.json), of one sampled score (the first valid one) and of the greedy answer (eval_greedy/); vote
 statistics (abstention, first-slot win rate, ties); the accuracy of the round's votes against the true order; GRPO
 statistics from train_log.jsonl (reward mean/std, zero_std_fraction, within-group score std, kl); stage wall times.
-Plus pseudo-label accuracy vs K (1, 4, 8, 32) on the SAME round-1 pairs, subsampled from the largest-K votes file.
+Plus pseudo-label accuracy vs K (1, 4, 8, 32) on the SAME round-1 pairs, subsampled from the largest-K votes file,
+beside the premise's other side: how often the base's OWN scores rank those pairs right (evaluate.py --images).
 Every invocation appends one record (all settings + results) to --results: every tried setting stays on record.
 
-    python demo/evolve.py                                       # K=32 vs K=1, compare mode, 2 rounds (~9 min, 2 cores)
+    python demo/evolve.py --seed 0                              # K=32, K=1, oracle, 2 rounds (~6 min, 2 cores)
     python demo/evolve.py --mode score --seed 1                 # votes from sampled scores instead
     python demo/evolve.py --summarize                           # mean +- std over seeds of every recorded setting
     python demo/evolve.py --report-only                         # re-measure finished runs, append nothing new
@@ -56,12 +58,12 @@ class Args:
     rounds: int = common.arg(2, help="evolution rounds")
     pool: int = common.arg(300, help="unlabeled pool images (demo.synthetic 'pool' seeds)")
     bench: int = common.arg(200, help="held-out benchmark images (demo.synthetic 'bench' seeds)")
-    pairs: int = common.arg(300, help="pairs drawn per round")
+    pairs: int = common.arg(128, help="pairs drawn per round")
     group_size: int = common.arg(8, help="G: GRPO rollouts per image")
-    pairs_per_step: int = common.arg(4, help="pseudo-labelled pairs per GRPO step")
+    pairs_per_step: int = common.arg(8, help="pseudo-labelled pairs per GRPO step")
     lr: float = common.arg(1e-4, help="GRPO learning rate (the paper's 3e-7 is for 7B parameters)")
-    beta: float = common.arg(0.05, help="KL weight")
-    warmup_steps: int = common.arg(0, help="GRPO linear warm-up steps (the demo: 1)")
+    beta: float = common.arg(0.02, help="KL weight")
+    warmup_steps: int = common.arg(1, help="GRPO linear warm-up steps")
     epochs: int = common.arg(1, help="GRPO passes over the round's pseudo-labels")
     ref: str = common.arg("base", choices=["base", "round"], help="KL reference (REF of run_evolution.sh)")
     eval_samples: int = common.arg(8, help="sampled answers averaged per benchmark image")
@@ -293,7 +295,8 @@ def run_oracle(args: Args, run: Path, main_run: Path, base: str, pool: Path, qua
     """The oracle arm: round t trains on the main run's round-t pairs with p* from the TRUE order (1, 0 or .5), with
     the same grpo_train.py / evaluate.py flags as the loop; only the votes are replaced by the truth. A positive
     control: the ceiling of what perfect voting could teach at this budget."""
-    common_flags = ["--no-reasoning", "--max-pixels", str(args.max_pixels), "--max-new-tokens", str(args.max_new_tokens)]
+    common_flags = ["--no-reasoning", "--max-pixels", str(args.max_pixels),
+                    "--max-new-tokens", str(args.max_new_tokens)]
     for name in ("eval", "eval_greedy"):  # round 0 is the base: the main run measured it
         if (main_run / "round_0" / name).exists() and not (run / "round_0" / name).exists():
             shutil.copytree(main_run / "round_0" / name, run / "round_0" / name)
@@ -369,7 +372,8 @@ def summarize(history: list[dict]) -> None:
         records = list(by_seed.values())
         st = json.loads(key)
         print(f"\n{st['mode']} mode, lr {st['lr']}, beta {st['beta']}, G {st['group_size']}, pairs {st['pairs']}, "
-              f"pool {st['pool']}, bench {st['bench']}, base sha256 {str(st['base_sha256'])[:12]}: seeds {sorted(by_seed)}")
+              f"pool {st['pool']}, bench {st['bench']}, base sha256 {str(st['base_sha256'])[:12]}: "
+              f"seeds {sorted(by_seed)}")
         print("run  round  SRCC(mean of 8)   PLCC(mean of 8)   SRCC(1 sample)    SRCC(greedy)      vote acc")
         for name in records[0]["runs"]:
             for rnd in records[0]["runs"][name]["rounds"]:

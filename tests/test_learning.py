@@ -4,9 +4,9 @@ the SRCC of the model's scores on a HELD-OUT benchmark by a clear margin, and th
 (p* -> 1 - p*) must lower it. Unit tests cannot see a reward aligned with the wrong rows, an advantage with the wrong
 sign or a log-prob of the wrong token; this test does: each of them erases the gap between the two arms.
 
-The shipped base perceives the noise world (held-out compare accuracy .97) but its absolute scores were warm-started
-with content-biased labels (demo/warmstart.py score_label), so the SRCC of its scores is only ~.66 here: there is
-room both ways, and the fidelity reward on pairs must move the absolute scores of images it never trained on.
+The shipped base perceives the noise world (held-out compare accuracy .95 greedy) but its absolute scores were
+warm-started with content-biased labels (demo/warmstart.py score_label), so the SRCC of its scores is only ~.47 here:
+there is room both ways, and the fidelity reward on pairs must move the absolute scores of images it never trained on.
 Images: the noise world at 56 px (4 image tokens); the pool's true quality stays outside the pool folder, which is
 all grpo_train.py sees. Evaluation: SRCC of the mean of 8 sampled scores per bench image, mean of 2 sampling seeds."""
 
@@ -26,16 +26,18 @@ from demo import oracle as O  # noqa: E402
 from demo.synthetic import write_set  # noqa: E402
 
 BASE = ROOT / "demo" / "base"
-POOL, BENCH, PER_STEP, STEPS, G, LR, BETA, SEED = 64, 128, 8, 12, 8, 2e-4, 0.02, 0
-# Measured on this machine (held-out bench SRCC, base .660; GRPO seed = pair-draw seed 0..4):
-#   oracle    .822 .800 .735 .806 .747   (gain over base: worst +.075)
-#   reversed  .038 .288 .433 .484 .192   (drop below base: worst .176)
-#   gap       .784 .512 .302 .322 .555   (worst .302)
-# Other budgets tried (seeds 0-2 or 0-4): lr 1e-4 x 8 steps raised it by only .013; lr 3e-4 was unstable (an oracle
-# arm at .23 with 8 pairs/step, one at .63 < base with 12); lr 1e-4 x 16 steps and 16 pairs/step x 8 steps at 1.5e-4
-# were weaker in the worst seed (gain +.047 / +.055). The thresholds below are about half the worst seed's margins,
-# well above the evaluation noise (2 sampling seeds differ by <= .07 on a trained arm, .004 on the base).
-GAIN, DROP, GAP = 0.04, 0.1, 0.2
+POOL, BENCH, PER_STEP, STEPS, G, LR, BETA = 64, 128, 8, 12, 8, 2e-4, 0.02
+SEED = int(os.environ.get("LEARNING_TEST_SEED", "0"))  # 0 in CI; other values re-measure the spread
+# Measured on this machine with the shipped base c2 (held-out bench SRCC, base .468; LEARNING_TEST_SEED 0, 1, 2):
+#   oracle    .841 .802 .714   (gain over base: worst +.245)
+#   reversed -.187 .192 -.364  (drop below base: worst .276)
+#   gap      1.028 .610 1.078  (worst .610)
+# The budget was chosen on its sibling c1 (no compare-label noise, base .660; seeds 0-4): oracle .822 .800 .735 .806
+# .747, reversed .038 .288 .433 .484 .192. Other budgets tried there (seeds 0-2 or 0-4): lr 1e-4 x 8 steps raised it
+# by only .013; lr 3e-4 was unstable (an oracle arm at .23 with 8 pairs/step, one at .63 < base with 12); lr 1e-4 x 16
+# steps and 16 pairs/step x 8 steps at 1.5e-4 were weaker in the worst seed (gain +.047 / +.055). The thresholds are
+# about half the worst margins, far above the evaluation noise (2 sampling seeds differ by <= .07 on a trained arm).
+GAIN, DROP, GAP = 0.12, 0.14, 0.3
 
 
 @pytest.fixture
