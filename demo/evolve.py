@@ -264,30 +264,26 @@ def run_one(args: Args, run: Path, k: int, base: str, pool: Path, bench_labels: 
     return None
 
 
-def greedy_evals(args: Args, run: Path, base: str, bench_labels: Path) -> None:
-    """Greedy answers of every round's model (round 0: the base), cheap: one answer per image."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    for t in range(args.rounds + 1):
-        model = base if t == 0 else str(run / f"round_{t}" / "model")
-        out = run / f"round_{t}" / "eval_greedy"
-        if (out / "summary.json").exists() or not Path(model).exists():
-            continue
-        cmd = [sys.executable, "evaluate.py", "--model", model, "--bench", f"synthetic={bench_labels}", "--out",
-               str(out), "--no-reasoning", "--max-pixels", str(args.max_pixels), "--max-new-tokens",
-               str(args.max_new_tokens), "--samples", "1", "--batch-size", "32", "--no-text"]
-        with open(run / "evolution.log", "a") as log:
-            start = time.time()
-            subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, check=True)
-            log.write(f"round {t}: greedy evaluation\n  [done] evaluate_greedy  {round(time.time() - start)} s\n")
-
-
-def run_logged(cmd: list[str], run: Path, label: str) -> None:
+def run_logged(cmd: list[str], run: Path, label: str, name: str = "") -> None:
     """A stage command with the log lines run_evolution.sh writes ("round t:", "[done] NAME N s"), one thread."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     with open(run / "evolution.log", "a") as log:
         start = time.time()
         subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, check=True)
-        log.write(f"{label}\n  [done] {Path(cmd[1]).stem}  {round(time.time() - start)} s\n")
+        log.write(f"{label}\n  [done] {name or Path(cmd[1]).stem}  {round(time.time() - start)} s\n")
+
+
+def greedy_evals(args: Args, run: Path, base: str, bench_labels: Path) -> None:
+    """Greedy answers of every round's model (round 0: the base), cheap: one answer per image."""
+    for t in range(args.rounds + 1):
+        model = base if t == 0 else str(run / f"round_{t}" / "model")
+        out = run / f"round_{t}" / "eval_greedy"
+        if (out / "summary.json").exists() or not Path(model).exists():
+            continue
+        run_logged([sys.executable, "evaluate.py", "--model", model, "--bench", f"synthetic={bench_labels}", "--out",
+                    str(out), "--no-reasoning", "--max-pixels", str(args.max_pixels), "--max-new-tokens",
+                    str(args.max_new_tokens), "--samples", "1", "--batch-size", "32", "--no-text"],
+                   run, f"round {t}: greedy evaluation", "evaluate_greedy")
 
 
 def run_oracle(args: Args, run: Path, main_run: Path, base: str, pool: Path, quality: dict[str, float],
