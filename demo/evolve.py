@@ -42,6 +42,7 @@ from scipy.stats import pearsonr, spearmanr
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import common  # noqa: E402
+from demo.oracle import true_p_star, write_pseudolabels  # noqa: E402
 from demo.synthetic import write_set  # noqa: E402
 
 CACHE = ROOT / "demo" / "cache"
@@ -301,10 +302,9 @@ def run_oracle(args: Args, run: Path, main_run: Path, base: str, pool: Path, qua
         R = run / f"round_{t}"
         R.mkdir(parents=True, exist_ok=True)
         if not (R / "model" / "config.json").exists():
-            pairs = common.read_jsonl(main_run / f"round_{t}" / "pseudolabels.jsonl")
-            (R / "pseudolabels.jsonl").write_text("".join(json.dumps({"a": r["a"], "b": r["b"], "p_star": float(
-                (quality[r["a"]] > quality[r["b"]]) + 0.5 * (quality[r["a"]] == quality[r["b"]]))}) + "\n"
-                for r in pairs))
+            voted = common.read_jsonl(main_run / f"round_{t}" / "pseudolabels.jsonl")
+            write_pseudolabels(R / "pseudolabels.jsonl", [(r["a"], r["b"], true_p_star(quality, r["a"], r["b"]))
+                                                          for r in voted], reverse=False)
             run_logged([sys.executable, "grpo_train.py", "--model", current, "--ref-model", base, "--pseudolabels",
                         str(R / "pseudolabels.jsonl"), "--images-root", str(pool), "--out", str(R / "model"),
                         "--group-size", str(args.group_size), "--seed", str(args.seed + t), "--resume", *common_flags,

@@ -61,13 +61,18 @@ class Args:
     note: str = common.arg("", help="why this setting was tried")
 
 
+def true_p_star(quality: dict[str, float], a: str, b: str) -> float:
+    """p* from the true quality: 1 (a better), 0 (b better), .5 (equal)."""
+    return 1.0 if quality[a] > quality[b] else 0.0 if quality[a] < quality[b] else 0.5
+
+
 def oracle_pairs(quality: dict[str, float], n: int, seed: int) -> list[tuple[str, str, float]]:
-    """n distinct unordered pool pairs with p* from the true quality: 1 (a better), 0 (b better), .5 (equal)."""
+    """n distinct unordered pool pairs with p* from the true quality (true_p_star)."""
     names = sorted(quality)
     rng = random.Random(seed)
     every = [(a, b) for i, a in enumerate(names) for b in names[i + 1:]]
     chosen = rng.sample(every, min(n, len(every)))
-    return [(a, b, 1.0 if quality[a] > quality[b] else 0.0 if quality[a] < quality[b] else 0.5) for a, b in chosen]
+    return [(a, b, true_p_star(quality, a, b)) for a, b in chosen]
 
 
 def write_pseudolabels(path: Path, pairs: list[tuple[str, str, float]], reverse: bool) -> None:
