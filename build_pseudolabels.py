@@ -20,7 +20,7 @@ Rules (EVOQUALITY.md, offline stage). K_a, K_b = votes for a and for b; abstenti
   votes; |K_a - K_b| / (K_a + K_b) < --min-margin; a tie when --drop-ties. The defaults reproduce the paper: only
   pairs without a single valid vote are dropped.
   A pair recorded twice ((a, b) or (b, a)) has its counts merged, with a warning.
-Truncation (stats): answers cut off by --max-new-tokens are abstentions (common.answer); the stats count them from
+Truncation (stats): answers cut off by --max-new-tokens are abstentions (sampling.answer); the stats count them from
   each answer's `truncated` flag (compare mode: in "answers", kept by --no-text too; score mode: the "truncated" list)
   as truncation_rate = truncated answers / answers with a flag (votes in compare mode, score samples in score mode),
   and say in truncation_flags when some or all answers carry none (votes not written by sample_votes.py).

@@ -33,7 +33,7 @@ A known release fixes its label direction (KADID-10k's `dmos` is higher-is-bette
 
 `--samples 1` (default) decodes greedily (deterministic); `--samples N` samples N answers at `--temperature` and the
 image's score is the mean of its valid ones. An answer cut off by `--max-new-tokens` is unparseable, whatever it
-holds (common.answer). Unparseable answers are never replaced by a guess: an image with no valid answer is left out
+holds (sampling.answer). Unparseable answers are never replaced by a guess: an image with no valid answer is left out
 of the correlations and counted in `coverage`; the share of truncated answers is reported per benchmark.
 
 Outputs in --out: predictions_NAME.jsonl (one line per benchmark image, in benchmark order:
@@ -64,6 +64,7 @@ import numpy as np
 from scipy import optimize, stats
 
 import common
+import sampling
 
 
 @dataclass
@@ -196,21 +197,21 @@ def aggregate(benchmarks: dict[str, dict]) -> tuple[dict, dict]:
 
 
 def sample_answers(model, processor, images: list, prompt: str, preset: common.Preset, args: Args
-                   ) -> list[list[common.Completion]]:
+                   ) -> list[list[sampling.Completion]]:
     """`args.samples` completions for each image, from one batched call of the shared sampling routine (greedy for
     --samples 1), each with its truncation flag."""
     inputs = common.encode_batch(processor, [prompt] * len(images), [[image] for image in images],
                                  add_vision_id=preset.add_vision_id).to(model.device)
-    samples = common.sample(model, processor, inputs, n=args.samples, max_new_tokens=args.max_new_tokens,
+    samples = sampling.sample(model, processor, inputs, n=args.samples, max_new_tokens=args.max_new_tokens,
                             temperature=args.temperature, do_sample=args.samples > 1)
     return samples.completions()
 
 
-def image_score(completions: list[common.Completion], preset: common.Preset
+def image_score(completions: list[sampling.Completion], preset: common.Preset
                 ) -> tuple[Optional[float], list[Optional[float]]]:
     """(mean of the valid parsed scores or None, every parsed score with None for the unparseable ones).
-    A truncated answer is unparseable (common.answer), even when its text holds a closed box."""
-    scores = [common.answer(c, lambda text: common.parse_score(text, preset)) for c in completions]
+    A truncated answer is unparseable (sampling.answer), even when its text holds a closed box."""
+    scores = [sampling.answer(c, lambda text: common.parse_score(text, preset)) for c in completions]
     valid = [s for s in scores if s is not None]
     return (sum(valid) / len(valid) if valid else None), scores
 

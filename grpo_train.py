@@ -47,6 +47,7 @@ import torch
 import torch.distributed as dist
 
 import common
+import sampling
 
 
 @dataclass
@@ -205,7 +206,7 @@ def shared_image_features(model, inputs: dict) -> dict:
 
     if isinstance(model, FSDPModule):
         return inputs
-    return common.encode_images_once(getattr(model, "module", model), inputs)  # DDP: the wrapped module's tower
+    return sampling.encode_images_once(getattr(model, "module", model), inputs)  # DDP: the wrapped module's tower
 
 
 def _chunk_logprobs(logits: torch.Tensor, ids: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -275,8 +276,8 @@ class Call:
     images: list[int]  # indices into the step's images (empty: a zero-weight stand-in, see lockstep)
     batch: dict  # model inputs, the prompt repeated G times per image
     ids: torch.Tensor  # [rows, T] completion tokens
-    mask: torch.Tensor  # [rows, T] completion mask (common.completion_mask)
-    completions: list[list[common.Completion]]  # per image, its G (text, truncated)
+    mask: torch.Tensor  # [rows, T] completion mask (sampling.completion_mask)
+    completions: list[list[sampling.Completion]]  # per image, its G (text, truncated)
 
     def micro_batch(self, rows: list[int], vision_start_id: int) -> tuple[dict, torch.Tensor, torch.Tensor]:
         width = int(self.mask[rows].sum(dim=1).max())  # causal: trailing padding changes no earlier log-prob
@@ -324,7 +325,7 @@ def load_sharded(name: str, dtype: torch.dtype, mesh, bf16: bool, gradient_check
         if full is not None:
             buffer.copy_(buffers[key])
         dist.broadcast(buffer, src=0)
-    try:  # the shipped generation config (special token ids); sampling never inherits its knobs (common.sample)
+    try:  # the shipped generation config (special token ids); sampling never inherits its knobs (sampling.sample)
         model.generation_config = GenerationConfig.from_pretrained(name)
     except OSError:
         pass
@@ -448,7 +449,7 @@ class Run:
 
 
 def rollout(run: Run, images: list[str], step: int) -> list[Call]:
-    """This process's sampling calls: each distinct image prompt encoded once, G samples of it (common.sample),
+    """This process's sampling calls: each distinct image prompt encoded once, G samples of it (sampling.sample),
     seeded by (seed, step, call) so that the rollouts do not depend on the number of processes. Under FSDP the
     weights are gathered once for the whole phase."""
     G, calls = run.args.group_size, []
@@ -457,7 +458,7 @@ def rollout(run: Run, images: list[str], step: int) -> list[Call]:
         for k, idx in sampling_calls(len(images), run.args.rollout_batch, run.rank, run.world):
             encoded = run.encode([images[i] for i in idx])
             torch.manual_seed(zlib.crc32(f"{run.args.seed}-{step}-{k}".encode()))
-            s = common.sample(run.generator, run.processor, encoded, G, run.args.max_new_tokens, run.args.temperature,
+            s = sampling.sample(run.generator, run.processor, encoded, G, run.args.max_new_tokens, run.args.temperature,
                               do_sample=True)
             batch = select_rows(encoded, [i for i in range(len(idx)) for _ in range(G)], run.vision_start_id)
             # clone: tensors made under inference mode cannot enter autograd
@@ -468,14 +469,14 @@ def rollout(run: Run, images: list[str], step: int) -> list[Call]:
 def rewards(run: Run, calls: list[Call], images: list[str], pairs_now: list) -> dict:
     """Every process's scores to every process (an image's reward needs its partners' score statistics), then the
     fidelity rewards of all the step's pairs and the advantages within each image's group. A completion cut off at
-    --max-new-tokens is unparseable (common.answer): reward 0."""
+    --max-new-tokens is unparseable (sampling.answer): reward 0."""
     local = {}
     for call in calls:
         lengths = call.mask.sum(dim=1).tolist()
         for j, i in enumerate(call.images):
             completions = call.completions[j]
             G = len(completions)
-            local[i] = ([common.answer(c, lambda t: common.parse_score(t, run.preset)) for c in completions],
+            local[i] = ([sampling.answer(c, lambda t: common.parse_score(t, run.preset)) for c in completions],
                         [c.truncated for c in completions], lengths[j * G:(j + 1) * G])
     merged = {i: v for part in all_gather(local) for i, v in part.items()}
     scores = {images[i]: merged[i][0] for i in range(len(images))}
@@ -806,8 +807,8 @@ def main() -> None:
     scheduler = get_linear_schedule_with_warmup(optimizer, args.warmup_steps, total_steps * args.ppo_epochs)
     config = generator.config
     run = Run(args, accelerator, model, generator, reference, optimizer, scheduler, processor, preset,
-              preset.prompt("score", args.reasoning), common.eos_token_ids(common.sampling_config(generator, 1)),
-              tuple(common.placeholder_token_ids(generator)), config.vision_start_token_id, device, rank, world,
+              preset.prompt("score", args.reasoning), sampling.eos_token_ids(sampling.sampling_config(generator, 1)),
+              tuple(sampling.placeholder_token_ids(generator)), config.vision_start_token_id, device, rank, world,
               ddp=world > 1 and not args.fsdp)
     start_step = load_checkpoint(run, checkpoint) if checkpoint is not None else 0
     if checkpoint is not None:

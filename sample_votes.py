@@ -51,6 +51,7 @@ import numpy as np
 from PIL import Image
 
 import common
+import sampling
 
 
 @dataclass
@@ -81,9 +82,9 @@ class Args:
     overwrite: bool = common.arg(False, help="discard an existing --out (and its shards, meta, skipped); start over")
 
 
-# generate_fn(prompt, images_per_prompt, n) -> n common.Completion(text, truncated) per prompt: the only place the
+# generate_fn(prompt, images_per_prompt, n) -> n sampling.Completion(text, truncated) per prompt: the only place the
 # model is touched, so tests can plug in a scripted model whose answers are known.
-GenerateFn = Callable[[str, list[list[Image.Image]], int], list[list[common.Completion]]]
+GenerateFn = Callable[[str, list[list[Image.Image]], int], list[list[sampling.Completion]]]
 # the Args fields that define the votes (see the module docstring); settings_of adds the model, prompt and pool identity
 SETTINGS = ("prompt", "reasoning", "mode", "votes_per_pair", "temperature", "max_new_tokens", "max_pixels", "num_pairs",
             "seed")
@@ -110,10 +111,10 @@ def vote_orders(a: str, b: str, k: int, seed: int) -> dict[str, int]:
 
 
 def sample_batched(generate_fn: GenerateFn, prompt: str, jobs: list[tuple[list[Image.Image], int]],
-                   batch_size: int) -> list[list[common.Completion]]:
+                   batch_size: int) -> list[list[sampling.Completion]]:
     """n completions for each job (images, n). Many prompts share one call (about batch_size sequences), each
     prompt sampled n times, so jobs are grouped by n."""
-    results: list[list[common.Completion]] = [[] for _ in jobs]
+    results: list[list[sampling.Completion]] = [[] for _ in jobs]
     for n in sorted({n for _, n in jobs if n > 0}):
         todo = [i for i, (_, m) in enumerate(jobs) if m == n]
         step = max(1, batch_size // n)
@@ -151,7 +152,7 @@ def vote_pairs(pairs: list[tuple[str, str]], images: dict[str, Image.Image], gen
         answers = []
         for order, per_order in zip(("ab", "ba"), completions[2 * p: 2 * p + 2]):
             for completion in per_order:
-                index = common.answer(completion, parse)  # 0: the first image shown is better, 1: the second
+                index = sampling.answer(completion, parse)  # 0: the first image shown is better, 1: the second
                 choice = None if index is None else ("a" if (index == 0) == (order == "ab") else "b")
                 answers.append({"order": order, "choice": choice, "truncated": completion.truncated}
                                | ({"text": completion.text} if keep_text else {}))
@@ -164,7 +165,7 @@ def score_images(names: list[str], images: dict[str, Image.Image], generate_fn: 
                  keep_text: bool = True) -> list[dict]:
     """--mode score: K sampled scores per image (None where unparseable or cut off), and which were cut off."""
     completions = sample_batched(generate_fn, prompt, [([images[x]], k) for x in names], batch_size)
-    return [{"image": x, "scores": [common.answer(c, parse) for c in per_image],
+    return [{"image": x, "scores": [sampling.answer(c, parse) for c in per_image],
              "truncated": [c.truncated for c in per_image]}
             | ({"answers": [c.text for c in per_image]} if keep_text else {})
             for x, per_image in zip(names, completions)]
@@ -193,9 +194,9 @@ def summarize(records: list[dict], mode: str, skipped: int) -> dict:
 
 # TRY NOT TO MODIFY: model, images, files, processes
 def make_generate_fn(model, processor, add_vision_id: bool, max_new_tokens: int, temperature: float) -> GenerateFn:
-    def generate(prompt: str, images: list[list[Image.Image]], n: int) -> list[list[common.Completion]]:
+    def generate(prompt: str, images: list[list[Image.Image]], n: int) -> list[list[sampling.Completion]]:
         inputs = common.encode_batch(processor, [prompt] * len(images), images, add_vision_id).to(model.device)
-        return common.sample(model, processor, inputs, n, max_new_tokens, temperature).completions()
+        return sampling.sample(model, processor, inputs, n, max_new_tokens, temperature).completions()
 
     return generate
 

@@ -1,4 +1,4 @@
-"""Benchmark: evaluation with --samples 8 through common.sample (each prompt prefilled once) against the generate path
+"""Benchmark: evaluation with --samples 8 through sampling.sample (each prompt prefilled once) against the generate path
 of commit 45faead (`generate(num_return_sequences=8)`, which prefills every image's prompt 8 times), side by side.
 
     OMP_NUM_THREADS=2 python bench/bench_eval.py                         # both model sizes, 3 repeats each
@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_votes import common, compare, load, load_size, new_generate, old_generate, report  # noqa: E402
+from bench_votes import common, sampling, compare, load, load_size, new_generate, old_generate, report  # noqa: E402
 
 SETTINGS = {  # size: (images, new tokens)
     "tiny": (32, 64),
@@ -39,14 +39,14 @@ def bench_size(size: str, repeats: int, samples: int, batch_size: int) -> None:
                 for per_image in generate(model, processor, prompt, [[im] for im in todo[s:s + batch_size]], samples,
                                           max_new_tokens):
                     for text, truncated in per_image:  # parsed as the stage does
-                        common.answer(common.Completion(text, truncated), common.parse_score)
+                        sampling.answer(sampling.Completion(text, truncated), common.parse_score)
             return len(todo)
         return fn
 
     print(f"== {size}: {description}; {n_images} images x {samples} samples, {max_new_tokens} new tokens, "
           f"{batch_size} images per call; torch threads {torch.get_num_threads()}; median of {repeats}; {load()}")
     results = compare(model, {"old (45faead generate)": scores(old_generate),
-                              "new (common.sample)": scores(new_generate)}, repeats)
+                              "new (sampling.sample)": scores(new_generate)}, repeats)
     report(results, "images", n_images * samples, n_images)
     print(f"  after: {load()}")
 

@@ -36,10 +36,14 @@ import torch, transformers
 from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as qwen
 sys.path.insert(0, {root!r})
 import common
+try:  # the sampler's module: sampling.py, or common.py in older commits
+    import sampling
+except ImportError:
+    sampling = common
 common.parse_score = lambda text, preset=None: 1 + (zlib.crc32(text.encode()) % 401) / 100
-common.answer = lambda completion, parse: parse(completion.text)  # the random model never ends: ignore truncation
+sampling.answer = lambda completion, parse: parse(completion.text)  # the random model never ends: ignore truncation
 
-# counters per phase: generation (inside generate / common.sample), else policy (gradient on) or reference
+# counters per phase: generation (inside generate / sampling.sample), else policy (gradient on) or reference
 counts, generating = {{}}, [False]
 def phase():
     return "generation" if generating[0] else "policy" if torch.is_grad_enabled() else "reference"
@@ -66,8 +70,8 @@ def vision(args, kwargs):
 wrap(qwen.Qwen2_5_VLTextModel, "forward", language)
 wrap(qwen.Qwen2_5_VisionTransformerPretrainedModel, "forward", vision)
 wrap(transformers.GenerationMixin, "generate", flag=True)
-if hasattr(common, "sample"):
-    wrap(common, "sample", flag=True)
+if hasattr(sampling, "sample"):
+    wrap(sampling, "sample", flag=True)
 atexit.register(lambda: json.dump(counts, open({counts!r}, "w")))
 sys.argv[0] = {script!r}
 runpy.run_path({script!r}, run_name="__main__")
@@ -78,6 +82,7 @@ def parity(model_dir: str, pool: Path) -> None:
     import torch
 
     import common
+    import sampling
     import grpo_train
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -89,13 +94,13 @@ def parity(model_dir: str, pool: Path) -> None:
     encoded = dict(common.encode_batch(processor, [preset.prompt("score", True)] * 2, images, preset.add_vision_id))
     batch = {k: v.to(device) for k, v in grpo_train.select_rows(encoded, [0] * 4 + [1] * 4,
                                                                 model.config.vision_start_token_id).items()}
-    config = common.sampling_config(model, max_new_tokens=32, temperature=0.7)
-    eos = common.eos_token_ids(config)
+    config = sampling.sampling_config(model, max_new_tokens=32, temperature=0.7)
+    eos = sampling.eos_token_ids(config)
     for dtype in [torch.float32] + ([torch.bfloat16] if device == "cuda" else []):
         with torch.no_grad(), torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32):
             out = model.generate(**batch, generation_config=config, output_scores=True, return_dict_in_generate=True)
             ids = out.sequences[:, batch["input_ids"].shape[1]:]
-            mask = common.completion_mask(ids, eos + [model.config.image_token_id]).bool()
+            mask = sampling.completion_mask(ids, eos + [model.config.image_token_id]).bool()
             expect = torch.stack([torch.log_softmax(s.float(), -1) for s in out.scores], 1)
             expect = expect.gather(-1, ids[..., None]).squeeze(-1)
             got = grpo_train.token_logprobs(model, batch, ids, 0.7, (model.config.image_token_id,), eos[0])

@@ -1,4 +1,4 @@
-"""Benchmark: voting through common.sample (each prompt prefilled once) against the generate path of commit 45faead
+"""Benchmark: voting through sampling.sample (each prompt prefilled once) against the generate path of commit 45faead
 (`generate(num_return_sequences=n)`, which prefills every prompt once per vote), side by side in one run.
 
     OMP_NUM_THREADS=2 python bench/bench_votes.py                        # both model sizes, 3 repeats each
@@ -29,6 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import common  # noqa: E402
+import sampling  # noqa: E402
 
 SIZES = {  # name: (checkpoint dims for demo.tiny_models.build_tiny_checkpoint, synthetic image side in pixels)
     "tiny": ({}, 112),
@@ -68,21 +69,21 @@ def old_generate(model, processor, prompt: str, images: list, n: int, max_new_to
     import torch
 
     inputs = common.encode_batch(processor, [prompt] * len(images), images).to(model.device)
-    config = common.sampling_config(model, max_new_tokens, temperature, do_sample=do_sample, num_return_sequences=n)
+    config = sampling.sampling_config(model, max_new_tokens, temperature, do_sample=do_sample, num_return_sequences=n)
     with torch.inference_mode():
         sequences = model.generate(**inputs, generation_config=config)
     length = inputs["input_ids"].shape[1]
-    texts = common.completion_texts(processor, sequences, length)
-    eos = torch.tensor(common.eos_token_ids(config), device=sequences.device)
+    texts = sampling.completion_texts(processor, sequences, length)
+    eos = torch.tensor(sampling.eos_token_ids(config), device=sequences.device)
     finished = torch.isin(sequences[:, length:], eos).any(dim=1).tolist()
     return [[(texts[i * n + j], not finished[i * n + j]) for j in range(n)] for i in range(len(images))]
 
 
 def new_generate(model, processor, prompt: str, images: list, n: int, max_new_tokens: int, temperature: float = 1.0,
                  do_sample: bool = True) -> list[list[tuple[str, bool]]]:
-    """common.sample: each prompt prefilled once, its n completions decoded from copies of its KV cache."""
+    """sampling.sample: each prompt prefilled once, its n completions decoded from copies of its KV cache."""
     inputs = common.encode_batch(processor, [prompt] * len(images), images).to(model.device)
-    samples = common.sample(model, processor, inputs, n, max_new_tokens, temperature, do_sample)
+    samples = sampling.sample(model, processor, inputs, n, max_new_tokens, temperature, do_sample)
     return [[(c.text, c.truncated) for c in per_prompt] for per_prompt in samples.completions()]
 
 
@@ -193,7 +194,7 @@ def bench_size(size: str, repeats: int, batch_size: int) -> None:
             for s in range(0, len(todo), step):
                 for per_prompt in generate(model, processor, prompt, todo[s:s + step], n, max_new_tokens):
                     for text, truncated in per_prompt:  # parsed as the stage does; every answer is a vote
-                        common.answer(common.Completion(text, truncated), common.parse_compare)
+                        sampling.answer(sampling.Completion(text, truncated), common.parse_compare)
                         counted += 1
             return counted
         return fn
@@ -202,7 +203,7 @@ def bench_size(size: str, repeats: int, batch_size: int) -> None:
           f"{max_new_tokens} new tokens, {batch_size} sequences per call; torch threads {torch.get_num_threads()}; "
           f"median of {repeats}; {load()}")
     results = compare(model, {"old (45faead generate)": votes(old_generate),
-                              "new (common.sample)": votes(new_generate)}, repeats)
+                              "new (sampling.sample)": votes(new_generate)}, repeats)
     report(results, "votes", len(shown) * n, 2 * len(shown))
     print(f"  after: {load()}")
 

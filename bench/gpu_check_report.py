@@ -17,7 +17,7 @@ import memory_plan  # noqa: E402
 
 GiB = memory_plan.GiB
 
-# Run by torchrun in place of grpo_train.py: the same script, plus peak-memory bookkeeping around common.sample (the
+# Run by torchrun in place of grpo_train.py: the same script, plus peak-memory bookkeeping around sampling.sample (the
 # rollout phase). A random model's completions run to the budget, are unparseable and get reward 0 (zero advantages);
 # every forward, backward and optimizer step still runs, so time and memory are those of a real step.
 WRAPPER = """
@@ -25,8 +25,9 @@ import atexit, json, runpy, sys
 import torch
 sys.path.insert(0, {root!r})
 import common
+import sampling
 peaks = {{"rollout": 0, "other": 0, "rollout_reserved": 0, "other_reserved": 0, "sampling_calls": 0}}
-sample = common.sample
+sample = sampling.sample
 
 def take(region):  # the allocator keeps one running maximum: read it into the region, then restart it
     if not torch.cuda.is_available():  # a CPU rehearsal of the script
@@ -48,7 +49,7 @@ def dump():
     peaks["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     json.dump(peaks, open({peak!r}, "w"))
 
-common.sample = sampled
+sampling.sample = sampled
 atexit.register(dump)
 sys.argv[0] = {script!r}
 runpy.run_path({script!r}, run_name="__main__")
@@ -105,7 +106,7 @@ def main() -> None:
     smi = [float(x) for x in smi_file.read_text().split() if x.strip()] if smi_file.exists() else []
     print(f"\npeak GPU memory, GiB ({measured.get('device', 'device unknown')}; "
           f"{measured.get('sampling_calls', '?')} sampling calls)   measured   memory_plan.py   ratio")
-    for name, key, phases in (("rollout (inside common.sample)", "rollout", ["rollout"]),
+    for name, key, phases in (("rollout (inside sampling.sample)", "rollout", ["rollout"]),
                               ("rest of the step (log-probs, update)", "other",
                                ["reference log-probs", "policy update", "optimizer step"])):
         plan_bytes = max(predicted[ph] for ph in phases)

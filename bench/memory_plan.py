@@ -45,7 +45,7 @@ class Settings:
     bf16: bool = common.arg(True, help="grpo_train.py --bf16: bf16 compute and all-gathers, bf16 reference")
     shard_reference: bool = common.arg(False, help="grpo_train.py --shard-reference: the reference sharded too")
     rollout_batch: int = common.arg(4, help="grpo_train.py --rollout-batch: images per sampling call (x G rows)")
-    prefill_once: bool = common.arg(True, help="common.sample prefills each prompt once and copies its KV cache G "
+    prefill_once: bool = common.arg(True, help="sampling.sample prefills each prompt once and copies its KV cache G "
                                                "times (--no-prefill-once: generate prefills all G rows)")
     logprob_chunk: int = common.arg(64, help="completion positions per fp32 chunk of the gather-minus-logsumexp "
                                              "log-probs (grpo_train.py's LOGPROB_CHUNK), recomputed in backward")
@@ -353,7 +353,7 @@ def report(cfg: dict, s: Settings, config_name: str, meta_count: int | None) -> 
         "FSDP gathers one layer at a time with one prefetched, and keeps the root gathered from forward to backward.",
         f"every completion runs to --max-new-tokens ({s.max_new_tokens}); the KV cache holds the G rows of one "
         f"sampling call ({p['images']} images, --rollout-batch {s.rollout_batch}) in the compute dtype; "
-        + ("each prompt prefilled once, its cache copied G times (common.sample)." if s.prefill_once else
+        + ("each prompt prefilled once, its cache copied G times (sampling.sample)." if s.prefill_once else
            "generate prefills all G rows of each prompt."),
         "the vision tower runs once per image in a sampling call, and once per ROW of a log-prob micro-batch "
         "(each row carries its image's pixels).",

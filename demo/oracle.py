@@ -84,7 +84,7 @@ def write_pseudolabels(path: Path, pairs: list[tuple[str, str, float]], reverse:
 def srcc_table(model_dir: str, sets: dict[str, tuple[list, np.ndarray]], samples: int, seeds: int,
                max_pixels: int, max_new_tokens: int) -> dict:
     """Per set: SRCC of the mean of `samples` sampled scores for each of `seeds` seeds (mean, std, values), SRCC of
-    one sample, mean within-image std, coverage. Sampling goes through common.sampling_config like the stages."""
+    one sample, mean within-image std, coverage. Sampling goes through sampling.sampling_config like the stages."""
     preset = common.get_preset("evoquality")
     model = common.load_model(model_dir, dtype=torch.float32).eval()
     processor = common.load_processor(model_dir, max_pixels=max_pixels)

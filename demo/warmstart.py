@@ -37,6 +37,7 @@ from scipy.stats import spearmanr
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402
+import sampling  # noqa: E402
 from demo.synthetic import CONTENTS, DISTORTIONS, SEED_BASE, WORLDS, distort, make_content, make_image  # noqa: E402
 from demo.tiny_models import build_model, build_processor, build_tokenizer  # noqa: E402
 
@@ -224,7 +225,7 @@ def lr_factor(step: int, steps: int, warmup: int) -> float:
 def answers(model, processor, preset: common.Preset, task: str, images: list[list[Image.Image]], do_sample: bool,
             n: int = 1, batch_size: int = 32, max_new_tokens: int = 16) -> list[list[str]]:
     """n completions per prompt (greedy or sampled at temperature 1), through the stages' own calls."""
-    config = common.sampling_config(model, max_new_tokens, 1.0, do_sample, n)
+    config = sampling.sampling_config(model, max_new_tokens, 1.0, do_sample, n)
     prompt = preset.prompt(task, reasoning=False)
     out = []
     for start in range(0, len(images), batch_size):
@@ -232,7 +233,7 @@ def answers(model, processor, preset: common.Preset, task: str, images: list[lis
         batch = common.encode_batch(processor, [prompt] * len(chunk), chunk, add_vision_id=preset.add_vision_id)
         batch = batch.to(model.device)
         sequences = model.generate(**batch, generation_config=config)
-        texts = common.completion_texts(processor, sequences, batch["input_ids"].shape[1])
+        texts = sampling.completion_texts(processor, sequences, batch["input_ids"].shape[1])
         out += [texts[k * n:(k + 1) * n] for k in range(len(chunk))]
     return out
 

@@ -15,6 +15,7 @@ import pytest
 import scipy.io
 
 import common
+import sampling
 import evaluate
 from demo.synthetic import make_image
 
@@ -364,7 +365,7 @@ def test_direction_in_summary_and_warning_only_when_unknown(monkeypatch, tmp_pat
     labels.update({"a.png": 4.5, "b.png": 2.0, "c.png": 3.1})
 
     def sample_answers(model, processor, images, prompt, preset, args):
-        return [[common.Completion(f"\\boxed{{{1 + labels[Path(im.filename).name] / 2:.4f}}}", False)]
+        return [[sampling.Completion(f"\\boxed{{{1 + labels[Path(im.filename).name] / 2:.4f}}}", False)]
                 for im in images]
     monkeypatch.setattr(evaluate, "sample_answers", sample_answers)
     monkeypatch.setattr(common, "load_image", lambda p: type("Im", (), {"filename": str(p)})())

@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 import common
+import sampling
 from common import PRESETS, parse_compare, parse_score
 
 EVOQUALITY_MD = Path(__file__).resolve().parents[2] / "shared" / "EVOQUALITY.md"
@@ -354,11 +355,11 @@ def test_max_pixels_bounds_image_tokens(tiny_model_dir):
 
 def test_sampling_config_overrides_shipped_top_k(tiny_model_dir):
     model = common.load_model(tiny_model_dir)
-    config = common.sampling_config(model, max_new_tokens=8, temperature=0.7, num_return_sequences=8)
+    config = sampling.sampling_config(model, max_new_tokens=8, temperature=0.7, num_return_sequences=8)
     assert (config.do_sample, config.top_k, config.top_p, config.repetition_penalty, config.temperature) == (
         True, 0, 1.0, 1.0, 0.7)
-    assert set(common.eos_token_ids(config)) == set(model.generation_config.eos_token_id)
-    greedy = common.sampling_config(model, max_new_tokens=8, do_sample=False)
+    assert set(sampling.eos_token_ids(config)) == set(model.generation_config.eos_token_id)
+    greedy = sampling.sampling_config(model, max_new_tokens=8, do_sample=False)
     assert model.generation_config.top_k == 1 and greedy.top_k != 1  # nothing of the shipped sampling leaks in
 
 
@@ -371,12 +372,12 @@ def test_two_image_prompt_samples_differ(tiny_model_dir, demo_pool):
     inputs = common.encode_batch(processor, [prompt], [images], add_vision_id=True)
     assert (inputs["input_ids"] == model.config.image_token_id).sum() == 2 * 4  # max_pixels 56*56: 4 tokens each
     torch.manual_seed(0)
-    out = model.generate(**inputs, generation_config=common.sampling_config(model, 12, num_return_sequences=8))
-    texts = common.completion_texts(processor, out, inputs["input_ids"].shape[1])
+    out = model.generate(**inputs, generation_config=sampling.sampling_config(model, 12, num_return_sequences=8))
+    texts = sampling.completion_texts(processor, out, inputs["input_ids"].shape[1])
     assert len(texts) == 8 and len(set(texts)) > 1
     # the shipped config (top_k=1) would have made all eight identical
     shipped = model.generate(**inputs, max_new_tokens=12, num_return_sequences=8)
-    assert len(set(common.completion_texts(processor, shipped, inputs["input_ids"].shape[1]))) == 1
+    assert len(set(sampling.completion_texts(processor, shipped, inputs["input_ids"].shape[1]))) == 1
 
 
 CHAT_HEAD = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
@@ -401,11 +402,11 @@ def test_sample_matches_generate_and_flags_truncation(tiny_model_dir, demo_pool)
     model, processor = common.load_model(tiny_model_dir), common.load_processor(tiny_model_dir)
     images = [[common.load_image(p)] for p in sorted(demo_pool.glob("*.png"))[:3]]
     inputs = common.encode_batch(processor, [PRESETS["evoquality"].prompt("score", False)] * 3, images)
-    samples = common.sample(model, processor, inputs, n=1, max_new_tokens=10, do_sample=False)
-    reference = model.generate(**inputs, generation_config=common.sampling_config(model, 10, do_sample=False))
+    samples = sampling.sample(model, processor, inputs, n=1, max_new_tokens=10, do_sample=False)
+    reference = model.generate(**inputs, generation_config=sampling.sampling_config(model, 10, do_sample=False))
     T = samples.ids.shape[1]
     torch.testing.assert_close(samples.ids, reference[:, inputs["input_ids"].shape[1]:][:, :T])
-    eos = set(common.eos_token_ids(common.sampling_config(model, 10)))
+    eos = set(sampling.eos_token_ids(sampling.sampling_config(model, 10)))
     for row, truncated in zip(samples.ids.tolist(), samples.truncated):
         assert truncated == (not eos & set(row))  # a random tiny model rarely ends: most rows run out of budget
     assert [len(c) for c in samples.completions()] == [1, 1, 1]
@@ -414,8 +415,8 @@ def test_sample_matches_generate_and_flags_truncation(tiny_model_dir, demo_pool)
 def test_truncated_answer_is_unparseable_in_every_stage():
     text = "The image is sharp. \\boxed{3.2}. Wait, let me reconsider"
     parse = lambda t: parse_score(t, PRESETS["evoquality"])
-    assert common.answer(common.Completion(text, truncated=False), parse) == 3.2
-    assert common.answer(common.Completion(text, truncated=True), parse) is None
+    assert sampling.answer(sampling.Completion(text, truncated=False), parse) == 3.2
+    assert sampling.answer(sampling.Completion(text, truncated=True), parse) is None
 
 
 def test_completion_mask_from_positions():
@@ -423,7 +424,7 @@ def test_completion_mask_from_positions():
 
     eos, pad = 5, 5
     ids = torch.tensor([[1, 2, eos, pad], [1, 2, 3, 4], [eos, pad, pad, pad]])
-    assert common.completion_mask(ids, [eos, pad]).tolist() == [[1, 1, 1, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
+    assert sampling.completion_mask(ids, [eos, pad]).tolist() == [[1, 1, 1, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
 
 
 def test_refuse_changed_settings_names_each_change(tmp_path, capsys):
@@ -466,7 +467,7 @@ def test_greedy_config_decodes_argmax_batched_like_alone(tiny_model_dir, demo_po
     prompt = PRESETS["evoquality"].prompt("score", False)
     inputs = common.encode_batch(processor, [prompt] * 2, [[im] for im in images])
     assert (inputs["attention_mask"] == 0).any()
-    out = model.generate(**inputs, generation_config=common.sampling_config(model, 6, do_sample=False))
+    out = model.generate(**inputs, generation_config=sampling.sampling_config(model, 6, do_sample=False))
     for row, image in enumerate(images):
         alone = dict(common.encode_batch(processor, [prompt], [[image]]))
         ids = alone["input_ids"]

@@ -17,6 +17,7 @@ import pytest
 from scipy import stats
 
 import common
+import sampling
 import evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -195,7 +196,7 @@ def fake_answers(calls):
                 text = "<think>hm</think> no idea"
             elif int(spread) % 7 == 3:
                 text, truncated = f"\\boxed{{{1 + spread / 30:.2f}}}. Wait, let me reconsider", True
-            out.append([common.Completion(text, truncated)] * args.samples)
+            out.append([sampling.Completion(text, truncated)] * args.samples)
         return out
     return sample_answers
 
@@ -301,7 +302,7 @@ def test_truncated_closed_box_scores_nothing():
     preset = common.get_preset("evoquality")
     text = "<think>looks sharp</think> \\boxed{3.2}. Wait, let me reconsider"
     assert common.parse_score(text, preset) == 3.2  # the text alone would parse: only the flag stops it
-    score, scores = evaluate.image_score([common.Completion(text, True), common.Completion("\\boxed{4.0}", False)],
+    score, scores = evaluate.image_score([sampling.Completion(text, True), sampling.Completion("\\boxed{4.0}", False)],
                                          preset)
     assert scores == [None, 4.0] and score == 4.0
 
@@ -441,7 +442,7 @@ def test_sampled_answers_are_grouped_per_image(tiny_model_dir, demo_bench):
     preset = common.get_preset("evoquality")
     prompt = preset.prompt("score", True)
     images = [common.load_image(demo_bench / f"bench_{i:05d}.png") for i in (0, 1, 2)]
-    eos = common.eos_token_ids(common.sampling_config(model, 4))
+    eos = sampling.eos_token_ids(sampling.sampling_config(model, 4))
     reference, ended = [], []
     for image in images:
         inputs = common.encode_batch(processor, [prompt], [[image]])

@@ -16,6 +16,7 @@ import torch
 from scipy.stats import norm
 
 import common
+import sampling
 import grpo_train
 from common import completion_mask
 from grpo_train import group_advantages, grpo_loss, pair_fidelity_rewards
@@ -235,11 +236,11 @@ def test_chunked_logprobs_equal_the_full_log_softmax_with_gradients():
 
 
 def test_rewards_parse_through_the_truncation_rule_and_land_on_their_images_rows():
-    """The real parser (common.answer + parse_score) on scripted completions; the calls come in another order than
+    """The real parser (sampling.answer + parse_score) on scripted completions; the calls come in another order than
     the step's images, and image 'hi' (scored high, p* says it is better) must get the high rewards."""
     from types import SimpleNamespace
 
-    C = common.Completion
+    C = sampling.Completion
     images = ["lo.png", "hi.png", "mid.png"]
     hi = [C("\\boxed{4.50}", False), C("it is fine \\boxed{4.0}", False), C("\\boxed{5.0}. Wait, let me", True)]
     lo = [C("\\boxed{1.5}", False), C("no answer", False), C("\\boxed{2.0}", False)]
@@ -279,8 +280,8 @@ def test_logprobs_equal_generate_scores_with_left_padding_twice(tiny_model_dir, 
     vs = model.config.vision_start_token_id
     G = 3
     batch = grpo_train.select_rows(encoded, [0] * G + [1] * G, vs)
-    config = common.sampling_config(model, max_new_tokens=12, temperature=0.7, do_sample=True)
-    eos = common.eos_token_ids(config)
+    config = sampling.sampling_config(model, max_new_tokens=12, temperature=0.7, do_sample=True)
+    eos = sampling.eos_token_ids(config)
     P = batch["input_ids"].shape[1]
     for _ in range(2):  # twice in a row: no stale M-RoPE deltas from the previous generate
         with torch.no_grad():
@@ -366,11 +367,11 @@ def test_ratio_is_one_at_the_first_update(tiny_model_dir, demo_pool):
     images = [[common.load_image(demo_pool / f"pool_0000{i}.png")] for i in (2, 3)]
     encoded = dict(common.encode_batch(processor, [preset.prompt("score", False)] * 2, images, preset.add_vision_id))
     batch = grpo_train.select_rows(encoded, [0, 0, 1, 1], model.config.vision_start_token_id)
-    config = common.sampling_config(model, max_new_tokens=10, temperature=1.0)
+    config = sampling.sampling_config(model, max_new_tokens=10, temperature=1.0)
     with torch.no_grad():
         completions = model.eval().generate(**batch, generation_config=config)[:, batch["input_ids"].shape[1]:]
         old = grpo_train.token_logprobs(model, batch, completions, 1.0)
-    mask = completion_mask(completions, common.eos_token_ids(config))
+    mask = completion_mask(completions, sampling.eos_token_ids(config))
     model.train()
     rows = [1, 2]
     width = int(mask[rows].sum(1).max())
@@ -391,11 +392,12 @@ WRAPPER = """
 import runpy, sys, zlib
 sys.path.insert(0, {root!r})
 import common
+import sampling
 def parse_score(text, preset=None):  # deterministic in the text: varied rewards from a random model
     h = zlib.crc32(text.encode())
     return None if h % 5 == 0 else 1 + (h % 401) / 100
 common.parse_score = parse_score
-common.answer = lambda completion, parse: parse(completion.text)  # the random model never ends: ignore truncation
+sampling.answer = lambda completion, parse: parse(completion.text)  # the random model never ends: ignore truncation
 sys.argv[0] = {script!r}
 runpy.run_path({script!r}, run_name="__main__")
 """
@@ -607,7 +609,7 @@ def test_a_scripted_step_through_the_real_parser_puts_each_advantage_on_its_own_
     processor = common.load_processor(s["model"])
     model = common.load_model(s["model"], dtype=torch.float32)
     preset = common.get_preset("evoquality")
-    eos = common.eos_token_ids(common.sampling_config(model, 1))
+    eos = sampling.eos_token_ids(sampling.sampling_config(model, 1))
     script = {"pool_00003.png": [("\\boxed{4.5}", True), ("so \\boxed{4.0}", True), ("\\boxed{5.0}. Wait", False)],
               "pool_00007.png": [("no idea", True), ("\\boxed{1.5}", True), ("\\boxed{2.0}", True)]}
     encoded = {x: dict(common.encode_batch(processor, [preset.prompt("score", False)],
@@ -620,11 +622,11 @@ def test_a_scripted_step_through_the_real_parser_puts_each_advantage_on_its_own_
         sizes = inputs["image_grid_thw"].prod(dim=1).tolist()  # one image per prompt: its pixel rows
         names = [min(which, key=lambda x: abs(which[x] - float(chunk.sum())))
                  for chunk in inputs["pixel_values"].split(sizes)]
-        rows = [row for x in names for row in tokens[x]]  # prompt-major, as common.sample returns them
+        rows = [row for x in names for row in tokens[x]]  # prompt-major, as sampling.sample returns them
         width = max(map(len, rows))
         ids = torch.tensor([row + eos[:1] * (width - len(row)) for row in rows])
-        mask = common.completion_mask(ids, eos)
-        return common.Samples(ids=ids, mask=mask, truncated=[not ended for x in names for _, ended in script[x]],
+        mask = sampling.completion_mask(ids, eos)
+        return sampling.Samples(ids=ids, mask=mask, truncated=[not ended for x in names for _, ended in script[x]],
                               texts=processor.batch_decode(ids * mask + (1 - mask) * eos[0], skip_special_tokens=True),
                               n=n)
 

@@ -1,4 +1,4 @@
-"""common.sample (prefill once, decode n copies) against `model.generate`, the routine it replaces, and against a full
+"""sampling.sample (prefill once, decode n copies) against `model.generate`, the routine it replaces, and against a full
 forward over prompt + completion. Tiny real Qwen-VL checkpoints, a left-padded batch of mixed lengths: a two-image
 prompt and a one-image prompt with a smaller image."""
 
@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import common
+import sampling
 from common import PRESETS
 
 
@@ -37,24 +38,24 @@ def mixed_batch(processor, images):
     return inputs
 
 
-def reference_sample(model, processor, inputs, n, max_new_tokens, temperature=1.0, do_sample=True) -> common.Samples:
-    """The previous common.sample, verbatim: one generate call with num_return_sequences=n. (generate refuses
+def reference_sample(model, processor, inputs, n, max_new_tokens, temperature=1.0, do_sample=True) -> sampling.Samples:
+    """The previous sampling.sample, verbatim: one generate call with num_return_sequences=n. (generate refuses
     greedy with n > 1; the n copies of a greedy completion are the same completion repeated.)"""
     copies = 1 if not do_sample else n
-    config = common.sampling_config(model, max_new_tokens, temperature, do_sample=do_sample,
+    config = sampling.sampling_config(model, max_new_tokens, temperature, do_sample=do_sample,
                                     num_return_sequences=copies)
-    eos = common.eos_token_ids(config)
+    eos = sampling.eos_token_ids(config)
     with torch.inference_mode():
         sequences = model.generate(**inputs, generation_config=config).repeat_interleave(n // copies, dim=0)
     ids = sequences[:, inputs["input_ids"].shape[1]:]
-    mask = common.completion_mask(ids, eos + common.placeholder_token_ids(model))
+    mask = sampling.completion_mask(ids, eos + sampling.placeholder_token_ids(model))
     ended = torch.isin(ids, torch.tensor(eos, device=ids.device)) & mask.bool()
     truncated = (~ended.any(dim=1)).tolist()
     texts = processor.batch_decode(ids * mask + (1 - mask) * eos[0], skip_special_tokens=True)
-    return common.Samples(ids=ids, mask=mask, truncated=truncated, texts=texts, n=n)
+    return sampling.Samples(ids=ids, mask=mask, truncated=truncated, texts=texts, n=n)
 
 
-def assert_same(got: common.Samples, want: common.Samples):
+def assert_same(got: sampling.Samples, want: sampling.Samples):
     assert torch.equal(got.ids, want.ids), (got.ids, want.ids)
     assert torch.equal(got.mask, want.mask)
     assert (got.truncated, got.texts, got.n) == (want.truncated, want.texts, want.n)
@@ -64,7 +65,7 @@ class EosBias:
     """Adds `bias` to the EOS logit (lm_head forward hook) so completions end mid-way, for generate and sample alike."""
 
     def __init__(self, model, bias: float):
-        self.eos = common.eos_token_ids(common.sampling_config(model, 1))[0]
+        self.eos = sampling.eos_token_ids(sampling.sampling_config(model, 1))[0]
         self.handle = model.lm_head.register_forward_hook(self.hook)
         self.bias = bias
 
@@ -89,14 +90,14 @@ def test_greedy_equals_generate_token_for_token(checkpoints, images, arch):
                                                         with_kwargs=True)
     for n in (1, 2):  # twice on one model: no M-RoPE state carried over from the previous batch
         want = reference_sample(model, processor, inputs, n, 12, do_sample=False)
-        got = common.sample(model, processor, inputs, n, 12, do_sample=False)
+        got = sampling.sample(model, processor, inputs, n, 12, do_sample=False)
         assert_same(got, want)
         assert got.ids.shape == (3 * n, 12)
     hook.remove()
     assert encoded == [5, 3] * 2  # generate: every image shown; sample: each distinct image once
     # a batch of one prompt right after: another length, another rope delta
     single = common.encode_batch(processor, ["hello"], [images[1]])
-    assert_same(common.sample(model, processor, single, 1, 6, do_sample=False),
+    assert_same(sampling.sample(model, processor, single, 1, 6, do_sample=False),
                 reference_sample(model, processor, single, 1, 6, do_sample=False))
 
 
@@ -108,7 +109,7 @@ def test_eos_mid_way_gives_the_same_ids_mask_and_truncation_as_generate(checkpoi
             torch.manual_seed(seed)
             want = reference_sample(model, processor, inputs, 4, 10, temperature=1.0)
             torch.manual_seed(seed)
-            got = common.sample(model, processor, inputs, 4, 10, temperature=1.0)
+            got = sampling.sample(model, processor, inputs, 4, 10, temperature=1.0)
             assert_same(got, want)  # same seed as generate -> the same samples, shape included
             ended = [bias.eos in row for row in got.ids.tolist()]
             if any(ended) and not all(ended):
@@ -116,16 +117,16 @@ def test_eos_mid_way_gives_the_same_ids_mask_and_truncation_as_generate(checkpoi
         assert any(ended) and not all(ended), "the bias should end some rows and not others"
         # independently: mask up to and including the first EOS, padding after it, truncated iff no EOS
         for row, mask, truncated, text in zip(got.ids.tolist(), got.mask.tolist(), got.truncated, got.texts):
-            stops = [i for i, t in enumerate(row) if t in common.eos_token_ids(common.sampling_config(model, 1))]
+            stops = [i for i, t in enumerate(row) if t in sampling.eos_token_ids(sampling.sampling_config(model, 1))]
             end = stops[0] + 1 if stops else len(row)
             assert mask == [1] * end + [0] * (len(row) - end) and truncated == (not stops)
             assert all(t == model.generation_config.pad_token_id for t in row[end:])
             assert text == processor.decode(row[:end], skip_special_tokens=True)
-        assert_same(common.sample(model, processor, inputs, 2, 10, do_sample=False),
+        assert_same(sampling.sample(model, processor, inputs, 2, 10, do_sample=False),
                     reference_sample(model, processor, inputs, 2, 10, do_sample=False))
     with EosBias(model, 100.0):  # every row ends at once: the loop stops as generate does, before the budget
         torch.manual_seed(0)
-        short = common.sample(model, processor, inputs, 3, 10)
+        short = sampling.sample(model, processor, inputs, 3, 10)
         assert short.ids.shape == (9, 1) and short.truncated == [False] * 9 and short.mask.tolist() == [[1]] * 9
 
 
@@ -145,14 +146,14 @@ def full_forward_logprobs(model, processor, prompt: str, images, completion, tem
 def test_sampled_logprobs_equal_a_full_forward_and_rows_are_prompt_major(checkpoints, images, n):
     model, processor = checkpoints["qwen2_5_vl"]
     inputs = mixed_batch(processor, images)
-    config = common.sampling_config(model, 8, temperature=0.7)
+    config = sampling.sampling_config(model, 8, temperature=0.7)
     torch.manual_seed(0)
-    ids, logprobs = common._sample_tokens(model, inputs, n, config)
+    ids, logprobs = sampling._sample_tokens(model, inputs, n, config)
     torch.manual_seed(0)
-    again = common.sample(model, processor, inputs, n, 8, temperature=0.7)
+    again = sampling.sample(model, processor, inputs, n, 8, temperature=0.7)
     assert torch.equal(again.ids, ids) and not again.ids.is_inference()  # same seed -> same samples; usable in training
-    mask = common.completion_mask(ids, common.eos_token_ids(config) + common.placeholder_token_ids(model))
-    placeholder = torch.isin(ids, torch.tensor(common.placeholder_token_ids(model)))
+    mask = sampling.completion_mask(ids, sampling.eos_token_ids(config) + sampling.placeholder_token_ids(model))
+    placeholder = torch.isin(ids, torch.tensor(sampling.placeholder_token_ids(model)))
     for row in range(3 * n):  # row p * n + k belongs to prompt p
         p = row // n
         keep = int(mask[row].sum()) - int(placeholder[row][mask[row].bool()].any())  # a sampled <|image_pad|> ends it
@@ -161,7 +162,7 @@ def test_sampled_logprobs_equal_a_full_forward_and_rows_are_prompt_major(checkpo
     if n > 1:
         assert len({tuple(r) for r in ids[:n].tolist()}) > 1  # the copies are sampled independently
         torch.manual_seed(1)
-        assert not torch.equal(common.sample(model, processor, inputs, n, 8, temperature=0.7).ids, ids)
+        assert not torch.equal(sampling.sample(model, processor, inputs, n, 8, temperature=0.7).ids, ids)
 
 
 def test_a_model_without_mrope_state_is_refused(tmp_path):
@@ -172,9 +173,9 @@ def test_a_model_without_mrope_state_is_refused(tmp_path):
     model = transformers.Qwen2ForCausalLM(config).eval()
     model.generation_config.eos_token_id = 0
     with pytest.raises(TypeError, match="Qwen-VL"):
-        common._sample_tokens(model, {"input_ids": torch.ones(1, 3, dtype=torch.long),
+        sampling._sample_tokens(model, {"input_ids": torch.ones(1, 3, dtype=torch.long),
                                       "attention_mask": torch.ones(1, 3, dtype=torch.long)}, 2,
-                              common.sampling_config(model, 2))
+                              sampling.sampling_config(model, 2))
 
 
 def test_repeated_cache_with_room_equals_repeat_interleave_then_append():
@@ -187,7 +188,7 @@ def test_repeated_cache_with_room_equals_repeat_interleave_then_append():
         cache = DynamicCache()
         cache.layers = [layer]
         cache.update(keys, values, 0)
-        cache = common._repeat_with_room(cache, 3, room=2)
+        cache = sampling._repeat_with_room(cache, 3, room=2)
         assert torch.equal(cache.layers[0].keys, keys.repeat_interleave(3, 0)) and cache.get_seq_length() == 5
         for step in range(2):
             k, v = cache.update(new_keys + step, new_values - step, 0)

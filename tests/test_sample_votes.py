@@ -25,6 +25,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402
+import sampling  # noqa: E402
 import sample_votes  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,16 +40,16 @@ def brightness(img: Image.Image) -> float:
     return float(np.asarray(img, dtype=np.float64).mean())
 
 
-def scripted_completion(imgs: list, j: int) -> common.Completion:
+def scripted_completion(imgs: list, j: int) -> sampling.Completion:
     if len(imgs) == 2:
         answer = f"\\boxed{{{0 if brightness(imgs[0]) > brightness(imgs[1]) else 1}}}"
     else:
         answer = f"\\boxed{{{1 + 4 * brightness(imgs[0]) / 255:.2f}}}"
     if j % 4 == 0:  # out of range for both tasks: unparseable, never guessed
-        return common.Completion("<think> hmm </think> \\boxed{7}", False)
+        return sampling.Completion("<think> hmm </think> \\boxed{7}", False)
     if j % 4 == 1:  # cut off: an abstention, though parseable
-        return common.Completion(f"<think> the brighter one </think> {answer} and then", True)
-    return common.Completion(f"<think> the brighter one </think> {answer}", False)
+        return sampling.Completion(f"<think> the brighter one </think> {answer} and then", True)
+    return sampling.Completion(f"<think> the brighter one </think> {answer}", False)
 
 
 def scripted(calls: list | None = None, fail_after: int | None = None, delay: float = 0.0):
@@ -65,7 +66,7 @@ def scripted(calls: list | None = None, fail_after: int | None = None, delay: fl
 
 def always(index: int):
     """A maximally position-biased model: always answers `index` (0: the first image shown)."""
-    return lambda prompt, images, n: [[common.Completion(f"\\boxed{{{index}}}", False)] * n for _ in images]
+    return lambda prompt, images, n: [[sampling.Completion(f"\\boxed{{{index}}}", False)] * n for _ in images]
 
 
 def expected_counts(pool: Path, a: str, b: str, k: int, seed: int = 0) -> dict:
@@ -425,7 +426,7 @@ def test_score_mode(pool, tmp_path, monkeypatch):
 
 def cut_off_every_other(prompt, images, n):
     """The right boxed answer in every sample, but samples 1, 3, ... were cut off by the token budget."""
-    return [[common.Completion(scripted_completion(imgs, 2).text, j % 2 == 1) for j in range(n)] for imgs in images]
+    return [[sampling.Completion(scripted_completion(imgs, 2).text, j % 2 == 1) for j in range(n)] for imgs in images]
 
 
 @pytest.mark.parametrize("mode", ["compare", "score"])
