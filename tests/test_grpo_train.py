@@ -18,7 +18,7 @@ from scipy.stats import norm
 import common
 import sampling
 import grpo_train
-from common import completion_mask
+from sampling import completion_mask
 from grpo_train import group_advantages, grpo_loss, pair_fidelity_rewards
 
 ROOT = Path(__file__).resolve().parents[1]
