@@ -25,6 +25,7 @@ settings.json, train_log.jsonl (one line per step), checkpoints/step-N/.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
@@ -67,6 +68,8 @@ class Args:
     max_grad_norm: float = common.arg(1.0, help="gradient clipping norm")
     warmup_steps: int = common.arg(0, help="linear warmup optimizer steps before the linear decay")
     weight_decay: float = common.arg(0.0, help="AdamW weight decay")
+    optimizer: str = common.arg("adamw", help="adamw (the paper's); sgd: plain SGD, for the FSDP parity tests",
+                                choices=["adamw", "sgd"])
     max_steps: int = common.arg(0, help="stop after N steps (0: all epochs); the schedule still spans all epochs")
     seed: int = common.arg(0, help="seed of the pair order and of the rollouts")
     bf16: Optional[bool] = common.arg(None, help="bf16 compute, fp32 master weights and AdamW; bf16 reference and "
@@ -86,7 +89,7 @@ class Args:
 # settings that change the result: a --resume with any of them different is refused (common.refuse_changed_settings)
 METHOD_SETTINGS = ("group_size", "epochs", "lr", "beta", "clip_eps", "ppo_epochs", "temperature", "max_new_tokens",
                    "reasoning", "prompt", "gamma", "rollout_batch", "max_grad_norm", "warmup_steps", "weight_decay",
-                   "seed", "bf16", "max_pixels", "skip_missing", "images_root")
+                   "seed", "bf16", "max_pixels", "skip_missing", "images_root", "optimizer")
 LOGPROB_CHUNK = 64  # completion positions per log-softmax chunk: 64 x micro-batch x 152k vocab x 4 B at most
 
 
@@ -462,9 +465,12 @@ def load_pairs(path: str, images_root: str, skip_missing: bool) -> tuple[list[tu
         common.die(f"{path}: no pseudo-labelled pairs (missing or empty file)")
     pairs = []
     for lineno, r in records:
-        a, b, p_star = r.get("a"), r.get("b"), r.get("p_star")
-        if not (isinstance(a, str) and isinstance(b, str) and isinstance(p_star, (int, float))
-                and not isinstance(p_star, bool) and 0.0 <= p_star <= 1.0 and a != b):
+        try:  # one canonical name per image under --images-root ('./x.png' is 'x.png'); none outside it
+            a, b = (common.safe_name(images_root, r.get(key), f"{path}:{lineno}") for key in ("a", "b"))
+        except ValueError as e:
+            common.die(str(e))
+        p_star = r.get("p_star")
+        if not (isinstance(p_star, (int, float)) and not isinstance(p_star, bool) and 0.0 <= p_star <= 1.0 and a != b):
             common.die(f"{path}:{lineno}: expected {{'a': path, 'b': other path, 'p_star': number in [0, 1]}}, "
                        f"got {json.dumps(r)[:200]}")
         pairs.append((a, b, float(p_star)))
@@ -505,8 +511,11 @@ def check_args(args: Args) -> None:
         common.die(f"--group-size {args.group_size}: needs >= 2 (the reward uses each image's score variance)")
     if min(args.ppo_epochs, args.pairs_per_step, args.micro_batch_size, args.epochs, args.rollout_batch) < 1:
         common.die("--ppo-epochs, --pairs-per-step, --micro-batch-size, --rollout-batch and --epochs must be >= 1")
-    if args.temperature <= 0:
-        common.die("--temperature must be > 0 (GRPO samples; log-probs divide the logits by it)")
+    if not args.temperature > 0:  # NaN included
+        common.die(f"--temperature {args.temperature}: must be > 0 (GRPO samples; log-probs divide the logits by it)")
+    for name in ("lr", "beta", "clip_eps", "gamma", "max_grad_norm", "weight_decay"):
+        if not (math.isfinite(getattr(args, name)) and getattr(args, name) >= 0):
+            common.die(f"--{name.replace('_', '-')} {getattr(args, name)}: must be a finite number >= 0")
     if args.shard_reference and not args.fsdp:
         common.die("--shard-reference needs --fsdp")
     cuda = torch.cuda.is_available()
@@ -514,24 +523,22 @@ def check_args(args: Args) -> None:
     args.gradient_checkpointing = cuda if args.gradient_checkpointing is None else args.gradient_checkpointing
 
 
-def prepare_out(args: Args, out: Path, settings: dict, record: dict) -> Optional[Path]:
-    """The checkpoint to resume from (None: a fresh start), after refusing to overwrite or change a run in --out;
-    records the run's settings and arguments."""
+def checkpoint_to_resume(args: Args, out: Path, settings: dict) -> tuple[Optional[Path], Optional[dict]]:
+    """The checkpoint to continue from and this process's state in it (None, None: a fresh start), after refusing to
+    overwrite a run in --out or to continue it with other settings. Only a checkpoint holds work to protect: a run
+    that stopped before its first one is started over, whatever its settings."""
     checkpoint = parallel.latest_checkpoint(out)
     if checkpoint is not None and not args.resume:
         common.die(f"{out} already holds a run ({checkpoint.name}); pass --resume to continue it, or use another --out")
     if checkpoint is None and not args.resume and common.read_jsonl(out / "train_log.jsonl"):
         common.die(f"{out} holds a train_log.jsonl but no checkpoint; pass --resume to start over in it, or choose "
                    "another --out")
-    if args.resume:
-        common.refuse_changed_settings(out / "settings.json", settings, f"the run in {out}",
-                                       "rerun with its settings, or train into another --out")
-    if parallel.is_main():
-        parallel.remove_interrupted_saves(out)
-        common.write_json_atomic(out / "settings.json", {"settings": settings})
-        common.write_json_atomic(out / "args.json", {"args": asdict(args), **record})
-    parallel.barrier()
-    return checkpoint
+    if checkpoint is None:
+        return None, None
+    state = parallel.checkpoint_state(checkpoint)
+    common.refuse_changed_settings(out / "settings.json", settings, f"the run in {out}",
+                                   "rerun with its settings, or train into another --out")
+    return checkpoint, state
 
 
 def build_run(args: Args, accelerator, preset: common.Preset, total_steps: int) -> Run:
@@ -541,7 +548,8 @@ def build_run(args: Args, accelerator, preset: common.Preset, total_steps: int) 
     model, generator, reference = parallel.load_models(args.model, args.ref_model or args.model, accelerator,
                                                        args.bf16, args.fsdp, args.shard_reference,
                                                        args.gradient_checkpointing)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    optimizer = (torch.optim.SGD if args.optimizer == "sgd" else torch.optim.AdamW)(
+        model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     scheduler = get_linear_schedule_with_warmup(optimizer, args.warmup_steps, total_steps * args.ppo_epochs)
     return Run(args, accelerator, model, generator, reference, optimizer, scheduler, processor, preset,
                preset.prompt("score", args.reasoning), sampling.eos_token_ids(sampling.sampling_config(generator, 1)),
@@ -549,38 +557,45 @@ def build_run(args: Args, accelerator, preset: common.Preset, total_steps: int) 
                accelerator.device)
 
 
-def resume(run: Run, out: Path, checkpoint: Optional[Path]) -> int:
+def resume(run: Run, out: Path, checkpoint: Optional[Path], state: Optional[dict]) -> int:
     """The step to start from: the checkpoint's (its state loaded), else 0; steps logged after it are dropped."""
     start_step = 0
     if checkpoint is not None:
-        start_step = parallel.load_checkpoint(checkpoint, run.model, run.optimizer, run.scheduler)
+        start_step = parallel.load_checkpoint(checkpoint, state, run.model, run.optimizer, run.scheduler)
         run.accelerator.print(f"resuming from {checkpoint} at step {start_step}")
-    if parallel.is_main() and (out / "train_log.jsonl").exists():
-        kept = [r for r in common.read_jsonl(out / "train_log.jsonl") if r.get("step", 0) <= start_step]
-        common.write_jsonl_atomic(out / "train_log.jsonl", kept)
+    if parallel.is_main():
+        parallel.remove_interrupted_saves(out)
+        if (out / "train_log.jsonl").exists():
+            kept = [r for r in common.read_jsonl(out / "train_log.jsonl") if r.get("step", 0) <= start_step]
+            common.write_jsonl_atomic(out / "train_log.jsonl", kept)
     parallel.barrier()
     return start_step
 
 
-def main() -> None:
-    from tqdm import tqdm
-
-    args = common.parse_args(Args)
-    check_args(args)
-    pairs, dropped = load_pairs(args.pseudolabels, args.images_root, args.skip_missing)  # before any model
-    accelerator = parallel.init(args.bf16, args.fsdp, args.dist_timeout)
+def train(args: Args, accelerator) -> None:
     world, out, preset = parallel.world_size(), Path(args.out), common.get_preset(args.prompt)
+    pairs, dropped = load_pairs(args.pseudolabels, args.images_root, args.skip_missing)  # before any model
     per_step = args.pairs_per_step * world
     steps_per_epoch = len(pairs) // per_step
     if steps_per_epoch == 0:
         common.die(f"{len(pairs)} pairs is fewer than one step needs ({args.pairs_per_step} pairs x {world} processes)")
     total_steps = steps_per_epoch * args.epochs
     last_step = min(total_steps, args.max_steps) if args.max_steps > 0 else total_steps
-    checkpoint = prepare_out(args, out, run_settings(args, len(pairs), world, preset), {
-        "preset": preset.name, "preset_hash": preset.hash(), "world_size": world, "n_pairs": len(pairs),
-        "pairs_dropped": dropped, "total_steps": total_steps, "versions": common.package_versions()})
-    run = build_run(args, accelerator, preset, total_steps)
-    start_step = resume(run, out, checkpoint)
+    settings = run_settings(args, len(pairs), world, preset)
+    checkpoint, state = checkpoint_to_resume(args, out, settings)
+    try:
+        run = build_run(args, accelerator, preset, total_steps)
+    except OSError as e:  # a mistyped --model / --ref-model: nothing recorded yet, the corrected command runs
+        common.die(f"cannot load --model {args.model} / --ref-model {args.ref_model} ({str(e).splitlines()[0]})")
+    start_step = resume(run, out, checkpoint, state)
+    if parallel.is_main():  # the run has started for real: from here on --resume holds it to these settings
+        common.record_settings(out / "settings.json", settings)
+        common.write_json_atomic(out / "args.json", {
+            "args": asdict(args), "preset": preset.name, "preset_hash": preset.hash(), "world_size": world,
+            "n_pairs": len(pairs), "pairs_dropped": dropped, "total_steps": total_steps,
+            "versions": common.package_versions()})
+
+    from tqdm import tqdm
 
     log = common.JsonlWriter(out / "train_log.jsonl") if parallel.is_main() else None
     progress = tqdm(range(start_step, last_step), initial=start_step, total=last_step, disable=log is None,
@@ -596,8 +611,17 @@ def main() -> None:
         log.close()
     parallel.save_final(out, run.model, run.generator, run.processor, args.bf16)
     accelerator.print(f"wrote {out} (step {last_step} of {total_steps})")
+
+
+def main() -> None:
+    args = common.parse_args(Args)
+    check_args(args)
+    common.check_writable(args.out)  # before any model
+    accelerator = parallel.init(args.bf16, args.fsdp, args.dist_timeout)
+    with common.output_lock(args.out) if parallel.is_main() else contextlib.nullcontext():  # one run per --out
+        train(args, accelerator)
     parallel.destroy()
 
 
 if __name__ == "__main__":
-    main()
+    common.run_main(main)

@@ -265,6 +265,7 @@ def save_checkpoint(out: Path, step: int, keep: int, model, optimizer, scheduler
     barrier()
     model_state, optim_state = get_state_dict(model, optimizer)
     dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(tmp))
+    # tensors and plain values only: checkpoint_state reads it back with weights_only=True
     torch.save({"scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(),
                 "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
                 "python_rng": random.getstate()}, tmp / f"process-{rank()}.pt")
@@ -279,25 +280,44 @@ def save_checkpoint(out: Path, step: int, keep: int, model, optimizer, scheduler
     barrier()
 
 
-def load_checkpoint(checkpoint: Path, model, optimizer, scheduler) -> int:
-    """The state save_checkpoint wrote, into this run's (sharded or replicated) model and optimizer; its step."""
-    import json
+def checkpoint_state(checkpoint: Path) -> dict:
+    """The small part of a checkpoint, read before any model loads: its step (trainer_state.json) and this process's
+    scheduler and RNG state. Loaded with weights_only=True: a file holding anything but tensors and plain values (a
+    planted pickle) is refused, never run."""
+    import pickle
 
+    trainer = common.read_json(checkpoint / "trainer_state.json")
+    if not isinstance(trainer, dict) or not isinstance(trainer.get("step"), int):
+        common.die(f"{checkpoint / 'trainer_state.json'}: no step recorded; delete {checkpoint} and rerun")
+    own = checkpoint / f"process-{rank()}.pt"
+    path = own if own.exists() else checkpoint / "process-0.pt"
+    try:
+        state = torch.load(path, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        common.die(f"{path}: not a training state this program wrote ({first}); it was not unpickled: delete "
+                   f"{checkpoint} to resume from an earlier checkpoint")
+    if not isinstance(state, dict) or not {"scheduler", "torch_rng", "cuda_rng", "python_rng"} <= set(state):
+        common.die(f"{path}: not a training state this program wrote; delete {checkpoint} and rerun")
+    return {**state, "step": trainer["step"]}
+
+
+def load_checkpoint(checkpoint: Path, state: dict, model, optimizer, scheduler) -> int:
+    """The model and optimizer state save_checkpoint wrote, into this run's (sharded or replicated) model and
+    optimizer, and `state` (checkpoint_state) into the scheduler and RNGs; the checkpoint's step."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     model_state, optim_state = get_state_dict(model, optimizer)
-    state = {"model": model_state, "optim": optim_state}
-    dcp.load(state, checkpoint_id=str(checkpoint))
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    own = checkpoint / f"process-{rank()}.pt"
-    extra = torch.load(own if own.exists() else checkpoint / "process-0.pt", weights_only=False)
-    scheduler.load_state_dict(extra["scheduler"])
-    torch.set_rng_state(extra["torch_rng"])
-    if extra["cuda_rng"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(extra["cuda_rng"])
-    random.setstate(extra["python_rng"])
-    return json.loads((checkpoint / "trainer_state.json").read_text())["step"]
+    tensors = {"model": model_state, "optim": optim_state}
+    dcp.load(tensors, checkpoint_id=str(checkpoint))
+    set_state_dict(model, optimizer, model_state_dict=tensors["model"], optim_state_dict=tensors["optim"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["torch_rng"])
+    if state["cuda_rng"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    random.setstate(state["python_rng"])
+    return state["step"]
 
 
 def save_final(out: Path, model, generator, processor, bf16: bool) -> None:
