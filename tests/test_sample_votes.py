@@ -424,6 +424,109 @@ def test_score_mode(pool, tmp_path, monkeypatch):
     assert counts["truncation_rate"] == 0.25 and counts["unparseable_rate"] == 0.5
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# Same-reference pairs
+# ---------------------------------------------------------------------------------------------------------------------
+
+GROUPS = {"pool_00000.png": [0, 1, 2, 3], "pool_00004.png": [4, 5, 6, 7], "pool_00008.png": [8, 9]}  # 6 + 6 + 1 pairs
+
+
+def write_manifest(path: Path, groups=GROUPS, extra=()) -> Path:
+    """make_pool.py's manifest for a pool where image i is a version of the reference whose group holds it."""
+    lines = [json.dumps({"image": f"pool_{i:05d}.png", "reference": ref, "type": None if f"pool_{i:05d}.png" == ref
+                         else "gaussian_blur", "level": 3, "seed": i}) for ref, members in groups.items() for i in members]
+    path.write_text("\n".join([*lines, *extra]) + "\n")
+    return path
+
+
+def test_sample_same_reference_pairs_within_groups_no_repeats_capped():
+    groups = [[0, 1, 2, 3], [5, 7, 9], [10, 11]]
+    taken = {(0, 1), (5, 9), (3, 10)}  # random pairs: two inside groups, one across
+    pairs = sample_votes.sample_same_reference_pairs(groups, 6, 4, taken)
+    group_of = {i: g for g, members in enumerate(groups) for i in members}
+    assert len(pairs) == 6 == len(set(pairs)) and not set(pairs) & taken
+    assert all(i < j and group_of[i] == group_of[j] for i, j in pairs)
+    assert pairs == sample_votes.sample_same_reference_pairs(groups, 6, 4, taken)
+    assert pairs != sample_votes.sample_same_reference_pairs(groups, 6, 5, taken)
+    every = sample_votes.sample_same_reference_pairs(groups, 100, 0, taken)  # 6 + 3 + 1 - 2 taken inside = 8 exist
+    free = {(i, j) for m in groups for i, j in itertools.combinations(m, 2)} - taken
+    assert len(every) == 8 and set(every) == free
+    # a reference uniformly, then two of its versions: a 2-version reference gets the first pair half the time,
+    # although it holds 1 of the 46 pairs
+    first = [sample_votes.sample_same_reference_pairs([[0, 1], list(range(2, 12))], 1, seed, set())[0]
+             for seed in range(2000)]
+    assert 900 < first.count((0, 1)) < 1100
+    inner = [p for p in first if p != (0, 1)]  # and within a reference, every pair of versions alike
+    assert len(set(inner)) == 45 and max(map(inner.count, set(inner))) < 3 * len(inner) / 45
+
+
+def test_same_reference_pairs_run(pool, tmp_path, monkeypatch, capsys):
+    import build_pseudolabels
+
+    manifest, out = write_manifest(tmp_path / "manifest.jsonl"), tmp_path / "votes.jsonl"
+    argv = base_argv(pool, out, "--same-reference-pairs", 5, "--pool-manifest", manifest)
+    run(monkeypatch, scripted(), *argv)
+    records = common.read_jsonl(out)
+    reference = {f"pool_{i:05d}.png": ref for ref, members in GROUPS.items() for i in members}
+    _, names = common.list_images(pool)
+    random_pairs = [(names[i], names[j]) for i, j in sample_votes.sample_pairs(len(names), 20, 0)]
+    assert [(r["a"], r["b"]) for r in records[:20]] == random_pairs  # the random draw is unchanged by the option
+    assert [r["kind"] for r in records] == ["random"] * 20 + ["same_reference"] * 5
+    for r in records[20:]:
+        assert r["a"] != r["b"] and reference[r["a"]] == reference[r["b"]]
+        assert {key: r[key] for key in ("votes_a", "votes_b", "abstain", "first_slot_wins")} == \
+            expected_counts(pool, r["a"], r["b"], 8)
+    assert len({frozenset((r["a"], r["b"])) for r in records}) == 25  # no pair twice, none repeating a random one
+    settings = json.loads(Path(f"{out}.meta.json").read_text())["settings"]
+    assert settings["same_reference_pairs"] == 5 and settings["pool_manifest"] == common.file_sha256(manifest)
+    stats = build_pseudolabels.main(build_pseudolabels.Args(votes=str(out), out=str(tmp_path / "pl.jsonl")))
+    assert stats["by_kind"]["same_reference"]["pairs_in"] == 5 and stats["by_kind"]["random"]["pairs_in"] == 20
+    assert [r["kind"] for r in common.read_jsonl(tmp_path / "pl.jsonl")] == [r["kind"] for r in records]
+    # other values refused, naming the setting; the same command resumes with nothing to vote
+    capsys.readouterr()
+    assert "same_reference_pairs: 5 -> 6" in refused(monkeypatch, capsys, [*argv, "--same-reference-pairs", "6"])
+    old = common.file_sha256(manifest)
+    write_manifest(manifest, {**GROUPS, "pool_00010.png": [10, 11]})
+    assert f"pool_manifest: '{old}' -> '{common.file_sha256(manifest)}'" in refused(monkeypatch, capsys, argv)
+    write_manifest(manifest)
+    calls = []
+    run(monkeypatch, scripted(calls), *argv)
+    assert calls == [] and common.read_jsonl(out) == records
+    # more asked than exist: every same-reference pair that is not a random one, each once
+    every = tmp_path / "every.jsonl"
+    run(monkeypatch, scripted(), *base_argv(pool, every, "--same-reference-pairs", 100, "--pool-manifest", manifest,
+                                            "--mode", "score"))
+    drawn = common.read_jsonl(f"{every}.pairs.jsonl")
+    same = {(p["a"], p["b"]) for p in drawn if p["kind"] == "same_reference"}
+    within = {(names[i], names[j]) for m in GROUPS.values() for i, j in itertools.combinations(m, 2)}
+    assert same == within - set(random_pairs) and len(drawn) == 20 + len(same)
+
+
+def test_bad_manifest_lines_name_file_and_line(pool, tmp_path, monkeypatch, capsys):
+    manifest = tmp_path / "manifest.jsonl"
+    argv = base_argv(pool, tmp_path / "votes.jsonl", "--same-reference-pairs", 3, "--pool-manifest", manifest)
+    for extra, message in (
+            (['{"image": "pool_00010.png", "reference": '], f"{manifest}:11: malformed JSON line"),
+            (['{"image": "pool_00010.png"}'], f'{manifest}:11: expected {{"image": name, "reference": name, ...}}'),
+            (['{"image": "elsewhere.png", "reference": "pool_00000.png"}'],
+             f"{manifest}:11: image 'elsewhere.png' is not in the pool"),
+            (['{"image": "../pool/pool_00010.png", "reference": "pool_00000.png"}'],
+             f"{manifest}:11: image name '../pool/pool_00010.png' is outside the image root"),
+            (['{"image": "/etc/passwd", "reference": "pool_00000.png"}'], f"{manifest}:11: image name '/etc/passwd'"),
+            (['{"image": "./pool_00001.png", "reference": "pool_00000.png"}'],  # the same image as pool_00001.png
+             f"{manifest}:11: image 'pool_00001.png' is listed twice (also on line 2)")):
+        write_manifest(manifest, extra=extra)
+        err = refused(monkeypatch, capsys, argv)
+        assert err.startswith(f"error: {message}"), err
+    assert not (tmp_path / "votes.jsonl.meta.json").exists()
+    assert "--same-reference-pairs needs --pool-manifest" in refused(monkeypatch, capsys, argv[:-2])
+    # './x.png' and 'x.png' name one reference: the pairs stay within it
+    write_manifest(manifest, {"pool_00000.png": [0, 1]}, extra=['{"image": "pool_00002.png", '
+                                                                 '"reference": "./pool_00000.png"}'])
+    groups = sample_votes.read_manifest(manifest, pool, {f"pool_{i:05d}.png": i for i in range(12)})
+    assert groups == [[0, 1, 2]]
+
+
 def cut_off_every_other(prompt, images, n):
     """The right boxed answer in every sample, but samples 1, 3, ... were cut off by the token budget."""
     return [[sampling.Completion(scripted_completion(imgs, 2).text, j % 2 == 1) for j in range(n)] for imgs in images]
