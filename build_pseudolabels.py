@@ -404,16 +404,8 @@ def pseudolabel_lines(names: list[str], kept: dict[str, np.ndarray], p_star: np.
                f'"votes_a": {va}, "votes_b": {vb}, "abstain": {ab}}}\n')
 
 
-def default_pairs_path(votes: Path) -> Path:
-    """sample_votes.py's sidecar: votes.jsonl.pairs.jsonl beside votes.jsonl (votes.pairs.jsonl also accepted)."""
-    candidates = [votes.with_name(votes.name + ".pairs.jsonl"), votes.with_suffix(".pairs.jsonl")]
-    return next((p for p in candidates if p.exists()), candidates[0])
-
-
 def main(args: Optional[Args] = None) -> dict:
     args = args or common.parse_args(Args)
-    if args.label not in ("hard", "soft"):
-        common.die(f"--label must be hard or soft, not {args.label!r}")
     if args.min_valid_votes < 1:
         common.die("--min-valid-votes must be at least 1 (a pair without a valid vote has no label)")
     if not 0 <= args.min_margin <= 1 or not args.bt_prior > 0:
@@ -423,8 +415,7 @@ def main(args: Optional[Args] = None) -> dict:
         common.die(f"votes file {votes_path} not found")
     t0 = time.perf_counter()
     try:
-        mode, names, pairs, info = read_votes(votes_path, Path(args.pairs) if args.pairs else
-                                              default_pairs_path(votes_path))
+        mode, names, pairs, info = read_votes(votes_path, Path(args.pairs or f"{votes_path}.pairs.jsonl"))
     except ValueError as e:
         common.die(str(e))
     t_read = time.perf_counter() - t0
@@ -447,7 +438,7 @@ def main(args: Optional[Args] = None) -> dict:
         common.write_lines_atomic(args.rankings, (json.dumps(r, ensure_ascii=False) + "\n" for r in ranked))
         t_rank = time.perf_counter() - t0
     stats = label_stats(mode, len(names), pairs, keep, dropped, info)
-    stats["votes"] = str(votes_path)
+    stats["votes_file"] = str(votes_path)
     stats["settings"] = {k: getattr(args, k) for k in ("label", "min_margin", "min_valid_votes", "drop_ties",
                                                         "bt_prior")}
     if args.stats:

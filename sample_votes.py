@@ -26,18 +26,15 @@ as: a reference uniformly among those with a pair not drawn yet, then two of its
 none repeating a random pair (all such pairs if fewer exist). Their records carry "kind": "same_reference", the
 others "kind": "random". Only the grouping by reference is read from the manifest (no distortion type or level).
 
-Beside --out: `<out>.meta.json` (the settings below, args, versions, times, counts with the abstention and truncation
-rates), `<out>.pool.json` (size and mtime of every pool image), `<out>.skipped.jsonl` (pairs with an unreadable image,
-and why), and while running `<out>.shard-RANK.jsonl`, one per process, which the main process merges into --out at the
-end (on several nodes, --out must be on a filesystem that every node sees).
-Rerun the same command to resume: finished pairs are kept, the rest are voted, every pair ends up exactly once, even
-after a SIGKILL (the merge is restartable too). A rerun that would change the votes is refused, naming each changed
-setting, unless --overwrite: the model (by content: common.fingerprint, so a checkpoint retrained in the same folder
-is another model), the prompt preset and its text, reasoning, mode, K, temperature, --max-new-tokens, --max-pixels, the
-pair draw (--num-pairs, --seed, the pool's image names in order), and every image that already has votes (by size and
-mtime: an image edited in place under the same name is refused; an unreadable image may be fixed, its pairs are then
-voted), --same-reference-pairs and the manifest's content. --batch-size and the number of processes are not settings: they change which random numbers a vote draws,
-not what the votes estimate (K i.i.d. samples of the model's answer), so a resume may change them.
+Beside --out: `<out>.meta.json` (settings, args, versions, times, vote statistics), `<out>.pool.json` (size and mtime
+of every pool image), `<out>.skipped.jsonl` (pairs with an unreadable image, and why), `<out>.lock` (one run at a
+time), and while running one `<out>.shard-RANK.jsonl` per process (on several nodes, --out must be on a filesystem
+that every node sees). Rerun the same command to resume, after a SIGKILL too: every pair ends up exactly once. A
+rerun that would change the votes is refused naming each changed setting, unless --overwrite: the model (by content),
+the prompt preset and its text, reasoning, mode, K, temperature, --max-new-tokens, --max-pixels, the pair draw
+(--num-pairs, --same-reference-pairs, --seed, the pool's names, the manifest's content) and every image that already
+has votes (by size and mtime). --batch-size and the number of processes may change: they change which random numbers
+a vote draws, not what the votes estimate (K i.i.d. samples of the model's answer).
 """
 
 from __future__ import annotations
@@ -48,6 +45,7 @@ import json
 import math
 import random
 import time
+import warnings
 from dataclasses import dataclass
 from datetime import timedelta
 from functools import partial
@@ -57,6 +55,7 @@ from typing import Callable, Optional
 import numpy as np
 from PIL import Image
 
+import build_pseudolabels
 import common
 import sampling
 
@@ -69,10 +68,8 @@ class Args:
     images_root: Optional[str] = common.arg(None, help="folder the image paths are relative to (default: --images "
                                                        "itself, or the list file's folder)")
     num_pairs: int = common.arg(20000, help="distinct unordered image pairs to draw (all pairs if fewer exist)")
-    same_reference_pairs: int = common.arg(0, help="also draw this many pairs of two versions of one reference image "
-                                                   "(needs --pool-manifest)")
-    pool_manifest: Optional[str] = common.arg(None, help="make_pool.py's manifest.jsonl: each image's reference "
-                                                         "(names relative to the pool root)")
+    same_reference_pairs: int = common.arg(0, help="also this many pairs of two versions of one reference image")
+    pool_manifest: Optional[str] = common.arg(None, help="make_pool.py's manifest.jsonl: each pool image's reference")
     votes_per_pair: int = common.arg(32, help="K: votes per pair, K/2 in each order (per image with --mode score)")
     seed: int = common.arg(0, help="seed of the pair draw, of odd-K vote orders and of sampling")
     temperature: float = common.arg(1.0, help="sampling temperature (> 0: K greedy votes would all be the same)")
@@ -81,10 +78,8 @@ class Args:
     prompt: str = common.arg("evoquality", help="prompt preset (common.PRESETS)", choices=sorted(common.PRESETS))
     mode: str = common.arg("compare", choices=["compare", "score"],
                            help="compare: the paper's pairwise votes; score: K scores per image (cheaper, not paper)")
-    # 7B on one 80 GB GPU: each prompt is prefilled once, so the KV cache of the sampled sequences is the main cost:
-    # 28 layers x 2 (K, V) x 4 KV heads x 128 dims x 2 bytes = 56 KiB per token, x (2,000 prompt tokens for two
-    # KonIQ images + 512 new) = 144 MB per sequence; 256 sequences = 37 GB, + 16.6 GB bf16 weights = 54 GB of 80,
-    # the rest for the prefill of 256 / 16 = 16 prompts (K = 32) and the vision tower. CPU: use 8-16.
+    # 7B: 28 layers x 2 (K, V) x 4 KV heads x 128 dims x 2 bytes = 56 KiB/token x (2,000 prompt + 512 new tokens);
+    # 54 GB of 80 leaves room for the prefill of 16 prompts (K = 32) and the vision tower. CPU: use 8-16.
     batch_size: int = common.arg(256, help="sequences sampled per call, in whole prompts; 256 fits 7B on one 80 GB GPU "
                                            "(KV 144 MB/sequence x 256 = 37 GB + 16.6 GB weights)")
     max_pixels: Optional[int] = common.arg(None, help="downscale images above this many pixels (default: processor's)")
@@ -101,7 +96,11 @@ SETTINGS = ("prompt", "reasoning", "mode", "votes_per_pair", "temperature", "max
             "same_reference_pairs", "seed")
 
 
+# ---------------------------------------------------------------------------------------------------------------------
 # ALGO LOGIC: pairs, vote orders, answers mapped back to image identity
+# ---------------------------------------------------------------------------------------------------------------------
+
+
 def sample_pairs(n_images: int, num_pairs: int, seed: int) -> list[tuple[int, int]]:
     """`num_pairs` distinct unordered pairs (i, j), i < j, drawn uniformly without replacement (all pairs if fewer
     exist). Depends only on its arguments, so a rerun or a resume draws the same pairs in the same order."""
@@ -209,27 +208,6 @@ def score_images(names: list[str], images: dict[str, Image.Image], generate_fn: 
             for x, per_image in zip(names, completions)]
 
 
-def summarize(records: list[dict], mode: str, skipped: int) -> dict:
-    """Pairs, votes, abstention rate, truncation rate (answers cut off by --max-new-tokens: abstentions too),
-    first-slot win rate (position bias; 0.5 is unbiased), mean majority agreement."""
-    if mode == "score":
-        samples = [s for r in records for s in r["scores"]]
-        truncated = sum(t for r in records for t in r["truncated"])
-        return {"images": len(records), "skipped_pairs": skipped, "samples": len(samples),
-                "unparseable_rate": sum(s is None for s in samples) / max(len(samples), 1),
-                "truncated_samples": truncated, "truncation_rate": truncated / max(len(samples), 1)}
-    votes = sum(r["votes_a"] + r["votes_b"] + r["abstain"] for r in records)
-    answered = sum(r["votes_a"] + r["votes_b"] for r in records)
-    truncated = sum(x["truncated"] for r in records for x in r["answers"])
-    agreement = [max(r["votes_a"], r["votes_b"]) / (r["votes_a"] + r["votes_b"])
-                 for r in records if r["votes_a"] + r["votes_b"]]
-    return {"pairs": len(records), "skipped_pairs": skipped, "votes": votes,
-            "abstention_rate": (votes - answered) / max(votes, 1),
-            "truncated_votes": truncated, "truncation_rate": truncated / max(votes, 1),
-            "first_slot_win_rate": sum(r["first_slot_wins"] for r in records) / max(answered, 1),
-            "mean_majority_agreement": sum(agreement) / max(len(agreement), 1)}
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # TRY NOT TO MODIFY: model, images, files, processes
 # ---------------------------------------------------------------------------------------------------------------------
@@ -237,8 +215,8 @@ def summarize(records: list[dict], mode: str, skipped: int) -> dict:
 
 def make_generate_fn(model, processor, add_vision_id: bool, max_new_tokens: int, temperature: float) -> GenerateFn:
     def generate(prompt: str, images: list[list[Image.Image]], n: int) -> list[list[sampling.Completion]]:
-        inputs = common.encode_batch(processor, [prompt] * len(images), images, add_vision_id).to(model.device)
-        return sampling.sample(model, processor, inputs, n, max_new_tokens, temperature).completions()
+        return sampling.sample_prompts(model, processor, [prompt] * len(images), images, n, max_new_tokens, temperature,
+                                       add_vision_id).completions()
 
     return generate
 
@@ -333,19 +311,13 @@ def draw_pairs(args: Args, root: Path, names: list[str]) -> dict[tuple[str, str]
     return kinds
 
 
-def record_key(record: dict):
-    return record["image"] if "image" in record else (record["a"], record["b"])
-
-
 def read_done(out: Path) -> tuple[dict, dict]:
     """(results, skipped) by key, from --out and every shard file left by any earlier run (any number of processes)."""
     results, skipped = {}, {}
     for path in [out, *common.shard_files(out)]:
         for record in common.read_jsonl(path):
-            if "skipped" in record:
-                skipped[record_key(record)] = record
-            else:
-                results[record_key(record)] = record
+            key = record["image"] if "image" in record else (record["a"], record["b"])
+            (skipped if "skipped" in record else results)[key] = record
     return results, skipped
 
 
@@ -371,14 +343,14 @@ def settings_of(args: Args, names: list[str]) -> dict:
 
 def image_stats(root: Path, names: list[str]) -> dict[str, Optional[list[int]]]:
     """[size, mtime_ns] of every pool image (None if it is missing): an image's identity, cheap for 10k images."""
-    stats: dict[str, Optional[list[int]]] = {}
-    for name in names:
+    def stat(name: str) -> Optional[list[int]]:
         try:
-            stat = (root / name).stat()
-            stats[name] = [stat.st_size, stat.st_mtime_ns]
+            info = (root / name).stat()
+            return [info.st_size, info.st_mtime_ns]
         except OSError:
-            stats[name] = None
-    return stats
+            return None
+
+    return {name: stat(name) for name in names}
 
 
 def refuse_changes(out: Path, settings: dict, stats: dict, done: dict, mode: str) -> None:
@@ -438,17 +410,23 @@ def start(args: Args, out: Path, settings: dict, stats: dict, pairs: dict, num_p
 
 
 def finish(args: Args, out: Path, pairs: dict, keys: list, seconds: float) -> None:
+    """Merge the shards, then record and print the vote statistics (build_pseudolabels.py's, from the merged file)."""
     records, skipped = merge(out, list(pairs), keys, args.mode)
-    counts = summarize(records, args.mode, len(skipped))
-    counts["seconds_this_run"] = int(seconds)
+    if not records:
+        common.die(f"no votes: every pair has an unreadable image (see {out}.skipped.jsonl)")
+    with warnings.catch_warnings():  # pairs of skipped images have no votes: said below, with the file that lists them
+        warnings.simplefilter("ignore")
+        _, _, votes, info = build_pseudolabels.read_votes(out, Path(f"{out}.pairs.jsonl"))
+    counts = {"pairs": len(pairs) - len(skipped), "skipped_pairs": len(skipped), **build_pseudolabels.vote_stats(votes),
+              **build_pseudolabels.truncation_stats(info["truncation"]),
+              "by_kind": build_pseudolabels.kind_stats(votes), "seconds_this_run": int(seconds)}
     meta = common.read_json(f"{out}.meta.json")
     common.write_json_atomic(f"{out}.meta.json", {**meta, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                                                  "counts": counts})
-    print(" | ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in counts.items()))
+    print(" | ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in counts.items()
+                     if not isinstance(v, (dict, list))))
     if skipped:
         print(f"skipped {len(skipped)} pairs with an unreadable image: {out}.skipped.jsonl")
-    if not records:
-        common.die(f"no votes: every pair has an unreadable image (see {out}.skipped.jsonl)")
 
 
 def vote(args: Args, out: Path, root: Path, rank: int, mine: list, generate_fn: GenerateFn, pairs: dict) -> None:

@@ -285,6 +285,8 @@ def test_stats_by_hand(tmp_path):
     assert stats["abstention_rate"] == round(42 / 96, 6)  # (2 + 32 + 8) / (32 + 8 + 8 + 32 + 8 + 8)
     assert stats["first_slot_win_rate"] == round((17 + 4 + 5 + 3) / (30 + 8 + 8 + 8), 6)
     assert stats["votes_per_pair_mean"] == 16.0
+    assert stats["votes"] == 96 and stats["votes_file"] == str(tmp_path / "votes.jsonl")
+    assert stats["majority_agreement_mean"] == round((19 / 30 + 5 / 8 + 4 / 8 + 7 / 8) / 4, 6)
     hist = stats["majority_agreement_histogram"]  # agreements 19/30 = .633, 5/8 = .625, .5, 7/8 = .875
     assert hist["edges"][0] == 0.5 and hist["edges"][-1] == 1.0 and len(hist["counts"]) == 10
     assert hist["counts"] == [1, 0, 2, 0, 0, 0, 0, 1, 0, 0]
@@ -437,7 +439,7 @@ def test_score_mode_warnings_for_inconsistent_files(tmp_path):
     votes = write_jsonl(tmp_path / "votes.jsonl", [{"image": "x.png", "scores": [3.0, 2.0]},
                                                    {"image": "y.png", "scores": [2.0, 2.5]},
                                                    {"image": "x.png", "scores": [1.0, 1.0]}])
-    write_jsonl(tmp_path / "votes.pairs.jsonl",  # the other accepted sidecar name
+    write_jsonl(tmp_path / "votes.jsonl.pairs.jsonl",
                 [{"a": "x.png", "b": "y.png"}, {"a": "x.png", "b": "gone.png"}])
     with pytest.warns(UserWarning) as record:
         out, ranks, stats = run(tmp_path, votes)

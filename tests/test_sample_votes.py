@@ -161,26 +161,6 @@ def test_identity_mapping_abstentions_and_batching(demo_pool):
             assert all(chosen_first) == (index == 0)
 
 
-def test_summarize_hand_worked():
-    def answers(truncated: int, total: int) -> list[dict]:
-        return [{"truncated": i < truncated} for i in range(total)]
-
-    records = [{"votes_a": 3, "votes_b": 1, "abstain": 0, "first_slot_wins": 2, "answers": answers(0, 4)},
-               {"votes_a": 0, "votes_b": 2, "abstain": 2, "first_slot_wins": 1, "answers": answers(1, 4)},
-               {"votes_a": 0, "votes_b": 0, "abstain": 4, "first_slot_wins": 0, "answers": answers(4, 4)}]
-    s = sample_votes.summarize(records, "compare", skipped=1)
-    assert s["pairs"] == 3 and s["votes"] == 12 and s["skipped_pairs"] == 1
-    assert s["abstention_rate"] == pytest.approx(6 / 12)
-    assert s["truncated_votes"] == 5 and s["truncation_rate"] == pytest.approx(5 / 12)
-    assert s["first_slot_win_rate"] == pytest.approx(3 / 6)
-    assert s["mean_majority_agreement"] == pytest.approx((3 / 4 + 2 / 2) / 2)  # pairs without votes left out
-    scores = [{"scores": [3.0, None, None], "truncated": [False, True, False]},
-              {"scores": [None, 2.5], "truncated": [True, False]}]
-    s = sample_votes.summarize(scores, "score", skipped=0)
-    assert (s["images"], s["samples"], s["truncated_samples"]) == (2, 5, 2)
-    assert s["unparseable_rate"] == pytest.approx(3 / 5) and s["truncation_rate"] == pytest.approx(2 / 5)
-
-
 def test_default_batch_size_fits_7b_on_80gb_and_says_why():
     """The default --batch-size against the KV-cache arithmetic of Qwen2.5-VL-7B (config values written out here)."""
     field = next(f for f in dataclasses.fields(sample_votes.Args) if f.name == "batch_size")
@@ -221,8 +201,9 @@ def test_run_meta_and_summary(pool, tmp_path, monkeypatch, capsys):
     assert pool_stats == {x: [(pool / x).stat().st_size, (pool / x).stat().st_mtime_ns] for x in names}
     # scripted: per order of 4 samples, 2 abstain (one of them cut off); the better image wins every valid vote,
     # once per slot
-    expected = {"pairs": 20, "skipped_pairs": 0, "votes": 160, "abstention_rate": 0.5, "truncated_votes": 40,
-                "truncation_rate": 0.25, "first_slot_win_rate": 0.5, "mean_majority_agreement": 1.0}
+    expected = {"pairs": 20, "skipped_pairs": 0, "votes": 160, "abstention_rate": 0.5, "truncated_answers": 40,
+                "truncation_rate": 0.25, "first_slot_win_rate": 0.5, "majority_agreement_mean": 1.0,
+                "tie_rate": 0.0, "votes_per_pair_mean": 8.0}
     assert {key: meta["counts"][key] for key in expected} == expected
     printed = capsys.readouterr().out
     assert "abstention_rate 0.500" in printed and "truncation_rate 0.250" in printed
@@ -368,15 +349,16 @@ def test_refuses_a_pool_image_modified_in_place(pool, tmp_path, monkeypatch, cap
     assert sorted(voted)[0] in refused(monkeypatch, capsys, argv)
 
 
-def test_refuses_an_out_without_meta_or_from_an_older_version(pool, tmp_path, monkeypatch, capsys):
+def test_refuses_an_out_without_meta_and_corrupt_sidecars(pool, tmp_path, monkeypatch, capsys):
     out = tmp_path / "votes.jsonl"
     run(monkeypatch, scripted(), *base_argv(pool, out))
-    meta_path = Path(f"{out}.meta.json")
-    meta = json.loads(meta_path.read_text())
-    old = {k: v for k, v in meta.pop("settings").items() if k != "pool_names"}  # the layout of the earlier version:
-    meta_path.write_text(json.dumps({**old, **meta, "images_sha256": "0" * 64}))  # settings on top, pool by name
-    err = refused(monkeypatch, capsys, base_argv(pool, out))
-    assert "(pool_names: None -> '" in err and "model: " not in err
+    meta_path, pool_path = Path(f"{out}.meta.json"), Path(f"{out}.pool.json")
+    for path, content in ((meta_path, b""), (meta_path, b'{"settings": {"mod'), (pool_path, b""), (pool_path, b"{")):
+        original = path.read_bytes()
+        path.write_bytes(content)  # a 0-byte or cut-off sidecar: one line naming it, not a JSONDecodeError
+        err = refused(monkeypatch, capsys, base_argv(pool, out))
+        assert err.startswith(f"error: {path} is empty or not valid JSON"), err
+        path.write_bytes(original)
     meta_path.unlink()
     err = refused(monkeypatch, capsys, base_argv(pool, out))
     assert err == f"error: {out} exists without votes.jsonl.meta.json, so it cannot be resumed safely; " \
@@ -420,8 +402,9 @@ def test_score_mode(pool, tmp_path, monkeypatch):
         assert r["scores"] == [None, None, score, score] * 2 and "answers" not in r
         assert r["truncated"] == [False, True, False, False] * 2  # kept by --no-text
     counts = json.loads(Path(f"{out}.meta.json").read_text())["counts"]
-    assert (counts["samples"], counts["truncated_samples"]) == (8 * len(records), 2 * len(records))
-    assert counts["truncation_rate"] == 0.25 and counts["unparseable_rate"] == 0.5
+    # per pair, samples 2, 3, 6, 7 of both images parsed (different brightness: a vote each), the rest abstain
+    assert (counts["pairs"], counts["votes"], counts["abstention_rate"]) == (5, 40, 0.5)
+    assert counts["truncated_answers"] == 2 * len(records) and counts["truncation_rate"] == 0.25
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -546,13 +529,13 @@ def test_truncated_boxed_answers_are_abstentions_and_counted(pool, tmp_path, mon
         for r in common.read_jsonl(out):  # each boxed answer cut off is an abstention, never a vote
             assert (r["votes_a"] + r["votes_b"], r["abstain"]) == (4, 4)
             assert all((x["choice"] is None) == x["truncated"] for x in r["answers"])
-        assert (meta["truncated_votes"], meta["abstention_rate"]) == (24, 0.5)
+        assert (meta["truncated_answers"], meta["abstention_rate"]) == (24, 0.5)
         assert (stats["truncated_answers"], stats["abstention_rate"]) == (24, 0.5)
     else:
         records = common.read_jsonl(out)
         for r in records:
             assert [s is None for s in r["scores"]] == r["truncated"] == [False, True] * 4
-        assert (meta["truncated_samples"], meta["unparseable_rate"]) == (4 * len(records), 0.5)
+        assert (meta["truncated_answers"], meta["abstention_rate"]) == (4 * len(records), 0.5)
         assert stats["truncated_answers"] == 4 * len(records)
 
 
@@ -616,7 +599,7 @@ def test_real_tiny_model_end_to_end(tiny_model_dir, demo_pool, tmp_path):
     assert meta["model_path"] == str(Path(tiny_model_dir).resolve()) and meta["counts"]["votes"] == 24
     assert meta["settings"]["model"] == common.fingerprint(tiny_model_dir) != tiny_model_dir
     truncated = sum(x["truncated"] for r in records for x in r["answers"])
-    assert meta["counts"]["truncated_votes"] == truncated and meta["counts"]["truncation_rate"] == truncated / 24
+    assert meta["counts"]["truncated_answers"] == truncated and meta["counts"]["truncation_rate"] == truncated / 24
     # user errors: one line, exit 2, no traceback
     (tmp_path / "empty").mkdir()
     for bad in (["--model", str(tmp_path / "missing")], ["--images", str(tmp_path / "empty")]):
