@@ -30,8 +30,10 @@ Rankings (--rankings): one line per image, best first, over the kept pairs: wins
   (P(i beats j) = sigmoid(theta_i - theta_j)) fitted to the vote counts, MAP with a tiny prior (--bt-prior):
   every image also plays that many virtual games against a reference of theta = 0, half won, half lost. It keeps
   undefeated images finite and anchors each connected component; an image never compared gets theta = 0.
+Image names are normalised ('./x.png' and 'x.png' are one image); an absolute or escaping one is refused.
 Exit code 2 with one line on stderr for a malformed input (file:line), an unknown record shape, or nothing kept.
-Outputs are written through a temporary file and a rename, and are byte-identical when the command is rerun.
+Outputs are written through a temporary file and a rename, and are byte-identical when the command is rerun;
+`<out>.lock` keeps a second run from writing them at the same time.
 """
 
 from __future__ import annotations
@@ -84,6 +86,21 @@ def kind_index(path: Path, lineno: int, record: dict) -> int:
     return KINDS.index(kind)
 
 
+class ImageIds:
+    """Image name -> number, one number per image: './x.png' and 'x.png' are one (common.safe_name); an absolute name
+    or one climbing out with '..' is refused naming file and line. Each spelling is normalised once."""
+
+    def __init__(self):
+        self.ids: dict[str, int] = {}  # canonical name -> number; list(ids) are the names
+        self.spelled: dict[str, int] = {}  # name as written -> number
+
+    def __call__(self, name: str, path: Path, lineno: int) -> int:
+        i = self.spelled.get(name)
+        if i is None:
+            i = self.spelled[name] = self.ids.setdefault(common.safe_name(".", name, f"{path}:{lineno}"), len(self.ids))
+        return i
+
+
 def count_truncated(path: Path, lineno: int, flags: list, values: list) -> int:
     """Answers of one record cut off by the token budget, checked: one true/false per answer, each an abstention."""
     if type(flags) is not list or len(flags) != len(values) or not all(type(f) is bool for f in flags):
@@ -97,7 +114,7 @@ def count_truncated(path: Path, lineno: int, flags: list, values: list) -> int:
 def read_compare(path: Path, records: Iterator[tuple[int, dict]]) -> tuple[list[str], dict[str, np.ndarray], dict]:
     """Image names, one row per record: a, b (indices into the names), votes_a, votes_b, abstain,
     first_slot_wins (-1 where absent), kind (into KINDS), and the truncation counts {truncated, flagged, answers}."""
-    ids: dict[str, int] = {}
+    ids = ImageIds()
     rows = []
     truncation = {"truncated": 0, "flagged": 0, "answers": 0}
     for lineno, r in records:  # the hot loop of the whole stage (with json.loads): checks kept cheap
@@ -107,7 +124,8 @@ def read_compare(path: Path, records: Iterator[tuple[int, dict]]) -> tuple[list[
         a, b, va, vb, ab, first = r["a"], r["b"], r["votes_a"], r["votes_b"], r["abstain"], r.get("first_slot_wins", -1)
         if type(a) is not str or type(b) is not str or not a or not b:
             raise ValueError(f"{path}:{lineno}: 'a' and 'b' must be image paths")
-        if a == b:
+        ia, ib = ids(a, path, lineno), ids(b, path, lineno)
+        if ia == ib:
             raise ValueError(f"{path}:{lineno}: a pair of {a!r} with itself")
         if type(va) is not int or type(vb) is not int or type(ab) is not int or min(va, vb, ab) < 0:
             raise ValueError(f"{path}:{lineno}: votes_a, votes_b, abstain must be non-negative integers")
@@ -121,10 +139,9 @@ def read_compare(path: Path, records: Iterator[tuple[int, dict]]) -> tuple[list[
             truncation["truncated"] += count_truncated(path, lineno, [x.get("truncated") for x in answers],
                                                        [x.get("choice") for x in answers])
             truncation["flagged"] += len(answers)
-        rows.append((ids.setdefault(a, len(ids)), ids.setdefault(b, len(ids)), va, vb, ab, first,
-                     kind_index(path, lineno, r) if "kind" in r else 0))
+        rows.append((ia, ib, va, vb, ab, first, kind_index(path, lineno, r) if "kind" in r else 0))
     columns = np.array(rows, dtype=np.int64).reshape(-1, 7).T
-    return list(ids), dict(zip(("a", "b", "votes_a", "votes_b", "abstain", "first_slot_wins", "kind"), columns)), \
+    return list(ids.ids), dict(zip(("a", "b", "votes_a", "votes_b", "abstain", "first_slot_wins", "kind"), columns)), \
         truncation
 
 
@@ -132,7 +149,7 @@ def read_score(path: Path, records: Iterator[tuple[int, dict]], pairs_path: Path
                ) -> tuple[list[str], np.ndarray, dict[str, np.ndarray], dict]:
     """Image names, the (images x K) score matrix (NaN = unparsed or no record), the drawn pairs a, b, kind, and
     the truncation counts {truncated, flagged, answers} over the score samples."""
-    ids: dict[str, int] = {}
+    ids = ImageIds()
     scores: dict[int, list] = {}
     truncation = {"truncated": 0, "flagged": 0, "answers": 0}
     for lineno, r in records:
@@ -143,7 +160,7 @@ def read_score(path: Path, records: Iterator[tuple[int, dict]], pairs_path: Path
         if not isinstance(image, str) or not isinstance(values, list) or not all(
                 v is None or type(v) in (int, float) for v in values):
             raise ValueError(f"{path}:{lineno}: 'image' must be a path and 'scores' a list of numbers or null")
-        i = ids.setdefault(image, len(ids))
+        i = ids(image, path, lineno)
         if i in scores:
             warnings.warn(f"{path}:{lineno}: image {image!r} recorded twice; keeping its first record")
             continue
@@ -157,18 +174,19 @@ def read_score(path: Path, records: Iterator[tuple[int, dict]], pairs_path: Path
     rows = []
     for lineno, r in common.iter_jsonl(pairs_path):
         a, b = r.get("a"), r.get("b")
-        if not (isinstance(a, str) and isinstance(b, str) and a and b and a != b):
+        if not (isinstance(a, str) and isinstance(b, str) and a and b) or ids(a, pairs_path, lineno) == ids(
+                b, pairs_path, lineno):
             raise ValueError(f"{pairs_path}:{lineno}: expected {{\"a\": image, \"b\": another image}}")
-        rows.append((ids.setdefault(a, len(ids)), ids.setdefault(b, len(ids)), kind_index(pairs_path, lineno, r)))
-    missing = len(ids) - len(scores)
+        rows.append((ids(a, pairs_path, lineno), ids(b, pairs_path, lineno), kind_index(pairs_path, lineno, r)))
+    missing = len(ids.ids) - len(scores)
     if missing:
         warnings.warn(f"{pairs_path}: {missing} image(s) in the pairs have no score record; their pairs get no votes")
     k = max((len(v) for v in scores.values()), default=0)
-    matrix = np.full((len(ids), k), np.nan)
+    matrix = np.full((len(ids.ids), k), np.nan)
     for i, values in scores.items():
         matrix[i, :len(values)] = np.array(values, dtype=np.float64)  # None -> NaN
     a, b, kind = np.array(rows, dtype=np.int64).reshape(-1, 3).T
-    return list(ids), matrix, {"a": a, "b": b, "kind": kind}, truncation
+    return list(ids.ids), matrix, {"a": a, "b": b, "kind": kind}, truncation
 
 
 def merge_duplicate_pairs(pairs: dict[str, np.ndarray], n_images: int) -> tuple[dict[str, np.ndarray], int]:
@@ -321,6 +339,11 @@ def rankings(names: list[str], a: np.ndarray, b: np.ndarray, votes_a: np.ndarray
             for rank, i in enumerate(order, 1)]
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# ALGO LOGIC: vote statistics (overall and per kind of pair; sample_votes.py prints them too)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
 def vote_stats(pairs: dict[str, np.ndarray]) -> dict:
     """The votes of some pairs (K_a, K_b, abstentions, first-slot wins; -1 = unknown): the statistics sample_votes.py
     prints when it ends and this stage records, overall and per kind of pair."""
@@ -410,9 +433,16 @@ def main(args: Optional[Args] = None) -> dict:
         common.die("--min-valid-votes must be at least 1 (a pair without a valid vote has no label)")
     if not 0 <= args.min_margin <= 1 or not args.bt_prior > 0:
         common.die("--min-margin must be in [0, 1] and --bt-prior positive")
+    if not Path(args.votes).is_file():
+        common.die(f"votes file {args.votes} not found")
+    for path in filter(None, (args.out, args.rankings, args.stats)):
+        common.check_writable(Path(path).parent)
+    with common.output_lock(args.out):  # one run at a time writes these outputs
+        return build(args)
+
+
+def build(args: Args) -> dict:
     votes_path = Path(args.votes)
-    if not votes_path.is_file():
-        common.die(f"votes file {votes_path} not found")
     t0 = time.perf_counter()
     try:
         mode, names, pairs, info = read_votes(votes_path, Path(args.pairs or f"{votes_path}.pairs.jsonl"))
@@ -451,4 +481,4 @@ def main(args: Optional[Args] = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    common.run_main(main)

@@ -387,6 +387,39 @@ def test_mixed_and_score_mode_errors(tmp_path, capsys):
     assert "votes.jsonl.pairs.jsonl does not exist" in err
 
 
+def test_image_names_are_one_image_each_and_stay_relative(tmp_path, capsys):
+    records = [{**CRAFTED[0], "a": "./x.png"}, {**CRAFTED[1], "b": "sub//../z.png"}, {**CRAFTED[2], "a": "z.png"}]
+    out, ranks, stats = run(tmp_path, records)
+    assert [(r["a"], r["b"]) for r in out] == [("x.png", "y.png"), ("y.png", "z.png"), ("z.png", "w.png")]
+    assert stats["images"] == 4 and len(ranks) == 4
+    for bad, message in (({**CRAFTED[0], "a": "./y.png"}, "votes.jsonl:1: a pair of './y.png' with itself"),
+                         ({**CRAFTED[0], "a": "/etc/x.png"}, "votes.jsonl:1: image name '/etc/x.png' is outside"),
+                         ({**CRAFTED[0], "b": "../y.png"}, "votes.jsonl:1: image name '../y.png' is outside")):
+        assert message in run_error(tmp_path, capsys, [bad])
+    votes = write_jsonl(tmp_path / "votes.jsonl", [{"image": "x.png", "scores": [3.0]}])
+    write_jsonl(tmp_path / "votes.jsonl.pairs.jsonl", [{"a": "x.png", "b": "./x.png"}])
+    assert "votes.jsonl.pairs.jsonl:1: expected" in run_error(tmp_path, capsys, votes)
+    write_jsonl(tmp_path / "votes.jsonl.pairs.jsonl", [{"a": "x.png", "b": "../y.png"}])
+    assert "votes.jsonl.pairs.jsonl:1: image name '../y.png' is outside" in run_error(tmp_path, capsys, votes)
+
+
+def test_second_run_unwritable_out_and_non_utf8_input_are_one_line_errors(tmp_path, capsys):
+    import common
+
+    with common.output_lock(tmp_path / "pl.jsonl"):  # another run writing the same outputs
+        err = run_error(tmp_path, capsys, CRAFTED)
+    assert err.startswith(f"error: {tmp_path / 'pl.jsonl'} is in use by another run (pid ") and \
+        len(err.strip().splitlines()) == 1
+    run(tmp_path, CRAFTED)  # released: the next run goes ahead
+    (tmp_path / "file").write_text("")
+    votes = write_jsonl(tmp_path / "votes.jsonl", CRAFTED)
+    with pytest.raises(SystemExit) as e:
+        bp.main(bp.Args(votes=str(votes), out=str(tmp_path / "file" / "pl.jsonl")))
+    assert e.value.code == 2 and f"cannot write to {tmp_path / 'file'}" in capsys.readouterr().err
+    votes.write_bytes(json.dumps(CRAFTED[0]).encode() + b"\n\xff\xfe{}\n" + json.dumps(CRAFTED[1]).encode() + b"\n")
+    assert "votes.jsonl:2: malformed JSONL line" in run_error(tmp_path, capsys, votes)
+
+
 def test_empty_results_exit_2_with_the_reason(tmp_path, capsys):
     err = run_error(tmp_path, capsys, [CRAFTED[3], CRAFTED[5]])
     assert "no pair kept out of 2" in err and "'min_valid_votes': 2" in err

@@ -365,6 +365,43 @@ def test_refuses_an_out_without_meta_and_corrupt_sidecars(pool, tmp_path, monkey
                   f"use another --out, or --overwrite to discard them"
 
 
+def test_bad_runs_fail_before_loading_the_model_in_one_line(pool, tmp_path, monkeypatch, capsys):
+    loads = []
+
+    def load(args, device):
+        loads.append(args.model)
+        return scripted()
+
+    def error(argv) -> str:
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as e:
+            sample_votes.main([str(a) for a in argv])
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and len(err.splitlines()) == 1 and loads == [], err
+        return err
+
+    monkeypatch.setattr(sample_votes, "load_generate_fn", load)
+    (tmp_path / "file").write_text("")  # a folder that cannot be created: as unwritable as a read-only one
+    assert error(base_argv(pool, tmp_path / "file" / "votes.jsonl")).startswith(f"error: cannot write to "
+                                                                                f"{tmp_path / 'file'}")
+    for value in ("nan", "inf", "0"):
+        assert "--temperature must be a finite number > 0" in error(base_argv(pool, tmp_path / "v.jsonl",
+                                                                               "--temperature", value))
+    listed = tmp_path / "pool.txt"
+    for lines, message in ((["pool_00001.png", "./pool_00001.png"], f"{listed}:2: pool_00001.png is listed twice"),
+                           (["pool_00001.png", "../pool/pool_00002.png"], f"{listed}:2: image name '../pool/pool_0000"),
+                           (["/etc/hostname", "pool_00002.png"], f"{listed}:1: image name '/etc/hostname' is outside")):
+        listed.write_text("\n".join(lines) + "\n")
+        assert error(base_argv(listed, tmp_path / "v.jsonl", "--images-root", pool)).startswith(f"error: {message}")
+    out = tmp_path / "votes.jsonl"
+    with common.output_lock(out):  # another run voting into the same --out
+        err = error(base_argv(pool, out))
+    assert err.startswith(f"error: {out} is in use by another run (pid {os.getpid()} on host ")
+    assert not Path(f"{out}.meta.json").exists() and not out.exists()
+    run(monkeypatch, scripted(), *base_argv(pool, out, "--num-pairs", 2))  # the lock released: the run goes ahead
+    assert len(common.read_jsonl(out)) == 2
+
+
 def test_corrupt_image_skipped_or_strict(pool, tmp_path, monkeypatch, capsys):
     (pool / "pool_00004.png").write_bytes(b"not a png at all")
     out = tmp_path / "votes.jsonl"
@@ -583,7 +620,9 @@ def test_real_tiny_model_end_to_end(tiny_model_dir, demo_pool, tmp_path):
         return subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
 
     out = tmp_path / "votes.jsonl"
-    result = votes()
+    result = votes("--model", str(tmp_path / "mistyped"))  # fails before any work: leaves nothing that refuses
+    assert result.returncode == 2 and "cannot load model" in result.stderr and not Path(f"{out}.meta.json").exists()
+    result = votes()  # the corrected command into the same --out
     assert result.returncode == 0, result.stderr[-3000:]
     assert "vote/s" in result.stderr and "first_slot_win_rate" in result.stdout
     records = common.read_jsonl(out)
@@ -599,7 +638,7 @@ def test_real_tiny_model_end_to_end(tiny_model_dir, demo_pool, tmp_path):
     assert meta["model_path"] == str(Path(tiny_model_dir).resolve()) and meta["counts"]["votes"] == 24
     assert meta["settings"]["model"] == common.fingerprint(tiny_model_dir) != tiny_model_dir
     truncated = sum(x["truncated"] for r in records for x in r["answers"])
-    assert meta["counts"]["truncated_answers"] == truncated and meta["counts"]["truncation_rate"] == truncated / 24
+    assert meta["counts"]["truncated_answers"] == truncated and meta["counts"]["truncation_rate"] == round(truncated / 24, 6)
     # user errors: one line, exit 2, no traceback
     (tmp_path / "empty").mkdir()
     for bad in (["--model", str(tmp_path / "missing")], ["--images", str(tmp_path / "empty")]):
