@@ -1,4 +1,5 @@
-"""sample_votes.py: pair draw, order balance, identity mapping, abstentions, resume, skips, 2 processes, meta, refusal.
+"""sample_votes.py: pair draws (random and same-reference), order balance, identity mapping, abstentions, resume,
+skips, 2 processes, meta, refusals, the output lock and one-line errors.
 
 Most runs use a scripted model (plugged in at the generate_fn seam) whose answers are known: it prefers the brighter
 image and, per prompt, sample j answers junk (j % 4 == 0), a correct answer cut off by the token budget (j % 4 == 1),
