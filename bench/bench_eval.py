@@ -1,5 +1,5 @@
-"""Benchmark: evaluation with --samples 8 through sampling.sample (each prompt prefilled once) against the generate path
-of commit 45faead (`generate(num_return_sequences=8)`, which prefills every image's prompt 8 times), side by side.
+"""Benchmark: evaluation with --samples 8 through sampling.sample (each prompt prefilled once) against plain
+`generate(num_return_sequences=8)` (which prefills every image's prompt 8 times), side by side.
 
     OMP_NUM_THREADS=2 python bench/bench_eval.py                         # both model sizes, 3 repeats each
     OMP_NUM_THREADS=2 python bench/bench_eval.py --size 30m --samples 8 --repeats 1
@@ -45,7 +45,7 @@ def bench_size(size: str, repeats: int, samples: int, batch_size: int) -> None:
 
     print(f"== {size}: {description}; {n_images} images x {samples} samples, {max_new_tokens} new tokens, "
           f"{batch_size} images per call; torch threads {torch.get_num_threads()}; median of {repeats}; {load()}")
-    results = compare(model, {"old (45faead generate)": scores(old_generate),
+    results = compare(model, {"generate (n copies)": scores(old_generate),
                               "new (sampling.sample)": scores(new_generate)}, repeats)
     report(results, "images", n_images * samples, n_images)
     print(f"  after: {load()}")

@@ -1,7 +1,7 @@
-"""evaluate.py: metrics against hand-worked numbers and scipy, the generic benchmark formats, bad input, resume,
---predictions recomputation, the one truncation rule, reruns refused by setting (model identity, label content),
---images scoring, and end-to-end runs on the tiny model (one process, and two under torchrun) checked against plain
-`generate`. The eight official releases are in test_benchmarks.py."""
+"""evaluate.py: metrics against hand-worked numbers and scipy, bad input, resume, --predictions recomputation, the one
+truncation rule, reruns refused by setting (model identity, label content), --images scoring, and end-to-end runs on
+the tiny model (one process, and two under torchrun) checked against plain `generate`. The benchmark files are read
+by benchmarks.py (test_benchmarks.py)."""
 
 import json
 import math
@@ -18,6 +18,7 @@ from scipy import stats
 
 import common
 import sampling
+import benchmarks
 import evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -105,57 +106,8 @@ def test_wavg_is_weighted_by_image_count_and_mean_is_plain():
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# benchmark files
+# command line
 # ---------------------------------------------------------------------------------------------------------------------
-
-
-def test_three_formats_are_detected_and_parsed(tmp_path):
-    plain = tmp_path / "plain.jsonl"
-    plain.write_text('{"image": "a.png", "mos": 3.42}\n\n{"image": "b.png", "mos": 1}\n')
-    entries, applied, label = evaluate.read_benchmark(plain)
-    assert [(e["image"], e["mos"], e["line"]) for e in entries] == [("a.png", 3.42, f"{plain}:1"),
-                                                                    ("b.png", 1.0, f"{plain}:3")]
-    assert (applied, label) == (False, "mos")
-
-    vqr1 = tmp_path / "vqr1.jsonl"
-    vqr1.write_text("\n".join(json.dumps(r) for r in [
-        {"image": ["x.png"], "conversations": [{"from": "human", "value": "<image>rate"},
-                                               {"from": "gpt", "value": 4.63}]},
-        {"image": ["y.png"], "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "2.5"}]},
-    ]) + "\n")
-    entries, _, label = evaluate.read_benchmark(vqr1)
-    assert [(e["image"], e["mos"]) for e in entries] == [("x.png", 4.63), ("y.png", 2.5)] and label == "conversations"
-
-    csv_file = tmp_path / "meta_info_X.csv"
-    csv_file.write_text("ref_name,dist_name,mos,std,split\nr.png,d1.png,0.5,0.1,train\n"
-                        "r.png,d2.png,0.7,0.1,test\nr.png,d3.png,0.2,0.1,test\n")
-    entries, applied, label = evaluate.read_benchmark(csv_file)
-    assert [e["image"] for e in entries] == ["d1.png", "d2.png", "d3.png"] and not applied and label == "mos"
-    entries, applied, _ = evaluate.read_benchmark(csv_file, ("split", "test"))
-    assert [(e["image"], e["mos"], e["line"]) for e in entries] == [("d2.png", 0.7, f"{csv_file}:3"),
-                                                                    ("d3.png", 0.2, f"{csv_file}:4")] and applied
-    koniq = tmp_path / "koniq.csv"  # pyiqa's KonIQ file names its column img_name
-    koniq.write_text("img_name,mos,std,split\n1.jpg,77.3,0.5,training\n")
-    assert evaluate.read_benchmark(koniq)[0][0]["image"] == "1.jpg"
-    csiq = tmp_path / "csiq.csv"
-    csiq.write_text("ref_name,dist_name,dmos\nr.png,d.png,0.06\n")
-    assert evaluate.read_benchmark(csiq)[2] == "dmos"
-
-
-@pytest.mark.parametrize("text,match", [
-    ('{"image": "a.png", "mos": 3}\n{"image": "b.png", "mos": 2}\n{"image": "a.png", "mos": 4}\n',
-     r"bad\.jsonl:1 and .*bad\.jsonl:3: image a\.png is listed twice"),
-    ('{"image": "a.png", "mos": 3}\n{"image": "b.png", "mos": "good"}\n', r"bad\.jsonl:2: MOS 'good' is not a number"),
-    ('{"image": "a.png", "mos": 3}\n{"image": "b.png", "mos": null}\n', r"bad\.jsonl:2: MOS None is not a number"),
-    ('{"image": "a.png", "mos": 3}\n{"image": "b.png", "mos": NaN}\n', r"bad\.jsonl:2: MOS nan is not a finite"),
-    ('{"image": "a.png", "quality": 3}\n', r"bad\.jsonl:1: no 'mos' or 'conversations'"),
-    ("file,score\na.png,3\n", r"unrecognised benchmark file"),
-])
-def test_bad_benchmark_files_name_the_line(tmp_path, text, match):
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text(text)
-    with pytest.raises(ValueError, match=match):
-        evaluate.read_benchmark(bad)
 
 
 def test_repeated_list_flags_accumulate():
@@ -225,7 +177,7 @@ def test_live_run_predictions_recompute_and_lower_better(monkeypatch, tmp_path, 
     summary = run_eval(monkeypatch, calls, tiny_model_dir, bench_with_a_gap, demo_bench, tmp_path / "o",
                        "--lower-better", "again", "--no-text")
     records = common.read_jsonl(tmp_path / "o" / "predictions_demo.jsonl")
-    assert [r["image"] for r in records] == [e["image"] for e in evaluate.read_benchmark(bench_with_a_gap)[0]]
+    assert [r["image"] for r in records] == [e["image"] for e in benchmarks.read_benchmark(bench_with_a_gap)[0]]
     assert records[-1] == {"image": "lost.png", "mos": 2.5, "score": None, "n_valid": 0, "error": "missing file"}
     assert all("answers" not in r for r in records)  # --no-text
     valid = [r for r in records if r["score"] is not None]
