@@ -39,12 +39,14 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import sys
 import time
 import warnings
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import numpy as np
 from scipy import optimize, stats
@@ -80,6 +82,9 @@ class Args:
     text: bool = common.arg(True, help="keep the answer texts in the predictions (--no-text drops them)")
     strict: bool = common.arg(False, help="stop on a missing or unreadable image instead of counting it")
     seed: int = common.arg(0, help="sampling seed (process i uses seed + i)")
+    bootstrap: int = common.arg(1000, help="resamples of the images for the 95 %% intervals (0: no intervals)")
+    bootstrap_seed: int = common.arg(0, help="seed of the bootstrap resamples")
+    compare: list[str] = common.arg([], help="OUT_A OUT_B: B - A per metric with a paired bootstrap interval, no model")
 
 
 
@@ -149,19 +154,23 @@ def rmse_logistic(pred: np.ndarray, mos: np.ndarray) -> float:
 METRICS = {"srcc": srcc, "krcc": krcc, "plcc": plcc, "plcc_logistic": plcc_logistic, "rmse_logistic": rmse_logistic}
 
 
-def benchmark_metrics(name: str, records: list[dict], lower_better: bool) -> dict:
-    """n, coverage, missing, truncation rate and every metric of one benchmark's predictions (MOS negated for
-    lower-is-better)."""
+def scored(records: list[dict], lower_better: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(predictions, MOS) of the images with a score; the MOS negated for lower-is-better, so higher is better."""
     valid = [r for r in records if r.get("score") is not None]
+    pred = np.array([r["score"] for r in valid], dtype=float)
+    return pred, np.array([r["mos"] for r in valid], dtype=float) * (-1.0 if lower_better else 1.0)
+
+
+def benchmark_metrics(name: str, records: list[dict], lower_better: bool) -> dict:
+    """n, coverage, missing, truncation rate and every metric of one benchmark's predictions."""
+    pred, mos = scored(records, lower_better)
     missing = [r["image"] for r in records if r.get("error")]
     answers = [t for r in records for t in r.get("truncated", [])]
-    out = {"n": len(records), "n_valid": len(valid), "coverage": len(valid) / len(records) if records else math.nan,
+    out = {"n": len(records), "n_valid": len(pred), "coverage": len(pred) / len(records) if records else math.nan,
            "missing": len(missing), "missing_images": missing, "lower_better": lower_better,
            "truncation_rate": sum(answers) / len(answers) if answers else math.nan}
-    pred = np.array([r["score"] for r in valid], dtype=float)
-    mos = np.array([r["mos"] for r in valid], dtype=float) * (-1.0 if lower_better else 1.0)
-    if len(valid) < 3:
-        warnings.warn(f"{name}: only {len(valid)} valid predictions (need >= 3); its metrics are NaN")
+    if len(pred) < 3:
+        warnings.warn(f"{name}: only {len(pred)} valid predictions (need >= 3); its metrics are NaN")
         return {**out, **{key: math.nan for key in METRICS}}
     return {**out, **{key: f(pred, mos) for key, f in METRICS.items()}}
 
@@ -177,6 +186,65 @@ def aggregate(benchmarks: dict[str, dict]) -> tuple[dict, dict]:
         wavg[key] = float(np.sum(weights * values) / weights.sum()) if weights.sum() else math.nan
         mean[key] = float(values.mean()) if values.size else math.nan
     return wavg, mean
+
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# ALGO LOGIC: 95 % bootstrap intervals (resamples of a benchmark's scored images, with replacement)
+# ---------------------------------------------------------------------------------------------------------------------
+
+CI_METRICS = ("srcc", "krcc", "plcc", "plcc_logistic")
+
+
+def resample_indices(n: int, resamples: int, seed: int, name: str) -> Iterator[np.ndarray]:
+    """Resample b of benchmark `name`: n image indices drawn with replacement, the b-th draw of a generator seeded
+    with (seed, crc32(name)): the same images for the same name and size, whichever benchmarks run beside it."""
+    rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
+    for _ in range(resamples):
+        yield rng.integers(0, n, n)
+
+
+def rowwise_pearson(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Pearson's r of each row pair of two (B, n) arrays; NaN for a constant row."""
+    x, y = x - x.mean(axis=1, keepdims=True), y - y.mean(axis=1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.sum(x * y, axis=1) / np.sqrt(np.sum(x * x, axis=1) * np.sum(y * y, axis=1))
+
+
+def bootstrap(pred: np.ndarray, mos: np.ndarray, resamples: int, seed: int, name: str) -> dict[str, np.ndarray]:
+    """Each of CI_METRICS on every resample: metric -> (resamples,) values. SRCC and PLCC are vectorised over
+    chunks of resamples (SRCC is Pearson's r of the average ranks); KRCC and the logistic fit run per resample, the
+    fit as for the point estimate (a warm start from the full sample's fit is barely faster and, on a flat
+    least-squares surface, lands elsewhere: another estimator)."""
+    draws: dict[str, list] = {key: [] for key in CI_METRICS}
+    rows, chunk = resample_indices(len(pred), resamples, seed, name), max(1, 2_000_000 // max(len(pred), 1))
+    for done in range(0, resamples, chunk):
+        idx = np.stack([next(rows) for _ in range(min(chunk, resamples - done))])
+        p, m = pred[idx], mos[idx]
+        draws["srcc"].append(rowwise_pearson(stats.rankdata(p, axis=1), stats.rankdata(m, axis=1)))
+        draws["plcc"].append(rowwise_pearson(p, m))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a constant resample or a failed fit: NaN, counted by `interval`
+            draws["krcc"].append([stats.kendalltau(a, b)[0] for a, b in zip(p, m)])
+            draws["plcc_logistic"].append([plcc_logistic(a, b) for a, b in zip(p, m)])
+    return {key: np.concatenate(values).astype(float) for key, values in draws.items()}
+
+
+def interval(values: np.ndarray, what: str) -> list[float]:
+    """[2.5th, 97.5th percentile] of the resamples where the metric exists; NaN if under half of them have it."""
+    finite = values[np.isfinite(values)]
+    if finite.size < len(values):
+        warnings.warn(f"{what}: {len(values) - finite.size} of {len(values)} resamples have no value (constant "
+                      f"or failed fit); the interval is over the other {finite.size}")
+    if finite.size == 0 or finite.size < len(values) / 2:
+        return [math.nan, math.nan]
+    return [float(v) for v in np.percentile(finite, [2.5, 97.5])]
+
+
+def weighted_draws(draws: dict[str, dict[str, np.ndarray]], weights: dict[str, float]) -> dict[str, np.ndarray]:
+    """WAVG on every resample: each benchmark resampled on its own, their values averaged with the WAVG weights."""
+    total = sum(weights.values())
+    return {key: sum(weights[name] * d[key] for name, d in draws.items()) / total for key in CI_METRICS}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -252,6 +320,13 @@ def json_safe(obj):
     return obj
 
 
+def cell(value: float, low: Optional[float] = None, high: Optional[float] = None, digits: int = 2) -> str:
+    """.812, or .812 [.79, .83] with an interval (`digits` decimals); nan for a missing value."""
+    def short(x: Optional[float], places: int) -> str:
+        return "nan" if x is None or not math.isfinite(x) else re.sub(r"^(-?)0\.", r"\1.", f"{x:.{places}f}")
+    return short(value, 3) + (f" [{short(low, digits)}, {short(high, digits)}]" if low is not None else "")
+
+
 def markdown_table(benchmarks: dict[str, dict], wavg: dict, mean: dict) -> str:
     columns = [("coverage", "coverage"), ("truncation_rate", "truncated"), ("srcc", "SRCC"), ("krcc", "KRCC"),
                ("plcc", "PLCC"), ("plcc_logistic", "PLCC (logistic)"), ("rmse_logistic", "RMSE (logistic)")]
@@ -260,23 +335,105 @@ def markdown_table(benchmarks: dict[str, dict], wavg: dict, mean: dict) -> str:
              "|---|--:|" + "--:|" * len(columns)]
     rows = [(name, b["n"], b) for name, b in benchmarks.items()] + [("WAVG", total, wavg), ("mean", total, mean)]
     for name, n, values in rows:
-        cells = [f"{values[key]:.3f}" if math.isfinite(values.get(key, math.nan)) else "nan" for key, _ in columns]
+        cells = [cell(values.get(key, math.nan), *values.get("ci95", {}).get(key, [])) for key, _ in columns]
         lines.append(f"| {name} | {n} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-def write_summary(out: Path, setup: dict, predictions: dict[str, list[dict]], lower_better: list[str]) -> dict:
-    sources = setup.get("sources", {})
-    benchmarks = {name: {**sources.get(name, {}), **benchmark_metrics(name, records, name in lower_better)}
-                  for name, records in predictions.items()}
+def write_summary(out: Path, setup: dict, predictions: dict[str, list[dict]], lower_better: list[str],
+                  resamples: int, seed: int) -> dict:
+    """summary.json and summary.md: every benchmark's metrics, WAVG and the plain mean, with 95 % intervals of
+    CI_METRICS per benchmark and for WAVG (`resamples` 0: none)."""
+    sources, benchmarks, draws = setup.get("sources", {}), {}, {}
+    for name, records in predictions.items():
+        benchmarks[name] = {**sources.get(name, {}), **benchmark_metrics(name, records, name in lower_better)}
+        if resamples:
+            pred, mos = scored(records, name in lower_better)
+            draws[name] = (bootstrap(pred, mos, resamples, seed, name) if len(pred) >= 3 else
+                           {key: np.full(resamples, math.nan) for key in CI_METRICS})
+            benchmarks[name]["ci95"] = {k: interval(v, f"{name} {k}") for k, v in draws[name].items()}
     wavg, mean = aggregate(benchmarks)
-    summary = {**setup, "lower_better": lower_better, "benchmarks": benchmarks, "wavg": wavg, "mean": mean}
+    if resamples:
+        wavg_draws = weighted_draws(draws, {name: b["n"] for name, b in benchmarks.items()})
+        wavg["ci95"] = {k: interval(v, f"WAVG {k}") for k, v in wavg_draws.items()}
+    summary = {**setup, "lower_better": lower_better, "bootstrap": {"resamples": resamples, "seed": seed},
+               "benchmarks": benchmarks, "wavg": wavg, "mean": mean}
     common.write_json_atomic(out / "summary.json", json_safe(summary))
     table = markdown_table(benchmarks, wavg, mean)
-    header = f"model: {setup.get('model')}, prompt: {setup.get('prompt')} ({setup.get('prompt_hash')})\n\n"
-    (out / "summary.md").write_text(header + table, encoding="utf-8")
+    header = f"model: {setup.get('model')}, prompt: {setup.get('prompt')} ({setup.get('prompt_hash')})"
+    if resamples:
+        header += f"; [95 % bootstrap interval over images, {resamples} resamples, seed {seed}]"
+    (out / "summary.md").write_text(header + "\n\n" + table, encoding="utf-8")
     print(table, end="")
     return summary
+
+
+def compare_benchmark(name: str, a: list[dict], b: list[dict], lower_better: bool, resamples: int, seed: int
+                      ) -> tuple[dict, dict[str, np.ndarray]]:
+    """A and B on the images both scored: each metric, B - A, its paired bootstrap interval (the same resampled
+    images for both) and the share of resamples in which B is better; with the (resamples,) differences."""
+    scored_a = {r["image"]: r for r in a if r.get("score") is not None}
+    both = [r for r in b if r.get("score") is not None and r["image"] in scored_a]
+    if len(both) < 3:
+        warnings.warn(f"{name}: {len(both)} images scored in both folders (need >= 3); its differences are NaN")
+        nan = {key: math.nan for key in CI_METRICS}
+        return ({"n_both": len(both), "a": nan, "b": nan, "difference": nan}, {key: np.full(resamples, math.nan)
+                                                                            for key in CI_METRICS})
+    ya, yb = scored([scored_a[r["image"]] for r in both], lower_better), scored(both, lower_better)
+    row = {"n_both": len(both), "a": {k: METRICS[k](*ya) for k in CI_METRICS},
+           "b": {k: METRICS[k](*yb) for k in CI_METRICS}}
+    row["difference"] = {k: row["b"][k] - row["a"][k] for k in CI_METRICS}
+    da, db = bootstrap(*ya, resamples, seed, name), bootstrap(*yb, resamples, seed, name)
+    return row, {k: db[k] - da[k] for k in CI_METRICS}
+
+
+def same_benchmarks(a: Path, b: Path, config_a: dict, config_b: dict, names_a: list[str], names_b: list[str]) -> None:
+    """Die unless both folders scored the same benchmarks from the same label files (content, split, direction)."""
+    if set(names_a) != set(names_b):
+        common.die(f"--compare: the folders hold other benchmarks: only in {a}: {sorted(set(names_a) - set(names_b))}"
+                   f", only in {b}: {sorted(set(names_b) - set(names_a))}")
+    for folder, config in ((a, config_a), (b, config_b)):
+        if "settings" not in config:
+            common.die(f"--compare: {folder} has no eval_config.json: its label files cannot be checked")
+
+    def labels(config: dict, name: str) -> tuple:
+        setting = config["settings"].get(f"benchmark {name}", {})
+        return setting.get("labels"), setting.get("split"), name in config.get("lower_better", [])
+    differ = [name for name in names_a if labels(config_a, name) != labels(config_b, name)]
+    if differ:
+        common.die(f"--compare: the label files (or --split, or the direction) of {differ} differ between {a} and {b}")
+
+
+def compare_runs(a: Path, b: Path, resamples: int, seed: int, out: Optional[Path]) -> dict:
+    """--compare A B: per benchmark and WAVG, B - A of each metric with its paired 95 % bootstrap interval and the
+    share of resamples where B is better. WAVG weights each benchmark by its image count, as summary.json does."""
+    (config_a, runs_a), (config_b, runs_b) = read_run(a, "--compare"), read_run(b, "--compare")
+    same_benchmarks(a, b, config_a, config_b, list(runs_a), list(runs_b))
+    rows, draws = {}, {}
+    for name in runs_a:
+        rows[name], draws[name] = compare_benchmark(name, runs_a[name], runs_b[name],
+                                                    name in config_a.get("lower_better", []), resamples, seed)
+    weights = {name: len(records) for name, records in runs_a.items()}
+    total, wavg_draws = sum(weights.values()), weighted_draws(draws, weights)
+    rows["WAVG"] = {"n_both": sum(r["n_both"] for r in rows.values()), **{
+        side: {k: sum(weights[n] * rows[n][side][k] for n in runs_a) / total for k in CI_METRICS}
+        for side in ("a", "b", "difference")}}
+    for name, d in [*draws.items(), ("WAVG", wavg_draws)]:
+        rows[name]["ci95"] = {k: interval(v, f"{name} {k} difference") for k, v in d.items()}
+        rows[name]["b_better"] = {k: float(np.mean(v[np.isfinite(v)] > 0)) if np.isfinite(v).any() else math.nan
+                                  for k, v in d.items()}
+    result = {"a": str(a), "b": str(b), "bootstrap": {"resamples": resamples, "seed": seed}, "benchmarks": rows}
+    lines = [f"B - A, A = {a}, B = {b}; 95 % paired bootstrap interval over the images both scored "
+             f"({resamples} resamples, seed {seed})", "", "| benchmark | n both | metric | A | B | B - A | B better |",
+             "|---|--:|---|--:|--:|--:|--:|"]
+    for name, r in rows.items():
+        lines += [f"| {name} | {r['n_both']} | {k} | {cell(r['a'][k])} | {cell(r['b'][k])} | "
+                  f"{cell(r['difference'][k], *r['ci95'][k], digits=3)} | {cell(r['b_better'][k])} |" for k in CI_METRICS]
+    if out is not None:
+        common.write_json_atomic(out / "compare.json", json_safe(result))
+        common.write_lines_atomic(out / "compare.md", [line + "\n" for line in lines])
+    print("\n".join(lines))
+    return result
 
 
 def write_image_summary(out: Path, setup: dict, records: list[dict]) -> dict:
@@ -333,12 +490,11 @@ def merge_predictions(out: Path, name: str, entries: list[dict]) -> list[dict]:
     return records
 
 
-def recompute(args: Args) -> dict:
-    """--predictions DIR: metrics from the saved predictions_*.jsonl, setup and lower-better list from the run."""
-    out = Path(args.predictions)
+def read_run(out: Path, flag: str) -> tuple[dict, dict[str, list[dict]]]:
+    """(eval_config.json or {}, benchmark name -> its merged predictions in the run's order) of an evaluation folder."""
     files = sorted(out.glob("predictions_*.jsonl"))
     if not files:
-        common.die(f"--predictions {out}: no predictions_*.jsonl files there")
+        common.die(f"{flag} {out}: no predictions_*.jsonl files there")
     config = json.loads((out / "eval_config.json").read_text()) if (out / "eval_config.json").exists() else {}
     names = [f.name[len("predictions_"):-len(".jsonl")] for f in files]
     known = [n for n in config.get("sources", {}) if n in names]  # the live run's order first
@@ -347,11 +503,17 @@ def recompute(args: Args) -> dict:
         if list(out.glob(predictions_path(out, name).name + ".part*")):
             warnings.warn(f"{name}: shard files of an unfinished run are ignored; rerun the evaluation to merge them")
     try:
-        predictions = {name: common.read_jsonl(predictions_path(out, name)) for name in order}
+        return config, {name: common.read_jsonl(predictions_path(out, name)) for name in order}
     except ValueError as e:
         common.die(str(e))
-    return write_summary(out, config, predictions, args.lower_better or config.get("lower_better", []))
 
+
+def recompute(args: Args) -> dict:
+    """--predictions DIR: metrics from the saved predictions_*.jsonl, setup and lower-better list from the run."""
+    out = Path(args.predictions)
+    config, predictions = read_run(out, "--predictions")
+    return write_summary(out, config, predictions, args.lower_better or config.get("lower_better", []),
+                         args.bootstrap, args.bootstrap_seed)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -446,6 +608,13 @@ def score_jobs(state, model, processor, preset: common.Preset, args: Args, out: 
 
 def main(argv: Optional[list[str]] = None) -> Optional[dict]:
     args = common.parse_args(Args, argv)
+    if args.bootstrap < 0:
+        common.die("--bootstrap must be >= 0 (0: no intervals)")
+    if args.compare:
+        if len(args.compare) != 2 or args.bootstrap < 1:
+            common.die("--compare takes two evaluation folders, OUT_A OUT_B, and --bootstrap >= 1")
+        return compare_runs(Path(args.compare[0]), Path(args.compare[1]), args.bootstrap, args.bootstrap_seed,
+                            Path(args.out) if args.out else None)
     if args.predictions:
         return recompute(args)
     check_args(args)
@@ -475,7 +644,7 @@ def main(argv: Optional[list[str]] = None) -> Optional[dict]:
     print(f"scored in {time.time() - start:.1f}s on {state.num_processes} process(es)", file=sys.stderr)
     if args.images:
         return write_image_summary(out, config, predictions[IMAGES])
-    return write_summary(out, config, predictions, config["lower_better"])
+    return write_summary(out, config, predictions, config["lower_better"], args.bootstrap, args.bootstrap_seed)
 
 
 if __name__ == "__main__":

@@ -106,6 +106,111 @@ def test_wavg_is_weighted_by_image_count_and_mean_is_plain():
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# bootstrap intervals and the paired comparison, from prediction folders written here
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def write_run(folder: Path, benchmarks: dict[str, tuple], labels: str = "labels-1") -> Path:
+    """An evaluation folder as evaluate.py leaves it: name -> (predictions, MOS) of one benchmark each."""
+    folder.mkdir(parents=True)
+    for name, (pred, mos) in benchmarks.items():
+        common.write_jsonl_atomic(folder / f"predictions_{name}.jsonl", [
+            {"image": f"{i}.png", "mos": float(m), "score": None if p is None else float(p)}
+            for i, (p, m) in enumerate(zip(pred, mos))])
+    config = {"settings": {f"benchmark {name}": {"labels": labels, "split": None} for name in benchmarks},
+              "sources": {name: {} for name in benchmarks}, "lower_better": []}
+    (folder / "eval_config.json").write_text(json.dumps(config))
+    return folder
+
+
+def noisy(n: int, noise: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    mos = rng.uniform(1, 5, n)
+    return mos + rng.normal(0, noise, n), mos
+
+
+def independent_bootstrap(pred: np.ndarray, mos: np.ndarray, resamples: int, seed: int, name: str) -> dict:
+    """The four metrics on each resample, one resample at a time with scipy, the logistic fitted from a cold start."""
+    import zlib
+    from scipy.optimize import curve_fit
+
+    def curve(x, b1, b2, b3, b4):
+        return (b1 - b2) / (1 + np.exp(-(x - b3) / np.abs(b4))) + b2
+    rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
+    out = {"srcc": [], "krcc": [], "plcc": [], "plcc_logistic": []}
+    for _ in range(resamples):
+        i = rng.integers(0, len(pred), len(pred))
+        p, m = pred[i], mos[i]
+        out["srcc"].append(stats.spearmanr(p, m).statistic)
+        out["krcc"].append(stats.kendalltau(p, m).statistic)
+        out["plcc"].append(stats.pearsonr(p, m).statistic)
+        params, _ = curve_fit(curve, p, m, p0=[m.max(), m.min(), p.mean(), p.std() / 4], maxfev=10000)
+        out["plcc_logistic"].append(stats.pearsonr(curve(p, *params), m).statistic)
+    return {k: np.array(v) for k, v in out.items()}
+
+
+def test_intervals_match_an_independent_bootstrap_per_benchmark_and_for_wavg(tmp_path):
+    data = {"big": noisy(80, 0.7, 0), "small": noisy(40, 1.5, 1)}
+    out = write_run(tmp_path / "o", data)
+    summary = evaluate.main(["--predictions", str(out), "--bootstrap", "300", "--bootstrap-seed", "7"])
+    saved = json.loads((out / "summary.json").read_text())
+    assert saved["bootstrap"] == {"resamples": 300, "seed": 7} and saved["wavg"]["ci95"] == summary["wavg"]["ci95"]
+    draws = {name: independent_bootstrap(*d, 300, 7, name) for name, d in data.items()}
+    for name in data:
+        for key, values in draws[name].items():
+            expected = np.percentile(values, [2.5, 97.5])
+            assert saved["benchmarks"][name]["ci95"][key] == pytest.approx(expected, abs=1e-6)
+            low, high = saved["benchmarks"][name]["ci95"][key]
+            assert low < saved["benchmarks"][name][key] < high
+    for key in draws["big"]:  # WAVG: each benchmark resampled on its own, averaged per resample by image count
+        wavg = (80 * draws["big"][key] + 40 * draws["small"][key]) / 120
+        assert saved["wavg"]["ci95"][key] == pytest.approx(np.percentile(wavg, [2.5, 97.5]),
+                                                           abs=1e-6)
+    table = (out / "summary.md").read_text()
+    srcc, (low, high) = saved["benchmarks"]["big"]["srcc"], saved["benchmarks"]["big"]["ci95"]["srcc"]
+    assert f"{srcc:.3f} [{low:.2f}, {high:.2f}]".replace("0.", ".") in table
+    evaluate.main(["--predictions", str(out), "--bootstrap", "0"])
+    assert "ci95" not in json.dumps(json.loads((out / "summary.json").read_text()))
+
+
+def test_compare_identical_folders_differ_by_zero(tmp_path):
+    data = {"x": noisy(60, 0.8, 2), "y": noisy(30, 0.5, 3)}
+    a, b = write_run(tmp_path / "a", data), write_run(tmp_path / "b", data)
+    result = evaluate.main(["--compare", str(a), str(b), "--bootstrap", "200", "--out", str(tmp_path)])
+    for name in ("x", "y", "WAVG"):
+        row = result["benchmarks"][name]
+        assert all(row["difference"][k] == 0 and row["ci95"][k] == [0, 0] and row["b_better"][k] == 0
+                   for k in evaluate.CI_METRICS)
+    assert json.loads((tmp_path / "compare.json").read_text())["benchmarks"]["x"]["n_both"] == 60
+
+
+def test_compare_against_shuffled_scores_b_is_worse_in_nearly_every_resample(tmp_path):
+    data = {"x": noisy(200, 0.8, 4), "y": noisy(100, 0.8, 5)}
+    a = write_run(tmp_path / "a", data)
+    rng = np.random.default_rng(0)
+    shuffled = {name: (rng.permutation(pred), mos) for name, (pred, mos) in data.items()}
+    shuffled["x"] = ([None] * 5 + list(shuffled["x"][0][5:]), shuffled["x"][1])  # unscored in B: left out of both
+    b = write_run(tmp_path / "b", shuffled)
+    result = evaluate.main(["--compare", str(a), str(b), "--bootstrap", "200"])
+    assert result["benchmarks"]["x"]["n_both"] == 195
+    for name in ("x", "y", "WAVG"):
+        row = result["benchmarks"][name]
+        for k in evaluate.CI_METRICS:
+            assert row["b_better"][k] <= 0.01 and row["ci95"][k][1] < 0 and row["difference"][k] < -0.3
+
+
+def test_compare_refuses_other_benchmarks_or_label_files(tmp_path, capsys):
+    data = {"x": noisy(20, 0.8, 6)}
+    a = write_run(tmp_path / "a", data)
+    others = [write_run(tmp_path / "b", {**data, "z": noisy(20, 0.8, 7)}), write_run(tmp_path / "c", data, "labels-2")]
+    for other, message in zip(others, ["only in " + str(tmp_path / "b") + ": ['z']", "label files"]):
+        with pytest.raises(SystemExit) as e:
+            evaluate.main(["--compare", str(a), str(other)])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and message in err and "'x'" in err or "['z']" in err
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # command line
 # ---------------------------------------------------------------------------------------------------------------------
 
@@ -198,7 +303,7 @@ def test_live_run_predictions_recompute_and_lower_better(monkeypatch, tmp_path, 
 
     saved = json.loads((tmp_path / "o" / "summary.json").read_text())
     md = (tmp_path / "o" / "summary.md").read_text()
-    assert "| WAVG | 26 |" in md and "| mean | 26 |" in md and f"| demo | 13 | {demo['coverage']:.3f} |" in md
+    assert "| WAVG | 26 |" in md and "| mean | 26 |" in md and f"| demo | 13 | {evaluate.cell(demo['coverage'])} |" in md
     assert saved["prompt_hash"] == common.get_preset("evoquality").hash() and saved["samples"] == 1
     assert set(saved["package_versions"]) >= {"torch", "transformers", "scipy"}
 
