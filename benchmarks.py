@@ -71,7 +71,7 @@ def to_mos(value, where: str) -> float:
 
 def read_generic(path: Path) -> tuple[list[Row], str]:
     """(rows, the label's field) of a plain JSONL, VisualQuality-R1 JSONL or pyiqa-style CSV file."""
-    text = path.read_text(encoding="utf-8-sig")
+    text = common.read_text(path)
     first = next((line for line in text.splitlines() if line.strip()), "")
     rows, label = [], "mos"
     if first.lstrip().startswith("{"):
@@ -99,9 +99,11 @@ def read_generic(path: Path) -> tuple[list[Row], str]:
     return rows, mos_col
 
 
-def select_rows(rows: list[Row], split: Optional[tuple[str, str]] = None) -> tuple[list[dict], bool]:
+def select_rows(rows: list[Row], split: Optional[tuple[str, str]] = None, root: Path = Path("."),
+                allow_outside: bool = False) -> tuple[list[dict], bool]:
     """([{"image", "mos", "line"}] in file order, whether `split` applied): rows whose `split` column equals the value
-    (in files that have the column), labels checked, duplicates refused. ValueError names the file and line/cell."""
+    (in files that have the column), labels checked, image names normalised under `root` (common.safe_name),
+    duplicates refused. ValueError names the file and line/cell."""
     applied = split is not None and any(split[0] in row.fields for row in rows)
     entries, seen = [], {}
     for row in rows:
@@ -109,18 +111,21 @@ def select_rows(rows: list[Row], split: Optional[tuple[str, str]] = None) -> tup
             continue
         if not isinstance(row.image, str) or not row.image.strip():
             raise ValueError(f"{row.where}: no image path")
-        if row.image in seen:
-            raise ValueError(f"{seen[row.image]} and {row.where}: image {row.image} is listed twice")
-        seen[row.image] = row.where
-        entries.append({"image": row.image, "mos": to_mos(row.label, row.where), "line": row.where})
+        image = common.safe_name(root, row.image, row.where, allow_outside)
+        if image in seen:
+            raise ValueError(f"{seen[image]} and {row.where}: image {image} is listed twice")
+        seen[image] = row.where
+        entries.append({"image": image, "mos": to_mos(row.label, row.where), "line": row.where})
     return entries, applied
 
 
-def read_benchmark(path: Path, split: Optional[tuple[str, str]] = None) -> tuple[list[dict], bool, str]:
-    """([{"image", "mos", "line"}], whether `split` applied, the label's field) of a generic benchmark file.
-    Raises ValueError naming file:line on a bad row, a duplicate image, or an unknown format."""
+def read_benchmark(path: Path, split: Optional[tuple[str, str]] = None, root: Optional[Path] = None,
+                   allow_outside: bool = False) -> tuple[list[dict], bool, str]:
+    """([{"image", "mos", "line"}], whether `split` applied, the label's field) of a generic benchmark file whose
+    image names are relative to `root` (default: its folder). Raises ValueError naming file:line on a bad row, a
+    duplicate image, a name outside the root, or an unknown format."""
     rows, label = read_generic(path)
-    entries, applied = select_rows(rows, split)
+    entries, applied = select_rows(rows, split, root or path.parent, allow_outside)
     return entries, applied, label
 
 
@@ -221,7 +226,7 @@ def mat_vector(path: Path, key: str) -> np.ndarray:
 
 def csv_table(path: Path, columns: tuple[str, ...]) -> list[tuple[str, dict]]:
     """[(file:line, row)] of a CSV file that must have `columns` (a quoted header is fine)."""
-    reader = csv.DictReader(io.StringIO(path.read_text(encoding="utf-8-sig")))
+    reader = csv.DictReader(io.StringIO(common.read_text(path)))
     missing = [c for c in columns if c not in (reader.fieldnames or [])]
     if missing:
         raise ValueError(f"{path}:1: no column {missing}; the header is {reader.fieldnames}")
@@ -334,7 +339,7 @@ def read_pipal(path: Path) -> Release:
         raise ValueError(f"{path}: no label files (*.txt) in this PIPAL label folder")
     rows = []
     for file in files:
-        for lineno, line in enumerate(file.read_text(encoding="utf-8-sig").splitlines(), 1):
+        for lineno, line in enumerate(common.read_text(file).splitlines(), 1):
             if not line.strip():
                 continue
             parts = [p.strip() for p in line.split(",")]
@@ -351,7 +356,7 @@ def read_pipal(path: Path) -> Release:
 # some names on disk with an upper-case "I": file names are matched without regard to case here.
 def read_tid2013(path: Path) -> Release:
     rows = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1):
+    for lineno, line in enumerate(common.read_text(path).splitlines(), 1):
         if not line.strip():
             continue
         parts = line.split()
@@ -506,13 +511,13 @@ def parse_bench_spec(spec: str) -> tuple[str, Path, Optional[Path]]:
 
 
 def load_bench(name: str, path: Path, image_folder: Optional[Path], split: Optional[tuple[str, str]],
-               lower_better: list[str]) -> Bench:
+               lower_better: list[str], allow_outside: bool = False) -> Bench:
     """A known release (a dataset folder or one of its label files) through its reader, anything else through the
     generic formats. ValueError names the file and line or cell of anything wrong."""
     if path.is_dir() or is_release_file(path):
         label_path = find_release(path) if path.is_dir() else path
         release = RELEASES[label_path.name][0](label_path)
-        entries, applied = select_rows(release.rows, split)
+        entries, applied = select_rows(release.rows, split, image_folder or label_path.parent, allow_outside)
         if not entries:
             raise ValueError(f"{name}: {label_path} lists no images" + (" with the --split" if applied else ""))
         if name in lower_better:
@@ -521,7 +526,7 @@ def load_bench(name: str, path: Path, image_folder: Optional[Path], split: Optio
         root, entries = locate_images(release, entries, image_folder)
         return Bench(name, release.dataset, release.files, root, entries, release.lower_better, release.label,
                      "reader", applied, release.note)
-    entries, applied, label = read_benchmark(path, split)
+    entries, applied, label = read_benchmark(path, split, image_folder, allow_outside)
     if not entries:
         raise ValueError(f"{name}: {path} lists no images" + (" with the --split" if applied else ""))
     if name in lower_better:
@@ -545,7 +550,7 @@ def parse_split(text: str) -> Optional[tuple[str, str]]:
 
 
 def load_benchmarks(specs: list[str], split: Optional[tuple[str, str]], lower_better: list[str], strict: bool,
-                    talk: bool) -> dict[str, Bench]:
+                    talk: bool, allow_outside: bool = False) -> dict[str, Bench]:
     """name -> Bench for every NAME=PATH spec; dies on bad files, says what was read, warns about missing images."""
     parsed = [parse_bench_spec(spec) for spec in specs]
     names = [name for name, _, _ in parsed]
@@ -557,7 +562,7 @@ def load_benchmarks(specs: list[str], split: Optional[tuple[str, str]], lower_be
     benchmarks = {}
     for name, path, image_folder in parsed:
         try:
-            bench = load_bench(name, path, image_folder, split, lower_better)
+            bench = load_bench(name, path, image_folder, split, lower_better, allow_outside)
         except ValueError as e:
             common.die(str(e))
         entries, root = bench.entries, bench.root
@@ -590,16 +595,15 @@ def load_benchmarks(specs: list[str], split: Optional[tuple[str, str]], lower_be
 IMAGES = "--images"  # the name of an unlabelled image set (no NAME=PATH spec can spell it)
 
 
-def load_images(spec: str) -> Bench:
-    """An image folder (recursively) or list file as a benchmark without labels."""
+def load_images(spec: str, allow_outside: bool = False) -> Bench:
+    """An image folder (recursively) or list file as a benchmark without labels; listed names stay under the list's
+    folder unless `allow_outside`, and one file is one image however it is written (common.list_images)."""
     try:
-        root, images = common.list_images(spec)
+        root, images = common.list_images(spec, allow_outside=allow_outside)
     except (FileNotFoundError, ValueError) as e:
         common.die(str(e))
     if not images:
         common.die(f"--images {spec}: no images there")
-    if len(set(images)) != len(images):
-        common.die(f"--images {spec}: an image is listed twice")
     return Bench(IMAGES, IMAGES, [Path(spec)], root, [{"image": i} for i in images], False, "none", "none")
 
 
@@ -608,10 +612,12 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Bench]:
     parser.add_argument("bench", nargs="+", help="NAME=PATH[@IMAGE_FOLDER], PATH a dataset folder or label file")
     parser.add_argument("--split", default="", help="COLUMN=VALUE: keep only rows whose COLUMN equals VALUE")
     parser.add_argument("--lower-better", nargs="*", default=[], help="NAMEs of generic files labelled lower-is-better")
+    parser.add_argument("--allow-outside-root", action="store_true", help="accept absolute or '..' image names")
     args = parser.parse_args(argv)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the same facts are printed below
-        benchmarks = load_benchmarks(args.bench, parse_split(args.split), args.lower_better, False, False)
+        benchmarks = load_benchmarks(args.bench, parse_split(args.split), args.lower_better, False, False,
+                                     args.allow_outside_root)
     for name, b in benchmarks.items():
         present = sum((b.root / e["image"]).is_file() for e in b.entries)
         print(f"{name}: {b.dataset}\n  label file(s): {', '.join(str(f) for f in b.files)}\n  image folder: {b.root}\n"

@@ -37,7 +37,7 @@ scored images are kept, nothing is scored twice; a kill corrupts nothing.
 
 from __future__ import annotations
 
-import json
+import contextlib
 import math
 import re
 import sys
@@ -60,7 +60,8 @@ from benchmarks import IMAGES, Bench, label_identity, load_benchmarks, load_imag
 class Args:
     model: str = common.arg("", help="checkpoint folder or hub id, e.g. ByteDance/EvoQuality")
     bench: list[str] = common.arg([], help="NAME=PATH[@IMAGE_FOLDER], PATH a dataset folder or label file; repeatable")
-    images: str = common.arg("", help="score these images instead (a folder or a .txt/.jsonl list); no metrics")
+    images: str = common.arg("", help="score these images instead (a folder or a .txt/.jsonl list; an image changed "
+                                      "in place since it was scored is scored again); no metrics")
     out: str = common.arg("", help="output folder for predictions and summaries")
     predictions: str = common.arg("", help="recompute metrics from the predictions in this folder (no model)")
     prompt: str = common.arg("evoquality", help="prompt preset", choices=sorted(common.PRESETS))
@@ -85,6 +86,7 @@ class Args:
     bootstrap: int = common.arg(1000, help="resamples of the images for the 95 %% intervals (0: no intervals)")
     bootstrap_seed: int = common.arg(0, help="seed of the bootstrap resamples")
     compare: list[str] = common.arg([], help="OUT_A OUT_B: B - A per metric with a paired bootstrap interval, no model")
+    allow_outside_root: bool = common.arg(False, help="accept absolute or '..' image names in label files and lists")
 
 
 
@@ -111,7 +113,7 @@ def logistic4(x: np.ndarray, b1: float, b2: float, b3: float, b4: float) -> np.n
         return (b1 - b2) / (1 + np.exp(-(x - b3) / np.abs(b4))) + b2
 
 
-def fit_logistic(pred: np.ndarray, mos: np.ndarray) -> Optional[np.ndarray]:
+def fit_logistic(pred: np.ndarray, mos: np.ndarray, maxfev: int = 10000) -> Optional[np.ndarray]:
     """Least-squares (b1, b2, b3, b4) mapping predictions onto the MOS scale; None (and a warning) if it fails."""
     pred, mos = np.asarray(pred, dtype=float), np.asarray(mos, dtype=float)
     if pred.size < 4 or np.ptp(pred) == 0:
@@ -122,7 +124,7 @@ def fit_logistic(pred: np.ndarray, mos: np.ndarray) -> Optional[np.ndarray]:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optimize.OptimizeWarning)  # no covariance estimate: we do not use it
-            params, _ = optimize.curve_fit(logistic4, pred, mos, p0=p0, maxfev=10000)
+            params, _ = optimize.curve_fit(logistic4, pred, mos, p0=p0, maxfev=maxfev)
     except (RuntimeError, ValueError, TypeError) as e:
         warnings.warn(f"logistic fit failed ({e}); PLCC/RMSE after the fit are NaN")
         return None
@@ -132,8 +134,8 @@ def fit_logistic(pred: np.ndarray, mos: np.ndarray) -> Optional[np.ndarray]:
     return params
 
 
-def plcc_logistic(pred: np.ndarray, mos: np.ndarray) -> float:
-    params = fit_logistic(pred, mos)
+def plcc_logistic(pred: np.ndarray, mos: np.ndarray, maxfev: int = 10000) -> float:
+    params = fit_logistic(pred, mos, maxfev)
     if params is None:
         return math.nan
     fitted = logistic4(np.asarray(pred, dtype=float), *params)
@@ -194,6 +196,9 @@ def aggregate(benchmarks: dict[str, dict]) -> tuple[dict, dict]:
 # ---------------------------------------------------------------------------------------------------------------------
 
 CI_METRICS = ("srcc", "krcc", "plcc", "plcc_logistic")
+# A resample's logistic fit, as the point estimate's, but given up (NaN) after 400 evaluations: a fit on real data
+# converges in about 30-70, while a small, flat resample can spend the point estimate's 10,000 and ~20 ms each.
+RESAMPLE_MAXFEV = 400
 
 
 def resample_indices(n: int, resamples: int, seed: int, name: str) -> Iterator[np.ndarray]:
@@ -214,8 +219,8 @@ def rowwise_pearson(x: np.ndarray, y: np.ndarray) -> np.ndarray:
 def bootstrap(pred: np.ndarray, mos: np.ndarray, resamples: int, seed: int, name: str) -> dict[str, np.ndarray]:
     """Each of CI_METRICS on every resample: metric -> (resamples,) values. SRCC and PLCC are vectorised over
     chunks of resamples (SRCC is Pearson's r of the average ranks); KRCC and the logistic fit run per resample, the
-    fit as for the point estimate (a warm start from the full sample's fit is barely faster and, on a flat
-    least-squares surface, lands elsewhere: another estimator)."""
+    fit as for the point estimate, capped at RESAMPLE_MAXFEV (a warm start from the full sample's fit is barely
+    faster and, on a flat least-squares surface, lands elsewhere: another estimator)."""
     draws: dict[str, list] = {key: [] for key in CI_METRICS}
     rows, chunk = resample_indices(len(pred), resamples, seed, name), max(1, 2_000_000 // max(len(pred), 1))
     for done in range(0, resamples, chunk):
@@ -226,7 +231,7 @@ def bootstrap(pred: np.ndarray, mos: np.ndarray, resamples: int, seed: int, name
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # a constant resample or a failed fit: NaN, counted by `interval`
             draws["krcc"].append([stats.kendalltau(a, b)[0] for a, b in zip(p, m)])
-            draws["plcc_logistic"].append([plcc_logistic(a, b) for a, b in zip(p, m)])
+            draws["plcc_logistic"].append([plcc_logistic(a, b, RESAMPLE_MAXFEV) for a, b in zip(p, m)])
     return {key: np.concatenate(values).astype(float) for key, values in draws.items()}
 
 
@@ -274,7 +279,8 @@ def image_score(completions: list[sampling.Completion], preset: common.Preset
 
 def score_entries(model, processor, preset: common.Preset, prompt: str, args: Args, root: Path, entries: list[dict],
                   part: Path, show_progress: bool) -> None:
-    """Score `entries` (this process's shard) in batches, one flushed line per image in `part`."""
+    """Score `entries` (this process's shard) in batches, one flushed line per image in `part`, with the image's
+    [size, mtime] as it was read (`file`): an image changed in place since is scored again."""
     from tqdm import tqdm
 
     batches = [entries[i:i + args.batch_size] for i in range(0, len(entries), args.batch_size)]
@@ -283,8 +289,8 @@ def score_entries(model, processor, preset: common.Preset, prompt: str, args: Ar
             images, loaded = [], []
             for entry in batch:
                 base = {"image": entry["image"], **({"mos": entry["mos"]} if "mos" in entry else {}), "score": None,
-                        "n_valid": 0}
-                if not (root / entry["image"]).is_file():
+                        "n_valid": 0, "file": file_stat(root / entry["image"])}
+                if base["file"] is None:
                     writer.write({**base, "error": "missing file"})
                     continue
                 try:
@@ -463,21 +469,39 @@ def predictions_path(out: Path, name: str) -> Path:
     return out / ("predictions.jsonl" if name == IMAGES else f"predictions_{name}.jsonl")
 
 
-def read_predictions(out: Path, name: str) -> dict[str, dict]:
-    """image -> its best saved record, from the merged file and any shards left by a killed run.
-    A scored record beats an error record (a missing image may have been restored since)."""
-    best: dict[str, dict] = {}
+def file_stat(path: Path) -> Optional[list[int]]:
+    """[size, mtime in ns] of an image file, None if it is not one: its identity, cheap for 10k images."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return [stat.st_size, stat.st_mtime_ns] if path.is_file() else None
+
+
+def read_predictions(out: Path, name: str, stats: dict[str, Optional[list[int]]]) -> dict[str, dict]:
+    """image -> its best saved record, from the merged file and any shards left by a killed run: one made from the
+    image as it is now (`stats`: image -> file_stat) beats a stale one, a scored one an error (a missing image
+    may have been restored since), a later one an earlier one."""
+    best: dict[str, tuple] = {}
     final = predictions_path(out, name)
-    for path in [final, *sorted(out.glob(final.name + ".part*"))]:
-        for record in common.read_jsonl(path):
-            if record["image"] not in best or (best[record["image"]].get("error") and not record.get("error")):
-                best[record["image"]] = record
-    return best
+    for order, record in enumerate(r for path in [final, *sorted(out.glob(final.name + ".part*"))]
+                                   for r in common.read_jsonl(path)):
+        rank = (record.get("file") == stats.get(record["image"]), not record.get("error"), order)
+        if record["image"] not in best or rank > best[record["image"]][0]:
+            best[record["image"]] = (rank, record)
+    return {image: record for image, (_, record) in best.items()}
 
 
-def merge_predictions(out: Path, name: str, entries: list[dict]) -> list[dict]:
+def to_score(entries: list[dict], saved: dict[str, dict], stats: dict[str, Optional[list[int]]]) -> list[dict]:
+    """The entries without a score made from the image as it is now."""
+    return [e for e in entries if e["image"] not in saved or saved[e["image"]].get("error")
+            or saved[e["image"]].get("file") != stats[e["image"]]]
+
+
+def merge_predictions(out: Path, name: str, entries: list[dict], stats: dict[str, Optional[list[int]]]
+                      ) -> list[dict]:
     """Write the predictions file with exactly one record per entry (atomically), drop the shards."""
-    saved, final = read_predictions(out, name), predictions_path(out, name)
+    saved, final = read_predictions(out, name, stats), predictions_path(out, name)
     records = []
     for entry in entries:
         if entry["image"] not in saved:
@@ -495,7 +519,7 @@ def read_run(out: Path, flag: str) -> tuple[dict, dict[str, list[dict]]]:
     files = sorted(out.glob("predictions_*.jsonl"))
     if not files:
         common.die(f"{flag} {out}: no predictions_*.jsonl files there")
-    config = json.loads((out / "eval_config.json").read_text()) if (out / "eval_config.json").exists() else {}
+    config = common.read_json(out / "eval_config.json") if (out / "eval_config.json").exists() else {}
     names = [f.name[len("predictions_"):-len(".jsonl")] for f in files]
     known = [n for n in config.get("sources", {}) if n in names]  # the live run's order first
     order = known + [n for n in names if n not in known]
@@ -512,8 +536,9 @@ def recompute(args: Args) -> dict:
     """--predictions DIR: metrics from the saved predictions_*.jsonl, setup and lower-better list from the run."""
     out = Path(args.predictions)
     config, predictions = read_run(out, "--predictions")
-    return write_summary(out, config, predictions, args.lower_better or config.get("lower_better", []),
-                         args.bootstrap, args.bootstrap_seed)
+    with common.output_lock(out):  # not while a run writes into the folder
+        return write_summary(out, config, predictions, args.lower_better or config.get("lower_better", []),
+                             args.bootstrap, args.bootstrap_seed)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -538,22 +563,29 @@ def run_settings(args: Args, preset: common.Preset, jobs: dict[str, Bench]) -> d
     return settings
 
 
-def check_and_record(out: Path, args: Args, settings: dict, setup: dict, is_main: bool) -> dict:
+def merged_config(out: Path, settings: dict, setup: dict) -> dict:
     """Refuse a rerun whose settings would change a saved prediction (each changed setting named); a benchmark not
-    in the earlier run is new, not changed. The main process then records the union."""
+    in the earlier run is new, not changed. The record to write once the run has started: the union."""
     path = out / "eval_config.json"
-    saved = json.loads(path.read_text()) if path.exists() else {}
+    saved = common.read_json(path) if path.exists() else {}
     before = saved.get("settings", {})
     compare = {k: v for k, v in settings.items() if not k.startswith("benchmark ") or k in before}
     common.refuse_changed_settings(path, compare, f"{out} (predictions)",
                                    f"use another --out, or the settings recorded in {path}")
     sources = setup.get("sources", {})
     earlier = [n for n in saved.get("lower_better", []) if n not in sources]  # this run decides for its own names
-    config = {**saved, **setup, "settings": {**before, **settings}, "sources": {**saved.get("sources", {}), **sources},
-              "lower_better": earlier + setup.get("lower_better", [])}
-    if is_main:
-        common.write_json_atomic(path, config)
-    return config
+    return {**saved, **setup, "settings": {**before, **settings}, "sources": {**saved.get("sources", {}), **sources},
+            "lower_better": earlier + setup.get("lower_better", [])}
+
+
+def load_model(args: Args, device):
+    """(model, processor); a model that fails to load is one line naming it."""
+    try:
+        return (common.load_model(args.model, device=device).eval(),
+                common.load_processor(args.model, max_pixels=args.max_pixels))
+    except Exception as e:  # a broken folder raises OSError, ValueError, KeyError, ... depending on what is wrong
+        common.die(f"--model {args.model}: cannot load it ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+                   "; give a checkpoint folder or hub id")
 
 
 def check_args(args: Args) -> None:
@@ -565,8 +597,10 @@ def check_args(args: Args) -> None:
         common.die("--split and --lower-better apply to --bench runs only")
     if args.samples < 1 or args.batch_size < 1 or args.max_new_tokens < 1:
         common.die("--samples, --batch-size and --max-new-tokens must be >= 1")
-    if args.samples > 1 and args.temperature <= 0:
+    if args.samples > 1 and not args.temperature > 0:
         common.die("--samples > 1 needs --temperature > 0 (use --samples 1 for greedy decoding)")
+    if args.allow_outside_root and not (args.bench or args.images):
+        common.die("--allow-outside-root applies to --bench and --images runs")
 
 
 def run_setup(args: Args, preset: common.Preset, jobs: dict[str, Bench], num_processes: int) -> dict:
@@ -587,22 +621,23 @@ def score_jobs(state, model, processor, preset: common.Preset, args: Args, out: 
     """Each job's images not yet scored, sharded across processes; the main process merges and returns them."""
     prompt, predictions = preset.prompt("score", args.reasoning), {}
     for name, job in jobs.items():
+        stats = {e["image"]: file_stat(job.root / e["image"]) for e in job.entries}
         try:
-            saved = read_predictions(out, name)
+            saved = read_predictions(out, name, stats)
         except ValueError as e:
             common.die(str(e))
-        todo = [e for e in job.entries if e["image"] not in saved or saved[e["image"]].get("error")]
+        todo = to_score(job.entries, saved, stats)
         state.wait_for_everyone()  # every process has read the same files before anyone appends to them
         mine = todo[state.process_index::state.num_processes]
         if state.is_main_process:
             print(f"{name}: {len(job.entries)} images, {len(job.entries) - len(todo)} already scored, {len(todo)} "
-                  "to score", file=sys.stderr)
+                  "to score (new, missing before or changed since)", file=sys.stderr)
         if mine:
             part = out / f"{predictions_path(out, name).name}.part{state.process_index}"
             score_entries(model, processor, preset, prompt, args, job.root, mine, part, state.is_main_process)
         state.wait_for_everyone()
         if state.is_main_process:
-            predictions[name] = merge_predictions(out, name, job.entries)
+            predictions[name] = merge_predictions(out, name, job.entries, stats)
     return predictions
 
 
@@ -618,7 +653,6 @@ def main(argv: Optional[list[str]] = None) -> Optional[dict]:
     if args.predictions:
         return recompute(args)
     check_args(args)
-    split = parse_split(args.split)
 
     import torch
     from accelerate import PartialState
@@ -626,16 +660,26 @@ def main(argv: Optional[list[str]] = None) -> Optional[dict]:
     # Without an accelerator, accelerate sets up torchrun's processes (gloo) only when told it runs on CPU.
     state = PartialState(cpu=not torch.cuda.is_available())
     out = Path(args.out)
-    jobs = (load_benchmarks(args.bench, split, args.lower_better, args.strict, state.is_main_process) if args.bench
-            else {IMAGES: load_images(args.images)})
-    preset = common.get_preset(args.prompt)
-    setup = run_setup(args, preset, jobs, state.num_processes)
-    config = check_and_record(out, args, run_settings(args, preset, jobs), setup, state.is_main_process)
-    state.wait_for_everyone()
+    if state.is_main_process:
+        common.check_writable(out)
+    with common.output_lock(out) if state.is_main_process else contextlib.nullcontext():  # one lock per run
+        return run(args, state, out)
 
+
+def run(args: Args, state, out: Path) -> Optional[dict]:
+    """The run: inputs checked, the model loaded, only then the settings recorded; score, merge, report."""
+    import torch
+
+    jobs = (load_benchmarks(args.bench, parse_split(args.split), args.lower_better, args.strict,
+                            state.is_main_process, args.allow_outside_root) if args.bench
+            else {IMAGES: load_images(args.images, args.allow_outside_root)})
+    preset = common.get_preset(args.prompt)
+    config = merged_config(out, run_settings(args, preset, jobs), run_setup(args, preset, jobs, state.num_processes))
     torch.manual_seed(args.seed + state.process_index)
-    model = common.load_model(args.model, device=state.device).eval()
-    processor = common.load_processor(args.model, max_pixels=args.max_pixels)
+    model, processor = load_model(args, state.device)
+    if state.is_main_process:
+        common.record_settings(out / "eval_config.json", **config)
+    state.wait_for_everyone()
     start = time.time()
     predictions = score_jobs(state, model, processor, preset, args, out, jobs)
     state.wait_for_everyone()
@@ -648,4 +692,4 @@ def main(argv: Optional[list[str]] = None) -> Optional[dict]:
 
 
 if __name__ == "__main__":
-    main()
+    common.run_main(main)

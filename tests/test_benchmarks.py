@@ -444,7 +444,7 @@ def test_direction_in_summary_and_warning_only_when_unknown(monkeypatch, tmp_pat
     monkeypatch.setattr(evaluate, "sample_answers", sample_answers)
     monkeypatch.setattr(common, "load_image", lambda p: type("Im", (), {"filename": str(p)})())
     argv = ["--model", tiny_model_dir, "--bench", f"csiq={csiq}", f"kadid={kadid}", f"x={generic}@{kadid / 'images'}",
-            "--out", str(tmp_path / "o"), "--max-new-tokens", "4"]
+            "--out", str(tmp_path / "o"), "--max-new-tokens", "4", "--bootstrap", "50"]
     with pytest.warns(UserWarning) as caught:
         summary = evaluate.main(argv)
     unknown = [str(w.message) for w in caught if "direction" in str(w.message)]

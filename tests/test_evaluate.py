@@ -130,7 +130,8 @@ def noisy(n: int, noise: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def independent_bootstrap(pred: np.ndarray, mos: np.ndarray, resamples: int, seed: int, name: str) -> dict:
-    """The four metrics on each resample, one resample at a time with scipy, the logistic fitted from a cold start."""
+    """The four metrics on each resample, one resample at a time with scipy; the logistic fitted from the data's
+    starting point, NaN if it needs over 400 evaluations."""
     import zlib
     from scipy.optimize import curve_fit
 
@@ -144,21 +145,24 @@ def independent_bootstrap(pred: np.ndarray, mos: np.ndarray, resamples: int, see
         out["srcc"].append(stats.spearmanr(p, m).statistic)
         out["krcc"].append(stats.kendalltau(p, m).statistic)
         out["plcc"].append(stats.pearsonr(p, m).statistic)
-        params, _ = curve_fit(curve, p, m, p0=[m.max(), m.min(), p.mean(), p.std() / 4], maxfev=10000)
-        out["plcc_logistic"].append(stats.pearsonr(curve(p, *params), m).statistic)
+        try:
+            params, _ = curve_fit(curve, p, m, p0=[m.max(), m.min(), p.mean(), p.std() / 4], maxfev=400)
+            out["plcc_logistic"].append(stats.pearsonr(curve(p, *params), m).statistic)
+        except RuntimeError:
+            out["plcc_logistic"].append(np.nan)
     return {k: np.array(v) for k, v in out.items()}
 
 
 def test_intervals_match_an_independent_bootstrap_per_benchmark_and_for_wavg(tmp_path):
     data = {"big": noisy(80, 0.7, 0), "small": noisy(40, 1.5, 1)}
     out = write_run(tmp_path / "o", data)
-    summary = evaluate.main(["--predictions", str(out), "--bootstrap", "300", "--bootstrap-seed", "7"])
+    summary = evaluate.main(["--predictions", str(out), "--bootstrap", "200", "--bootstrap-seed", "7"])
     saved = json.loads((out / "summary.json").read_text())
-    assert saved["bootstrap"] == {"resamples": 300, "seed": 7} and saved["wavg"]["ci95"] == summary["wavg"]["ci95"]
-    draws = {name: independent_bootstrap(*d, 300, 7, name) for name, d in data.items()}
+    assert saved["bootstrap"] == {"resamples": 200, "seed": 7} and saved["wavg"]["ci95"] == summary["wavg"]["ci95"]
+    draws = {name: independent_bootstrap(*d, 200, 7, name) for name, d in data.items()}
     for name in data:
         for key, values in draws[name].items():
-            expected = np.percentile(values, [2.5, 97.5])
+            expected = np.percentile(values[np.isfinite(values)], [2.5, 97.5])
             assert saved["benchmarks"][name]["ci95"][key] == pytest.approx(expected, abs=1e-6)
             low, high = saved["benchmarks"][name]["ci95"][key]
             assert low < saved["benchmarks"][name][key] < high
@@ -273,7 +277,7 @@ def run_eval(monkeypatch, calls, tiny_model_dir, bench, root, out, *extra):
         warnings.simplefilter("ignore")
         return evaluate.main(["--model", tiny_model_dir, "--bench", f"demo={bench}@{root}", "--bench",
                               f"again={bench}@{root}", "--out", str(out), "--batch-size", "5",
-                              "--max-new-tokens", "4", *extra])
+                              "--max-new-tokens", "4", "--bootstrap", "100", *extra])
 
 
 def test_live_run_predictions_recompute_and_lower_better(monkeypatch, tmp_path, tiny_model_dir, demo_bench,
@@ -283,7 +287,8 @@ def test_live_run_predictions_recompute_and_lower_better(monkeypatch, tmp_path, 
                        "--lower-better", "again", "--no-text")
     records = common.read_jsonl(tmp_path / "o" / "predictions_demo.jsonl")
     assert [r["image"] for r in records] == [e["image"] for e in benchmarks.read_benchmark(bench_with_a_gap)[0]]
-    assert records[-1] == {"image": "lost.png", "mos": 2.5, "score": None, "n_valid": 0, "error": "missing file"}
+    assert records[-1] == {"image": "lost.png", "mos": 2.5, "score": None, "n_valid": 0, "file": None,
+                           "error": "missing file"}
     assert all("answers" not in r for r in records)  # --no-text
     valid = [r for r in records if r["score"] is not None]
     demo = summary["benchmarks"]["demo"]
@@ -303,11 +308,11 @@ def test_live_run_predictions_recompute_and_lower_better(monkeypatch, tmp_path, 
 
     saved = json.loads((tmp_path / "o" / "summary.json").read_text())
     md = (tmp_path / "o" / "summary.md").read_text()
-    assert "| WAVG | 26 |" in md and "| mean | 26 |" in md and f"| demo | 13 | {evaluate.cell(demo['coverage'])} |" in md
+    assert "| WAVG | 26 |" in md and "| mean | 26 |" in md and "| demo | 13 | .615 |" in md
     assert saved["prompt_hash"] == common.get_preset("evoquality").hash() and saved["samples"] == 1
     assert set(saved["package_versions"]) >= {"torch", "transformers", "scipy"}
 
-    again_summary = evaluate.main(["--predictions", str(tmp_path / "o")])  # no model, lower-better from the run
+    again_summary = evaluate.main(["--predictions", str(tmp_path / "o"), "--bootstrap", "100"])  # no model
     for key in ("benchmarks", "wavg", "mean"):
         assert evaluate.json_safe(again_summary[key]) == saved[key]
 
@@ -378,7 +383,7 @@ def test_reruns_that_change_a_result_are_refused(monkeypatch, tmp_path, tiny_mod
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return evaluate.main(["--model", str(model), "--bench", f"demo={bench}@{demo_bench}", "--out", str(out),
-                                  "--max-new-tokens", "4", *extra])
+                                  "--max-new-tokens", "4", "--bootstrap", "0", *extra])
 
     def refused(*extra) -> str:
         capsys.readouterr()
@@ -411,7 +416,8 @@ def test_reruns_that_change_a_result_are_refused(monkeypatch, tmp_path, tiny_mod
     with warnings.catch_warnings():  # the original file again, plus a new benchmark: allowed, only it is scored
         warnings.simplefilter("ignore")
         evaluate.main(["--model", str(model), "--bench", f"demo={bench}@{demo_bench}",
-                       f"more={demo_bench / 'labels.jsonl'}", "--out", str(out), "--max-new-tokens", "4"])
+                       f"more={demo_bench / 'labels.jsonl'}", "--out", str(out), "--max-new-tokens", "4",
+                       "--bootstrap", "0"])
     assert sum(calls) == 12
     saved = json.loads((out / "eval_config.json").read_text())["settings"]
     assert {"benchmark demo", "benchmark more"} <= set(saved)
@@ -443,6 +449,118 @@ def test_images_mode_scores_every_image_and_lists_unreadable_ones(monkeypatch, t
         warnings.simplefilter("ignore")
         evaluate.main(args)  # resume: only the broken image is tried again, and it still cannot be read
     assert calls == [] and common.read_jsonl(tmp_path / "o" / "predictions.jsonl") == records
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# misuse: a failed first run, a changed image, a second run, names outside their root, one-line errors
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def quiet_main(argv: list[str]):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return evaluate.main(argv)
+
+
+def refused(capsys, argv: list[str]) -> str:
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        quiet_main(argv)
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert e.value.code == 2 and len(errors) == 1 and "Traceback" not in err, err
+    return errors[0]
+
+
+def test_a_mistyped_model_leaves_nothing_that_refuses_the_right_one(monkeypatch, tmp_path, tiny_model_dir, demo_bench,
+                                                                    capsys):
+    monkeypatch.setattr(evaluate, "sample_answers", fake_answers([]))
+    out = tmp_path / "o"
+    argv = ["--bench", f"demo={demo_bench / 'labels.jsonl'}", "--out", str(out), "--max-new-tokens", "4",
+            "--bootstrap", "0"]
+    err = refused(capsys, ["--model", str(tmp_path / "nonexist"), *argv])
+    assert "nonexist: cannot load it" in err and not (out / "eval_config.json").exists()
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model_dir, broken)
+    (broken / "config.json").write_text("{ not json")
+    assert f"--model {broken}: cannot load it" in refused(capsys, ["--model", str(broken), *argv])
+    assert quiet_main(["--model", tiny_model_dir, *argv])["benchmarks"]["demo"]["n"] == 12
+
+
+def test_an_image_changed_in_place_is_scored_again(monkeypatch, tmp_path, tiny_model_dir, demo_pool):
+    folder = tmp_path / "photos"
+    shutil.copytree(demo_pool, folder)
+    calls = []
+    monkeypatch.setattr(evaluate, "sample_answers", fake_answers(calls))
+    argv = ["--model", tiny_model_dir, "--images", str(folder), "--out", str(tmp_path / "o"), "--max-new-tokens", "4"]
+    quiet_main(argv)
+    before = {r["image"]: r for r in common.read_jsonl(tmp_path / "o" / "predictions.jsonl")}
+    changed = sorted(before)[3]
+    shutil.copy(folder / sorted(before)[0], folder / changed)  # another picture under the same name
+    calls.clear()
+    quiet_main(argv)
+    after = {r["image"]: r for r in common.read_jsonl(tmp_path / "o" / "predictions.jsonl")}
+    stat = (folder / changed).stat()
+    assert calls == [1] and after[changed]["file"] == [stat.st_size, stat.st_mtime_ns]
+    assert after[changed]["file"] != before[changed]["file"] and after[changed]["scores"] == after[sorted(before)[0]][
+        "scores"]
+    assert {k: v for k, v in after.items() if k != changed} == {k: v for k, v in before.items() if k != changed}
+    calls.clear()
+    quiet_main(argv)
+    assert calls == []
+
+
+def test_a_second_run_into_the_same_out_is_refused_at_once(tmp_path, tiny_model_dir, demo_bench, capsys):
+    out = tmp_path / "o"
+    with common.output_lock(out):
+        err = refused(capsys, ["--model", tiny_model_dir, "--bench", f"demo={demo_bench / 'labels.jsonl'}", "--out",
+                               str(out)])
+    assert f"{out} is in use by another run (pid {os.getpid()}" in err and not (out / "eval_config.json").exists()
+
+
+def test_image_names_stay_under_their_root(tmp_path, demo_bench, capsys):
+    for name in ["../outside.png", str(demo_bench / "bench_00000.png")]:
+        labels = tmp_path / "labels.jsonl"
+        labels.write_text(json.dumps({"image": "bench_00001.png", "mos": 2}) + "\n"
+                          + json.dumps({"image": name, "mos": 3}) + "\n")
+        with pytest.raises(ValueError, match=r"labels\.jsonl:2: image name .* is outside the image root"):
+            benchmarks.read_benchmark(labels, root=demo_bench)
+        entries, _, _ = benchmarks.read_benchmark(labels, root=demo_bench, allow_outside=True)
+        assert Path(entries[1]["image"]).is_absolute()
+    labels.write_text('{"image": "./bench_00001.png", "mos": 2}\n{"image": "bench_00001.png", "mos": 3}\n')
+    with pytest.raises(ValueError, match=r"labels\.jsonl:1 and .*labels\.jsonl:2: image bench_00001\.png is listed"):
+        benchmarks.read_benchmark(labels)
+    listed = tmp_path / "list.txt"
+    listed.write_text("a.png\n/etc/passwd\n")
+    err = refused(capsys, ["--model", "m", "--images", str(listed), "--out", str(tmp_path / "o")])
+    assert "list.txt:2" in err and "outside the image root" in err
+
+
+def test_bad_inputs_are_one_line_errors_before_the_model_loads(monkeypatch, tmp_path, tiny_model_dir, demo_bench,
+                                                              capsys):
+    monkeypatch.setattr(common, "load_model", lambda *a, **k: pytest.fail("the model loaded before the check"))
+    argv = ["--model", tiny_model_dir, "--bench", f"demo={demo_bench / 'labels.jsonl'}"]
+    (tmp_path / "file").write_text("")
+    assert "cannot write to" in refused(capsys, [*argv, "--out", str(tmp_path / "file" / "o")])
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "eval_config.json").write_text("")
+    assert f"{out / 'eval_config.json'} is empty or not valid JSON" in refused(capsys, [*argv, "--out", str(out)])
+    latin = tmp_path / "meta.csv"
+    latin.write_bytes("name,mos\ncaf\xe9.png,3\n".encode("latin-1"))
+    err = refused(capsys, ["--model", tiny_model_dir, "--bench", f"x={latin}", "--out", str(tmp_path / "o2")])
+    assert f"{latin}: not UTF-8" in err
+
+
+def test_a_folder_scan_says_which_subfolders_it_skipped(monkeypatch, tmp_path, tiny_model_dir, demo_pool, capsys):
+    folder = tmp_path / "photos"
+    shutil.copytree(demo_pool, folder)
+    (folder / "linked").symlink_to(demo_pool, target_is_directory=True)
+    monkeypatch.setattr(evaluate, "sample_answers", fake_answers([]))
+    summary = quiet_main(["--model", tiny_model_dir, "--images", str(folder), "--out", str(tmp_path / "o"),
+                          "--max-new-tokens", "4"])
+    assert f"skipped subfolder {folder / 'linked'}: a symlinked folder" in capsys.readouterr().err
+    assert summary["images"]["n"] == len(list(demo_pool.glob("*.png")))
 
 
 def test_bench_and_images_together_is_refused(tmp_path, demo_bench):
