@@ -434,7 +434,8 @@ def compare_runs(a: Path, b: Path, resamples: int, seed: int, out: Optional[Path
              "|---|--:|---|--:|--:|--:|--:|"]
     for name, r in rows.items():
         lines += [f"| {name} | {r['n_both']} | {k} | {cell(r['a'][k])} | {cell(r['b'][k])} | "
-                  f"{cell(r['difference'][k], *r['ci95'][k], digits=3)} | {cell(r['b_better'][k])} |" for k in CI_METRICS]
+                  f"{cell(r['difference'][k], *r['ci95'][k], digits=3)} | {cell(r['b_better'][k])} |"
+                  for k in CI_METRICS]
     if out is not None:
         common.write_json_atomic(out / "compare.json", json_safe(result))
         common.write_lines_atomic(out / "compare.md", [line + "\n" for line in lines])
@@ -584,8 +585,9 @@ def load_model(args: Args, device):
         return (common.load_model(args.model, device=device).eval(),
                 common.load_processor(args.model, max_pixels=args.max_pixels))
     except Exception as e:  # a broken folder raises OSError, ValueError, KeyError, ... depending on what is wrong
-        common.die(f"--model {args.model}: cannot load it ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
-                   "; give a checkpoint folder or hub id")
+        first = (str(e).splitlines() or [""])[0]
+        common.die(f"--model {args.model}: cannot load it ({type(e).__name__}: {first}); give a checkpoint folder or "
+                   "hub id")
 
 
 def check_args(args: Args) -> None:
