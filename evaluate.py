@@ -29,10 +29,16 @@ holds (sampling.answer). Unparseable answers are never replaced by a guess: an i
 of the correlations and counted in `coverage`; the share of truncated answers is reported per benchmark.
 
 Outputs in --out: predictions_NAME.jsonl (one line per benchmark image, in benchmark order:
-{"image", "mos", "score", "n_valid", "scores", "truncated", "answers"}, plus "error" for a missing or unreadable
-image), or predictions.jsonl for --images; eval_config.json (the settings; a rerun that would change a result is
-refused, naming each changed setting), summary.json, summary.md (also printed). Rerunning the same command resumes:
-scored images are kept, nothing is scored twice; a kill corrupts nothing.
+{"image", "mos", "score", "n_valid", "scores", "truncated", "answers", "file": [size, mtime_ns]}, plus "error" for a
+missing or unreadable image), or predictions.jsonl for --images; eval_config.json (the settings, written once the
+model has loaded; a rerun that would change a result is refused, naming each changed setting), summary.json and
+summary.md (also printed) with 95 % bootstrap intervals (`ci95`; --bootstrap 0: none). Rerunning the same command
+resumes: scored images are kept, an image changed in place is scored again, nothing is scored twice; a kill corrupts
+nothing; a second run into the same --out is refused while the first holds its lock (OUT.lock).
+
+Compare two evaluations of the same benchmarks (B - A, paired bootstrap over the images both scored):
+
+    python evaluate.py --compare runs/eval_round1 runs/eval_round2
 """
 
 from __future__ import annotations
