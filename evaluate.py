@@ -19,17 +19,9 @@ Recompute the metrics from the saved predictions, with no model:
 
     python evaluate.py --predictions runs/eval
 
---bench NAME=PATH[@IMAGE_FOLDER] (repeatable). PATH is
-  - a dataset folder as unpacked from its official release: KonIQ-10k, SPAQ, AGIQA-3K, LIVE Challenge (LIVE-Wild),
-    KADID-10k, PIPAL, TID2013 or CSIQ (RELEASES below: which file is read, where the images are, which way is better);
-  - one of those releases' label files itself (koniq10k_scores_and_distributions.csv, dmos.csv, csiq.DMOS.xlsx, ...);
-  - plain JSONL: {"image": "relative/path.jpg", "mos": 3.42} per line;
-  - pyiqa meta-info CSV: an image column (name, dist_name, img_name, image_name or image), a MOS column (mos or dmos),
-    other columns (std, split, ...) ignored unless `--split COLUMN=VALUE` selects rows by one of them;
-  - VisualQuality-R1 JSONL: {"image": ["x.png"], "conversations": [..., {"from": "gpt", "value": 4.63}]}.
-IMAGE_FOLDER overrides where the images are (default: the release's image folder, or the label file's folder).
-A known release fixes its label direction (KADID-10k's `dmos` is higher-is-better, CSIQ's DMOS lower-is-better);
-`--lower-better NAME` is for other files whose labels are lower-is-better.
+--bench NAME=PATH[@IMAGE_FOLDER] (repeatable): PATH a dataset folder as its official release unpacks (KonIQ-10k,
+SPAQ, AGIQA-3K, LIVE Challenge, KADID-10k, PIPAL, TID2013, CSIQ), one of their label files, or a generic label file
+(plain JSONL, pyiqa CSV, VisualQuality-R1 JSONL); benchmarks.py reads them and, run alone, says what a folder holds.
 
 `--samples 1` (default) decodes greedily (deterministic); `--samples N` samples N answers at `--temperature` and the
 image's score is the mean of its valid ones. An answer cut off by `--max-new-tokens` is unparseable, whatever it
@@ -37,41 +29,45 @@ holds (sampling.answer). Unparseable answers are never replaced by a guess: an i
 of the correlations and counted in `coverage`; the share of truncated answers is reported per benchmark.
 
 Outputs in --out: predictions_NAME.jsonl (one line per benchmark image, in benchmark order:
-{"image", "mos", "score", "n_valid", "scores", "truncated", "answers"}, plus "error" for a missing or unreadable
-image), or predictions.jsonl for --images; eval_config.json (the settings; a rerun that would change a result is
-refused, naming each changed setting), summary.json, summary.md (also printed). Rerunning the same command resumes:
-scored images are kept, nothing is scored twice; a kill corrupts nothing.
+{"image", "mos", "score", "n_valid", "scores", "truncated", "answers", "file": [size, mtime_ns]}, plus "error" for a
+missing or unreadable image), or predictions.jsonl for --images; eval_config.json (the settings, written once the
+model has loaded; a rerun that would change a result is refused, naming each changed setting), summary.json and
+summary.md (also printed) with 95 % bootstrap intervals (`ci95`; --bootstrap 0: none). Rerunning the same command
+resumes: scored images are kept, an image changed in place is scored again, nothing is scored twice; a kill corrupts
+nothing; a second run into the same --out is refused while the first holds its lock (OUT.lock).
+
+Compare two evaluations of the same benchmarks (B - A, paired bootstrap over the images both scored):
+
+    python evaluate.py --compare runs/eval_round1 runs/eval_round2
 """
 
 from __future__ import annotations
 
-import csv
-import hashlib
-import io
-import json
+import contextlib
 import math
 import re
 import sys
 import time
 import warnings
-import zipfile
-from dataclasses import dataclass, field
+import zlib
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
-from xml.etree import ElementTree
+from typing import Iterator, Optional
 
 import numpy as np
 from scipy import optimize, stats
 
 import common
 import sampling
+from benchmarks import IMAGES, Bench, label_identity, load_benchmarks, load_images, parse_split
 
 
 @dataclass
 class Args:
     model: str = common.arg("", help="checkpoint folder or hub id, e.g. ByteDance/EvoQuality")
     bench: list[str] = common.arg([], help="NAME=PATH[@IMAGE_FOLDER], PATH a dataset folder or label file; repeatable")
-    images: str = common.arg("", help="score these images instead (a folder or a .txt/.jsonl list); no metrics")
+    images: str = common.arg("", help="score these images instead (a folder or a .txt/.jsonl list; an image changed "
+                                      "in place since it was scored is scored again); no metrics")
     out: str = common.arg("", help="output folder for predictions and summaries")
     predictions: str = common.arg("", help="recompute metrics from the predictions in this folder (no model)")
     prompt: str = common.arg("evoquality", help="prompt preset", choices=sorted(common.PRESETS))
@@ -93,6 +89,11 @@ class Args:
     text: bool = common.arg(True, help="keep the answer texts in the predictions (--no-text drops them)")
     strict: bool = common.arg(False, help="stop on a missing or unreadable image instead of counting it")
     seed: int = common.arg(0, help="sampling seed (process i uses seed + i)")
+    bootstrap: int = common.arg(1000, help="resamples of the images for the 95 %% intervals (0: no intervals)")
+    bootstrap_seed: int = common.arg(0, help="seed of the bootstrap resamples")
+    compare: list[str] = common.arg([], help="OUT_A OUT_B: B - A per metric with a paired bootstrap interval, no model")
+    allow_outside_root: bool = common.arg(False, help="accept absolute or '..' image names in label files and lists")
+
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -118,7 +119,7 @@ def logistic4(x: np.ndarray, b1: float, b2: float, b3: float, b4: float) -> np.n
         return (b1 - b2) / (1 + np.exp(-(x - b3) / np.abs(b4))) + b2
 
 
-def fit_logistic(pred: np.ndarray, mos: np.ndarray) -> Optional[np.ndarray]:
+def fit_logistic(pred: np.ndarray, mos: np.ndarray, maxfev: int = 10000) -> Optional[np.ndarray]:
     """Least-squares (b1, b2, b3, b4) mapping predictions onto the MOS scale; None (and a warning) if it fails."""
     pred, mos = np.asarray(pred, dtype=float), np.asarray(mos, dtype=float)
     if pred.size < 4 or np.ptp(pred) == 0:
@@ -129,7 +130,7 @@ def fit_logistic(pred: np.ndarray, mos: np.ndarray) -> Optional[np.ndarray]:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optimize.OptimizeWarning)  # no covariance estimate: we do not use it
-            params, _ = optimize.curve_fit(logistic4, pred, mos, p0=p0, maxfev=10000)
+            params, _ = optimize.curve_fit(logistic4, pred, mos, p0=p0, maxfev=maxfev)
     except (RuntimeError, ValueError, TypeError) as e:
         warnings.warn(f"logistic fit failed ({e}); PLCC/RMSE after the fit are NaN")
         return None
@@ -139,8 +140,8 @@ def fit_logistic(pred: np.ndarray, mos: np.ndarray) -> Optional[np.ndarray]:
     return params
 
 
-def plcc_logistic(pred: np.ndarray, mos: np.ndarray) -> float:
-    params = fit_logistic(pred, mos)
+def plcc_logistic(pred: np.ndarray, mos: np.ndarray, maxfev: int = 10000) -> float:
+    params = fit_logistic(pred, mos, maxfev)
     if params is None:
         return math.nan
     fitted = logistic4(np.asarray(pred, dtype=float), *params)
@@ -161,19 +162,23 @@ def rmse_logistic(pred: np.ndarray, mos: np.ndarray) -> float:
 METRICS = {"srcc": srcc, "krcc": krcc, "plcc": plcc, "plcc_logistic": plcc_logistic, "rmse_logistic": rmse_logistic}
 
 
-def benchmark_metrics(name: str, records: list[dict], lower_better: bool) -> dict:
-    """n, coverage, missing, truncation rate and every metric of one benchmark's predictions (MOS negated for
-    lower-is-better)."""
+def scored(records: list[dict], lower_better: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(predictions, MOS) of the images with a score; the MOS negated for lower-is-better, so higher is better."""
     valid = [r for r in records if r.get("score") is not None]
+    pred = np.array([r["score"] for r in valid], dtype=float)
+    return pred, np.array([r["mos"] for r in valid], dtype=float) * (-1.0 if lower_better else 1.0)
+
+
+def benchmark_metrics(name: str, records: list[dict], lower_better: bool) -> dict:
+    """n, coverage, missing, truncation rate and every metric of one benchmark's predictions."""
+    pred, mos = scored(records, lower_better)
     missing = [r["image"] for r in records if r.get("error")]
     answers = [t for r in records for t in r.get("truncated", [])]
-    out = {"n": len(records), "n_valid": len(valid), "coverage": len(valid) / len(records) if records else math.nan,
+    out = {"n": len(records), "n_valid": len(pred), "coverage": len(pred) / len(records) if records else math.nan,
            "missing": len(missing), "missing_images": missing, "lower_better": lower_better,
            "truncation_rate": sum(answers) / len(answers) if answers else math.nan}
-    pred = np.array([r["score"] for r in valid], dtype=float)
-    mos = np.array([r["mos"] for r in valid], dtype=float) * (-1.0 if lower_better else 1.0)
-    if len(valid) < 3:
-        warnings.warn(f"{name}: only {len(valid)} valid predictions (need >= 3); its metrics are NaN")
+    if len(pred) < 3:
+        warnings.warn(f"{name}: only {len(pred)} valid predictions (need >= 3); its metrics are NaN")
         return {**out, **{key: math.nan for key in METRICS}}
     return {**out, **{key: f(pred, mos) for key, f in METRICS.items()}}
 
@@ -189,6 +194,68 @@ def aggregate(benchmarks: dict[str, dict]) -> tuple[dict, dict]:
         wavg[key] = float(np.sum(weights * values) / weights.sum()) if weights.sum() else math.nan
         mean[key] = float(values.mean()) if values.size else math.nan
     return wavg, mean
+
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# ALGO LOGIC: 95 % bootstrap intervals (resamples of a benchmark's scored images, with replacement)
+# ---------------------------------------------------------------------------------------------------------------------
+
+CI_METRICS = ("srcc", "krcc", "plcc", "plcc_logistic")
+# A resample's logistic fit, as the point estimate's, but given up (NaN) after 400 evaluations: a fit on real data
+# converges in about 30-70, while a small, flat resample can spend the point estimate's 10,000 and ~20 ms each.
+RESAMPLE_MAXFEV = 400
+
+
+def resample_indices(n: int, resamples: int, seed: int, name: str) -> Iterator[np.ndarray]:
+    """Resample b of benchmark `name`: n image indices drawn with replacement, the b-th draw of a generator seeded
+    with (seed, crc32(name)): the same images for the same name and size, whichever benchmarks run beside it."""
+    rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
+    for _ in range(resamples):
+        yield rng.integers(0, n, n)
+
+
+def rowwise_pearson(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Pearson's r of each row pair of two (B, n) arrays; NaN for a constant row."""
+    x, y = x - x.mean(axis=1, keepdims=True), y - y.mean(axis=1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.sum(x * y, axis=1) / np.sqrt(np.sum(x * x, axis=1) * np.sum(y * y, axis=1))
+
+
+def bootstrap(pred: np.ndarray, mos: np.ndarray, resamples: int, seed: int, name: str) -> dict[str, np.ndarray]:
+    """Each of CI_METRICS on every resample: metric -> (resamples,) values. SRCC and PLCC are vectorised over
+    chunks of resamples (SRCC is Pearson's r of the average ranks); KRCC and the logistic fit run per resample, the
+    fit as for the point estimate, capped at RESAMPLE_MAXFEV (a warm start from the full sample's fit is barely
+    faster and, on a flat least-squares surface, lands elsewhere: another estimator)."""
+    draws: dict[str, list] = {key: [] for key in CI_METRICS}
+    rows, chunk = resample_indices(len(pred), resamples, seed, name), max(1, 2_000_000 // max(len(pred), 1))
+    for done in range(0, resamples, chunk):
+        idx = np.stack([next(rows) for _ in range(min(chunk, resamples - done))])
+        p, m = pred[idx], mos[idx]
+        draws["srcc"].append(rowwise_pearson(stats.rankdata(p, axis=1), stats.rankdata(m, axis=1)))
+        draws["plcc"].append(rowwise_pearson(p, m))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a constant resample or a failed fit: NaN, counted by `interval`
+            draws["krcc"].append([stats.kendalltau(a, b)[0] for a, b in zip(p, m)])
+            draws["plcc_logistic"].append([plcc_logistic(a, b, RESAMPLE_MAXFEV) for a, b in zip(p, m)])
+    return {key: np.concatenate(values).astype(float) for key, values in draws.items()}
+
+
+def interval(values: np.ndarray, what: str) -> list[float]:
+    """[2.5th, 97.5th percentile] of the resamples where the metric exists; NaN if under half of them have it."""
+    finite = values[np.isfinite(values)]
+    if finite.size < len(values):
+        warnings.warn(f"{what}: {len(values) - finite.size} of {len(values)} resamples have no value (constant "
+                      f"or failed fit); the interval is over the other {finite.size}")
+    if finite.size == 0 or finite.size < len(values) / 2:
+        return [math.nan, math.nan]
+    return [float(v) for v in np.percentile(finite, [2.5, 97.5])]
+
+
+def weighted_draws(draws: dict[str, dict[str, np.ndarray]], weights: dict[str, float]) -> dict[str, np.ndarray]:
+    """WAVG on every resample: each benchmark resampled on its own, their values averaged with the WAVG weights."""
+    total = sum(weights.values())
+    return {key: sum(weights[name] * d[key] for name, d in draws.items()) / total for key in CI_METRICS}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -216,592 +283,10 @@ def image_score(completions: list[sampling.Completion], preset: common.Preset
     return (sum(valid) / len(valid) if valid else None), scores
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# TRY NOT TO MODIFY: generic benchmark files (plain JSONL, pyiqa meta-info CSV, VisualQuality-R1 JSONL)
-# ---------------------------------------------------------------------------------------------------------------------
-
-IMAGE_COLUMNS = ("name", "dist_name", "img_name", "image_name", "image")
-MOS_COLUMNS = ("mos", "dmos")
-FORMATS_HELP = ('plain JSONL ({"image", "mos"} per line), VisualQuality-R1 JSONL ({"image", "conversations"}), a '
-                f"CSV with an image column ({', '.join(IMAGE_COLUMNS)}) and a MOS column ({', '.join(MOS_COLUMNS)}), "
-                "or a known release's folder or label file")
-
-
-@dataclass
-class Row:
-    """One labelled image as its label file lists it."""
-
-    image: str  # the name or relative path the file gives
-    label: object  # the raw label, checked by to_mos
-    where: str  # "file:line" or "file, sheet S, cell C7": what an error message names
-    fields: dict = field(default_factory=dict)  # other columns, for --split
-
-
-def to_mos(value, where: str) -> float:
-    try:
-        mos = float(value)  # VisualQuality-R1 files hold numbers, sometimes as strings
-    except (TypeError, ValueError):
-        raise ValueError(f"{where}: MOS {value!r} is not a number") from None
-    if not math.isfinite(mos) or isinstance(value, bool):
-        raise ValueError(f"{where}: MOS {value!r} is not a finite number")
-    return mos
-
-
-def read_generic(path: Path) -> tuple[list[Row], str]:
-    """(rows, the label's field) of a plain JSONL, VisualQuality-R1 JSONL or pyiqa-style CSV file."""
-    text = path.read_text(encoding="utf-8-sig")
-    first = next((line for line in text.splitlines() if line.strip()), "")
-    rows, label = [], "mos"
-    if first.lstrip().startswith("{"):
-        for lineno, record in common.read_jsonl(path, with_lineno=True):
-            image = record.get("image")
-            image = image[0] if isinstance(image, list) and len(image) == 1 else image
-            if "conversations" in record:  # VisualQuality-R1: the MOS is the last gpt turn
-                turns = record["conversations"] if isinstance(record["conversations"], list) else []
-                answers = [t.get("value") for t in turns if isinstance(t, dict) and t.get("from") == "gpt"]
-                mos, label = (answers[-1] if answers else None), "conversations"
-            elif "mos" in record:
-                mos = record["mos"]
-            else:
-                raise ValueError(f"{path}:{lineno}: no 'mos' or 'conversations' field; expected {FORMATS_HELP}")
-            rows.append(Row(image, mos, f"{path}:{lineno}", record))
-        return rows, label
-    reader = csv.DictReader(io.StringIO(text))
-    fields = reader.fieldnames or []
-    image_col = next((c for c in IMAGE_COLUMNS if c in fields), None)
-    mos_col = next((c for c in MOS_COLUMNS if c in fields), None)
-    if not (image_col and mos_col):
-        raise ValueError(f"{path}: unrecognised benchmark file (starts {first[:60]!r}); expected {FORMATS_HELP}")
-    for row in reader:
-        rows.append(Row(row.get(image_col), row.get(mos_col), f"{path}:{reader.line_num}", row))
-    return rows, mos_col
-
-
-def select_rows(rows: list[Row], split: Optional[tuple[str, str]] = None) -> tuple[list[dict], bool]:
-    """([{"image", "mos", "line"}] in file order, whether `split` applied): rows whose `split` column equals the value
-    (in files that have the column), labels checked, duplicates refused. ValueError names the file and line/cell."""
-    applied = split is not None and any(split[0] in row.fields for row in rows)
-    entries, seen = [], {}
-    for row in rows:
-        if applied and str(row.fields.get(split[0])) != split[1]:
-            continue
-        if not isinstance(row.image, str) or not row.image.strip():
-            raise ValueError(f"{row.where}: no image path")
-        if row.image in seen:
-            raise ValueError(f"{seen[row.image]} and {row.where}: image {row.image} is listed twice")
-        seen[row.image] = row.where
-        entries.append({"image": row.image, "mos": to_mos(row.label, row.where), "line": row.where})
-    return entries, applied
-
-
-def read_benchmark(path: Path, split: Optional[tuple[str, str]] = None) -> tuple[list[dict], bool, str]:
-    """([{"image", "mos", "line"}], whether `split` applied, the label's field) of a generic benchmark file.
-    Raises ValueError naming file:line on a bad row, a duplicate image, or an unknown format."""
-    rows, label = read_generic(path)
-    entries, applied = select_rows(rows, split)
-    return entries, applied, label
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# TRY NOT TO MODIFY: the paper's eight benchmarks, read from the files their official releases ship (no conversion)
-# ---------------------------------------------------------------------------------------------------------------------
-
-_XLSX = "{http://schemas.openxmlformats.org/spreadsheetml/2006/main}"
-_XLSX_REL = "{http://schemas.openxmlformats.org/officeDocument/2006/relationships}id"
-
-
-def xlsx_rows(path: Path, sheet: Optional[str] = None) -> tuple[str, list[tuple[int, dict[str, object]]]]:
-    """(sheet name, [(row number, {column letters: value})]) of one worksheet of an .xlsx file (the first, or `sheet`
-    by name), with the standard library: an .xlsx is a zip of XML parts (ECMA-376 / Office Open XML).
-    xl/workbook.xml names the sheets, xl/_rels/workbook.xml.rels maps each to its part; a cell <c t="s"> indexes
-    xl/sharedStrings.xml, t="inlineStr" holds its text in <is><t>, t="str" a formula's text, t="b" a boolean, and a
-    cell with no type (or t="n") a number. ValueError names the file and sheet, or the cell."""
-    try:
-        with zipfile.ZipFile(path) as z:
-            sheets = [(s.get("name"), s.get(_XLSX_REL))
-                      for s in ElementTree.fromstring(z.read("xl/workbook.xml")).iter(f"{_XLSX}sheet")]
-            names = [name for name, _ in sheets]
-            if not sheets or (sheet is not None and sheet not in names):
-                raise ValueError(f"{path}: no worksheet {sheet!r}; it has {names}")
-            name, rid = sheets[names.index(sheet)] if sheet is not None else sheets[0]
-            rels = ElementTree.fromstring(z.read("xl/_rels/workbook.xml.rels"))
-            target = next(r.get("Target") for r in rels if r.get("Id") == rid)
-            part = target.lstrip("/") if target.startswith("/") else f"xl/{target}"
-            shared = []
-            if "xl/sharedStrings.xml" in z.namelist():  # rich text keeps its runs in <r><t>; phonetic <rPh> is skipped
-                for si in ElementTree.fromstring(z.read("xl/sharedStrings.xml")).iter(f"{_XLSX}si"):
-                    shared.append("".join(t.text or "" for t in [*si.findall(f"{_XLSX}t"),
-                                                                 *si.findall(f"{_XLSX}r/{_XLSX}t")]))
-            xml = ElementTree.fromstring(z.read(part))
-    except (zipfile.BadZipFile, KeyError, StopIteration, ElementTree.ParseError, OSError) as e:
-        raise ValueError(f"{path}: not a readable .xlsx workbook ({type(e).__name__}: {e})") from None
-    rows, number = [], 0
-    for row in xml.iter(f"{_XLSX}row"):
-        number = int(row.get("r") or number + 1)
-        cells = {}
-        for c in row.findall(f"{_XLSX}c"):
-            ref, kind, v = c.get("r") or "", c.get("t", "n"), c.find(f"{_XLSX}v")
-            where = f"{path}, sheet {name!r}, cell {ref}"
-            text = v.text if v is not None else None
-            if kind == "inlineStr":
-                value = "".join(t.text or "" for t in c.iter(f"{_XLSX}t"))
-            elif text is None:
-                value = None
-            elif kind == "s":
-                if not text.isdigit() or int(text) >= len(shared):
-                    raise ValueError(f"{where}: shared string index {text!r} is out of range ({len(shared)} strings)")
-                value = shared[int(text)]
-            elif kind in ("str", "e"):  # a formula's text, or an error such as #N/A (a bad label then names its cell)
-                value = text
-            elif kind == "b":
-                value = text == "1"
-            else:
-                try:
-                    value = float(text)
-                except ValueError:
-                    raise ValueError(f"{where}: number cell holds {text!r}") from None
-            cells[re.sub(r"\d+$", "", ref)] = value
-        rows.append((number, cells))
-    return name, rows
-
-
-def xlsx_table(path: Path, sheet: Optional[str], columns: tuple[str, ...]) -> list[tuple[str, dict, dict]]:
-    """[(where, {header: value}, {header: cell reference})] for the rows below the first row that holds every name in
-    `columns` (the header need not be row 1: CSIQ's is row 4). Rows with none of `columns` filled are padding."""
-    name, rows = xlsx_rows(path, sheet)
-    for i, (_, cells) in enumerate(rows):
-        header = {str(v).strip(): col for col, v in cells.items() if isinstance(v, str)}
-        if all(c in header for c in columns):
-            break
-    else:
-        raise ValueError(f"{path}, sheet {name!r}: no header row with the columns {list(columns)}")
-    table = []
-    for number, cells in rows[i + 1:]:
-        values = {c: cells.get(header[c]) for c in columns}
-        if all(v is None or (isinstance(v, str) and not v.strip()) for v in values.values()):
-            continue
-        table.append((f"{path}, sheet {name!r}, row {number}", values, {c: f"{header[c]}{number}" for c in columns}))
-    return table
-
-
-def mat_vector(path: Path, key: str) -> np.ndarray:
-    """The variable `key` of a MATLAB .mat file, flattened (a cell array comes back as an object array)."""
-    from scipy.io import loadmat
-
-    try:
-        data = loadmat(path)
-    except Exception as e:  # a damaged file raises MatReadError, ValueError, IndexError, ... depending on where
-        raise ValueError(f"{path}: cannot read it as a MATLAB .mat file ({type(e).__name__}: {e})") from None
-    if key not in data:
-        raise ValueError(f"{path}: no variable {key!r}; it holds {sorted(k for k in data if not k.startswith('__'))}")
-    return np.asarray(data[key]).ravel()
-
-
-def csv_table(path: Path, columns: tuple[str, ...]) -> list[tuple[str, dict]]:
-    """[(file:line, row)] of a CSV file that must have `columns` (a quoted header is fine)."""
-    reader = csv.DictReader(io.StringIO(path.read_text(encoding="utf-8-sig")))
-    missing = [c for c in columns if c not in (reader.fieldnames or [])]
-    if missing:
-        raise ValueError(f"{path}:1: no column {missing}; the header is {reader.fieldnames}")
-    return [(f"{path}:{reader.line_num}", row) for row in reader]
-
-
-@dataclass
-class Release:
-    """What a known release's reader found: its rows, where its images are, which way is better, and why."""
-
-    dataset: str
-    files: list[Path]  # the label file(s) read; their content hashes identify the benchmark
-    rows: list[Row]
-    image_dirs: tuple[str, ...]  # candidate image folders, relative to the first label file's folder, in order
-    lower_better: bool
-    label: str  # the label and its direction, in words
-    note: str = ""
-
-
-# KonIQ-10k (database.mmsp-kn.de/koniq-10k-database.html). koniq10k_scores_and_distributions.csv has a quoted header
-# "image_name","c1".."c5","c_total","MOS","SD","MOS_zscore" (public loaders read image_name with MOS or MOS_zscore);
-# MOS is the 1-5 mean opinion score, higher is better; 10,073 images in 1024x768/ (512x384/ is the half-size copy).
-# The official training/validation/test split is the `set` column of koniq10k_distributions_sets.csv
-# (github.com/subpic/koniq metadata/, header image_name,c1..c5,c_total,MOS,SD,set; pyiqa's
-# scripts/process_koniq10k.py builds its split from it): beside the scores file it adds `set`, so `--split set=test`.
-def read_koniq(path: Path) -> Release:
-    scores = path.parent / "koniq10k_scores_and_distributions.csv"
-    sets_file = path.parent / "koniq10k_distributions_sets.csv"
-    label_file = scores if scores.is_file() else path
-    rows = [Row(r["image_name"], r["MOS"], where, {}) for where, r in csv_table(label_file, ("image_name", "MOS"))]
-    files = [label_file] + ([sets_file] if sets_file.is_file() and sets_file != label_file else [])
-    if sets_file.is_file():
-        sets = {r["image_name"]: r["set"] for _, r in csv_table(sets_file, ("image_name", "set"))}
-        for row in rows:
-            row.fields["set"] = sets.get(row.image)
-    return Release("KonIQ-10k", files, rows, ("1024x768", "512x384", "."), False,
-                   f"MOS of {label_file.name} (higher is better)",
-                   "official split in the `set` column" if sets_file.is_file() else "no split file beside it")
-
-
-# SPAQ (github.com/h4nwei/SPAQ): Annotations/MOS and Image attribute scores.xlsx, first sheet, columns "Image name",
-# "MOS" (0-100, higher is better), Brightness, Colorfulness, Contrast, Noisiness, Sharpness; 11,125 smartphone photos
-# in TestImage/. Read the same way by pyiqa's scripts/process_spaq.py (pd.read_excel, TestImage as dataroot) and by
-# HyperIQA-style SPAQ loaders (info['Image name'], info['MOS'], root/TestImage).
-def read_spaq(path: Path) -> Release:
-    rows = [Row(str(v["Image name"]).strip() if v["Image name"] is not None else None, v["MOS"],
-                f"{where}, cell {cells['MOS']}", {})
-            for where, v, cells in xlsx_table(path, None, ("Image name", "MOS"))]
-    return Release("SPAQ", [path], rows, ("../TestImage", "TestImage"), False, "MOS, 0-100 (higher is better)")
-
-
-# AGIQA-3K (github.com/lcysyzxdxc/AGIQA-3k-Database): data.csv with header
-# name,prompt,adj1,adj2,style,mos_quality,std_quality,mos_align,std_align (seen in the repository's data.csv);
-# mos_quality is the perceptual-quality MOS (higher is better; mos_align is text alignment, not used); the images
-# (2,982 in the paper) come in a separate archive, unpacked as AGIQA-3K/ or beside data.csv.
-def read_agiqa(path: Path) -> Release:
-    rows = [Row(r["name"], r["mos_quality"], where, {}) for where, r in csv_table(path, ("name", "mos_quality"))]
-    return Release("AGIQA-3K", [path], rows, ("AGIQA-3K", "AGIQA-3k", "images", "."), False,
-                   "mos_quality (higher is better)")
-
-
-# LIVE In the Wild Image Quality Challenge (live.ece.utexas.edu/research/ChallengeDB): ChallengeDB_release/Data/
-# AllImages_release.mat (cell array 'AllImages_release' of 1,169 file names) and AllMOS_release.mat ('AllMOS_release',
-# MOS 0-100, higher is better); images in ChallengeDB_release/Images/. The first 7 entries (t1.bmp .. t7.bmp) are the
-# images used to train the subjects; related works drop them and evaluate 1,162 images (pyiqa's
-# LIVEChallengeDataset: "remove first 7 training images as previous works"; pyiqa docs/Dataset_Preparation.md: "The
-# first 7 samples are usually removed"; pyiqa's scripts/process_livechallenge.py reads these two keys). So do we.
-LIVEC_TRAINING_ENTRIES = 7
-
-
-def read_livec(path: Path) -> Release:
-    names_file = path.parent / "AllImages_release.mat"
-    names, mos = mat_vector(names_file, "AllImages_release"), mat_vector(path, "AllMOS_release")
-    if len(names) != len(mos):
-        raise ValueError(f"{names_file} lists {len(names)} images but {path} holds {len(mos)} MOS values")
-    rows = []
-    for i, (item, value) in enumerate(zip(names, mos)):
-        name = np.asarray(item).ravel()
-        name = str(name[0]) if name.size and isinstance(name[0], str) else None
-        if name is None:
-            raise ValueError(f"{names_file}, AllImages_release entry {i + 1}: not a file name ({item!r})")
-        rows.append(Row(name, float(value), f"{path}, AllMOS_release entry {i + 1}", {}))
-    dropped = [row.image for row in rows[:LIVEC_TRAINING_ENTRIES]]
-    return Release("LIVE Challenge (LIVE-Wild)", [path, names_file], rows[LIVEC_TRAINING_ENTRIES:],
-                   ("../Images", "Images"), False, "MOS, 0-100 (higher is better)",
-                   f"the first {LIVEC_TRAINING_ENTRIES} entries ({', '.join(dropped)}) are the subjects' training "
-                   "images and are left out, as related works do")
-
-
-# KADID-10k (database.mmsp-kn.de/kadid-10k-database.html): dmos.csv with header dist_img,ref_img,dmos,var; 10,125
-# distorted images (and the 81 references) in images/. Despite its name, `dmos` is HIGHER-is-better: a mean of
-# degradation category ratings (ITU-T P.910 DCR, 5 = imperceptible .. 1 = very annoying) on 1-5. pyiqa's
-# scripts/process_kadid10k.py copies it unflipped as the MOS; public loaders note "KADID DMOS: 1-5 scale (higher =
-# better quality)" and one checked "dmos is quality-oriented" against the raw ratings of all 10,125 images.
-def read_kadid(path: Path) -> Release:
-    rows = [Row(r["dist_img"], r["dmos"], where, {}) for where, r in csv_table(path, ("dist_img", "dmos"))]
-    return Release("KADID-10k", [path], rows, ("images", "."), False,
-                   "dmos, 1-5 (higher is better despite the name)")
-
-
-# PIPAL (github.com/HaomingCai/PIPAL-dataset; NTIRE 2021/2022 IQA challenge): the public part is the training set,
-# Train_Label/A0001.txt .. (one file per reference; the dataset repository's README calls the folder
-# MOS_Scores_train) with lines "A0001_00_00.bmp,1565.6135": image, Elo score; 23,200 distorted images spread over
-# Distortion_1 .. Distortion_4/. Elo is higher-is-better: the dataset's own loader turns two Elo scores into the
-# probability that A is preferred, 1 / (1 + 10^((Elo_B - Elo_A) / 400)). pyiqa's scripts/process_pipal.py reads the
-# same files. The validation and test labels were not published with the images.
-def read_pipal(path: Path) -> Release:
-    files = sorted(p for p in path.glob("*.txt"))
-    if not files:
-        raise ValueError(f"{path}: no label files (*.txt) in this PIPAL label folder")
-    rows = []
-    for file in files:
-        for lineno, line in enumerate(file.read_text(encoding="utf-8-sig").splitlines(), 1):
-            if not line.strip():
-                continue
-            parts = [p.strip() for p in line.split(",")]
-            if len(parts) != 2:
-                raise ValueError(f"{file}:{lineno}: expected 'image,elo' (e.g. A0001_00_00.bmp,1565.6135), "
-                                 f"got {line[:60]!r}")
-            rows.append(Row(parts[0], parts[1], f"{file}:{lineno}", {}))
-    return Release("PIPAL", files, rows, ("../Train_Dist", "../Distortion", ".."), False,
-                   "Elo score (higher is better)")
-
-
-# TID2013 (www.ponomarenko.info/tid2013.htm): mos_with_names.txt, lines "5.51429 i01_01_1.bmp" (MOS 0-9, higher is
-# better); 3,000 distorted images in distorted_images/. Read so by pyiqa's scripts/process_tid.py, which also finds
-# some names on disk with an upper-case "I": file names are matched without regard to case here.
-def read_tid2013(path: Path) -> Release:
-    rows = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1):
-        if not line.strip():
-            continue
-        parts = line.split()
-        if len(parts) != 2:
-            raise ValueError(f"{path}:{lineno}: expected 'MOS image' (e.g. 5.51429 i01_01_1.bmp), got {line[:60]!r}")
-        rows.append(Row(parts[1], parts[0], f"{path}:{lineno}", {}))
-    return Release("TID2013", [path], rows, ("distorted_images", "."), False, "MOS, 0-9 (higher is better)")
-
-
-# CSIQ (s2.smu.edu/~eclarson/csiq.html): csiq.DMOS.xlsx, sheet all_by_image, a header row (row 4, columns D..I)
-# image,dst_idx,dst_type,dst_lev,dmos_std,dmos; DMOS 0-1, LOWER is better; 866 rated images. The image of a row is
-# dst_imgs/<folder>/<image>.<TOKEN>.<dst_lev>.png, dst_type -> (folder, TOKEN) as public readers of this workbook map
-# it: noise -> awgn/AWGN, jpeg -> jpeg/JPEG, jpeg 2000 -> jpeg2000/jpeg2000, fnoise -> fnoise/fnoise,
-# blur -> blur/BLUR, contrast -> contrast/contrast (the image name may be a number cell, e.g. 1600).
-CSIQ_TYPES = {"noise": ("awgn", "AWGN"), "jpeg": ("jpeg", "JPEG"), "jpeg 2000": ("jpeg2000", "jpeg2000"),
-              "fnoise": ("fnoise", "fnoise"), "blur": ("blur", "BLUR"), "contrast": ("contrast", "contrast")}
-
-
-def read_csiq(path: Path) -> Release:
-    rows = []
-    for where, v, cells in xlsx_table(path, "all_by_image", ("image", "dst_type", "dst_lev", "dmos")):
-        image, kind, level = v["image"], str(v["dst_type"]).strip().lower(), v["dst_lev"]
-        if image is None:
-            raise ValueError(f"{where}, cell {cells['image']}: no image name")
-        image = str(int(image)) if isinstance(image, float) and image.is_integer() else str(image).strip()
-        if kind not in CSIQ_TYPES:
-            raise ValueError(f"{where}, cell {cells['dst_type']}: unknown dst_type {v['dst_type']!r}; "
-                             f"expected one of {sorted(CSIQ_TYPES)}")
-        if not isinstance(level, float) or not level.is_integer():
-            raise ValueError(f"{where}, cell {cells['dst_lev']}: dst_lev {level!r} is not a whole number")
-        folder, token = CSIQ_TYPES[kind]
-        rows.append(Row(f"{folder}/{image}.{token}.{int(level)}.png", v["dmos"], f"{where}, cell {cells['dmos']}", {}))
-    return Release("CSIQ", [path], rows, ("dst_imgs", "dst_imgs_all", "."), True, "DMOS, 0-1 (lower is better)")
-
-
-def _has_header(column: str):
-    def check(path: Path) -> bool:
-        try:
-            with open(path, encoding="utf-8-sig") as f:
-                return column in next(csv.reader([f.readline()]), [])
-        except (OSError, UnicodeDecodeError):
-            return False
-    return check
-
-
-# label file (or folder) name -> (its reader, a check that tells it from another file of the same name)
-RELEASES = {
-    "koniq10k_scores_and_distributions.csv": (read_koniq, None),
-    "koniq10k_distributions_sets.csv": (read_koniq, None),
-    "MOS and Image attribute scores.xlsx": (read_spaq, None),
-    "data.csv": (read_agiqa, _has_header("mos_quality")),
-    "AllMOS_release.mat": (read_livec, None),
-    "dmos.csv": (read_kadid, _has_header("dist_img")),
-    "Train_Label": (read_pipal, Path.is_dir),
-    "MOS_Scores_train": (read_pipal, Path.is_dir),
-    "mos_with_names.txt": (read_tid2013, None),
-    "csiq.DMOS.xlsx": (read_csiq, None),
-}
-
-
-def is_release_file(path: Path) -> bool:
-    reader, check = RELEASES.get(path.name, (None, None))
-    return reader is not None and (check is None or check(path))
-
-
-def find_release(folder: Path) -> Path:
-    """The label file of the one known release in `folder` (searched two levels down); ValueError otherwise."""
-    found = {}
-    for depth in ("", "*/", "*/*/"):
-        for name in RELEASES:
-            for path in sorted(folder.glob(depth + glob_escape(name))):
-                if is_release_file(path):
-                    found.setdefault(RELEASES[name][0], path)  # the first file name listed wins (KonIQ's scores)
-    if folder.name in RELEASES and is_release_file(folder):  # PIPAL's label folder given itself
-        found.setdefault(RELEASES[folder.name][0], folder)
-    if len(found) != 1:
-        what = (f"several releases: {sorted(str(p) for p in found.values())}" if found else
-                f"none of the known label files ({', '.join(RELEASES)})")
-        raise ValueError(f"{folder}: expected the folder of one dataset release; found {what}")
-    return next(iter(found.values()))
-
-
-def glob_escape(name: str) -> str:
-    return re.sub(r"([*?\[])", r"[\1]", name)
-
-
-def locate_images(release: Release, rows: list[dict], image_folder: Optional[Path]) -> tuple[Path, list[dict]]:
-    """(image root, rows with "image" relative to it). The root is `image_folder` or the first of the release's image
-    folders that holds the first listed image; names are matched in that folder and below, ignoring case (TID2013,
-    PIPAL's four Distortion_N folders, CSIQ's per-type folders or a flat copy of them)."""
-    base = release.files[0].parent
-    candidates = [image_folder] if image_folder else [(base / d).resolve() for d in release.image_dirs]
-    candidates = [c for c in candidates if c.is_dir()]
-    for root in candidates:
-        index: dict[str, str] = {}
-        for p in sorted(root.rglob("*")):
-            if p.suffix.lower() in common.IMAGE_EXTENSIONS:
-                index.setdefault(p.name.lower(), p.relative_to(root).as_posix())
-        key = lambda image: Path(image).name.lower()  # noqa: E731
-        if any(key(r["image"]) in index for r in rows[:50]):
-            return root, [{**r, "image": index.get(key(r["image"]), r["image"])} for r in rows]
-    tried = ", ".join(str(c) for c in candidates) or "(none of them exists)"
-    raise ValueError(f"{release.dataset}: none of the first listed images (e.g. {rows[0]['image'] if rows else '?'}) "
-                     f"is in the image folders tried ({tried}); give the image folder as NAME=PATH@IMAGE_FOLDER")
-
-
-def label_identity(files: list[Path]) -> str:
-    """The benchmark's identity by content: the SHA-256 of its label file(s)."""
-    if len(files) == 1:
-        return common.file_sha256(files[0])
-    return hashlib.sha256("".join(f"{f.name}:{common.file_sha256(f)}\n" for f in files).encode()).hexdigest()[:16]
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# TRY NOT TO MODIFY: --bench specs -> benchmarks (which file, which images, which way is better)
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Bench:
-    name: str
-    dataset: str  # the release recognised, or "generic file"
-    files: list[Path]  # label file(s) read
-    root: Path  # image root; entries' images are relative to it
-    entries: list[dict]
-    lower_better: bool
-    label: str  # the label and its direction, in words
-    direction_from: str  # "reader", "--lower-better", "assumed (column 'mos')" or "unknown"
-    split_applied: bool = False
-    note: str = ""
-
-    def source(self) -> dict:
-        return {"dataset": self.dataset, "label_files": [str(f.resolve()) for f in self.files],
-                "image_root": str(self.root.resolve()), "n_images": len(self.entries), "label": self.label,
-                "lower_better": self.lower_better, "direction_from": self.direction_from, "note": self.note}
-
-
-def parse_bench_spec(spec: str) -> tuple[str, Path, Optional[Path]]:
-    """NAME=PATH[@IMAGE_FOLDER] -> (name, path, image folder or None)."""
-    name, eq, rest = spec.partition("=")
-    if not eq or not rest:
-        common.die(f"--bench {spec!r}: expected NAME=PATH[@IMAGE_FOLDER]")
-    if not re.fullmatch(r"[A-Za-z0-9_-]+", name):
-        common.die(f"--bench {spec!r}: NAME may use letters, digits, '_' and '-' only (it names output files)")
-    path, _, root = rest.rpartition("@") if "@" in rest else (rest, "", "")
-    path, root = Path(path), (Path(root) if root else None)
-    if not path.exists():
-        common.die(f"--bench {name}: {path} not found")
-    if root is not None and not root.is_dir():
-        common.die(f"--bench {name}: image folder {root} is not a folder")
-    return name, path, root
-
-
-def load_bench(name: str, path: Path, image_folder: Optional[Path], split: Optional[tuple[str, str]],
-               lower_better: list[str]) -> Bench:
-    """A known release (a dataset folder or one of its label files) through its reader, anything else through the
-    generic formats. ValueError names the file and line or cell of anything wrong."""
-    if path.is_dir() or is_release_file(path):
-        label_path = find_release(path) if path.is_dir() else path
-        release = RELEASES[label_path.name][0](label_path)
-        entries, applied = select_rows(release.rows, split)
-        if not entries:
-            raise ValueError(f"{name}: {label_path} lists no images" + (" with the --split" if applied else ""))
-        if name in lower_better:
-            raise ValueError(f"{name} is {release.dataset}, whose direction its reader fixes ({release.label}); "
-                             f"drop --lower-better {name}")
-        root, entries = locate_images(release, entries, image_folder)
-        return Bench(name, release.dataset, release.files, root, entries, release.lower_better, release.label,
-                     "reader", applied, release.note)
-    entries, applied, label = read_benchmark(path, split)
-    if not entries:
-        raise ValueError(f"{name}: {path} lists no images" + (" with the --split" if applied else ""))
-    if name in lower_better:
-        direction, words = "--lower-better", f"{label} (lower is better: --lower-better)"
-    elif label == "dmos":  # pyiqa's CSIQ and KADID-10k files both call it dmos, with opposite directions
-        direction, words = "unknown", "dmos (direction unknown; scored as higher is better)"
-    else:
-        direction, words = f"assumed (field {label!r})", f"{label} (higher is better)"
-    return Bench(name, "generic file", [path], image_folder or path.parent, entries, name in lower_better, words,
-                 direction, applied)
-
-
-def load_benchmarks(args: Args, split: Optional[tuple[str, str]], talk: bool) -> dict[str, Bench]:
-    """name -> Bench for every --bench; dies on bad files, says what was read, warns about missing images."""
-    benchmarks = {}
-    for name, path, image_folder in (parse_bench_spec(spec) for spec in args.bench):
-        try:
-            bench = load_bench(name, path, image_folder, split, args.lower_better)
-        except ValueError as e:
-            common.die(str(e))
-        entries, root = bench.entries, bench.root
-        missing = [e["image"] for e in entries if not (root / e["image"]).is_file()]
-        if len(missing) == len(entries):
-            common.die(f"{name}: none of its {len(entries)} images is under {root} (e.g. {root / missing[0]}); "
-                       "give the image folder as NAME=PATH@IMAGE_FOLDER")
-        if missing and args.strict:
-            common.die(f"{name}: {len(missing)} images missing under {root}, e.g. {missing[:3]} (--strict)")
-        if talk:
-            print(f"{name}: {bench.dataset} from {', '.join(str(f) for f in bench.files)}; images in {root}: "
-                  f"{len(entries)} images; label {bench.label}" + (f"; {bench.note}" if bench.note else ""),
-                  file=sys.stderr)
-            if missing:
-                warnings.warn(f"{name}: {len(missing)} of {len(entries)} images are missing under {root}; "
-                              "they are excluded and listed in summary.json")
-            if bench.direction_from == "unknown":
-                warnings.warn(f"{name}: the direction of its '{bench.label.split()[0]}' labels is unknown; pass "
-                              f"--lower-better {name} if lower is better (CSIQ-style DMOS), nothing if higher is")
-        benchmarks[name] = bench
-    if split is not None:
-        if not any(b.split_applied for b in benchmarks.values()):
-            common.die(f"--split {args.split}: no benchmark has a column {split[0]!r}")
-        for b in benchmarks.values():
-            if not b.split_applied and talk:
-                print(f"note: {b.name} has no column {split[0]!r}; --split does not apply to it", file=sys.stderr)
-    return benchmarks
-
-
-def image_job(args: Args) -> Bench:
-    """--images DIR|LIST as a benchmark without labels."""
-    try:
-        root, images = common.list_images(args.images)
-    except (FileNotFoundError, ValueError) as e:
-        common.die(str(e))
-    if not images:
-        common.die(f"--images {args.images}: no images there")
-    if len(set(images)) != len(images):
-        common.die(f"--images {args.images}: an image is listed twice")
-    return Bench(IMAGES, IMAGES, [Path(args.images)], root, [{"image": i} for i in images], False, "none", "none")
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# TRY NOT TO MODIFY: prediction files (per-process shards, merged in benchmark order by the main process)
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-IMAGES = "--images"  # the job name of an --images run (no --bench NAME can spell it)
-
-
-def predictions_path(out: Path, name: str) -> Path:
-    return out / ("predictions.jsonl" if name == IMAGES else f"predictions_{name}.jsonl")
-
-
-def read_predictions(out: Path, name: str) -> dict[str, dict]:
-    """image -> its best saved record, from the merged file and any shards left by a killed run.
-    A scored record beats an error record (a missing image may have been restored since)."""
-    best: dict[str, dict] = {}
-    final = predictions_path(out, name)
-    for path in [final, *sorted(out.glob(final.name + ".part*"))]:
-        for record in common.read_jsonl(path):
-            if record["image"] not in best or (best[record["image"]].get("error") and not record.get("error")):
-                best[record["image"]] = record
-    return best
-
-
-def merge_predictions(out: Path, name: str, entries: list[dict]) -> list[dict]:
-    """Write the predictions file with exactly one record per entry (atomically), drop the shards."""
-    saved, final = read_predictions(out, name), predictions_path(out, name)
-    records = []
-    for entry in entries:
-        if entry["image"] not in saved:
-            raise RuntimeError(f"{name}: no prediction for {entry['image']} after scoring (a process failed?)")
-        mos = {"mos": entry["mos"]} if "mos" in entry else {}  # the MOS as the benchmark file has it now
-        records.append({**saved[entry["image"]], **mos})
-    common.write_jsonl_atomic(final, records)
-    for part in out.glob(final.name + ".part*"):
-        part.unlink()
-    return records
-
-
 def score_entries(model, processor, preset: common.Preset, prompt: str, args: Args, root: Path, entries: list[dict],
                   part: Path, show_progress: bool) -> None:
-    """Score `entries` (this process's shard) in batches, one flushed line per image in `part`."""
+    """Score `entries` (this process's shard) in batches, one flushed line per image in `part`, with the image's
+    [size, mtime] as it was read (`file`): an image changed in place since is scored again."""
     from tqdm import tqdm
 
     batches = [entries[i:i + args.batch_size] for i in range(0, len(entries), args.batch_size)]
@@ -810,8 +295,8 @@ def score_entries(model, processor, preset: common.Preset, prompt: str, args: Ar
             images, loaded = [], []
             for entry in batch:
                 base = {"image": entry["image"], **({"mos": entry["mos"]} if "mos" in entry else {}), "score": None,
-                        "n_valid": 0}
-                if not (root / entry["image"]).is_file():
+                        "n_valid": 0, "file": file_stat(root / entry["image"])}
+                if base["file"] is None:
                     writer.write({**base, "error": "missing file"})
                     continue
                 try:
@@ -830,8 +315,9 @@ def score_entries(model, processor, preset: common.Preset, prompt: str, args: Ar
                               **({"answers": [c.text for c in completions]} if args.text else {})})
 
 
+
 # ---------------------------------------------------------------------------------------------------------------------
-# TRY NOT TO MODIFY: reports
+# ALGO LOGIC: reports (per benchmark, WAVG, the plain mean)
 # ---------------------------------------------------------------------------------------------------------------------
 
 
@@ -846,6 +332,13 @@ def json_safe(obj):
     return obj
 
 
+def cell(value: float, low: Optional[float] = None, high: Optional[float] = None, digits: int = 2) -> str:
+    """.812, or .812 [.79, .83] with an interval (`digits` decimals); nan for a missing value."""
+    def short(x: Optional[float], places: int) -> str:
+        return "nan" if x is None or not math.isfinite(x) else re.sub(r"^(-?)0\.", r"\1.", f"{x:.{places}f}")
+    return short(value, 3) + (f" [{short(low, digits)}, {short(high, digits)}]" if low is not None else "")
+
+
 def markdown_table(benchmarks: dict[str, dict], wavg: dict, mean: dict) -> str:
     columns = [("coverage", "coverage"), ("truncation_rate", "truncated"), ("srcc", "SRCC"), ("krcc", "KRCC"),
                ("plcc", "PLCC"), ("plcc_logistic", "PLCC (logistic)"), ("rmse_logistic", "RMSE (logistic)")]
@@ -854,23 +347,106 @@ def markdown_table(benchmarks: dict[str, dict], wavg: dict, mean: dict) -> str:
              "|---|--:|" + "--:|" * len(columns)]
     rows = [(name, b["n"], b) for name, b in benchmarks.items()] + [("WAVG", total, wavg), ("mean", total, mean)]
     for name, n, values in rows:
-        cells = [f"{values[key]:.3f}" if math.isfinite(values.get(key, math.nan)) else "nan" for key, _ in columns]
+        cells = [cell(values.get(key, math.nan), *values.get("ci95", {}).get(key, [])) for key, _ in columns]
         lines.append(f"| {name} | {n} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-def write_summary(out: Path, setup: dict, predictions: dict[str, list[dict]], lower_better: list[str]) -> dict:
-    sources = setup.get("sources", {})
-    benchmarks = {name: {**sources.get(name, {}), **benchmark_metrics(name, records, name in lower_better)}
-                  for name, records in predictions.items()}
+def write_summary(out: Path, setup: dict, predictions: dict[str, list[dict]], lower_better: list[str],
+                  resamples: int, seed: int) -> dict:
+    """summary.json and summary.md: every benchmark's metrics, WAVG and the plain mean, with 95 % intervals of
+    CI_METRICS per benchmark and for WAVG (`resamples` 0: none)."""
+    sources, benchmarks, draws = setup.get("sources", {}), {}, {}
+    for name, records in predictions.items():
+        benchmarks[name] = {**sources.get(name, {}), **benchmark_metrics(name, records, name in lower_better)}
+        if resamples:
+            pred, mos = scored(records, name in lower_better)
+            draws[name] = (bootstrap(pred, mos, resamples, seed, name) if len(pred) >= 3 else
+                           {key: np.full(resamples, math.nan) for key in CI_METRICS})
+            benchmarks[name]["ci95"] = {k: interval(v, f"{name} {k}") for k, v in draws[name].items()}
     wavg, mean = aggregate(benchmarks)
-    summary = {**setup, "lower_better": lower_better, "benchmarks": benchmarks, "wavg": wavg, "mean": mean}
+    if resamples:
+        wavg_draws = weighted_draws(draws, {name: b["n"] for name, b in benchmarks.items()})
+        wavg["ci95"] = {k: interval(v, f"WAVG {k}") for k, v in wavg_draws.items()}
+    summary = {**setup, "lower_better": lower_better, "bootstrap": {"resamples": resamples, "seed": seed},
+               "benchmarks": benchmarks, "wavg": wavg, "mean": mean}
     common.write_json_atomic(out / "summary.json", json_safe(summary))
     table = markdown_table(benchmarks, wavg, mean)
-    header = f"model: {setup.get('model')}, prompt: {setup.get('prompt')} ({setup.get('prompt_hash')})\n\n"
-    (out / "summary.md").write_text(header + table, encoding="utf-8")
+    header = f"model: {setup.get('model')}, prompt: {setup.get('prompt')} ({setup.get('prompt_hash')})"
+    if resamples:
+        header += f"; [95 % bootstrap interval over images, {resamples} resamples, seed {seed}]"
+    (out / "summary.md").write_text(header + "\n\n" + table, encoding="utf-8")
     print(table, end="")
     return summary
+
+
+def compare_benchmark(name: str, a: list[dict], b: list[dict], lower_better: bool, resamples: int, seed: int
+                      ) -> tuple[dict, dict[str, np.ndarray]]:
+    """A and B on the images both scored: each metric, B - A, its paired bootstrap interval (the same resampled
+    images for both) and the share of resamples in which B is better; with the (resamples,) differences."""
+    scored_a = {r["image"]: r for r in a if r.get("score") is not None}
+    both = [r for r in b if r.get("score") is not None and r["image"] in scored_a]
+    if len(both) < 3:
+        warnings.warn(f"{name}: {len(both)} images scored in both folders (need >= 3); its differences are NaN")
+        nan = {key: math.nan for key in CI_METRICS}
+        return ({"n_both": len(both), "a": nan, "b": nan, "difference": nan}, {key: np.full(resamples, math.nan)
+                                                                            for key in CI_METRICS})
+    ya, yb = scored([scored_a[r["image"]] for r in both], lower_better), scored(both, lower_better)
+    row = {"n_both": len(both), "a": {k: METRICS[k](*ya) for k in CI_METRICS},
+           "b": {k: METRICS[k](*yb) for k in CI_METRICS}}
+    row["difference"] = {k: row["b"][k] - row["a"][k] for k in CI_METRICS}
+    da, db = bootstrap(*ya, resamples, seed, name), bootstrap(*yb, resamples, seed, name)
+    return row, {k: db[k] - da[k] for k in CI_METRICS}
+
+
+def same_benchmarks(a: Path, b: Path, config_a: dict, config_b: dict, names_a: list[str], names_b: list[str]) -> None:
+    """Die unless both folders scored the same benchmarks from the same label files (content, split, direction)."""
+    if set(names_a) != set(names_b):
+        common.die(f"--compare: the folders hold other benchmarks: only in {a}: {sorted(set(names_a) - set(names_b))}"
+                   f", only in {b}: {sorted(set(names_b) - set(names_a))}")
+    for folder, config in ((a, config_a), (b, config_b)):
+        if "settings" not in config:
+            common.die(f"--compare: {folder} has no eval_config.json: its label files cannot be checked")
+
+    def labels(config: dict, name: str) -> tuple:
+        setting = config["settings"].get(f"benchmark {name}", {})
+        return setting.get("labels"), setting.get("split"), name in config.get("lower_better", [])
+    differ = [name for name in names_a if labels(config_a, name) != labels(config_b, name)]
+    if differ:
+        common.die(f"--compare: the label files (or --split, or the direction) of {differ} differ between {a} and {b}")
+
+
+def compare_runs(a: Path, b: Path, resamples: int, seed: int, out: Optional[Path]) -> dict:
+    """--compare A B: per benchmark and WAVG, B - A of each metric with its paired 95 % bootstrap interval and the
+    share of resamples where B is better. WAVG weights each benchmark by its image count, as summary.json does."""
+    (config_a, runs_a), (config_b, runs_b) = read_run(a, "--compare"), read_run(b, "--compare")
+    same_benchmarks(a, b, config_a, config_b, list(runs_a), list(runs_b))
+    rows, draws = {}, {}
+    for name in runs_a:
+        rows[name], draws[name] = compare_benchmark(name, runs_a[name], runs_b[name],
+                                                    name in config_a.get("lower_better", []), resamples, seed)
+    weights = {name: len(records) for name, records in runs_a.items()}
+    total, wavg_draws = sum(weights.values()), weighted_draws(draws, weights)
+    rows["WAVG"] = {"n_both": sum(r["n_both"] for r in rows.values()), **{
+        side: {k: sum(weights[n] * rows[n][side][k] for n in runs_a) / total for k in CI_METRICS}
+        for side in ("a", "b", "difference")}}
+    for name, d in [*draws.items(), ("WAVG", wavg_draws)]:
+        rows[name]["ci95"] = {k: interval(v, f"{name} {k} difference") for k, v in d.items()}
+        rows[name]["b_better"] = {k: float(np.mean(v[np.isfinite(v)] > 0)) if np.isfinite(v).any() else math.nan
+                                  for k, v in d.items()}
+    result = {"a": str(a), "b": str(b), "bootstrap": {"resamples": resamples, "seed": seed}, "benchmarks": rows}
+    lines = [f"B - A, A = {a}, B = {b}; 95 % paired bootstrap interval over the images both scored "
+             f"({resamples} resamples, seed {seed})", "", "| benchmark | n both | metric | A | B | B - A | B better |",
+             "|---|--:|---|--:|--:|--:|--:|"]
+    for name, r in rows.items():
+        lines += [f"| {name} | {r['n_both']} | {k} | {cell(r['a'][k])} | {cell(r['b'][k])} | "
+                  f"{cell(r['difference'][k], *r['ci95'][k], digits=3)} | {cell(r['b_better'][k])} |"
+                  for k in CI_METRICS]
+    if out is not None:
+        common.write_json_atomic(out / "compare.json", json_safe(result))
+        common.write_lines_atomic(out / "compare.md", [line + "\n" for line in lines])
+    print("\n".join(lines))
+    return result
 
 
 def write_image_summary(out: Path, setup: dict, records: list[dict]) -> dict:
@@ -890,13 +466,67 @@ def write_image_summary(out: Path, setup: dict, records: list[dict]) -> dict:
     return summary
 
 
-def recompute(args: Args) -> dict:
-    """--predictions DIR: metrics from the saved predictions_*.jsonl, setup and lower-better list from the run."""
-    out = Path(args.predictions)
+
+# ---------------------------------------------------------------------------------------------------------------------
+# TRY NOT TO MODIFY: predictions I/O (per-process shards, merged in benchmark order by the main process)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def predictions_path(out: Path, name: str) -> Path:
+    return out / ("predictions.jsonl" if name == IMAGES else f"predictions_{name}.jsonl")
+
+
+def file_stat(path: Path) -> Optional[list[int]]:
+    """[size, mtime in ns] of an image file, None if it is not one: its identity, cheap for 10k images."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return [stat.st_size, stat.st_mtime_ns] if path.is_file() else None
+
+
+def read_predictions(out: Path, name: str, stats: dict[str, Optional[list[int]]]) -> dict[str, dict]:
+    """image -> its best saved record, from the merged file and any shards left by a killed run: one made from the
+    image as it is now (`stats`: image -> file_stat) beats a stale one, a scored one an error (a missing image
+    may have been restored since), a later one an earlier one."""
+    best: dict[str, tuple] = {}
+    final = predictions_path(out, name)
+    for order, record in enumerate(r for path in [final, *sorted(out.glob(final.name + ".part*"))]
+                                   for r in common.read_jsonl(path)):
+        rank = (record.get("file") == stats.get(record["image"]), not record.get("error"), order)
+        if record["image"] not in best or rank > best[record["image"]][0]:
+            best[record["image"]] = (rank, record)
+    return {image: record for image, (_, record) in best.items()}
+
+
+def to_score(entries: list[dict], saved: dict[str, dict], stats: dict[str, Optional[list[int]]]) -> list[dict]:
+    """The entries without a score made from the image as it is now."""
+    return [e for e in entries if e["image"] not in saved or saved[e["image"]].get("error")
+            or saved[e["image"]].get("file") != stats[e["image"]]]
+
+
+def merge_predictions(out: Path, name: str, entries: list[dict], stats: dict[str, Optional[list[int]]]
+                      ) -> list[dict]:
+    """Write the predictions file with exactly one record per entry (atomically), drop the shards."""
+    saved, final = read_predictions(out, name, stats), predictions_path(out, name)
+    records = []
+    for entry in entries:
+        if entry["image"] not in saved:
+            raise RuntimeError(f"{name}: no prediction for {entry['image']} after scoring (a process failed?)")
+        mos = {"mos": entry["mos"]} if "mos" in entry else {}  # the MOS as the benchmark file has it now
+        records.append({**saved[entry["image"]], **mos})
+    common.write_jsonl_atomic(final, records)
+    for part in out.glob(final.name + ".part*"):
+        part.unlink()
+    return records
+
+
+def read_run(out: Path, flag: str) -> tuple[dict, dict[str, list[dict]]]:
+    """(eval_config.json or {}, benchmark name -> its merged predictions in the run's order) of an evaluation folder."""
     files = sorted(out.glob("predictions_*.jsonl"))
     if not files:
-        common.die(f"--predictions {out}: no predictions_*.jsonl files there")
-    config = json.loads((out / "eval_config.json").read_text()) if (out / "eval_config.json").exists() else {}
+        common.die(f"{flag} {out}: no predictions_*.jsonl files there")
+    config = common.read_json(out / "eval_config.json") if (out / "eval_config.json").exists() else {}
     names = [f.name[len("predictions_"):-len(".jsonl")] for f in files]
     known = [n for n in config.get("sources", {}) if n in names]  # the live run's order first
     order = known + [n for n in names if n not in known]
@@ -904,10 +534,18 @@ def recompute(args: Args) -> dict:
         if list(out.glob(predictions_path(out, name).name + ".part*")):
             warnings.warn(f"{name}: shard files of an unfinished run are ignored; rerun the evaluation to merge them")
     try:
-        predictions = {name: common.read_jsonl(predictions_path(out, name)) for name in order}
+        return config, {name: common.read_jsonl(predictions_path(out, name)) for name in order}
     except ValueError as e:
         common.die(str(e))
-    return write_summary(out, config, predictions, args.lower_better or config.get("lower_better", []))
+
+
+def recompute(args: Args) -> dict:
+    """--predictions DIR: metrics from the saved predictions_*.jsonl, setup and lower-better list from the run."""
+    out = Path(args.predictions)
+    config, predictions = read_run(out, "--predictions")
+    with common.output_lock(out):  # not while a run writes into the folder
+        return write_summary(out, config, predictions, args.lower_better or config.get("lower_better", []),
+                             args.bootstrap, args.bootstrap_seed)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -932,28 +570,33 @@ def run_settings(args: Args, preset: common.Preset, jobs: dict[str, Bench]) -> d
     return settings
 
 
-def check_and_record(out: Path, args: Args, settings: dict, setup: dict, is_main: bool) -> dict:
+def merged_config(out: Path, settings: dict, setup: dict) -> dict:
     """Refuse a rerun whose settings would change a saved prediction (each changed setting named); a benchmark not
-    in the earlier run is new, not changed. The main process then records the union."""
+    in the earlier run is new, not changed. The record to write once the run has started: the union."""
     path = out / "eval_config.json"
-    saved = json.loads(path.read_text()) if path.exists() else {}
+    saved = common.read_json(path) if path.exists() else {}
     before = saved.get("settings", {})
     compare = {k: v for k, v in settings.items() if not k.startswith("benchmark ") or k in before}
     common.refuse_changed_settings(path, compare, f"{out} (predictions)",
                                    f"use another --out, or the settings recorded in {path}")
     sources = setup.get("sources", {})
     earlier = [n for n in saved.get("lower_better", []) if n not in sources]  # this run decides for its own names
-    config = {**saved, **setup, "settings": {**before, **settings}, "sources": {**saved.get("sources", {}), **sources},
-              "lower_better": earlier + setup.get("lower_better", [])}
-    if is_main:
-        common.write_json_atomic(path, config)
-    return config
+    return {**saved, **setup, "settings": {**before, **settings}, "sources": {**saved.get("sources", {}), **sources},
+            "lower_better": earlier + setup.get("lower_better", [])}
 
 
-def main(argv: Optional[list[str]] = None) -> Optional[dict]:
-    args = common.parse_args(Args, argv)
-    if args.predictions:
-        return recompute(args)
+def load_model(args: Args, device):
+    """(model, processor); a model that fails to load is one line naming it."""
+    try:
+        return (common.load_model(args.model, device=device).eval(),
+                common.load_processor(args.model, max_pixels=args.max_pixels))
+    except Exception as e:  # a broken folder raises OSError, ValueError, KeyError, ... depending on what is wrong
+        first = (str(e).splitlines() or [""])[0]
+        common.die(f"--model {args.model}: cannot load it ({type(e).__name__}: {first}); give a checkpoint folder or "
+                   "hub id")
+
+
+def check_args(args: Args) -> None:
     if not (args.model and args.out and (args.bench or args.images)):
         common.die("--model, --out and --bench (or --images) are required (or --predictions DIR to recompute metrics)")
     if args.bench and args.images:
@@ -962,70 +605,99 @@ def main(argv: Optional[list[str]] = None) -> Optional[dict]:
         common.die("--split and --lower-better apply to --bench runs only")
     if args.samples < 1 or args.batch_size < 1 or args.max_new_tokens < 1:
         common.die("--samples, --batch-size and --max-new-tokens must be >= 1")
-    if args.samples > 1 and args.temperature <= 0:
+    if args.samples > 1 and not args.temperature > 0:
         common.die("--samples > 1 needs --temperature > 0 (use --samples 1 for greedy decoding)")
-    split = tuple(args.split.split("=", 1)) if args.split else None
-    if split is not None and (len(split) != 2 or not split[0]):
-        common.die(f"--split {args.split!r}: expected COLUMN=VALUE")
-    names = [parse_bench_spec(spec)[0] for spec in args.bench]
-    if len(set(names)) != len(names):
-        common.die(f"--bench: a benchmark name is used twice: {names}")
-    unknown = sorted(set(args.lower_better) - set(names))
-    if unknown:
-        common.die(f"--lower-better {unknown}: not among the --bench names {names}")
+    if args.allow_outside_root and not (args.bench or args.images):
+        common.die("--allow-outside-root applies to --bench and --images runs")
 
-    import torch
-    from accelerate import PartialState
 
-    # Without an accelerator, accelerate sets up torchrun's processes (gloo) only when told it runs on CPU.
-    state = PartialState(cpu=not torch.cuda.is_available())  # as the other stages: torchrun on CPU needs cpu=True
-    out = Path(args.out)
-    jobs = load_benchmarks(args, split, state.is_main_process) if args.bench else {IMAGES: image_job(args)}
-    preset = common.get_preset(args.prompt)
-    settings = run_settings(args, preset, jobs)
-    setup = {"model": str(Path(args.model).resolve()) if Path(args.model).exists() else args.model,
-             "prompt": preset.name, "prompt_hash": preset.hash(), "samples": args.samples,
-             "decoding": "greedy" if args.samples == 1 else f"sampled, T={args.temperature}, top_k=0, top_p=1, "
-                                                           f"seed {args.seed}",
-             "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size, "split": args.split or None,
-             "num_processes": state.num_processes,
-             "sources": {name: job.source() for name, job in jobs.items() if name != IMAGES},
-             "lower_better": [name for name, job in jobs.items() if job.lower_better],
-             "package_versions": common.package_versions(), "argv": sys.argv}
-    config = check_and_record(out, args, settings, setup, state.is_main_process)  # every process checks, all stop
-    state.wait_for_everyone()
+def run_setup(args: Args, preset: common.Preset, jobs: dict[str, Bench], num_processes: int) -> dict:
+    """What summary.json says about the run, beside the settings."""
+    return {"model": str(Path(args.model).resolve()) if Path(args.model).exists() else args.model,
+            "prompt": preset.name, "prompt_hash": preset.hash(), "samples": args.samples,
+            "decoding": "greedy" if args.samples == 1 else f"sampled, T={args.temperature}, top_k=0, top_p=1, "
+                                                          f"seed {args.seed}",
+            "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size, "split": args.split or None,
+            "num_processes": num_processes,
+            "sources": {name: job.source() for name, job in jobs.items() if name != IMAGES},
+            "lower_better": [name for name, job in jobs.items() if job.lower_better],
+            "package_versions": common.package_versions(), "argv": sys.argv}
 
-    torch.manual_seed(args.seed + state.process_index)
-    model = common.load_model(args.model, device=state.device).eval()
-    processor = common.load_processor(args.model, max_pixels=args.max_pixels)
-    prompt = preset.prompt("score", args.reasoning)
 
-    start, predictions = time.time(), {}
+def score_jobs(state, model, processor, preset: common.Preset, args: Args, out: Path, jobs: dict[str, Bench]
+               ) -> dict[str, list[dict]]:
+    """Each job's images not yet scored, sharded across processes; the main process merges and returns them."""
+    prompt, predictions = preset.prompt("score", args.reasoning), {}
     for name, job in jobs.items():
+        stats = {e["image"]: file_stat(job.root / e["image"]) for e in job.entries}
         try:
-            saved = read_predictions(out, name)
+            saved = read_predictions(out, name, stats)
         except ValueError as e:
             common.die(str(e))
-        todo = [e for e in job.entries if e["image"] not in saved or saved[e["image"]].get("error")]
+        todo = to_score(job.entries, saved, stats)
         state.wait_for_everyone()  # every process has read the same files before anyone appends to them
         mine = todo[state.process_index::state.num_processes]
         if state.is_main_process:
             print(f"{name}: {len(job.entries)} images, {len(job.entries) - len(todo)} already scored, {len(todo)} "
-                  "to score", file=sys.stderr)
+                  "to score (new, missing before or changed since)", file=sys.stderr)
         if mine:
             part = out / f"{predictions_path(out, name).name}.part{state.process_index}"
             score_entries(model, processor, preset, prompt, args, job.root, mine, part, state.is_main_process)
         state.wait_for_everyone()
         if state.is_main_process:
-            predictions[name] = merge_predictions(out, name, job.entries)
+            predictions[name] = merge_predictions(out, name, job.entries, stats)
+    return predictions
+
+
+def main(argv: Optional[list[str]] = None) -> Optional[dict]:
+    args = common.parse_args(Args, argv)
+    if args.bootstrap < 0:
+        common.die("--bootstrap must be >= 0 (0: no intervals)")
+    if args.compare:
+        if len(args.compare) != 2 or args.bootstrap < 1:
+            common.die("--compare takes two evaluation folders, OUT_A OUT_B, and --bootstrap >= 1")
+        return compare_runs(Path(args.compare[0]), Path(args.compare[1]), args.bootstrap, args.bootstrap_seed,
+                            Path(args.out) if args.out else None)
+    if args.predictions:
+        return recompute(args)
+    check_args(args)
+
+    import torch
+    from accelerate import PartialState
+
+    # Without an accelerator, accelerate sets up torchrun's processes (gloo) only when told it runs on CPU.
+    state = PartialState(cpu=not torch.cuda.is_available())
+    out = Path(args.out)
+    if state.is_main_process:
+        common.check_writable(out)
+    with common.output_lock(out) if state.is_main_process else contextlib.nullcontext():  # one lock per run
+        return run(args, state, out)
+
+
+def run(args: Args, state, out: Path) -> Optional[dict]:
+    """The run: inputs checked, the model loaded, only then the settings recorded; score, merge, report."""
+    import torch
+
+    jobs = (load_benchmarks(args.bench, parse_split(args.split), args.lower_better, args.strict,
+                            state.is_main_process, args.allow_outside_root) if args.bench
+            else {IMAGES: load_images(args.images, args.allow_outside_root)})
+    preset = common.get_preset(args.prompt)
+    config = merged_config(out, run_settings(args, preset, jobs), run_setup(args, preset, jobs, state.num_processes))
+    torch.manual_seed(args.seed + state.process_index)
+    model, processor = load_model(args, state.device)
+    if state.is_main_process:
+        common.record_settings(out / "eval_config.json", **config)
+    state.wait_for_everyone()
+    start = time.time()
+    predictions = score_jobs(state, model, processor, preset, args, out, jobs)
     state.wait_for_everyone()
     if not state.is_main_process:
         return None
     print(f"scored in {time.time() - start:.1f}s on {state.num_processes} process(es)", file=sys.stderr)
     if args.images:
         return write_image_summary(out, config, predictions[IMAGES])
-    return write_summary(out, config, predictions, config["lower_better"])
+    return write_summary(out, config, predictions, config["lower_better"], args.bootstrap, args.bootstrap_seed)
 
 
 if __name__ == "__main__":
-    main()
+    common.run_main(main)

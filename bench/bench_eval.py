@@ -1,5 +1,5 @@
-"""Benchmark: evaluation with --samples 8 through sampling.sample (each prompt prefilled once) against the generate path
-of commit 45faead (`generate(num_return_sequences=8)`, which prefills every image's prompt 8 times), side by side.
+"""Benchmark: evaluation with --samples 8 through sampling.sample (each prompt prefilled once) against plain
+`generate(num_return_sequences=8)` (which prefills every image's prompt 8 times), side by side.
 
     OMP_NUM_THREADS=2 python bench/bench_eval.py                         # both model sizes, 3 repeats each
     OMP_NUM_THREADS=2 python bench/bench_eval.py --size 30m --samples 8 --repeats 1
@@ -8,6 +8,11 @@ One image per prompt (the score prompt with reasoning, evaluate.py's default), -
 evaluate.py batches them, sampled at temperature 1. The model sizes, the counters (prompt tokens prefilled per
 generated sequence, vision patches encoded per image) and the timing rules (one warm-up each, alternating repeats,
 medians) are bench_votes.py's.
+
+    python bench/bench_eval.py --bootstrap-images 2000            # the cost of the 95 % intervals, no model
+
+times evaluate.bootstrap (1,000 resamples of N synthetic scored images: SRCC and PLCC vectorised over resamples,
+KRCC and the logistic fit per resample) against one scipy call per metric and resample, side by side.
 """
 
 from __future__ import annotations
@@ -45,10 +50,37 @@ def bench_size(size: str, repeats: int, samples: int, batch_size: int) -> None:
 
     print(f"== {size}: {description}; {n_images} images x {samples} samples, {max_new_tokens} new tokens, "
           f"{batch_size} images per call; torch threads {torch.get_num_threads()}; median of {repeats}; {load()}")
-    results = compare(model, {"old (45faead generate)": scores(old_generate),
+    results = compare(model, {"generate (n copies)": scores(old_generate),
                               "new (sampling.sample)": scores(new_generate)}, repeats)
     report(results, "images", n_images * samples, n_images)
     print(f"  after: {load()}")
+
+
+def bench_bootstrap(n: int, resamples: int) -> None:
+    import time
+    import warnings
+
+    import numpy as np
+
+    import evaluate
+
+    rng = np.random.default_rng(0)
+    mos = rng.uniform(1, 5, n)
+    pred = mos + rng.normal(0, 0.8, n)
+    times = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for label, fn in [("evaluate.bootstrap", lambda: evaluate.bootstrap(pred, mos, resamples, 0, "b")),
+                          ("one scipy call per metric and resample", lambda: [
+                              [f(pred[i], mos[i]) for f in (evaluate.METRICS[k] for k in evaluate.CI_METRICS)]
+                              for i in evaluate.resample_indices(n, resamples, 0, "b")])]:
+            start = time.perf_counter()
+            fn()
+            times[label] = time.perf_counter() - start
+    print(f"== bootstrap: {n} images x {resamples} resamples, 4 metrics; {load()}")
+    for label, seconds in times.items():
+        print(f"  {label}: {seconds:.1f} s")
+    print(f"  ratio: {times['one scipy call per metric and resample'] / times['evaluate.bootstrap']:.2f}x")
 
 
 def main() -> None:
@@ -57,7 +89,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--samples", type=int, default=8, help="evaluate.py --samples: answers per image")
     parser.add_argument("--batch-size", type=int, default=8, help="evaluate.py --batch-size: images per call")
+    parser.add_argument("--bootstrap-images", type=int, default=0, help="time the 95 %% intervals on N images instead")
+    parser.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples (with --bootstrap-images)")
     args = parser.parse_args()
+    if args.bootstrap_images:
+        return bench_bootstrap(args.bootstrap_images, args.resamples)
     for size in (["tiny", "30m"] if args.size == "both" else [args.size]):
         bench_size(size, args.repeats, args.samples, args.batch_size)
 

@@ -1,10 +1,13 @@
-"""evaluate.py's readers of the paper's eight benchmarks: for each set a small replica of its official release files
-(the exact file, header, sheet and variable names; a few rows; tiny synthetic images), parsed to the expected
-(image, label, direction); the stdlib .xlsx reader against a workbook built here with zipfile; a malformed file of
-each kind -> an error naming the file and line or cell; the direction reported in summary.json."""
+"""benchmarks.py: the three generic formats; the readers of the paper's eight benchmarks, for each set a small replica
+of its official release files (the exact file, header, sheet and variable names; a few rows; tiny synthetic images),
+parsed to the expected (image, label, direction); the stdlib .xlsx reader against a workbook built here with zipfile;
+a malformed file of each kind -> an error naming the file and line or cell; the direction reported in summary.json;
+the script run alone."""
 
 import json
 import math
+import subprocess
+import sys
 import warnings
 import zipfile
 from pathlib import Path
@@ -16,8 +19,11 @@ import scipy.io
 
 import common
 import sampling
+import benchmarks
 import evaluate
 from demo.synthetic import make_image
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def image(path: Path, seed: int = 0) -> Path:
@@ -82,8 +88,76 @@ def table(header: list[str], rows: list[list], first_row: int = 1, first_col: in
 
 
 def loaded(folder: Path, split=None, name: str = "b", image_folder=None, lower_better=()):
-    bench = evaluate.load_bench(name, folder, image_folder, split, list(lower_better))
+    bench = benchmarks.load_bench(name, folder, image_folder, split, list(lower_better))
     return bench, [(e["image"], e["mos"]) for e in bench.entries]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the generic formats
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_three_formats_are_detected_and_parsed(tmp_path):
+    plain = tmp_path / "plain.jsonl"
+    plain.write_text('{"image": "a.png", "mos": 3.42}\n\n{"image": "b.png", "mos": 1}\n')
+    entries, applied, label = benchmarks.read_benchmark(plain)
+    assert [(e["image"], e["mos"], e["line"]) for e in entries] == [("a.png", 3.42, f"{plain}:1"),
+                                                                    ("b.png", 1.0, f"{plain}:3")]
+    assert (applied, label) == (False, "mos")
+
+    vqr1 = tmp_path / "vqr1.jsonl"
+    vqr1.write_text("\n".join(json.dumps(r) for r in [
+        {"image": ["x.png"], "conversations": [{"from": "human", "value": "<image>rate"},
+                                               {"from": "gpt", "value": 4.63}]},
+        {"image": ["y.png"], "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "2.5"}]},
+    ]) + "\n")
+    entries, _, label = benchmarks.read_benchmark(vqr1)
+    assert [(e["image"], e["mos"]) for e in entries] == [("x.png", 4.63), ("y.png", 2.5)] and label == "conversations"
+
+    csv_file = tmp_path / "meta_info_X.csv"
+    csv_file.write_text("ref_name,dist_name,mos,std,split\nr.png,d1.png,0.5,0.1,train\n"
+                        "r.png,d2.png,0.7,0.1,test\nr.png,d3.png,0.2,0.1,test\n")
+    entries, applied, label = benchmarks.read_benchmark(csv_file)
+    assert [e["image"] for e in entries] == ["d1.png", "d2.png", "d3.png"] and not applied and label == "mos"
+    entries, applied, _ = benchmarks.read_benchmark(csv_file, ("split", "test"))
+    assert [(e["image"], e["mos"], e["line"]) for e in entries] == [("d2.png", 0.7, f"{csv_file}:3"),
+                                                                    ("d3.png", 0.2, f"{csv_file}:4")] and applied
+    koniq = tmp_path / "koniq.csv"  # pyiqa's KonIQ file names its column img_name
+    koniq.write_text("img_name,mos,std,split\n1.jpg,77.3,0.5,training\n")
+    assert benchmarks.read_benchmark(koniq)[0][0]["image"] == "1.jpg"
+    csiq = tmp_path / "csiq.csv"
+    csiq.write_text("ref_name,dist_name,dmos\nr.png,d.png,0.06\n")
+    assert benchmarks.read_benchmark(csiq)[2] == "dmos"
+
+
+@pytest.mark.parametrize("text,match", [
+    ('{"image": "a.png", "mos": 3}\n{"image": "b.png", "mos": 2}\n{"image": "a.png", "mos": 4}\n',
+     r"bad\.jsonl:1 and .*bad\.jsonl:3: image a\.png is listed twice"),
+    ('{"image": "a.png", "mos": 3}\n{"image": "b.png", "mos": "good"}\n', r"bad\.jsonl:2: MOS 'good' is not a number"),
+    ('{"image": "a.png", "mos": 3}\n{"image": "b.png", "mos": null}\n', r"bad\.jsonl:2: MOS None is not a number"),
+    ('{"image": "a.png", "mos": 3}\n{"image": "b.png", "mos": NaN}\n', r"bad\.jsonl:2: MOS nan is not a finite"),
+    ('{"image": "a.png", "quality": 3}\n', r"bad\.jsonl:1: no 'mos' or 'conversations'"),
+    ("file,score\na.png,3\n", r"unrecognised benchmark file"),
+])
+def test_bad_benchmark_files_name_the_line(tmp_path, text, match):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(text)
+    with pytest.raises(ValueError, match=match):
+        benchmarks.read_benchmark(bad)
+
+
+def test_run_alone_it_says_what_a_folder_holds(tmp_path, demo_bench):
+    kadid = tmp_path / "kadid10k"
+    write(kadid / "dmos.csv", "dist_img,ref_img,dmos,var\na.png,r.png,4.5,0.4\nb.png,r.png,2.0,0.4\n")
+    image(kadid / "images" / "a.png")
+    run = subprocess.run([sys.executable, "benchmarks.py", f"kadid={kadid}", f"demo={demo_bench / 'labels.jsonl'}"],
+                         cwd=ROOT, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines() == [
+        "kadid: KADID-10k", f"  label file(s): {kadid / 'dmos.csv'}", f"  image folder: {(kadid / 'images').resolve()}",
+        "  images: 2 listed, 1 found", "  label: dmos, 1-5 (higher is better despite the name) (direction from reader)",
+        "demo: generic file", f"  label file(s): {demo_bench / 'labels.jsonl'}", f"  image folder: {demo_bench}",
+        "  images: 12 listed, 12 found", "  label: mos (higher is better) (direction from assumed (field 'mos'))"]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -93,11 +167,11 @@ def loaded(folder: Path, split=None, name: str = "b", image_folder=None, lower_b
 
 def test_xlsx_reader_shared_strings_inline_numbers_and_inline_strings(tmp_path):
     cells = {(1, 0): "title, with a comma & <xml>", (3, 1): 1600, (3, 2): 0.0625, (3, 3): "jpeg 2000", (4, 1): -2.5e-3}
-    sheet, rows = evaluate.xlsx_rows(write_xlsx(tmp_path / "a.xlsx", "all_by_image", cells))
+    sheet, rows = benchmarks.xlsx_rows(write_xlsx(tmp_path / "a.xlsx", "all_by_image", cells))
     assert sheet == "all_by_image"
     assert rows == [(1, {"A": "title, with a comma & <xml>"}), (3, {"B": 1600.0, "C": 0.0625, "D": "jpeg 2000"}),
                     (4, {"B": -0.0025})]
-    _, inline = evaluate.xlsx_rows(write_xlsx(tmp_path / "b.xlsx", "S", cells, inline_strings=True))
+    _, inline = benchmarks.xlsx_rows(write_xlsx(tmp_path / "b.xlsx", "S", cells, inline_strings=True))
     assert inline == rows
     with zipfile.ZipFile(tmp_path / "a.xlsx") as z:  # really shared: the sheet holds indexes, the strings elsewhere
         assert "jpeg 2000" not in z.read("xl/worksheets/sheet1.xml").decode()
@@ -127,7 +201,7 @@ def test_malformed_xlsx_names_the_file_and_cell(tmp_path, damage, match):
             for n, data in parts.items():
                 z.writestr(n, data)
     with pytest.raises(ValueError, match=match):
-        evaluate.read_csiq(path)
+        benchmarks.read_csiq(path)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -370,7 +444,7 @@ def test_direction_in_summary_and_warning_only_when_unknown(monkeypatch, tmp_pat
     monkeypatch.setattr(evaluate, "sample_answers", sample_answers)
     monkeypatch.setattr(common, "load_image", lambda p: type("Im", (), {"filename": str(p)})())
     argv = ["--model", tiny_model_dir, "--bench", f"csiq={csiq}", f"kadid={kadid}", f"x={generic}@{kadid / 'images'}",
-            "--out", str(tmp_path / "o"), "--max-new-tokens", "4"]
+            "--out", str(tmp_path / "o"), "--max-new-tokens", "4", "--bootstrap", "50"]
     with pytest.warns(UserWarning) as caught:
         summary = evaluate.main(argv)
     unknown = [str(w.message) for w in caught if "direction" in str(w.message)]

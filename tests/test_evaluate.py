@@ -1,7 +1,7 @@
-"""evaluate.py: metrics against hand-worked numbers and scipy, the generic benchmark formats, bad input, resume,
---predictions recomputation, the one truncation rule, reruns refused by setting (model identity, label content),
---images scoring, and end-to-end runs on the tiny model (one process, and two under torchrun) checked against plain
-`generate`. The eight official releases are in test_benchmarks.py."""
+"""evaluate.py: metrics against hand-worked numbers and scipy, bad input, resume, --predictions recomputation, the one
+truncation rule, reruns refused by setting (model identity, label content), --images scoring, and end-to-end runs on
+the tiny model (one process, and two under torchrun) checked against plain `generate`. The benchmark files are read
+by benchmarks.py (test_benchmarks.py)."""
 
 import json
 import math
@@ -18,6 +18,7 @@ from scipy import stats
 
 import common
 import sampling
+import benchmarks
 import evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -105,57 +106,117 @@ def test_wavg_is_weighted_by_image_count_and_mean_is_plain():
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# benchmark files
+# bootstrap intervals and the paired comparison, from prediction folders written here
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def test_three_formats_are_detected_and_parsed(tmp_path):
-    plain = tmp_path / "plain.jsonl"
-    plain.write_text('{"image": "a.png", "mos": 3.42}\n\n{"image": "b.png", "mos": 1}\n')
-    entries, applied, label = evaluate.read_benchmark(plain)
-    assert [(e["image"], e["mos"], e["line"]) for e in entries] == [("a.png", 3.42, f"{plain}:1"),
-                                                                    ("b.png", 1.0, f"{plain}:3")]
-    assert (applied, label) == (False, "mos")
-
-    vqr1 = tmp_path / "vqr1.jsonl"
-    vqr1.write_text("\n".join(json.dumps(r) for r in [
-        {"image": ["x.png"], "conversations": [{"from": "human", "value": "<image>rate"},
-                                               {"from": "gpt", "value": 4.63}]},
-        {"image": ["y.png"], "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "2.5"}]},
-    ]) + "\n")
-    entries, _, label = evaluate.read_benchmark(vqr1)
-    assert [(e["image"], e["mos"]) for e in entries] == [("x.png", 4.63), ("y.png", 2.5)] and label == "conversations"
-
-    csv_file = tmp_path / "meta_info_X.csv"
-    csv_file.write_text("ref_name,dist_name,mos,std,split\nr.png,d1.png,0.5,0.1,train\n"
-                        "r.png,d2.png,0.7,0.1,test\nr.png,d3.png,0.2,0.1,test\n")
-    entries, applied, label = evaluate.read_benchmark(csv_file)
-    assert [e["image"] for e in entries] == ["d1.png", "d2.png", "d3.png"] and not applied and label == "mos"
-    entries, applied, _ = evaluate.read_benchmark(csv_file, ("split", "test"))
-    assert [(e["image"], e["mos"], e["line"]) for e in entries] == [("d2.png", 0.7, f"{csv_file}:3"),
-                                                                    ("d3.png", 0.2, f"{csv_file}:4")] and applied
-    koniq = tmp_path / "koniq.csv"  # pyiqa's KonIQ file names its column img_name
-    koniq.write_text("img_name,mos,std,split\n1.jpg,77.3,0.5,training\n")
-    assert evaluate.read_benchmark(koniq)[0][0]["image"] == "1.jpg"
-    csiq = tmp_path / "csiq.csv"
-    csiq.write_text("ref_name,dist_name,dmos\nr.png,d.png,0.06\n")
-    assert evaluate.read_benchmark(csiq)[2] == "dmos"
+def write_run(folder: Path, benchmarks: dict[str, tuple], labels: str = "labels-1") -> Path:
+    """An evaluation folder as evaluate.py leaves it: name -> (predictions, MOS) of one benchmark each."""
+    folder.mkdir(parents=True)
+    for name, (pred, mos) in benchmarks.items():
+        common.write_jsonl_atomic(folder / f"predictions_{name}.jsonl", [
+            {"image": f"{i}.png", "mos": float(m), "score": None if p is None else float(p)}
+            for i, (p, m) in enumerate(zip(pred, mos))])
+    config = {"settings": {f"benchmark {name}": {"labels": labels, "split": None} for name in benchmarks},
+              "sources": {name: {} for name in benchmarks}, "lower_better": []}
+    (folder / "eval_config.json").write_text(json.dumps(config))
+    return folder
 
 
-@pytest.mark.parametrize("text,match", [
-    ('{"image": "a.png", "mos": 3}\n{"image": "b.png", "mos": 2}\n{"image": "a.png", "mos": 4}\n',
-     r"bad\.jsonl:1 and .*bad\.jsonl:3: image a\.png is listed twice"),
-    ('{"image": "a.png", "mos": 3}\n{"image": "b.png", "mos": "good"}\n', r"bad\.jsonl:2: MOS 'good' is not a number"),
-    ('{"image": "a.png", "mos": 3}\n{"image": "b.png", "mos": null}\n', r"bad\.jsonl:2: MOS None is not a number"),
-    ('{"image": "a.png", "mos": 3}\n{"image": "b.png", "mos": NaN}\n', r"bad\.jsonl:2: MOS nan is not a finite"),
-    ('{"image": "a.png", "quality": 3}\n', r"bad\.jsonl:1: no 'mos' or 'conversations'"),
-    ("file,score\na.png,3\n", r"unrecognised benchmark file"),
-])
-def test_bad_benchmark_files_name_the_line(tmp_path, text, match):
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text(text)
-    with pytest.raises(ValueError, match=match):
-        evaluate.read_benchmark(bad)
+def noisy(n: int, noise: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    mos = rng.uniform(1, 5, n)
+    return mos + rng.normal(0, noise, n), mos
+
+
+def independent_bootstrap(pred: np.ndarray, mos: np.ndarray, resamples: int, seed: int, name: str) -> dict:
+    """The four metrics on each resample, one resample at a time with scipy; the logistic fitted from the data's
+    starting point, NaN if it needs over 400 evaluations."""
+    import zlib
+    from scipy.optimize import curve_fit
+
+    def curve(x, b1, b2, b3, b4):
+        return (b1 - b2) / (1 + np.exp(-(x - b3) / np.abs(b4))) + b2
+    rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
+    out = {"srcc": [], "krcc": [], "plcc": [], "plcc_logistic": []}
+    for _ in range(resamples):
+        i = rng.integers(0, len(pred), len(pred))
+        p, m = pred[i], mos[i]
+        out["srcc"].append(stats.spearmanr(p, m).statistic)
+        out["krcc"].append(stats.kendalltau(p, m).statistic)
+        out["plcc"].append(stats.pearsonr(p, m).statistic)
+        try:
+            params, _ = curve_fit(curve, p, m, p0=[m.max(), m.min(), p.mean(), p.std() / 4], maxfev=400)
+            out["plcc_logistic"].append(stats.pearsonr(curve(p, *params), m).statistic)
+        except RuntimeError:
+            out["plcc_logistic"].append(np.nan)
+    return {k: np.array(v) for k, v in out.items()}
+
+
+def test_intervals_match_an_independent_bootstrap_per_benchmark_and_for_wavg(tmp_path):
+    data = {"big": noisy(80, 0.7, 0), "small": noisy(40, 1.5, 1)}
+    out = write_run(tmp_path / "o", data)
+    summary = evaluate.main(["--predictions", str(out), "--bootstrap", "200", "--bootstrap-seed", "7"])
+    saved = json.loads((out / "summary.json").read_text())
+    assert saved["bootstrap"] == {"resamples": 200, "seed": 7} and saved["wavg"]["ci95"] == summary["wavg"]["ci95"]
+    draws = {name: independent_bootstrap(*d, 200, 7, name) for name, d in data.items()}
+    for name in data:
+        for key, values in draws[name].items():
+            expected = np.percentile(values[np.isfinite(values)], [2.5, 97.5])
+            assert saved["benchmarks"][name]["ci95"][key] == pytest.approx(expected, abs=1e-6)
+            low, high = saved["benchmarks"][name]["ci95"][key]
+            assert low < saved["benchmarks"][name][key] < high
+    for key in draws["big"]:  # WAVG: each benchmark resampled on its own, averaged per resample by image count
+        wavg = (80 * draws["big"][key] + 40 * draws["small"][key]) / 120
+        assert saved["wavg"]["ci95"][key] == pytest.approx(np.percentile(wavg[np.isfinite(wavg)], [2.5, 97.5]),
+                                                           abs=1e-6)
+    table = (out / "summary.md").read_text()
+    srcc, (low, high) = saved["benchmarks"]["big"]["srcc"], saved["benchmarks"]["big"]["ci95"]["srcc"]
+    assert f"{srcc:.3f} [{low:.2f}, {high:.2f}]".replace("0.", ".") in table
+    evaluate.main(["--predictions", str(out), "--bootstrap", "0"])
+    assert "ci95" not in json.dumps(json.loads((out / "summary.json").read_text()))
+
+
+def test_compare_identical_folders_differ_by_zero(tmp_path):
+    data = {"x": noisy(60, 0.8, 2), "y": noisy(30, 0.5, 3)}
+    a, b = write_run(tmp_path / "a", data), write_run(tmp_path / "b", data)
+    result = evaluate.main(["--compare", str(a), str(b), "--bootstrap", "200", "--out", str(tmp_path)])
+    for name in ("x", "y", "WAVG"):
+        row = result["benchmarks"][name]
+        assert all(row["difference"][k] == 0 and row["ci95"][k] == [0, 0] and row["b_better"][k] == 0
+                   for k in evaluate.CI_METRICS)
+    assert json.loads((tmp_path / "compare.json").read_text())["benchmarks"]["x"]["n_both"] == 60
+
+
+def test_compare_against_shuffled_scores_b_is_worse_in_nearly_every_resample(tmp_path):
+    data = {"x": noisy(200, 0.8, 4), "y": noisy(100, 0.8, 5)}
+    a = write_run(tmp_path / "a", data)
+    rng = np.random.default_rng(0)
+    shuffled = {name: (rng.permutation(pred), mos) for name, (pred, mos) in data.items()}
+    shuffled["x"] = ([None] * 5 + list(shuffled["x"][0][5:]), shuffled["x"][1])  # unscored in B: left out of both
+    b = write_run(tmp_path / "b", shuffled)
+    result = evaluate.main(["--compare", str(a), str(b), "--bootstrap", "200"])
+    assert result["benchmarks"]["x"]["n_both"] == 195
+    for name in ("x", "y", "WAVG"):
+        row = result["benchmarks"][name]
+        for k in evaluate.CI_METRICS:
+            assert row["b_better"][k] <= 0.01 and row["ci95"][k][1] < 0 and row["difference"][k] < -0.3
+
+
+def test_compare_refuses_other_benchmarks_or_label_files(tmp_path, capsys):
+    data = {"x": noisy(20, 0.8, 6)}
+    a = write_run(tmp_path / "a", data)
+    others = [write_run(tmp_path / "b", {**data, "z": noisy(20, 0.8, 7)}), write_run(tmp_path / "c", data, "labels-2")]
+    for other, message in zip(others, ["only in " + str(tmp_path / "b") + ": ['z']", "label files"]):
+        with pytest.raises(SystemExit) as e:
+            evaluate.main(["--compare", str(a), str(other)])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and message in err and "'x'" in err or "['z']" in err
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# command line
+# ---------------------------------------------------------------------------------------------------------------------
 
 
 def test_repeated_list_flags_accumulate():
@@ -216,7 +277,7 @@ def run_eval(monkeypatch, calls, tiny_model_dir, bench, root, out, *extra):
         warnings.simplefilter("ignore")
         return evaluate.main(["--model", tiny_model_dir, "--bench", f"demo={bench}@{root}", "--bench",
                               f"again={bench}@{root}", "--out", str(out), "--batch-size", "5",
-                              "--max-new-tokens", "4", *extra])
+                              "--max-new-tokens", "4", "--bootstrap", "100", *extra])
 
 
 def test_live_run_predictions_recompute_and_lower_better(monkeypatch, tmp_path, tiny_model_dir, demo_bench,
@@ -225,8 +286,9 @@ def test_live_run_predictions_recompute_and_lower_better(monkeypatch, tmp_path, 
     summary = run_eval(monkeypatch, calls, tiny_model_dir, bench_with_a_gap, demo_bench, tmp_path / "o",
                        "--lower-better", "again", "--no-text")
     records = common.read_jsonl(tmp_path / "o" / "predictions_demo.jsonl")
-    assert [r["image"] for r in records] == [e["image"] for e in evaluate.read_benchmark(bench_with_a_gap)[0]]
-    assert records[-1] == {"image": "lost.png", "mos": 2.5, "score": None, "n_valid": 0, "error": "missing file"}
+    assert [r["image"] for r in records] == [e["image"] for e in benchmarks.read_benchmark(bench_with_a_gap)[0]]
+    assert records[-1] == {"image": "lost.png", "mos": 2.5, "score": None, "n_valid": 0, "file": None,
+                           "error": "missing file"}
     assert all("answers" not in r for r in records)  # --no-text
     valid = [r for r in records if r["score"] is not None]
     demo = summary["benchmarks"]["demo"]
@@ -246,11 +308,11 @@ def test_live_run_predictions_recompute_and_lower_better(monkeypatch, tmp_path, 
 
     saved = json.loads((tmp_path / "o" / "summary.json").read_text())
     md = (tmp_path / "o" / "summary.md").read_text()
-    assert "| WAVG | 26 |" in md and "| mean | 26 |" in md and f"| demo | 13 | {demo['coverage']:.3f} |" in md
+    assert "| WAVG | 26 |" in md and "| mean | 26 |" in md and "| demo | 13 | .615 |" in md
     assert saved["prompt_hash"] == common.get_preset("evoquality").hash() and saved["samples"] == 1
     assert set(saved["package_versions"]) >= {"torch", "transformers", "scipy"}
 
-    again_summary = evaluate.main(["--predictions", str(tmp_path / "o")])  # no model, lower-better from the run
+    again_summary = evaluate.main(["--predictions", str(tmp_path / "o"), "--bootstrap", "100"])  # no model
     for key in ("benchmarks", "wavg", "mean"):
         assert evaluate.json_safe(again_summary[key]) == saved[key]
 
@@ -321,7 +383,7 @@ def test_reruns_that_change_a_result_are_refused(monkeypatch, tmp_path, tiny_mod
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return evaluate.main(["--model", str(model), "--bench", f"demo={bench}@{demo_bench}", "--out", str(out),
-                                  "--max-new-tokens", "4", *extra])
+                                  "--max-new-tokens", "4", "--bootstrap", "0", *extra])
 
     def refused(*extra) -> str:
         capsys.readouterr()
@@ -354,7 +416,8 @@ def test_reruns_that_change_a_result_are_refused(monkeypatch, tmp_path, tiny_mod
     with warnings.catch_warnings():  # the original file again, plus a new benchmark: allowed, only it is scored
         warnings.simplefilter("ignore")
         evaluate.main(["--model", str(model), "--bench", f"demo={bench}@{demo_bench}",
-                       f"more={demo_bench / 'labels.jsonl'}", "--out", str(out), "--max-new-tokens", "4"])
+                       f"more={demo_bench / 'labels.jsonl'}", "--out", str(out), "--max-new-tokens", "4",
+                       "--bootstrap", "0"])
     assert sum(calls) == 12
     saved = json.loads((out / "eval_config.json").read_text())["settings"]
     assert {"benchmark demo", "benchmark more"} <= set(saved)
@@ -386,6 +449,118 @@ def test_images_mode_scores_every_image_and_lists_unreadable_ones(monkeypatch, t
         warnings.simplefilter("ignore")
         evaluate.main(args)  # resume: only the broken image is tried again, and it still cannot be read
     assert calls == [] and common.read_jsonl(tmp_path / "o" / "predictions.jsonl") == records
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# misuse: a failed first run, a changed image, a second run, names outside their root, one-line errors
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def quiet_main(argv: list[str]):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return evaluate.main(argv)
+
+
+def refused(capsys, argv: list[str]) -> str:
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        quiet_main(argv)
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert e.value.code == 2 and len(errors) == 1 and "Traceback" not in err, err
+    return errors[0]
+
+
+def test_a_mistyped_model_leaves_nothing_that_refuses_the_right_one(monkeypatch, tmp_path, tiny_model_dir, demo_bench,
+                                                                    capsys):
+    monkeypatch.setattr(evaluate, "sample_answers", fake_answers([]))
+    out = tmp_path / "o"
+    argv = ["--bench", f"demo={demo_bench / 'labels.jsonl'}", "--out", str(out), "--max-new-tokens", "4",
+            "--bootstrap", "0"]
+    err = refused(capsys, ["--model", str(tmp_path / "nonexist"), *argv])
+    assert "nonexist: cannot load it" in err and not (out / "eval_config.json").exists()
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model_dir, broken)
+    (broken / "config.json").write_text("{ not json")
+    assert f"--model {broken}: cannot load it" in refused(capsys, ["--model", str(broken), *argv])
+    assert quiet_main(["--model", tiny_model_dir, *argv])["benchmarks"]["demo"]["n"] == 12
+
+
+def test_an_image_changed_in_place_is_scored_again(monkeypatch, tmp_path, tiny_model_dir, demo_pool):
+    folder = tmp_path / "photos"
+    shutil.copytree(demo_pool, folder)
+    calls = []
+    monkeypatch.setattr(evaluate, "sample_answers", fake_answers(calls))
+    argv = ["--model", tiny_model_dir, "--images", str(folder), "--out", str(tmp_path / "o"), "--max-new-tokens", "4"]
+    quiet_main(argv)
+    before = {r["image"]: r for r in common.read_jsonl(tmp_path / "o" / "predictions.jsonl")}
+    changed = sorted(before)[3]
+    shutil.copy(folder / sorted(before)[0], folder / changed)  # another picture under the same name
+    calls.clear()
+    quiet_main(argv)
+    after = {r["image"]: r for r in common.read_jsonl(tmp_path / "o" / "predictions.jsonl")}
+    stat = (folder / changed).stat()
+    assert calls == [1] and after[changed]["file"] == [stat.st_size, stat.st_mtime_ns]
+    assert after[changed]["file"] != before[changed]["file"] and after[changed]["scores"] == after[sorted(before)[0]][
+        "scores"]
+    assert {k: v for k, v in after.items() if k != changed} == {k: v for k, v in before.items() if k != changed}
+    calls.clear()
+    quiet_main(argv)
+    assert calls == []
+
+
+def test_a_second_run_into_the_same_out_is_refused_at_once(tmp_path, tiny_model_dir, demo_bench, capsys):
+    out = tmp_path / "o"
+    with common.output_lock(out):
+        err = refused(capsys, ["--model", tiny_model_dir, "--bench", f"demo={demo_bench / 'labels.jsonl'}", "--out",
+                               str(out)])
+    assert f"{out} is in use by another run (pid {os.getpid()}" in err and not (out / "eval_config.json").exists()
+
+
+def test_image_names_stay_under_their_root(tmp_path, demo_bench, capsys):
+    for name in ["../outside.png", str(demo_bench / "bench_00000.png")]:
+        labels = tmp_path / "labels.jsonl"
+        labels.write_text(json.dumps({"image": "bench_00001.png", "mos": 2}) + "\n"
+                          + json.dumps({"image": name, "mos": 3}) + "\n")
+        with pytest.raises(ValueError, match=r"labels\.jsonl:2: image name .* is outside the image root"):
+            benchmarks.read_benchmark(labels, root=demo_bench)
+        entries, _, _ = benchmarks.read_benchmark(labels, root=demo_bench, allow_outside=True)
+        assert Path(entries[1]["image"]).is_absolute()
+    labels.write_text('{"image": "./bench_00001.png", "mos": 2}\n{"image": "bench_00001.png", "mos": 3}\n')
+    with pytest.raises(ValueError, match=r"labels\.jsonl:1 and .*labels\.jsonl:2: image bench_00001\.png is listed"):
+        benchmarks.read_benchmark(labels)
+    listed = tmp_path / "list.txt"
+    listed.write_text("a.png\n/etc/passwd\n")
+    err = refused(capsys, ["--model", "m", "--images", str(listed), "--out", str(tmp_path / "o")])
+    assert "list.txt:2" in err and "outside the image root" in err
+
+
+def test_bad_inputs_are_one_line_errors_before_the_model_loads(monkeypatch, tmp_path, tiny_model_dir, demo_bench,
+                                                              capsys):
+    monkeypatch.setattr(common, "load_model", lambda *a, **k: pytest.fail("the model loaded before the check"))
+    argv = ["--model", tiny_model_dir, "--bench", f"demo={demo_bench / 'labels.jsonl'}"]
+    (tmp_path / "file").write_text("")
+    assert "cannot write to" in refused(capsys, [*argv, "--out", str(tmp_path / "file" / "o")])
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "eval_config.json").write_text("")
+    assert f"{out / 'eval_config.json'} is empty or not valid JSON" in refused(capsys, [*argv, "--out", str(out)])
+    latin = tmp_path / "meta.csv"
+    latin.write_bytes("name,mos\ncaf\xe9.png,3\n".encode("latin-1"))
+    err = refused(capsys, ["--model", tiny_model_dir, "--bench", f"x={latin}", "--out", str(tmp_path / "o2")])
+    assert f"{latin}: not UTF-8" in err
+
+
+def test_a_folder_scan_says_which_subfolders_it_skipped(monkeypatch, tmp_path, tiny_model_dir, demo_pool, capsys):
+    folder = tmp_path / "photos"
+    shutil.copytree(demo_pool, folder)
+    (folder / "linked").symlink_to(demo_pool, target_is_directory=True)
+    monkeypatch.setattr(evaluate, "sample_answers", fake_answers([]))
+    summary = quiet_main(["--model", tiny_model_dir, "--images", str(folder), "--out", str(tmp_path / "o"),
+                          "--max-new-tokens", "4"])
+    assert f"skipped subfolder {folder / 'linked'}: a symlinked folder" in capsys.readouterr().err
+    assert summary["images"]["n"] == len(list(demo_pool.glob("*.png")))
 
 
 def test_bench_and_images_together_is_refused(tmp_path, demo_bench):
