@@ -491,8 +491,7 @@ def read_predictions(out: Path, name: str, stats: dict[str, Optional[list[int]]]
     may have been restored since), a later one an earlier one."""
     best: dict[str, tuple] = {}
     final = predictions_path(out, name)
-    for order, record in enumerate(r for path in [final, *sorted(out.glob(final.name + ".part*"))]
-                                   for r in common.read_jsonl(path)):
+    for order, record in enumerate(r for path in [final, *common.shard_files(final)] for r in common.read_jsonl(path)):
         rank = (record.get("file") == stats.get(record["image"]), not record.get("error"), order)
         if record["image"] not in best or rank > best[record["image"]][0]:
             best[record["image"]] = (rank, record)
@@ -515,9 +514,7 @@ def merge_predictions(out: Path, name: str, entries: list[dict], stats: dict[str
             raise RuntimeError(f"{name}: no prediction for {entry['image']} after scoring (a process failed?)")
         mos = {"mos": entry["mos"]} if "mos" in entry else {}  # the MOS as the benchmark file has it now
         records.append({**saved[entry["image"]], **mos})
-    common.write_jsonl_atomic(final, records)
-    for part in out.glob(final.name + ".part*"):
-        part.unlink()
+    common.merge_shards(final, records)
     return records
 
 
@@ -531,7 +528,7 @@ def read_run(out: Path, flag: str) -> tuple[dict, dict[str, list[dict]]]:
     known = [n for n in config.get("sources", {}) if n in names]  # the live run's order first
     order = known + [n for n in names if n not in known]
     for name in order:
-        if list(out.glob(predictions_path(out, name).name + ".part*")):
+        if common.shard_files(predictions_path(out, name)):
             warnings.warn(f"{name}: shard files of an unfinished run are ignored; rerun the evaluation to merge them")
     try:
         return config, {name: common.read_jsonl(predictions_path(out, name)) for name in order}
@@ -641,7 +638,7 @@ def score_jobs(state, model, processor, preset: common.Preset, args: Args, out: 
             print(f"{name}: {len(job.entries)} images, {len(job.entries) - len(todo)} already scored, {len(todo)} "
                   "to score (new, missing before or changed since)", file=sys.stderr)
         if mine:
-            part = out / f"{predictions_path(out, name).name}.part{state.process_index}"
+            part = common.shard_file(predictions_path(out, name), state.process_index)
             score_entries(model, processor, preset, prompt, args, job.root, mine, part, state.is_main_process)
         state.wait_for_everyone()
         if state.is_main_process:

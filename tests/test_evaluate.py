@@ -349,10 +349,10 @@ def test_resume_after_truncation_and_after_a_crash(monkeypatch, tmp_path, tiny_m
         evaluate.main(["--model", tiny_model_dir, "--bench", f"demo={bench_with_a_gap}@{demo_bench}",
                        "--bench", f"again={bench_with_a_gap}@{demo_bench}", "--out", str(out), "--batch-size", "5",
                        "--max-new-tokens", "4"])
-    assert len(common.read_jsonl(out / "predictions_demo.jsonl.part0")) == 5
+    assert len(common.read_jsonl(common.shard_file(out / "predictions_demo.jsonl", 0))) == 5
     calls.clear()
     run_eval(monkeypatch, calls, tiny_model_dir, bench_with_a_gap, demo_bench, out)
-    assert sum(calls) == 7 + 12 and not list(out.glob("*.part*"))
+    assert sum(calls) == 7 + 12 and not list(out.glob("*.shard-*"))
     assert {n: (out / f"predictions_{n}.jsonl").read_bytes() for n in reference} == reference
 
     with pytest.raises(SystemExit) as e:  # resuming with other decoding settings would mix two setups
