@@ -23,18 +23,9 @@ Recompute the metrics from the saved predictions, with no model:
 SPAQ, AGIQA-3K, LIVE Challenge, KADID-10k, PIPAL, TID2013, CSIQ), one of their label files, or a generic label file
 (plain JSONL, pyiqa CSV, VisualQuality-R1 JSONL); benchmarks.py reads them and, run alone, says what a folder holds.
 
-`--samples 1` (default) decodes greedily (deterministic); `--samples N` samples N answers at `--temperature` and the
-image's score is the mean of its valid ones. An answer cut off by `--max-new-tokens` is unparseable, whatever it
-holds (sampling.answer). Unparseable answers are never replaced by a guess: an image with no valid answer is left out
-of the correlations and counted in `coverage`; the share of truncated answers is reported per benchmark.
-
-Outputs in --out: predictions_NAME.jsonl (one line per benchmark image, in benchmark order:
-{"image", "mos", "score", "n_valid", "scores", "truncated", "answers", "file": [size, mtime_ns]}, plus "error" for a
-missing or unreadable image), or predictions.jsonl for --images; eval_config.json (the settings, written once the
-model has loaded; a rerun that would change a result is refused, naming each changed setting), summary.json and
-summary.md (also printed) with 95 % bootstrap intervals (`ci95`; --bootstrap 0: none). Rerunning the same command
-resumes: scored images are kept, an image changed in place is scored again, nothing is scored twice; a kill corrupts
-nothing; a second run into the same --out is refused while the first holds its lock (OUT.lock).
+Outputs in --out: predictions_NAME.jsonl (one line per image), eval_config.json, summary.json and summary.md with
+95 % bootstrap intervals (docs/metrics.md lists every key). Rerunning the same command resumes; a rerun that would
+change a result is refused, naming each changed setting; an image changed in place is scored again.
 
 Compare two evaluations of the same benchmarks (B - A, paired bootstrap over the images both scored):
 
@@ -75,10 +66,6 @@ class Args:
     samples: int = common.arg(1, help="answers per image: 1 = greedy; N > 1 = sampled, valid ones averaged")
     temperature: float = common.arg(1.0, help="sampling temperature (used only when --samples > 1)")
     max_new_tokens: int = common.arg(512, help="generation budget per answer; an answer cut off here is unparseable")
-    # 7B on one 80 GB GPU: bf16 weights ~16.6 GB; KV cache per token = 28 layers x 2 x 4 KV heads x 128 x 2 bytes
-    # = 56 KiB, so a KonIQ-size image prompt (~1,000 tokens) + 512 new tokens is ~85 MB per sequence. 32 images x
-    # 16 samples = 512 sequences ~ 44 GB of KV (each sample's cache is a copy of its prompt's, prefilled once) + the
-    # weights ~ 61 GB, leaving room for the prefill activations and the vision tower. Lower it above --samples 16.
     batch_size: int = common.arg(32, help="images per sampling call, per process; 32 fits one 80 GB GPU at 7B up to "
                                           "--samples 16 (KV 56 KiB/token x ~1.5k tokens x 512 sequences ~ 44 GB "
                                           "+ 16.6 GB bf16 weights)")
@@ -93,7 +80,6 @@ class Args:
     bootstrap_seed: int = common.arg(0, help="seed of the bootstrap resamples")
     compare: list[str] = common.arg([], help="OUT_A OUT_B: B - A per metric with a paired bootstrap interval, no model")
     allow_outside_root: bool = common.arg(False, help="accept absolute or '..' image names in label files and lists")
-
 
 
 # ---------------------------------------------------------------------------------------------------------------------
