@@ -44,6 +44,7 @@ TRAINING_PANELS = [
 TIME_KEYS = [("time/generation", "generation", "-"), ("time/reference", "log-probs", "--"),
              ("time/update", "update", ":")]
 METRICS = [("srcc", "SRCC"), ("plcc", "PLCC")]
+KIND_STYLES = {"all": "-", "random": "-", "same_reference": "--"}  # stats.json's by_kind: how a pair was drawn
 
 
 def colour(t: int) -> str:
@@ -135,9 +136,8 @@ def plot_training(logs: dict[int, list[dict]]):
 def plot_correlations(summaries: dict[int, dict]):
     """One panel per metric: a point per benchmark (and WAVG) and round, with its 95 % interval where recorded."""
     names = sorted({n for s in summaries.values() for n in s.get("benchmarks", {})}) + ["WAVG"]
-    fig, axes = plt.subplots(1, len(METRICS), figsize=(max(8, 2 + 1.6 * len(names)) * len(METRICS) / 1.5, 5),
-                             constrained_layout=True)
-    fig.get_layout_engine().set(rect=(0, 0, 1, 0.92))
+    fig, axes = plt.subplots(1, len(METRICS), figsize=(2 * max(6, 1 + 1.2 * len(names)), 5.5), constrained_layout=True)
+    fig.get_layout_engine().set(rect=(0, 0, 1, 0.88))
     width = 0.7 / max(1, len(summaries))
     for ax, (metric, title) in zip(axes, METRICS):
         for j, (t, summary) in enumerate(summaries.items()):
@@ -151,23 +151,31 @@ def plot_correlations(summaries: dict[int, dict]):
                 if ci and all(map(finite, ci)):  # drawn as recorded: a percentile interval may miss the point
                     ax.vlines([x], ci[0], ci[1], color=colour(t), gid=f"round_{t}:{name}:ci95")
         ax.set_xticks(range(len(names)), names)
-        ax.set(title=f"{title} with the MOS per benchmark (bars: 95 % bootstrap interval)", xlabel="benchmark",
-               ylabel=f"{title} (-1 to 1)")
+        ax.set(title=f"{title} with the MOS", xlabel="benchmark", ylabel=f"{title} (-1 to 1)")
         ax.grid(axis="y", alpha=0.3)
-    round_legend(fig, list(summaries), "round {t}")
+    fig.suptitle("Correlation per benchmark and round (vertical line: 95 % bootstrap interval over the images)")
+    round_legend(fig, list(summaries))
+    fig.legends[0].set_bbox_to_anchor((0.5, 0.955))
     return fig
 
 
 def plot_votes(stats: dict[int, dict]):
-    """Agreement histogram (share of pairs per bin) and one bar per round for position bias, ties, abstentions."""
+    """Agreement histogram (share of pairs per bin; per kind of pair where a round has several) and one bar per round
+    for position bias, ties, abstentions."""
     fig, axes = plt.subplots(1, 4, figsize=(22, 5), constrained_layout=True)
     fig.get_layout_engine().set(rect=(0, 0, 1, 0.9))
     ax = axes[0]
     for t, s in stats.items():
-        hist = s.get("majority_agreement_histogram")
-        if hist and sum(hist["counts"]):
-            shares = [c / sum(hist["counts"]) for c in hist["counts"]]
-            ax.stairs(shares, hist["edges"], color=colour(t), linewidth=2, gid=f"round_{t}:agreement")
+        parts = s["by_kind"] if len(s.get("by_kind") or {}) > 1 else {"all": s}
+        for kind, part in parts.items():
+            hist = part.get("majority_agreement_histogram")
+            if hist and sum(hist["counts"]):
+                shares = [c / sum(hist["counts"]) for c in hist["counts"]]
+                ax.stairs(shares, hist["edges"], color=colour(t), linewidth=2, linestyle=KIND_STYLES.get(kind, ":"),
+                          gid=f"round_{t}:agreement:{kind}")
+    if any(len(s.get("by_kind") or {}) > 1 for s in stats.values()):
+        ax.legend(handles=[plt.Line2D([], [], color="k", linestyle=KIND_STYLES[k], label=k.replace("_", "-") + " pairs")
+                           for k in ("random", "same_reference")], fontsize="small")
     ax.set(title="Majority agreement of a pair's votes", xlabel="max(K_a, K_b) / (K_a + K_b)",
            ylabel="share of pairs with a valid vote")
     bars = [("first_slot_win_rate", "Position bias: first image shown wins", "share of valid votes", 0.5),
@@ -176,11 +184,12 @@ def plot_votes(stats: dict[int, dict]):
     for ax, (key, title, unit, reference) in zip(axes[1:], bars):
         for t, s in stats.items():
             if finite(s.get(key)):
-                ax.bar([t], [s[key]], color=colour(t), gid=f"round_{t}:{key}")
+                ax.bar([t], [s[key]], width=0.6, color=colour(t), gid=f"round_{t}:{key}")
         if reference is not None:
             ax.axhline(reference, color="k", linestyle="--", linewidth=1, label="no bias")
             ax.legend(fontsize="small")
         ax.set_xticks(list(stats), [f"round {t}" for t in stats])
+        ax.set_xlim(min(stats) - 1, max(stats) + 1)
         ax.set(title=title, xlabel="round", ylabel=unit)
     round_legend(fig, list(stats))
     return fig

@@ -6,11 +6,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from matplotlib.colors import to_rgba
 
-pytest.importorskip("matplotlib")
-from matplotlib.colors import to_rgba  # noqa: E402
-
-import plot_run  # noqa: E402
+import plot_run
 
 ROOT = Path(__file__).resolve().parents[1]
 KEYS = ["reward/mean", "reward/std", "reward/zero_std_fraction", "kl/mean", "loss/clip_fraction",
@@ -45,6 +43,11 @@ def write_run(out: Path) -> Path:
         (out / f"round_{t}" / "model" / "train_log.jsonl").write_text("\n".join(lines) + "\n")
         stats = {"tie_rate": 0.1 * t, "abstention_rate": 0.02 * t, "first_slot_win_rate": 0.5 + 0.05 * t,
                  "majority_agreement_histogram": {"edges": [0.5, 0.75, 1.0], "counts": [t, 4 - t]}}
+        if t == 2:  # a round with same-reference pairs: its histogram per kind of pair
+            stats["by_kind"] = {"random": {"majority_agreement_histogram": {"edges": [0.5, 0.75, 1.0],
+                                                                            "counts": [1, 0]}},
+                                "same_reference": {"majority_agreement_histogram": {"edges": [0.5, 0.75, 1.0],
+                                                                                    "counts": [1, 2]}}}
         (out / f"round_{t}" / "stats.json").write_text(json.dumps(stats))
     return out
 
@@ -118,10 +121,14 @@ def test_vote_bars_and_histogram_equal_the_stats(run):
         for key in ["tie_rate", "abstention_rate", "first_slot_win_rate"]:
             bar = shown[f"round_{t}:{key}"]
             assert bar.get_height() == pytest.approx(stats[key]) and to_rgba(bar.get_facecolor()) == to_rgba(f"C{t}")
-        values, edges, _ = shown[f"round_{t}:agreement"].get_data()
-        counts = stats["majority_agreement_histogram"]["counts"]
-        assert list(values) == pytest.approx([c / sum(counts) for c in counts])
-        assert list(edges) == stats["majority_agreement_histogram"]["edges"]
+        parts = stats.get("by_kind", {"all": stats})
+        for kind, part in parts.items():
+            values, edges, _ = shown[f"round_{t}:agreement:{kind}"].get_data()
+            counts = part["majority_agreement_histogram"]["counts"]
+            assert list(values) == pytest.approx([c / sum(counts) for c in counts])
+            assert list(edges) == part["majority_agreement_histogram"]["edges"]
+    assert sorted(g for g in shown if ":agreement" in g) == ["round_1:agreement:all", "round_2:agreement:random",
+                                                             "round_2:agreement:same_reference"]
 
 
 def test_main_writes_the_figures_that_have_data(run):
