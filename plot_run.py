@@ -78,7 +78,10 @@ def load_train_logs(out: Path) -> dict[int, list[dict]]:
             records = common.read_jsonl(d / "model" / "train_log.jsonl")
         except ValueError as e:
             common.die(str(e))
-        if records:
+        keys = [k for k, _, _ in TRAINING_PANELS] + [k for k, _, _ in TIME_KEYS]
+        if records and not any(k in r for r in records for k in keys):
+            print(f"plot_run.py: skipping {d / 'model' / 'train_log.jsonl'}: none of the plotted keys ({keys[0]}, ...)")
+        elif records:
             logs[t] = records
     return logs
 
