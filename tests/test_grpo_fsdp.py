@@ -1,5 +1,6 @@
 """grpo_train.py --fsdp on CPU (torchrun, 2 processes, gloo): uneven images per process finish in lock-step and equal
-one process; SIGKILL + --resume is exact; a bf16 run writes a loadable bf16 checkpoint.
+one process (and stop doing so when one process weighs its micro-batches wrong); SIGKILL + --resume is exact; a bf16
+run writes a loadable bf16 checkpoint. Every run here has one thread per process (OMP_NUM_THREADS=1).
 
 The invariant tested: a step is defined globally (its pairs, its sampling calls seeded per call, the loss normalised by
 all its rollouts), so 2 FSDP processes with --pairs-per-step 1 compute what 1 plain process with --pairs-per-step 2
@@ -66,24 +67,73 @@ def fsdp_run(s):
     return out
 
 
-def test_two_fsdp_processes_with_uneven_images_equal_one_process(s, fsdp_run):
-    one = s["tmp"] / "one"
-    check(subprocess.run([sys.executable, str(s["wrapper"]), *args(s, one, "--pairs-per-step", "2")], cwd=ROOT,
-                         env=ENV, capture_output=True, text=True, timeout=TIMEOUT))
-    a, b = common.read_jsonl(fsdp_run / "train_log.jsonl"), common.read_jsonl(one / "train_log.jsonl")
-    assert [x["step"] for x in a] == [1, 2, 3]
+# The parity runs take plain SGD steps: the weight gap is then lr x the gradient gap, which summation-order noise
+# (BLAS kernels, thread counts) keeps at float32 rounding on any CPU. AdamW would divide that noise by sqrt(v) and turn
+# it into a full-size step for a parameter whose gradient is near zero.
+SGD = ("--optimizer", "sgd", "--lr", "0.5", "--max-steps", "2", "--save-every", "100")
+MUTATIONS = {  # what the parity test must catch, planted in the processes before grpo_train's main runs
+    "weighting": """
+_loss = grpo_train.grpo_loss
+def grpo_loss(*a, **k):  # process 1's micro-batches weigh 1.5 x their share of the step
+    loss, metrics = _loss(*a, **k)
+    return loss * (1.5 if parallel.rank() == 1 else 1.0), metrics
+grpo_train.grpo_loss = grpo_loss
+""",
+    "padding": """
+_lockstep = parallel.lockstep
+parallel.lockstep = lambda *a: [(mb, True) for mb, _ in _lockstep(*a)]  # the lock-step repeats count as real
+""",
+}
+
+
+def mutated_wrapper(s, mutation):
+    path = s["tmp"] / f"mutated_{mutation}.py"
+    setup = s["wrapper"].read_text().split("sys.argv[0]")[0]  # the scoring stand-in, then the mutation
+    path.write_text(setup + "import grpo_train, parallel\n" + MUTATIONS[mutation] + "grpo_train.main()\n")
+    return path
+
+
+def weight_gap(a, b, base) -> tuple[float, float]:
+    """(max |a - b|, max |b - base|) over every weight: the gap between two runs, and how far training moved."""
+    wa, wb, w0 = weights(a), weights(b), weights(base)
+    return (max((wa[k] - wb[k]).abs().max().item() for k in wa), max((wb[k] - w0[k]).abs().max().item() for k in wb))
+
+
+@pytest.fixture(scope="module")
+def sgd_one(s):
+    out = s["tmp"] / "sgd_one"
+    check(subprocess.run([sys.executable, str(s["wrapper"]), *args(s, out, "--pairs-per-step", "2", *SGD)],
+                         cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=TIMEOUT))
+    return out
+
+
+def test_two_fsdp_processes_with_uneven_images_equal_one_process(s, sgd_one):
+    two = s["tmp"] / "sgd_fsdp"
+    check(subprocess.run(torchrun(s, two, "--fsdp", "--gradient-checkpointing", *SGD), cwd=ROOT, env=ENV,
+                         capture_output=True, text=True, timeout=TIMEOUT))
+    a, b = common.read_jsonl(two / "train_log.jsonl"), common.read_jsonl(sgd_one / "train_log.jsonl")
+    assert [x["step"] for x in a] == [1, 2]
     # 3 images a step on 2 processes: one process ran a zero-weight stand-in micro-batch every step
-    assert all(x["groups"] == 3 and x["stand_in_micro_batches"] == 1 for x in a)
-    assert all(x["stand_in_micro_batches"] == 0 for x in b)
+    assert all(x["reward/groups"] == 3 and x["rollout/stand_in_micro_batches"] == 1 for x in a)
+    assert all(x["rollout/stand_in_micro_batches"] == 0 for x in b)
     for x, y in zip(a, b):  # the same pairs and rollouts (seeded per sampling call), the same loss and gradient
-        assert x["pairs"] == y["pairs"] and x["reward_mean"] == y["reward_mean"]
-        for key in ("loss", "kl", "grad_norm"):
+        assert x["pairs"] == y["pairs"] and x["reward/mean"] == y["reward/mean"]
+        for key in ("loss/total", "kl/mean", "optim/grad_norm"):
             assert x[key] == pytest.approx(y[key], rel=1e-5, abs=1e-9), key
-    wa, wb, w0 = weights(fsdp_run), weights(one), weights(s["model"])
-    gap = max((wa[k] - wb[k]).abs().max().item() for k in wa)
-    moved = max((wb[k] - w0[k]).abs().max().item() for k in wb)
-    print(f"FSDP 2 processes vs 1 process after 3 steps: max |weight gap| {gap:.2e}, max |update| {moved:.2e}")
-    assert moved > 1e-3 and gap < 5e-6  # seen: gap 6.5e-7 after 2 steps of lr 1e-3
+    gap, moved = weight_gap(two, sgd_one, s["model"])
+    print(f"FSDP 2 processes vs 1 process after 2 SGD steps: max |weight gap| {gap:.2e}, max |update| {moved:.2e}")
+    assert moved > 1e-3 and gap < 1e-4 * moved
+
+
+@pytest.mark.parametrize("mutation", sorted(MUTATIONS))
+def test_the_parity_comparison_fails_when_one_process_weighs_wrong(s, sgd_one, mutation):
+    two = s["tmp"] / f"sgd_fsdp_{mutation}"
+    cmd = torchrun(s, two, "--fsdp", *SGD)
+    cmd[cmd.index(str(s["wrapper"]))] = str(mutated_wrapper(s, mutation))
+    check(subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=TIMEOUT))
+    gap, moved = weight_gap(two, sgd_one, s["model"])
+    print(f"mutation {mutation}: max |weight gap| {gap:.2e}, max |update| {moved:.2e}")
+    assert gap > 1e-2 * moved  # the parity bound (1e-4 x moved) fails by far
 
 
 def test_sigkill_then_resume_logs_each_step_once_and_ends_with_the_same_weights(s, fsdp_run):
@@ -103,7 +153,8 @@ def test_sigkill_then_resume_logs_each_step_once_and_ends_with_the_same_weights(
     a, b = common.read_jsonl(fsdp_run / "train_log.jsonl"), common.read_jsonl(out / "train_log.jsonl")
     assert [x["step"] for x in b] == [1, 2, 3]
     for x, y in zip(a, b):
-        assert x["pairs"] == y["pairs"] and x["reward_mean"] == y["reward_mean"] and x["loss"] == y["loss"]
+        assert x["pairs"] == y["pairs"] and x["reward/mean"] == y["reward/mean"]
+        assert x["loss/total"] == y["loss/total"]
     wa, wb = weights(fsdp_run), weights(out)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
@@ -122,4 +173,4 @@ def test_bf16_run_with_sharded_reference_saves_a_loadable_bf16_checkpoint(s):
     base = weights(s["model"])
     assert loaded.keys() == base.keys() and any(not torch.equal(loaded[k], base[k]) for k in base)
     (record,) = common.read_jsonl(out / "train_log.jsonl")
-    assert record["grad_norm"] > 0 and record["kl"] >= 0
+    assert record["optim/grad_norm"] > 0 and record["kl/mean"] >= 0

@@ -248,9 +248,8 @@ def test_rewards_parse_through_the_truncation_rule_and_land_on_their_images_rows
     mask = torch.tensor([[1, 1, 0]] * 3 + [[1, 1, 1]] * 3)
     calls = [grpo_train.Call([2, 1], {}, mask.clone(), mask, [mid, hi]),
              grpo_train.Call([0], {}, mask[:3], mask[:3], [lo])]
-    run = SimpleNamespace(preset=common.get_preset("evoquality"), args=SimpleNamespace(gamma=1e-6))
     pairs = [("hi.png", "lo.png", 1.0), ("mid.png", "lo.png", 0.5)]
-    r = grpo_train.rewards(run, calls, images, pairs)
+    r = grpo_train.rewards(calls, images, pairs, common.get_preset("evoquality"), 1e-6)
     assert r["scores"] == {"lo.png": [1.5, None, 2.0], "hi.png": [4.5, 4.0, None], "mid.png": [3.0, 3.5, None]}
     assert r["truncated"] == [False] * 3 + [False, False, True] + [False, False, True]  # in the step's image order
     assert r["lengths"] == [2, 2, 2] + [3, 3, 3] + [2, 2, 2]
@@ -443,13 +442,15 @@ def test_one_real_step_changes_parameters_and_writes_the_log(setup):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "dropped 1 of 13 pairs" in r.stdout
     (record,) = common.read_jsonl(out / "train_log.jsonl")
-    for key in ("step", "epoch", "lr", "loss", "reward_mean", "reward_std", "parse_failure_rate", "groups_skipped",
-                "zero_std_fraction", "kl", "clip_fraction", "grad_norm", "score_mean", "score_within_group_std",
-                "completion_length", "step_seconds", "generated_tokens_per_s", "truncation_rate"):
-        assert key in record, key
-    assert record["step"] == 1 and record["grad_norm"] > 0 and 0 <= record["reward_mean"] <= 1
-    assert 0 < record["parse_failure_rate"] < 1 and record["clip_fraction"] > 0 and record["kl"] > 0
-    assert 0 <= record["truncation_rate"] <= 1 and record["stand_in_micro_batches"] == 0
+    assert set(record) == {"step", "epoch", "pairs", "optim/lr", "optim/grad_norm", "loss/total", "loss/clip_fraction",
+                           "kl/mean", "reward/mean", "reward/std", "reward/zero_std_fraction", "reward/groups",
+                           "reward/groups_skipped", "rollout/parse_failure_rate", "rollout/truncation_rate",
+                           "rollout/score_mean", "rollout/score_within_group_std", "rollout/completion_length",
+                           "rollout/generated_tokens", "rollout/tokens_per_s", "rollout/stand_in_micro_batches",
+                           "time/step", "time/generation", "time/reference", "time/update"}
+    assert record["step"] == 1 and record["optim/grad_norm"] > 0 and 0 <= record["reward/mean"] <= 1
+    assert 0 < record["rollout/parse_failure_rate"] < 1 and record["loss/clip_fraction"] > 0 and record["kl/mean"] > 0
+    assert 0 <= record["rollout/truncation_rate"] <= 1 and record["rollout/stand_in_micro_batches"] == 0
     assert json.loads((out / "args.json").read_text())["args"]["group_size"] == 4
     before = common.load_model(s["model"], dtype=torch.float32).state_dict()
     after = common.load_model(str(out), dtype=torch.float32).state_dict()
@@ -484,8 +485,8 @@ def test_kill_and_resume_continues_with_the_same_next_pairs(setup):
     assert [x["step"] for x in b] == list(range(1, 13))  # nothing lost, nothing duplicated
     assert [x["pairs"] for x in a] == [x["pairs"] for x in b]
     for x, y in zip(a, b):  # same rollouts (seeded per step) and same restored model/optimizer state
-        assert y["reward_mean"] == pytest.approx(x["reward_mean"], abs=1e-6)
-        assert y["loss"] == pytest.approx(x["loss"], abs=1e-5)
+        assert y["reward/mean"] == pytest.approx(x["reward/mean"], abs=1e-6)
+        assert y["loss/total"] == pytest.approx(x["loss/total"], abs=1e-5)
     assert sorted(p.name for p in (killed / "checkpoints").iterdir()) == ["step-11", "step-12"]
     wa = common.load_model(str(whole), dtype=torch.float32).state_dict()
     wb = common.load_model(str(killed), dtype=torch.float32).state_dict()
@@ -503,7 +504,7 @@ def test_two_processes(setup):
     assert [x["step"] for x in log] == [1, 2]
     drawn = [tuple(p) for x in log for p in x["pairs"]]
     assert len(drawn) == 8 and len(set(drawn)) == 8  # 2 processes x 2 pairs x 2 steps, all different
-    assert all(x["groups"] >= 4 and x["grad_norm"] > 0 for x in log)
+    assert all(x["reward/groups"] >= 4 and x["optim/grad_norm"] > 0 for x in log)
     assert json.loads((out / "args.json").read_text())["world_size"] == 2
     assert (out / "checkpoints" / "step-2" / "process-1.pt").exists()
     common.load_model(str(out))
@@ -566,29 +567,28 @@ def test_bad_input_is_refused_before_loading_a_model(setup, monkeypatch, capsys,
     assert "1 image(s)" in err and "broken.png (UnidentifiedImageError" in err and "--skip-missing" in err
 
 
+class Crash(Exception):
+    pass
+
+
+def crash(*a, **k):
+    raise Crash
+
+
 def test_resume_with_changed_settings_is_refused_naming_each(setup, monkeypatch, capsys, tmp_path):
-    """The first run records its settings (settings.json) before loading a model; a --resume that changes the
-    method, the reference or the pseudo-labels' content is refused, naming each change."""
+    """A run that saved a checkpoint holds --resume to its settings: a change of the method, the reference or the
+    pseudo-labels' content is refused before any model loads, naming each change."""
     s = setup
-
-    class Stop(Exception):
-        pass
-
-    def stop(*a, **k):
-        raise Stop
-
     out = tmp_path / "out"
     labels = tmp_path / "labels.jsonl"
     labels.write_text(s["labels"].read_text())
-    argv = base_args(s, out, "--resume")
+    argv = base_args(s, out, "--resume", "--max-steps", "1")
     argv[argv.index("--pseudolabels") + 1] = str(labels)
-    monkeypatch.setattr(common, "load_model", stop)
     monkeypatch.setattr(sys, "argv", ["grpo_train.py", *argv])
-    with pytest.raises(Stop):
-        grpo_train.main()
+    grpo_train.main()  # one real step: checkpoints/step-1
     assert json.loads((out / "settings.json").read_text())["settings"]["lr"] == 1e-3
-    with pytest.raises(Stop):  # the same settings: accepted
-        grpo_train.main()
+    with pytest.raises(AssertionError, match="a model was loaded"):  # the same settings: accepted
+        run_main(monkeypatch, argv)
     changed = [*argv, "--lr", "2e-3", "--beta", "0.1", "--group-size", "8", "--ref-model", str(tmp_path)]
     assert run_main(monkeypatch, changed) == 2
     err = capsys.readouterr().err
@@ -598,6 +598,127 @@ def test_resume_with_changed_settings_is_refused_naming_each(setup, monkeypatch,
     labels.write_text(s["labels"].read_text().replace('"p_star": 1.0', '"p_star": 0.9', 1))
     assert run_main(monkeypatch, argv) == 2
     assert "pseudolabels_sha256: " in capsys.readouterr().err
+
+
+def test_a_run_that_failed_before_its_first_checkpoint_does_not_refuse_the_corrected_command(setup, monkeypatch,
+                                                                                             capsys, tmp_path):
+    """A mistyped --model fails before anything is recorded; the corrected command then starts. A run that crashed
+    before its first checkpoint held no work: --resume with another --pairs-per-step starts it over."""
+    s = setup
+    out = tmp_path / "out"
+    argv = base_args(s, out, "--resume")
+    wrong = [*argv, "--model", str(tmp_path / "no_such_model")]
+    monkeypatch.setattr(sys, "argv", ["grpo_train.py", *wrong])
+    with pytest.raises(SystemExit) as e:
+        grpo_train.main()
+    assert e.value.code == 2 and "cannot load --model" in capsys.readouterr().err
+    assert not (out / "settings.json").exists()
+    monkeypatch.setattr(grpo_train, "train_step", crash)  # a crash in the first step, before any checkpoint
+    monkeypatch.setattr(sys, "argv", ["grpo_train.py", *argv])
+    with pytest.raises(Crash):
+        grpo_train.main()
+    assert json.loads((out / "settings.json").read_text())["settings"]["pairs_per_step_all_processes"] == 2
+    monkeypatch.setattr(sys, "argv", ["grpo_train.py", *argv, "--pairs-per-step", "1"])
+    with pytest.raises(Crash):  # not refused
+        grpo_train.main()
+    assert json.loads((out / "settings.json").read_text())["settings"]["pairs_per_step_all_processes"] == 1
+
+
+def plant_checkpoint(out: Path, state, trainer_state: str = '{"step": 1, "world_size": 1}') -> Path:
+    step = out / "checkpoints" / "step-1"
+    step.mkdir(parents=True)
+    (step / "trainer_state.json").write_text(trainer_state)
+    torch.save(state, step / "process-0.pt")
+    return step
+
+
+class Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):  # what unpickling runs
+        return os.system, (f"touch {self.marker}",)
+
+
+def error_line(err: str) -> str:
+    """The error's one line (stderr may also hold library warnings); never a traceback."""
+    assert "Traceback" not in err, err
+    (line,) = [line for line in err.splitlines() if line.startswith("error: ")]
+    return line
+
+
+def test_a_planted_pickle_in_a_checkpoint_is_refused_not_run(setup, monkeypatch, capsys, tmp_path):
+    s = setup
+    out, marker = tmp_path / "out", tmp_path / "it_ran"
+    step = plant_checkpoint(out, {"scheduler": Payload(marker), "torch_rng": None, "cuda_rng": None,
+                                  "python_rng": None})
+    assert run_main(monkeypatch, base_args(s, out, "--resume")) == 2
+    line = error_line(capsys.readouterr().err)
+    assert str(step / "process-0.pt") in line and "not unpickled" in line
+    assert not marker.exists()
+    torch.load(step / "process-0.pt", weights_only=False)  # the planted file is live: a plain load runs it
+    assert marker.exists()
+
+
+def test_empty_or_cut_json_sidecars_are_one_line_errors(setup, monkeypatch, capsys, tmp_path):
+    s = setup
+    state = {"scheduler": {}, "torch_rng": torch.get_rng_state(), "cuda_rng": None, "python_rng": (3, (1, 2), None)}
+    out = tmp_path / "empty_state"
+    step = plant_checkpoint(out, state, trainer_state="")
+    assert run_main(monkeypatch, base_args(s, out, "--resume")) == 2
+    assert str(step / "trainer_state.json") in error_line(capsys.readouterr().err)
+    out = tmp_path / "cut_settings"
+    plant_checkpoint(out, state)
+    (out / "settings.json").write_text('{"settings": {"lr": 0.0')
+    assert run_main(monkeypatch, base_args(s, out, "--resume")) == 2
+    assert str(out / "settings.json") in error_line(capsys.readouterr().err)
+
+
+def test_a_second_run_into_a_locked_out_fails_at_once(setup, monkeypatch, capsys, tmp_path):
+    s = setup
+    out = tmp_path / "out"
+    with common.output_lock(out):  # another run holds --out
+        t0 = time.time()
+        assert run_main(monkeypatch, base_args(s, out)) == 2
+        assert time.time() - t0 < 30
+    line = error_line(capsys.readouterr().err)
+    assert "in use by another run" in line and f"pid {os.getpid()}" in line
+    assert not (out / "settings.json").exists() and not (out / "train_log.jsonl").exists()
+
+
+def test_unwritable_out_and_nan_settings_are_refused_before_a_model_loads(setup, monkeypatch, capsys, tmp_path):
+    s = setup
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    assert run_main(monkeypatch, base_args(s, blocker / "out")) == 2  # --out cannot be created
+    assert "cannot write to" in error_line(capsys.readouterr().err)
+    if os.geteuid() != 0:  # root writes through a read-only mode
+        read_only = tmp_path / "read_only"
+        read_only.mkdir(mode=0o555)
+        assert run_main(monkeypatch, base_args(s, read_only)) == 2
+        assert "cannot write to" in error_line(capsys.readouterr().err)
+    for flag in ("--temperature", "--lr", "--beta"):
+        assert run_main(monkeypatch, base_args(s, tmp_path / "out", flag, "nan")) == 2
+        assert f"{flag} nan" in error_line(capsys.readouterr().err)
+
+
+def test_image_names_resolve_under_the_root_one_name_per_image(setup, capsys, tmp_path):
+    s = setup
+    labels = tmp_path / "labels.jsonl"
+    lines = [{"a": "./pool_00000.png", "b": "pool_00001.png", "p_star": 1},
+             {"a": "pool_00000.png", "b": "x/../pool_00002.png", "p_star": 0}]
+    labels.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    pairs, dropped = grpo_train.load_pairs(str(labels), str(s["pool"]), False)
+    assert pairs == [("pool_00000.png", "pool_00001.png", 1.0), ("pool_00000.png", "pool_00002.png", 0.0)]
+    assert dropped == 0
+    for bad, why in ((s["pool"] / "pool_00003.png", "outside the image root"), ("../pool/pool_00003.png", "outside"),
+                     ("pool_00001.png/../pool_00000.png", "expected")):  # the last one pairs an image with itself
+        labels.write_text(json.dumps(lines[0]) + "\n" + json.dumps({"a": str(bad), "b": "pool_00000.png",
+                                                                    "p_star": 1}) + "\n")
+        with pytest.raises(SystemExit) as e:
+            grpo_train.load_pairs(str(labels), str(s["pool"]), False)
+        line = error_line(capsys.readouterr().err)
+        assert e.value.code == 2 and f"{labels}:2" in line and why in line, line
 
 
 def test_a_scripted_step_through_the_real_parser_puts_each_advantage_on_its_own_rows(setup, monkeypatch, tmp_path):
@@ -636,7 +757,7 @@ def test_a_scripted_step_through_the_real_parser_puts_each_advantage_on_its_own_
     argv = ["--model", s["model"], "--pseudolabels", str(labels), "--images-root", str(s["pool"]), "--out", str(out),
             "--group-size", "3", "--pairs-per-step", "1", "--max-new-tokens", "8", "--no-reasoning", "--lr", "1e-3",
             "--max-grad-norm", "1e9", "--micro-batch-size", "2"]  # both images in one sampling call
-    monkeypatch.setattr(common, "sample", scripted_sample)
+    monkeypatch.setattr(sampling, "sample", scripted_sample)
     monkeypatch.setattr(sys, "argv", ["grpo_train.py", *argv])
     grpo_train.main()
     (record,) = common.read_jsonl(out / "train_log.jsonl")
@@ -644,8 +765,9 @@ def test_a_scripted_step_through_the_real_parser_puts_each_advantage_on_its_own_
     scores = {"pool_00003.png": [4.5, 4.0, None], "pool_00007.png": [None, 1.5, 2.0]}  # truncated, unparseable: None
     rewards = pair_fidelity_rewards(scores, [("pool_00003.png", "pool_00007.png", 1.0)])
     reward_matrix = torch.tensor([rewards[x] for x in script], dtype=torch.float64)
-    assert record["reward_mean"] == pytest.approx(float(reward_matrix.mean()), abs=1e-12)
-    assert record["parse_failure_rate"] == pytest.approx(2 / 6) and record["truncation_rate"] == pytest.approx(1 / 6)
+    assert record["reward/mean"] == pytest.approx(float(reward_matrix.mean()), abs=1e-12)
+    assert record["rollout/parse_failure_rate"] == pytest.approx(2 / 6)
+    assert record["rollout/truncation_rate"] == pytest.approx(1 / 6)
 
     def grad_norm(advantages):  # on-policy at step 1: the loss gradient is -(1/N) sum_i A_i grad mean_t logp_i
         model.zero_grad()
@@ -659,5 +781,5 @@ def test_a_scripted_step_through_the_real_parser_puts_each_advantage_on_its_own_
         return float(torch.sqrt(sum((p.grad ** 2).sum() for p in model.parameters() if p.grad is not None)))
 
     advantages = group_advantages(reward_matrix)
-    assert record["grad_norm"] == pytest.approx(grad_norm(advantages), rel=1e-4)
-    assert abs(grad_norm(advantages.flip(0)) - record["grad_norm"]) > 1e-3 * record["grad_norm"]
+    assert record["optim/grad_norm"] == pytest.approx(grad_norm(advantages), rel=1e-4)
+    assert abs(grad_norm(advantages.flip(0)) - record["optim/grad_norm"]) > 1e-3 * record["optim/grad_norm"]
