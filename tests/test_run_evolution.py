@@ -1,6 +1,7 @@
 """run_evolution.sh: the demo end to end with its figures, resume after a kill during training, settings errors, one
 run per OUT, two processes."""
 
+import fcntl
 import json
 import os
 import re
@@ -24,6 +25,20 @@ def run_loop(env: dict, timeout: int = 600) -> subprocess.CompletedProcess:
     full.update(env, OMP_NUM_THREADS="1")
     return subprocess.run(["bash", "run_evolution.sh"], cwd=ROOT, env=full, capture_output=True, text=True,
                           timeout=timeout)
+
+
+def wait_until_released(out: Path, timeout: float = 60) -> None:
+    """Until no process of a killed loop holds OUT/.lock any more (a killed process closes its files as it exits)."""
+    deadline = time.time() + timeout
+    with open(out / ".lock") as f:
+        while True:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(f, fcntl.LOCK_UN)
+                return
+            except BlockingIOError:
+                assert time.time() < deadline, f"{out / '.lock'} still held {timeout} s after the kill"
+                time.sleep(0.1)
 
 
 @pytest.fixture(scope="module")
@@ -169,6 +184,7 @@ def test_one_loop_per_out(demo_run, tmp_path):
     finally:
         os.killpg(first.pid, signal.SIGKILL)
         first.wait()
+    wait_until_released(out)
     left = (out / ".lock").read_text()
     assert left == owner + "\n"  # a killed run cannot release its note, the kernel releases the lock itself
     (demo_run / ".lock").write_text(left)  # the finished demo, as a killed run would leave it: a rerun goes on
@@ -205,6 +221,7 @@ def test_kill_during_training_then_resume(demo_run, tmp_path):
         time.sleep(0.2)
     os.killpg(loop.pid, signal.SIGKILL)  # the whole loop, the training process included
     loop.wait()
+    wait_until_released(out)
     assert not (out / "round_1" / ".done_grpo_train").exists()
 
     result = run_loop(env)
@@ -247,7 +264,7 @@ def write_pool(pool: Path, images: list[Path]) -> dict[str, str]:
 
     (pool / "references").mkdir(parents=True)
     (pool / "variants").mkdir()
-    reference_of, lines = {}, []
+    lines = []
     for path in images:
         reference = f"references/{path.name}"
         Image.open(path).save(pool / reference)
@@ -256,10 +273,9 @@ def write_pool(pool: Path, images: list[Path]) -> dict[str, str]:
             name = f"variants/{path.stem}_{k:02d}.png"
             Image.open(path).filter(ImageFilter.GaussianBlur(k)).save(pool / name)
             lines.append({"image": name, "reference": reference, "type": "gaussian_blur", "level": k, "seed": k})
-        reference_of.update({line["image"]: reference for line in lines})
     (pool / "manifest.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
     (pool / "references.txt").write_text("".join(f"references/{p.name}\n" for p in images))
-    return reference_of
+    return {line["image"]: line["reference"] for line in lines}
 
 
 def test_pool_round_2_adds_same_reference_pairs(demo_run, tmp_path):
