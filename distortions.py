@@ -22,7 +22,7 @@ from typing import Callable
 
 import numpy as np
 from PIL import Image, ImageEnhance
-from scipy import ndimage, signal
+from scipy import ndimage, signal, special
 
 Array = np.ndarray
 
@@ -190,7 +190,7 @@ def contrast_scale(x, factor, rng):
 def contrast_stretch(x, f, rng):
     """1 / (1 + (mean / x)^f) per channel: f > 1 steepens the curve around the channel mean, f < 1 flattens it."""
     mean = x.mean((0, 1), keepdims=True)
-    return 1 / (1 + (mean / np.maximum(x, 1e-6)) ** f)
+    return special.expit(f * (np.log(np.maximum(x, 1e-6)) - np.log(mean)))  # the same curve, without overflow
 
 
 def saturation_hsv(x, factor, rng):

@@ -142,3 +142,10 @@ def test_draw_by_type_and_by_group():
     assert set(by_group) == set(D.GROUPS) and max(by_group.values()) < 1150 and min(by_group.values()) > 850
     levels = Counter(D.draw(rng)[1] for _ in range(5_000))
     assert set(levels) == set(D.LEVELS) and min(levels.values()) > 850
+
+
+def test_contrast_stretch_is_the_logistic_curve_around_the_channel_mean():
+    x = np.random.default_rng(2).uniform(0.05, 1, (8, 8, 3)).astype(np.float32)
+    mean = x.mean((0, 1), keepdims=True)
+    for f in (0.4, 1.0, 10.0):
+        assert np.allclose(D.contrast_stretch(x, f, None), 1 / (1 + (mean / x) ** f), atol=1e-6)
