@@ -6,11 +6,12 @@ plus a global ranking and statistics for inspection. Pure numpy/scipy, no model,
         --rankings runs/r1/rankings.jsonl --stats runs/r1/pseudolabel_stats.json
 
 Input, either shape (sample_votes.py writes one of them):
-  compare mode, one line per pair: {"a", "b", "votes_a", "votes_b", "abstain", "first_slot_wins", "answers", ...}
+  compare mode, one line per pair: {"a", "b", "kind", "votes_a", "votes_b", "abstain", "first_slot_wins", "answers",
+      ...}
   score mode, one line per image:  {"image", "scores": [3.25, null, ...], ...}, and the pairs that sample_votes.py
-      drew in the sidecar `<votes>.pairs.jsonl`, e.g. votes.jsonl.pairs.jsonl ({"a", "b"} per line; --pairs names
-      another file).
-Output: one line per kept pair {"a", "b", "p_star", "votes_a", "votes_b", "abstain"}, in input order.
+      drew in the sidecar `<votes>.pairs.jsonl` ({"a", "b", "kind"} per line; --pairs names another file).
+  "kind" is "random" or "same_reference" (two versions of one reference image); a pair without one is random.
+Output: one line per kept pair {"a", "b", "kind", "p_star", "votes_a", "votes_b", "abstain"}, in input order.
 
 Rules (EVOQUALITY.md, offline stage). K_a, K_b = votes for a and for b; abstentions count for neither.
   --label hard (the paper): p* = 1 if K_a > K_b, 0 if K_a < K_b, 0.5 on a tie.   --label soft: p* = K_a / (K_a + K_b).
@@ -71,8 +72,16 @@ class Args:
 # TRY NOT TO MODIFY: reading the votes (streamed with common.iter_jsonl: 1M lines of answers do not fit as dicts)
 # ---------------------------------------------------------------------------------------------------------------------
 
-COMPARE_KEYS = {"a", "b", "votes_a", "votes_b", "abstain"}  # and "first_slot_wins", optional
+COMPARE_KEYS = {"a", "b", "votes_a", "votes_b", "abstain"}  # and "first_slot_wins", "kind", optional
 SCORE_KEYS = {"image", "scores"}
+KINDS = ("random", "same_reference")  # how sample_votes.py drew a pair; stored as an index into this
+
+
+def kind_index(path: Path, lineno: int, record: dict) -> int:
+    kind = record.get("kind", "random")
+    if kind not in KINDS:
+        raise ValueError(f"{path}:{lineno}: 'kind' must be one of {list(KINDS)}, got {kind!r}")
+    return KINDS.index(kind)
 
 
 def count_truncated(path: Path, lineno: int, flags: list, values: list) -> int:
@@ -87,7 +96,7 @@ def count_truncated(path: Path, lineno: int, flags: list, values: list) -> int:
 
 def read_compare(path: Path, records: Iterator[tuple[int, dict]]) -> tuple[list[str], dict[str, np.ndarray], dict]:
     """Image names, one row per record: a, b (indices into the names), votes_a, votes_b, abstain,
-    first_slot_wins (-1 where absent), and the truncation counts {truncated, flagged, answers}."""
+    first_slot_wins (-1 where absent), kind (into KINDS), and the truncation counts {truncated, flagged, answers}."""
     ids: dict[str, int] = {}
     rows = []
     truncation = {"truncated": 0, "flagged": 0, "answers": 0}
@@ -112,15 +121,17 @@ def read_compare(path: Path, records: Iterator[tuple[int, dict]]) -> tuple[list[
             truncation["truncated"] += count_truncated(path, lineno, [x.get("truncated") for x in answers],
                                                        [x.get("choice") for x in answers])
             truncation["flagged"] += len(answers)
-        rows.append((ids.setdefault(a, len(ids)), ids.setdefault(b, len(ids)), va, vb, ab, first))
-    columns = np.array(rows, dtype=np.int64).reshape(-1, 6).T
-    return list(ids), dict(zip(("a", "b", "votes_a", "votes_b", "abstain", "first_slot_wins"), columns)), truncation
+        rows.append((ids.setdefault(a, len(ids)), ids.setdefault(b, len(ids)), va, vb, ab, first,
+                     kind_index(path, lineno, r) if "kind" in r else 0))
+    columns = np.array(rows, dtype=np.int64).reshape(-1, 7).T
+    return list(ids), dict(zip(("a", "b", "votes_a", "votes_b", "abstain", "first_slot_wins", "kind"), columns)), \
+        truncation
 
 
 def read_score(path: Path, records: Iterator[tuple[int, dict]], pairs_path: Path
                ) -> tuple[list[str], np.ndarray, dict[str, np.ndarray], dict]:
-    """Image names, the (images x K) score matrix (NaN = unparsed or no record), the drawn pairs a, b, and the
-    truncation counts {truncated, flagged, answers} over the score samples."""
+    """Image names, the (images x K) score matrix (NaN = unparsed or no record), the drawn pairs a, b, kind, and
+    the truncation counts {truncated, flagged, answers} over the score samples."""
     ids: dict[str, int] = {}
     scores: dict[int, list] = {}
     truncation = {"truncated": 0, "flagged": 0, "answers": 0}
@@ -148,7 +159,7 @@ def read_score(path: Path, records: Iterator[tuple[int, dict]], pairs_path: Path
         a, b = r.get("a"), r.get("b")
         if not (isinstance(a, str) and isinstance(b, str) and a and b and a != b):
             raise ValueError(f"{pairs_path}:{lineno}: expected {{\"a\": image, \"b\": another image}}")
-        rows.append((ids.setdefault(a, len(ids)), ids.setdefault(b, len(ids))))
+        rows.append((ids.setdefault(a, len(ids)), ids.setdefault(b, len(ids)), kind_index(pairs_path, lineno, r)))
     missing = len(ids) - len(scores)
     if missing:
         warnings.warn(f"{pairs_path}: {missing} image(s) in the pairs have no score record; their pairs get no votes")
@@ -156,8 +167,8 @@ def read_score(path: Path, records: Iterator[tuple[int, dict]], pairs_path: Path
     matrix = np.full((len(ids), k), np.nan)
     for i, values in scores.items():
         matrix[i, :len(values)] = np.array(values, dtype=np.float64)  # None -> NaN
-    a, b = np.array(rows, dtype=np.int64).reshape(-1, 2).T
-    return list(ids), matrix, {"a": a, "b": b}, truncation
+    a, b, kind = np.array(rows, dtype=np.int64).reshape(-1, 3).T
+    return list(ids), matrix, {"a": a, "b": b, "kind": kind}, truncation
 
 
 def merge_duplicate_pairs(pairs: dict[str, np.ndarray], n_images: int) -> tuple[dict[str, np.ndarray], int]:
@@ -171,7 +182,7 @@ def merge_duplicate_pairs(pairs: dict[str, np.ndarray], n_images: int) -> tuple[
     group = np.argsort(order)[inverse]  # each row's output row
     canonical = first[order]
     flipped = a != a[canonical][group]
-    merged = {"a": a[canonical], "b": b[canonical]}
+    merged = {"a": a[canonical], "b": b[canonical], "kind": pairs["kind"][canonical]}
     if "votes_a" in pairs:
         def total(column):
             return np.bincount(group, column, len(canonical)).astype(np.int64)
@@ -310,46 +321,71 @@ def rankings(names: list[str], a: np.ndarray, b: np.ndarray, votes_a: np.ndarray
             for rank, i in enumerate(order, 1)]
 
 
-def vote_stats(mode: str, n_images: int, pairs: dict[str, np.ndarray], keep: np.ndarray, dropped: dict,
-               info: dict) -> dict:
+def vote_stats(pairs: dict[str, np.ndarray]) -> dict:
+    """The votes of some pairs (K_a, K_b, abstentions, first-slot wins; -1 = unknown): the statistics sample_votes.py
+    prints when it ends and this stage records, overall and per kind of pair."""
     va, vb, abstain, first = pairs["votes_a"], pairs["votes_b"], pairs["abstain"], pairs["first_slot_wins"]
     valid = va + vb
     voted = valid > 0
-    agreement = np.maximum(va, vb)[voted] / valid[voted]
+    agreement = np.maximum(va, vb)[voted] / valid[voted]  # max(K_a, K_b) / (K_a + K_b)
     edges = np.linspace(0.5, 1.0, 11)
     seen = first >= 0
+    return {
+        "votes": int((valid + abstain).sum()),
+        "votes_per_pair_mean": ratio((valid + abstain).sum(), len(va)),
+        "tie_rate": ratio((va == vb)[voted].sum(), voted.sum()),  # among pairs with at least one valid vote
+        "abstention_rate": ratio(abstain.sum(), (valid + abstain).sum()),
+        "first_slot_win_rate": ratio(first[seen].sum(), valid[seen].sum()) if seen.any() else None,  # position bias
+        "majority_agreement_mean": ratio(agreement.sum(), len(agreement)),
+        "majority_agreement_histogram": {"edges": [round(float(e), 2) for e in edges],
+                                         "counts": np.histogram(agreement, edges)[0].tolist()},
+    }
+
+
+def kind_stats(pairs: dict[str, np.ndarray], keep: Optional[np.ndarray] = None) -> dict:
+    """vote_stats of each kind of pair present (and how many of them were kept, given the keep mask)."""
+    out = {}
+    for k, kind in enumerate(KINDS):
+        mine = pairs["kind"] == k
+        if mine.any():
+            out[kind] = {"pairs_in": int(mine.sum()), **({} if keep is None else {"pairs_kept": int(keep[mine].sum())}),
+                         **vote_stats({key: column[mine] for key, column in pairs.items()})}
+    return out
+
+
+def truncation_stats(truncation: dict) -> dict:
+    cut, flagged, answers = (truncation[k] for k in ("truncated", "flagged", "answers"))
+    return {
+        "truncated_answers": cut,  # cut off by --max-new-tokens: abstentions (votes; score samples in score mode)
+        "truncation_rate": ratio(cut, flagged),  # over the answers that carry a `truncated` flag
+        "truncation_flags": "every answer" if flagged == answers else
+        f"absent: truncation unknown for {answers - flagged} of {answers} answers (not written by sample_votes.py)",
+    }
+
+
+def ratio(x, y) -> Optional[float]:
+    return round(float(x) / float(y), 6) if y else None
+
+
+def graph_stats(pairs: dict[str, np.ndarray], keep: np.ndarray, n_images: int) -> dict:
+    """The comparison graph of the kept pairs: how many images it reaches, in how many connected components."""
     kept_a, kept_b = pairs["a"][keep], pairs["b"][keep]
     graph = coo_matrix((np.ones(len(kept_a)), (kept_a, kept_b)), shape=(n_images, n_images))
     labels = connected_components(graph, directed=False)[1]
     compared = np.zeros(n_images, bool)
     compared[kept_a] = compared[kept_b] = True
     sizes = np.bincount(labels[compared])
-    ratio = lambda x, y: round(float(x) / float(y), 6) if y else None
-    cut, flagged, answers = (info["truncation"][k] for k in ("truncated", "flagged", "answers"))
-    return {
-        "mode": mode,
-        "pair_records_in": info["pair_records"],
-        "duplicate_records_merged": info["duplicate_records"],
-        "pairs_in": len(va),
-        "pairs_kept": int(keep.sum()),
-        "pairs_dropped": dropped,  # each pair under the first rule that drops it, in this order
-        "images": n_images,
-        "images_in_kept_pairs": int(compared.sum()),
-        "votes_per_pair_mean": ratio((valid + abstain).sum(), len(va)),
-        "tie_rate": ratio((va == vb)[voted].sum(), voted.sum()),  # among pairs with at least one valid vote
-        "abstention_rate": ratio(abstain.sum(), (valid + abstain).sum()),
-        "truncated_answers": cut,  # cut off by --max-new-tokens: abstentions (votes; score samples in score mode)
-        "truncation_rate": ratio(cut, flagged),  # over the answers that carry a `truncated` flag
-        "truncation_flags": "every answer" if flagged == answers else
-        f"absent: truncation unknown for {answers - flagged} of {answers} answers (not written by sample_votes.py)",
-        "first_slot_win_rate": ratio(first[seen].sum(), valid[seen].sum()) if seen.any() else None,  # position bias
-        "majority_agreement_histogram": {  # max(K_a, K_b) / (K_a + K_b) over pairs with a valid vote
-            "edges": [round(float(e), 2) for e in edges],
-            "counts": np.histogram(agreement, edges)[0].tolist(),
-        },
-        "connected_components": int((sizes > 0).sum()),  # of the kept pairs' comparison graph
-        "largest_component_images": int(sizes.max()) if len(sizes) else 0,
-    }
+    return {"images_in_kept_pairs": int(compared.sum()), "connected_components": int((sizes > 0).sum()),
+            "largest_component_images": int(sizes.max()) if len(sizes) else 0}
+
+
+def label_stats(mode: str, n_images: int, pairs: dict[str, np.ndarray], keep: np.ndarray, dropped: dict,
+                info: dict) -> dict:
+    return {"mode": mode, "pair_records_in": info["pair_records"], "duplicate_records_merged": info["duplicate_records"],
+            "pairs_in": len(keep), "pairs_kept": int(keep.sum()),
+            "pairs_dropped": dropped,  # each pair under the first rule that drops it, in this order
+            "images": n_images, **vote_stats(pairs), **truncation_stats(info["truncation"]),
+            **graph_stats(pairs, keep, n_images), "by_kind": kind_stats(pairs, keep)}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -358,25 +394,18 @@ def vote_stats(mode: str, n_images: int, pairs: dict[str, np.ndarray], keep: np.
 
 
 def pseudolabel_lines(names: list[str], kept: dict[str, np.ndarray], p_star: np.ndarray) -> Iterator[str]:
-    """Exactly json.dumps({"a", "b", "p_star", "votes_a", "votes_b", "abstain"}) per pair, but each name is escaped
-    once instead of once per pair (json.dumps of a million dicts costs seconds)."""
+    """Exactly json.dumps({"a", "b", "kind", "p_star", "votes_a", "votes_b", "abstain"}) per pair, but each name is
+    escaped once instead of once per pair (json.dumps of a million dicts costs seconds)."""
     quoted = [json.dumps(name, ensure_ascii=False) for name in names]
-    for a, b, p, va, vb, ab in zip(kept["a"].tolist(), kept["b"].tolist(), p_star.tolist(), kept["votes_a"].tolist(),
-                                   kept["votes_b"].tolist(), kept["abstain"].tolist()):
-        yield (f'{{"a": {quoted[a]}, "b": {quoted[b]}, "p_star": {p!r}, '
+    kinds = [json.dumps(kind) for kind in KINDS]
+    for a, b, k, p, va, vb, ab in zip(kept["a"].tolist(), kept["b"].tolist(), kept["kind"].tolist(), p_star.tolist(),
+                                      kept["votes_a"].tolist(), kept["votes_b"].tolist(), kept["abstain"].tolist()):
+        yield (f'{{"a": {quoted[a]}, "b": {quoted[b]}, "kind": {kinds[k]}, "p_star": {p!r}, '
                f'"votes_a": {va}, "votes_b": {vb}, "abstain": {ab}}}\n')
-
-
-def default_pairs_path(votes: Path) -> Path:
-    """sample_votes.py's sidecar: votes.jsonl.pairs.jsonl beside votes.jsonl (votes.pairs.jsonl also accepted)."""
-    candidates = [votes.with_name(votes.name + ".pairs.jsonl"), votes.with_suffix(".pairs.jsonl")]
-    return next((p for p in candidates if p.exists()), candidates[0])
 
 
 def main(args: Optional[Args] = None) -> dict:
     args = args or common.parse_args(Args)
-    if args.label not in ("hard", "soft"):
-        common.die(f"--label must be hard or soft, not {args.label!r}")
     if args.min_valid_votes < 1:
         common.die("--min-valid-votes must be at least 1 (a pair without a valid vote has no label)")
     if not 0 <= args.min_margin <= 1 or not args.bt_prior > 0:
@@ -386,8 +415,7 @@ def main(args: Optional[Args] = None) -> dict:
         common.die(f"votes file {votes_path} not found")
     t0 = time.perf_counter()
     try:
-        mode, names, pairs, info = read_votes(votes_path, Path(args.pairs) if args.pairs else
-                                              default_pairs_path(votes_path))
+        mode, names, pairs, info = read_votes(votes_path, Path(args.pairs or f"{votes_path}.pairs.jsonl"))
     except ValueError as e:
         common.die(str(e))
     t_read = time.perf_counter() - t0
@@ -409,8 +437,8 @@ def main(args: Optional[Args] = None) -> dict:
         ranked = rankings(names, kept["a"], kept["b"], kept["votes_a"], kept["votes_b"], theta)
         common.write_lines_atomic(args.rankings, (json.dumps(r, ensure_ascii=False) + "\n" for r in ranked))
         t_rank = time.perf_counter() - t0
-    stats = vote_stats(mode, len(names), pairs, keep, dropped, info)
-    stats["votes"] = str(votes_path)
+    stats = label_stats(mode, len(names), pairs, keep, dropped, info)
+    stats["votes_file"] = str(votes_path)
     stats["settings"] = {k: getattr(args, k) for k in ("label", "min_margin", "min_valid_votes", "drop_ties",
                                                         "bt_prior")}
     if args.stats:

@@ -1,4 +1,5 @@
-"""Offline stage of EvoQuality: the current model votes K times on each of N random image pairs.
+"""Offline stage of EvoQuality: the current model votes K times on each of N random image pairs (and, from round 2
+on, on pairs of two versions of one reference image).
 
     python sample_votes.py --model Qwen/Qwen2.5-VL-7B-Instruct --images pool/ --out runs/round1/votes.jsonl
     accelerate launch --num_processes 8 sample_votes.py --model Qwen/Qwen2.5-VL-7B-Instruct --images pool/ \
@@ -10,7 +11,7 @@ shown first ("ba"), so that a position bias cancels (an odd K's extra vote takes
 is mapped back to image identity: a vote for a, a vote for b, or an abstention (unparseable, or cut off by
 --max-new-tokens). One line per pair, in pair order:
 
-    {"a": "x.png", "b": "y.png", "votes_a": 19, "votes_b": 11, "abstain": 2, "first_slot_wins": 17,
+    {"a": "x.png", "b": "y.png", "kind": "random", "votes_a": 19, "votes_b": 11, "abstain": 2, "first_slot_wins": 17,
      "answers": [{"order": "ab", "choice": "a", "truncated": false, "text": "... \\boxed{0}"}, ...]}
 
 `--mode score` (cheaper, NOT the paper's method) instead samples the score prompt K times for every image of the
@@ -18,29 +19,33 @@ pairs: one line per image {"image", "scores": [3.25, null, ...], "truncated": [f
 (a score cut off by --max-new-tokens is null, like an unparseable one), the pairs in `<out>.pairs.jsonl`;
 build_pseudolabels.py turns the scores into votes.
 
-Beside --out: `<out>.meta.json` (the settings below, args, versions, times, counts with the abstention and truncation
-rates), `<out>.pool.json` (size and mtime of every pool image), `<out>.skipped.jsonl` (pairs with an unreadable image,
-and why), and while running `<out>.shard-RANK.jsonl`, one per process, which the main process merges into --out at the
-end (on several nodes, --out must be on a filesystem that every node sees).
-Rerun the same command to resume: finished pairs are kept, the rest are voted, every pair ends up exactly once, even
-after a SIGKILL (the merge is restartable too). A rerun that would change the votes is refused, naming each changed
-setting, unless --overwrite: the model (by content: common.fingerprint, so a checkpoint retrained in the same folder
-is another model), the prompt preset and its text, reasoning, mode, K, temperature, --max-new-tokens, --max-pixels, the
-pair draw (--num-pairs, --seed, the pool's image names in order), and every image that already has votes (by size and
-mtime: an image edited in place under the same name is refused; an unreadable image may be fixed, its pairs are then
-voted). --batch-size and the number of processes are not settings: they change which random numbers a vote draws,
-not what the votes estimate (K i.i.d. samples of the model's answer), so a resume may change them.
+Same-reference pairs (`--same-reference-pairs N --pool-manifest pool/manifest.jsonl`, the manifest written by
+make_pool.py: one line per image {"image", "reference", ...}, names relative to the pool root): after the --num-pairs
+random pairs, N pairs of two versions of one reference (two variants, or the reference and a variant), each drawn
+as: a reference uniformly among those with a pair not drawn yet, then two of its versions uniformly; no pair twice,
+none repeating a random pair (all such pairs if fewer exist). Their records carry "kind": "same_reference", the
+others "kind": "random". Only the grouping by reference is read from the manifest (no distortion type or level).
+
+Beside --out: `<out>.meta.json` (settings, args, versions, times, vote statistics), `<out>.pool.json` (size and mtime
+of every pool image), `<out>.skipped.jsonl` (pairs with an unreadable image, and why), `<out>.lock` (one run at a
+time), and while running one `<out>.shard-RANK.jsonl` per process (on several nodes, --out must be on a filesystem
+that every node sees). Rerun the same command to resume, after a SIGKILL too: every pair ends up exactly once. A
+rerun that would change the votes is refused naming each changed setting, unless --overwrite: the model (by content),
+the prompt preset and its text, reasoning, mode, K, temperature, --max-new-tokens, --max-pixels, the pair draw
+(--num-pairs, --same-reference-pairs, --seed, the pool's names, the manifest's content) and every image that already
+has votes (by size and mtime). --batch-size and the number of processes may change: they change which random numbers
+a vote draws, not what the votes estimate (K i.i.d. samples of the model's answer).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import glob
 import hashlib
 import json
 import math
 import random
 import time
+import warnings
 from dataclasses import dataclass
 from datetime import timedelta
 from functools import partial
@@ -50,6 +55,7 @@ from typing import Callable, Optional
 import numpy as np
 from PIL import Image
 
+import build_pseudolabels
 import common
 import sampling
 
@@ -62,6 +68,8 @@ class Args:
     images_root: Optional[str] = common.arg(None, help="folder the image paths are relative to (default: --images "
                                                        "itself, or the list file's folder)")
     num_pairs: int = common.arg(20000, help="distinct unordered image pairs to draw (all pairs if fewer exist)")
+    same_reference_pairs: int = common.arg(0, help="also this many pairs of two versions of one reference image")
+    pool_manifest: Optional[str] = common.arg(None, help="make_pool.py's manifest.jsonl: each pool image's reference")
     votes_per_pair: int = common.arg(32, help="K: votes per pair, K/2 in each order (per image with --mode score)")
     seed: int = common.arg(0, help="seed of the pair draw, of odd-K vote orders and of sampling")
     temperature: float = common.arg(1.0, help="sampling temperature (> 0: K greedy votes would all be the same)")
@@ -70,10 +78,8 @@ class Args:
     prompt: str = common.arg("evoquality", help="prompt preset (common.PRESETS)", choices=sorted(common.PRESETS))
     mode: str = common.arg("compare", choices=["compare", "score"],
                            help="compare: the paper's pairwise votes; score: K scores per image (cheaper, not paper)")
-    # 7B on one 80 GB GPU: each prompt is prefilled once, so the KV cache of the sampled sequences is the main cost:
-    # 28 layers x 2 (K, V) x 4 KV heads x 128 dims x 2 bytes = 56 KiB per token, x (2,000 prompt tokens for two
-    # KonIQ images + 512 new) = 144 MB per sequence; 256 sequences = 37 GB, + 16.6 GB bf16 weights = 54 GB of 80,
-    # the rest for the prefill of 256 / 16 = 16 prompts (K = 32) and the vision tower. CPU: use 8-16.
+    # 7B: 28 layers x 2 (K, V) x 4 KV heads x 128 dims x 2 bytes = 56 KiB/token x (2,000 prompt + 512 new tokens);
+    # 54 GB of 80 leaves room for the prefill of 16 prompts (K = 32) and the vision tower. CPU: use 8-16.
     batch_size: int = common.arg(256, help="sequences sampled per call, in whole prompts; 256 fits 7B on one 80 GB GPU "
                                            "(KV 144 MB/sequence x 256 = 37 GB + 16.6 GB weights)")
     max_pixels: Optional[int] = common.arg(None, help="downscale images above this many pixels (default: processor's)")
@@ -87,10 +93,14 @@ class Args:
 GenerateFn = Callable[[str, list[list[Image.Image]], int], list[list[sampling.Completion]]]
 # the Args fields that define the votes (see the module docstring); settings_of adds the model, prompt and pool identity
 SETTINGS = ("prompt", "reasoning", "mode", "votes_per_pair", "temperature", "max_new_tokens", "max_pixels", "num_pairs",
-            "seed")
+            "same_reference_pairs", "seed")
 
 
+# ---------------------------------------------------------------------------------------------------------------------
 # ALGO LOGIC: pairs, vote orders, answers mapped back to image identity
+# ---------------------------------------------------------------------------------------------------------------------
+
+
 def sample_pairs(n_images: int, num_pairs: int, seed: int) -> list[tuple[int, int]]:
     """`num_pairs` distinct unordered pairs (i, j), i < j, drawn uniformly without replacement (all pairs if fewer
     exist). Depends only on its arguments, so a rerun or a resume draws the same pairs in the same order."""
@@ -101,6 +111,33 @@ def sample_pairs(n_images: int, num_pairs: int, seed: int) -> list[tuple[int, in
         j = (1 + math.isqrt(1 + 8 * k)) // 2
         pairs.append((k - j * (j - 1) // 2, j))
     return pairs
+
+
+def sample_same_reference_pairs(groups: list[list[int]], num_pairs: int, seed: int,
+                                taken: set[tuple[int, int]]) -> list[tuple[int, int]]:
+    """`num_pairs` pairs (i, j), i < j, of two members of one group (the pool indices of one reference's versions,
+    ascending): a group uniformly among those with a pair still free, then two of its members uniformly; none
+    drawn twice or in `taken` (the random pairs); all free pairs if fewer exist. Depends only on its arguments."""
+    rng = np.random.default_rng([seed, 1])  # a stream of its own: the random pairs stay those drawn without it
+    group_of = {i: g for g, members in enumerate(groups) for i in members}
+    free = [len(m) * (len(m) - 1) // 2 for m in groups]
+    for i, j in taken:
+        if i in group_of and group_of[i] == group_of.get(j):
+            free[group_of[i]] -= 1
+    live = [g for g, f in enumerate(free) if f > 0]
+    drawn: dict[tuple[int, int], None] = {}
+    while len(drawn) < num_pairs and live:
+        g = live[rng.integers(len(live))]
+        m = len(groups[g])
+        i, j = rng.integers(m), rng.integers(m - 1)  # an ordered pair of distinct members, uniformly
+        pair = (groups[g][min(i, j + (j >= i))], groups[g][max(i, j + (j >= i))])
+        if pair in taken or pair in drawn:
+            continue  # the group still has a free pair (it is live), so a retry ends
+        drawn[pair] = None
+        free[g] -= 1
+        if free[g] == 0:
+            live.remove(g)
+    return list(drawn)
 
 
 def vote_orders(a: str, b: str, k: int, seed: int) -> dict[str, int]:
@@ -171,32 +208,15 @@ def score_images(names: list[str], images: dict[str, Image.Image], generate_fn: 
             for x, per_image in zip(names, completions)]
 
 
-def summarize(records: list[dict], mode: str, skipped: int) -> dict:
-    """Pairs, votes, abstention rate, truncation rate (answers cut off by --max-new-tokens: abstentions too),
-    first-slot win rate (position bias; 0.5 is unbiased), mean majority agreement."""
-    if mode == "score":
-        samples = [s for r in records for s in r["scores"]]
-        truncated = sum(t for r in records for t in r["truncated"])
-        return {"images": len(records), "skipped_pairs": skipped, "samples": len(samples),
-                "unparseable_rate": sum(s is None for s in samples) / max(len(samples), 1),
-                "truncated_samples": truncated, "truncation_rate": truncated / max(len(samples), 1)}
-    votes = sum(r["votes_a"] + r["votes_b"] + r["abstain"] for r in records)
-    answered = sum(r["votes_a"] + r["votes_b"] for r in records)
-    truncated = sum(x["truncated"] for r in records for x in r["answers"])
-    agreement = [max(r["votes_a"], r["votes_b"]) / (r["votes_a"] + r["votes_b"])
-                 for r in records if r["votes_a"] + r["votes_b"]]
-    return {"pairs": len(records), "skipped_pairs": skipped, "votes": votes,
-            "abstention_rate": (votes - answered) / max(votes, 1),
-            "truncated_votes": truncated, "truncation_rate": truncated / max(votes, 1),
-            "first_slot_win_rate": sum(r["first_slot_wins"] for r in records) / max(answered, 1),
-            "mean_majority_agreement": sum(agreement) / max(len(agreement), 1)}
-
-
+# ---------------------------------------------------------------------------------------------------------------------
 # TRY NOT TO MODIFY: model, images, files, processes
+# ---------------------------------------------------------------------------------------------------------------------
+
+
 def make_generate_fn(model, processor, add_vision_id: bool, max_new_tokens: int, temperature: float) -> GenerateFn:
     def generate(prompt: str, images: list[list[Image.Image]], n: int) -> list[list[sampling.Completion]]:
-        inputs = common.encode_batch(processor, [prompt] * len(images), images, add_vision_id).to(model.device)
-        return sampling.sample(model, processor, inputs, n, max_new_tokens, temperature).completions()
+        return sampling.sample_prompts(model, processor, [prompt] * len(images), images, n, max_new_tokens, temperature,
+                                       add_vision_id).completions()
 
     return generate
 
@@ -224,9 +244,11 @@ def load_images(names: list[str], root: Path, strict: bool) -> tuple[dict[str, I
     return images, errors
 
 
-def process_chunk(units: list, args: Args, root: Path, generate_fn: GenerateFn, pairs_of: dict) -> list[dict]:
-    """Records for a few pairs (images with --mode score): votes, plus a {"a", "b", "skipped"} record for each pair
-    that has an unreadable image. `pairs_of`: image -> its pairs (used with --mode score)."""
+def process_chunk(units: list, args: Args, root: Path, generate_fn: GenerateFn, pairs_of: dict,
+                  kind_of: dict) -> list[dict]:
+    """Records for a few pairs (images with --mode score): votes, plus a {"a", "b", "kind", "skipped"} record for each
+    pair that has an unreadable image. `pairs_of`: image -> its pairs (used with --mode score); `kind_of`: pair ->
+    "random" or "same_reference"."""
     preset = common.get_preset(args.prompt)
     names = [x for u in units for x in (u if args.mode == "compare" else (u,))]
     images, errors = load_images(names, root, args.strict)
@@ -236,32 +258,66 @@ def process_chunk(units: list, args: Args, root: Path, generate_fn: GenerateFn, 
         parse = partial(common.parse_compare, preset=preset)
         records = vote_pairs(good, images, generate_fn, preset.prompt("compare", args.reasoning), parse,
                              args.votes_per_pair, args.seed, args.batch_size, args.text)
+        records = [{"a": r["a"], "b": r["b"], "kind": kind_of[r["a"], r["b"]], **r} for r in records]
     else:
         skipped = {pair: errors[x] for x in units if x in errors for pair in pairs_of[x]}
         good = [x for x in units if x in images]
         parse = partial(common.parse_score, preset=preset)
         records = score_images(good, images, generate_fn, preset.prompt("score", args.reasoning), parse,
                                args.votes_per_pair, args.batch_size, args.text)
-    return records + [{"a": a, "b": b, "skipped": reason} for (a, b), reason in skipped.items()]
+    return records + [{"a": a, "b": b, "kind": kind_of[a, b], "skipped": reason} for (a, b), reason in skipped.items()]
 
 
-def record_key(record: dict):
-    return record["image"] if "image" in record else (record["a"], record["b"])
+def read_manifest(path: Path, root: Path, index: dict[str, int]) -> list[list[int]]:
+    """The pool images grouped by reference (pool indices, ascending), groups in reference order, only those with
+    two versions or more. Each line: {"image": name, "reference": name, ...}, names relative to the pool root."""
+    try:
+        lines = common.read_text(path).splitlines()
+    except (OSError, ValueError) as e:
+        common.die(f"cannot read the pool manifest: {e}")
+    groups: dict[str, list[int]] = {}
+    line_of: dict[str, int] = {}
+    for lineno, line in enumerate(lines, 1):
+        where = f"{path}:{lineno}"
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError as e:
+            common.die(f"{where}: malformed JSON line ({e})")
+        if not isinstance(record, dict) or not all(isinstance(record.get(k), str) for k in ("image", "reference")):
+            common.die(f'{where}: expected {{"image": name, "reference": name, ...}}')
+        try:
+            image, reference = (common.safe_name(root, record[k], where) for k in ("image", "reference"))
+        except ValueError as e:
+            common.die(str(e))
+        if image not in index:
+            common.die(f"{where}: image {image!r} is not in the pool {root} (manifest names are relative to it)")
+        if image in line_of:
+            common.die(f"{where}: image {image!r} is listed twice (also on line {line_of[image]})")
+        line_of[image] = lineno
+        groups.setdefault(reference, []).append(index[image])
+    return [sorted(groups[r]) for r in sorted(groups) if len(groups[r]) > 1]
 
 
-def shard_paths(out: Path) -> list[Path]:
-    return sorted(Path(p) for p in glob.glob(glob.escape(str(out)) + ".shard-*.jsonl"))
+def draw_pairs(args: Args, root: Path, names: list[str]) -> dict[tuple[str, str], str]:
+    """Every pair of the run, in output order (random pairs, then same-reference pairs), and its kind."""
+    drawn = sample_pairs(len(names), args.num_pairs, args.seed)
+    kinds = {(names[i], names[j]): "random" for i, j in drawn}
+    if args.pool_manifest:
+        groups = read_manifest(Path(args.pool_manifest), root, {x: i for i, x in enumerate(names)})
+        for i, j in sample_same_reference_pairs(groups, args.same_reference_pairs, args.seed, set(drawn)):
+            kinds[names[i], names[j]] = "same_reference"
+    return kinds
 
 
 def read_done(out: Path) -> tuple[dict, dict]:
     """(results, skipped) by key, from --out and every shard file left by any earlier run (any number of processes)."""
     results, skipped = {}, {}
-    for path in [out, *shard_paths(out)]:
+    for path in [out, *common.shard_files(out)]:
         for record in common.read_jsonl(path):
-            if "skipped" in record:
-                skipped[record_key(record)] = record
-            else:
-                results[record_key(record)] = record
+            key = record["image"] if "image" in record else (record["a"], record["b"])
+            (skipped if "skipped" in record else results)[key] = record
     return results, skipped
 
 
@@ -272,10 +328,8 @@ def merge(out: Path, pairs: list[tuple[str, str]], keys: list, mode: str) -> tup
     records = [results[key] for key in keys if key in results]
     voted = (lambda pair: pair in results) if mode == "compare" else (lambda pair: all(x in results for x in pair))
     skipped_records = [skipped[pair] for pair in pairs if pair in skipped and not voted(pair)]
-    common.write_jsonl_atomic(out, records)
     common.write_jsonl_atomic(Path(f"{out}.skipped.jsonl"), skipped_records)
-    for path in shard_paths(out):
-        path.unlink()
+    common.merge_shards(out, records)
     return records, skipped_records
 
 
@@ -283,31 +337,32 @@ def settings_of(args: Args, names: list[str]) -> dict:
     """What defines the votes (module docstring); a rerun against an existing --out must match every one."""
     return {"model": common.fingerprint(args.model), **{key: getattr(args, key) for key in SETTINGS},
             "prompt_hash": common.get_preset(args.prompt).hash(),  # the preset's text, not only its name
-            "pool_names": hashlib.sha256("\n".join(names).encode()).hexdigest()[:16]}  # the pair draw's input
+            "pool_names": hashlib.sha256("\n".join(names).encode()).hexdigest()[:16],  # the pair draw's input
+            "pool_manifest": common.file_sha256(args.pool_manifest) if args.pool_manifest else None}
 
 
 def image_stats(root: Path, names: list[str]) -> dict[str, Optional[list[int]]]:
     """[size, mtime_ns] of every pool image (None if it is missing): an image's identity, cheap for 10k images."""
-    stats: dict[str, Optional[list[int]]] = {}
-    for name in names:
+    def stat(name: str) -> Optional[list[int]]:
         try:
-            stat = (root / name).stat()
-            stats[name] = [stat.st_size, stat.st_mtime_ns]
+            info = (root / name).stat()
+            return [info.st_size, info.st_mtime_ns]
         except OSError:
-            stats[name] = None
-    return stats
+            return None
+
+    return {name: stat(name) for name in names}
 
 
 def refuse_changes(out: Path, settings: dict, stats: dict, done: dict, mode: str) -> None:
     """Die if the votes already in --out were made with other settings, or on an image changed since."""
     meta_path, remedy = Path(f"{out}.meta.json"), "use another --out, or --overwrite to discard them"
     if not meta_path.exists():
-        if out.exists() or shard_paths(out):
+        if out.exists() or common.shard_files(out):
             common.die(f"{out} exists without {meta_path.name}, so it cannot be resumed safely; {remedy}")
         return
     common.refuse_changed_settings(meta_path, settings, str(out), remedy)
     pool_path = Path(f"{out}.pool.json")
-    old = json.loads(pool_path.read_text()) if pool_path.exists() else {}
+    old = common.read_json(pool_path) if pool_path.exists() else {}
     voted = {x for key in done for x in ((key,) if mode == "score" else key)}
     changed = sorted(x for x in voted if old.get(x) != stats.get(x))
     if changed:
@@ -316,33 +371,89 @@ def refuse_changes(out: Path, settings: dict, stats: dict, done: dict, mode: str
                    f"{remedy}")
 
 
-def main(argv: Optional[list[str]] = None) -> None:
-    args = common.parse_args(Args, argv)
-    import torch
-    from accelerate import PartialState
+def check_args(args: Args) -> None:
+    if args.votes_per_pair < 1 or args.num_pairs < 1 or args.batch_size < 1 or args.same_reference_pairs < 0:
+        common.die("--votes-per-pair, --num-pairs and --batch-size must be >= 1, --same-reference-pairs >= 0")
+    if not 0 < args.temperature < math.inf:  # also refuses nan
+        common.die(f"--temperature must be a finite number > 0 (K greedy votes would all be the same), "
+                   f"not {args.temperature}")
+    if args.same_reference_pairs and not args.pool_manifest:
+        common.die("--same-reference-pairs needs --pool-manifest (make_pool.py's manifest.jsonl)")
+    if args.pool_manifest and not Path(args.pool_manifest).is_file():
+        common.die(f"pool manifest {args.pool_manifest} not found")
 
-    # cpu=True is what makes torchrun's processes one group on a machine without GPUs (else each runs alone);
-    # a long timeout because the last barrier waits for the slowest shard, which may be far behind on big runs
-    state = PartialState(cpu=not torch.cuda.is_available(), timeout=timedelta(hours=24))
-    out, start = Path(args.out), time.time()
-    if args.votes_per_pair < 1 or args.num_pairs < 1 or args.batch_size < 1:
-        common.die("--votes-per-pair, --num-pairs and --batch-size must be >= 1")
-    if args.temperature <= 0:
-        common.die("--temperature must be > 0: K greedy votes would all be the same")
+
+def list_pool(args: Args) -> tuple[Path, list[str]]:
     try:
         root, names = common.list_images(args.images, args.images_root)
     except (OSError, ValueError) as e:
         common.die(str(e))
     if len(names) < 2:
         common.die(f"need at least 2 images to draw pairs, found {len(names)} in {args.images}")
-    if len(set(names)) < len(names):
-        common.die(f"{args.images} lists some images more than once; each image must be listed once")
-    pairs = [(names[i], names[j]) for i, j in sample_pairs(len(names), args.num_pairs, args.seed)]
+    return root, names
+
+
+def start(args: Args, out: Path, settings: dict, stats: dict, pairs: dict, num_processes: int) -> None:
+    """The run has started for real (inputs checked, model loaded): only now its record is written."""
+    if args.overwrite:
+        for path in [out, *common.shard_files(out), Path(f"{out}.skipped.jsonl"), Path(f"{out}.pairs.jsonl")]:
+            path.unlink(missing_ok=True)
+    model_path = str(Path(args.model).resolve()) if Path(args.model).exists() else args.model
+    common.write_lines_atomic(f"{out}.pool.json", [json.dumps(stats, ensure_ascii=False) + "\n"])
+    common.record_settings(f"{out}.meta.json", settings, model_path=model_path, args=dataclasses.asdict(args),
+                           package_versions=common.package_versions(), num_processes=num_processes,
+                           num_images=len(stats), started=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                           finished=None, counts=None)
+    if args.mode == "score":
+        common.write_jsonl_atomic(Path(f"{out}.pairs.jsonl"), [{"a": a, "b": b, "kind": k} for (a, b), k in
+                                                               pairs.items()])
+
+
+def finish(args: Args, out: Path, pairs: dict, keys: list, seconds: float) -> None:
+    """Merge the shards, then record and print the vote statistics (build_pseudolabels.py's, from the merged file)."""
+    records, skipped = merge(out, list(pairs), keys, args.mode)
+    if not records:
+        common.die(f"no votes: every pair has an unreadable image (see {out}.skipped.jsonl)")
+    with warnings.catch_warnings():  # pairs of skipped images have no votes: said below, with the file that lists them
+        warnings.simplefilter("ignore")
+        _, _, votes, info = build_pseudolabels.read_votes(out, Path(f"{out}.pairs.jsonl"))
+    counts = {"pairs": len(pairs) - len(skipped), "skipped_pairs": len(skipped), **build_pseudolabels.vote_stats(votes),
+              **build_pseudolabels.truncation_stats(info["truncation"]),
+              "by_kind": build_pseudolabels.kind_stats(votes), "seconds_this_run": int(seconds)}
+    meta = common.read_json(f"{out}.meta.json")
+    common.write_json_atomic(f"{out}.meta.json", {**meta, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                                                 "counts": counts})
+    print(" | ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in counts.items()
+                     if not isinstance(v, (dict, list))))
+    if skipped:
+        print(f"skipped {len(skipped)} pairs with an unreadable image: {out}.skipped.jsonl")
+
+
+def vote(args: Args, out: Path, root: Path, rank: int, mine: list, generate_fn: GenerateFn, pairs: dict) -> None:
+    """This process's share of the units of work, appended to its shard as they are voted."""
+    import torch
+    from tqdm import tqdm
+
     pairs_of: dict[str, list] = {}  # image -> its pairs, for skipping
     for pair in pairs:
         for x in pair:
             pairs_of.setdefault(x, []).append(pair)
-    keys = pairs if args.mode == "compare" else list(pairs_of)  # units of work, in output order
+    torch.manual_seed(args.seed * 1000 + rank)
+    step = max(1, args.batch_size // args.votes_per_pair)
+    with common.JsonlWriter(common.shard_file(out, rank)) as writer, \
+            tqdm(total=len(mine) * args.votes_per_pair, unit="vote", desc=f"votes [{rank}]", position=rank,
+                 dynamic_ncols=True) as bar:
+        for s in range(0, len(mine), step):
+            for record in process_chunk(mine[s:s + step], args, root, generate_fn, pairs_of, pairs):
+                writer.write(record)
+            bar.update(len(mine[s:s + step]) * args.votes_per_pair)
+
+
+def run(args: Args, state, out: Path) -> None:
+    start_time = time.time()
+    root, names = list_pool(args)
+    pairs = draw_pairs(args, root, names)  # pair -> kind, in output order
+    keys = list(pairs) if args.mode == "compare" else list(dict.fromkeys(x for pair in pairs for x in pair))
     settings, stats = settings_of(args, names), image_stats(root, names)
     try:
         done = {} if args.overwrite else read_done(out)[0]
@@ -353,50 +464,32 @@ def main(argv: Optional[list[str]] = None) -> None:
     mine = [key for key in keys if key not in done][state.process_index::state.num_processes]
     generate_fn = load_generate_fn(args, state.device) if mine else None
     state.wait_for_everyone()  # every process has read the old files before any is deleted or appended to
-
     if state.is_main_process:
-        if args.overwrite:
-            for path in [out, *shard_paths(out), Path(f"{out}.skipped.jsonl"), Path(f"{out}.pairs.jsonl")]:
-                path.unlink(missing_ok=True)
-        model_path = str(Path(args.model).resolve()) if Path(args.model).exists() else args.model
-        meta = {"settings": settings, "model_path": model_path, "args": dataclasses.asdict(args),
-                "package_versions": common.package_versions(),
-                "num_processes": state.num_processes, "num_images": len(names),
-                "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(start)),
-                "finished": None, "counts": None}
-        common.write_lines_atomic(f"{out}.pool.json", [json.dumps(stats, ensure_ascii=False) + "\n"])
-        common.write_json_atomic(f"{out}.meta.json", meta)
-        if args.mode == "score":
-            common.write_jsonl_atomic(Path(f"{out}.pairs.jsonl"), [{"a": a, "b": b} for a, b in pairs])
+        start(args, out, settings, stats, pairs, state.num_processes)
     state.wait_for_everyone()
-
     if mine:
-        from tqdm import tqdm
-
-        torch.manual_seed(args.seed * 1000 + state.process_index)
-        step = max(1, args.batch_size // args.votes_per_pair)
-        with common.JsonlWriter(f"{out}.shard-{state.process_index:05d}.jsonl") as writer, \
-                tqdm(total=len(mine) * args.votes_per_pair, unit="vote", desc=f"votes [{state.process_index}]",
-                     position=state.process_index, dynamic_ncols=True) as bar:
-            for s in range(0, len(mine), step):
-                for record in process_chunk(mine[s:s + step], args, root, generate_fn, pairs_of):
-                    writer.write(record)
-                bar.update(len(mine[s:s + step]) * args.votes_per_pair)
+        vote(args, out, root, state.process_index, mine, generate_fn, pairs)
     state.wait_for_everyone()
-
     if state.is_main_process:
-        records, skipped = merge(out, pairs, keys, args.mode)
-        counts = summarize(records, args.mode, len(skipped))
-        counts["seconds_this_run"] = int(time.time() - start)
-        meta = json.loads(Path(f"{out}.meta.json").read_text())
-        common.write_json_atomic(f"{out}.meta.json", {**meta, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                                                     "counts": counts})
-        print(" | ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in counts.items()))
-        if skipped:
-            print(f"skipped {len(skipped)} pairs with an unreadable image: {out}.skipped.jsonl")
-        if not records:
-            common.die(f"no votes: every pair has an unreadable image (see {out}.skipped.jsonl)")
+        finish(args, out, pairs, keys, time.time() - start_time)
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    args = common.parse_args(Args, argv)
+    check_args(args)
+    import torch
+    from accelerate import PartialState
+
+    # cpu=True is what makes torchrun's processes one group on a machine without GPUs (else each runs alone);
+    # a long timeout because the last barrier waits for the slowest shard, which may be far behind on big runs
+    state = PartialState(cpu=not torch.cuda.is_available(), timeout=timedelta(hours=24))
+    out = Path(args.out)
+    if not state.is_main_process:  # the main process holds the lock for all of them
+        return run(args, state, out)
+    common.check_writable(out.parent)
+    with common.output_lock(out):
+        run(args, state, out)
 
 
 if __name__ == "__main__":
-    main()
+    common.run_main(main)

@@ -1,6 +1,7 @@
 """The sampler every stage uses: each prompt prefilled once, its n completions decoded from copies of that KV cache.
 
 - `sample`: n completions per prompt with the explicit sampling config (no shipped top_k=1 leaks in);
+  `sample_prompts`: the same from prompts and images (encode, then sample);
 - `completion_mask` and `answer`: where a completion ends, and the truncation rule every stage applies;
 - `encode_images_once`: each distinct image of a batch through the vision tower once.
 """
@@ -9,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any, Callable, NamedTuple
+
+import common
 
 
 def sampling_config(model, max_new_tokens: int, temperature: float = 1.0, do_sample: bool = True,
@@ -93,7 +96,7 @@ def sample(model, processor, inputs, n: int, max_new_tokens: int, temperature: f
 
     config = sampling_config(model, max_new_tokens, temperature, do_sample=do_sample)
     eos = eos_token_ids(config)
-    ids, _ = _sample_tokens(model, inputs, n, config)
+    ids = _sample_tokens(model, inputs, n, config)
     mask = completion_mask(ids, eos + placeholder_token_ids(model))
     ended = torch.isin(ids, torch.tensor(eos, device=ids.device)) & mask.bool()
     truncated = (~ended.any(dim=1)).tolist()
@@ -101,24 +104,30 @@ def sample(model, processor, inputs, n: int, max_new_tokens: int, temperature: f
     return Samples(ids=ids, mask=mask, truncated=truncated, texts=texts, n=n)
 
 
+def sample_prompts(model, processor, prompts: list[str], images: list[list[Any]], n: int, max_new_tokens: int,
+                   temperature: float = 1.0, add_vision_id: bool = False, do_sample: bool = True) -> Samples:
+    """`sample` of the prompts (one list of PIL images each), encoded as every stage encodes them."""
+    inputs = common.encode_batch(processor, prompts, images, add_vision_id).to(model.device)
+    return sample(model, processor, inputs, n, max_new_tokens, temperature, do_sample)
+
+
 def _sample_tokens(model, inputs, n: int, config):
-    """(completion ids [P*n, T], their log-probs under the sampling distribution [P*n, T]): prefill once, repeat the
-    cache n times, then one token per step for every row, as `generate` does (softmax of logits / temperature and
-    multinomial, or argmax; a row that emitted an EOS id gets the pad id; stop when every row has ended)."""
+    """Completion ids [P*n, T]: prefill once, repeat the cache n times, then one token per step for every row, as
+    `generate` does (softmax of logits / temperature and multinomial, or argmax; a row that emitted an EOS id gets
+    the pad id; stop when every row has ended)."""
     import torch
 
     with torch.inference_mode():
         logits, cache, attention_mask, position = _prefill_once(model, inputs, n, config.max_new_tokens)
         eos = torch.tensor(eos_token_ids(config), device=logits.device)
         running = torch.ones(logits.shape[0], dtype=torch.bool, device=logits.device)
-        tokens, logprobs = [], []
+        tokens = []
         for step in range(config.max_new_tokens):
             scores = logits.float() / config.temperature if config.do_sample else logits.float()
             token = (torch.multinomial(torch.softmax(scores, -1), 1).squeeze(1) if config.do_sample
                      else scores.argmax(-1))
             token = torch.where(running, token, config.pad_token_id)  # ended rows keep padding
             tokens.append(token)
-            logprobs.append(torch.log_softmax(scores, -1).gather(1, token[:, None]).squeeze(1))
             running &= ~torch.isin(token, eos)
             if not running.any() or step == config.max_new_tokens - 1:
                 break
@@ -126,7 +135,7 @@ def _sample_tokens(model, inputs, n: int, config):
             out = model(input_ids=token[:, None], attention_mask=attention_mask, cache=cache, use_cache=True,
                         position_ids=(position + step).view(1, -1, 1).expand(3, -1, -1))
             logits = out.logits[:, -1]
-    return torch.stack(tokens, 1), torch.stack(logprobs, 1)
+    return torch.stack(tokens, 1)
 
 
 def _prefill_once(model, inputs, n: int, room: int):

@@ -1,4 +1,4 @@
-"""Benchmark: voting through sampling.sample (each prompt prefilled once) against the generate path of commit 45faead
+"""Benchmark: voting through sampling.sample (each prompt prefilled once) against the plain generate path
 (`generate(num_return_sequences=n)`, which prefills every prompt once per vote), side by side in one run.
 
     OMP_NUM_THREADS=2 python bench/bench_votes.py                        # both model sizes, 3 repeats each
@@ -6,15 +6,15 @@
 
 K votes on P pairs with the compare prompt, K/2 per order (two images per prompt), batched as sample_votes.py does
 (--batch-size sequences per call, whole prompts). Both paths see the same prompts after one warm-up call each; the
-repeats alternate old/new and the medians are printed. Beside seconds and votes/s: prompt tokens the language model
+repeats alternate generate/sample and the medians are printed. Beside seconds and votes/s: prompt tokens the language model
 PREFILLED per generated sequence (padding included: it is computed) and vision patches ENCODED per image shown,
 counted by forward pre-hooks on the language model and the vision tower.
 
 Model sizes (random Qwen2.5-VL weights built from config like demo/tiny_models.py, cached under demo/cache/):
   tiny  the tests' default model (text 64 x 2, images capped at 56 px: 4 tokens each): overhead-dominated;
   30m   text 512 x 8 layers, vision 256 x 4, 448 px images (256 tokens each): compute-dominated on a CPU, a stand-in
-        for 7B's prefill-heavy regime on a GPU (24 M parameters with the tiny tokenizer's vocabulary; "30 M" in the
-        issue). On a shared 2-core machine OMP_NUM_THREADS=1 gives stable timings; 2 threads thrash under load.
+        for 7B's prefill-heavy regime on a GPU (24 M parameters with the tiny tokenizer's vocabulary). With other
+        work on the cores, OMP_NUM_THREADS=1 gives stable timings.
 """
 
 from __future__ import annotations
@@ -62,10 +62,9 @@ def load_size(size: str, n_images: int):
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def old_generate(model, processor, prompt: str, images: list, n: int, max_new_tokens: int, temperature: float = 1.0,
+def generate_path(model, processor, prompt: str, images: list, n: int, max_new_tokens: int, temperature: float = 1.0,
                  do_sample: bool = True) -> list[list[tuple[str, bool]]]:
-    """Commit 45faead's sample_votes.make_generate_fn (and evaluate.generate_answers): one generate call with
-    num_return_sequences=n, which expands the batch BEFORE prefill."""
+    """One generate call with num_return_sequences=n, which expands the batch BEFORE prefill."""
     import torch
 
     inputs = common.encode_batch(processor, [prompt] * len(images), images).to(model.device)
@@ -79,11 +78,11 @@ def old_generate(model, processor, prompt: str, images: list, n: int, max_new_to
     return [[(texts[i * n + j], not finished[i * n + j]) for j in range(n)] for i in range(len(images))]
 
 
-def new_generate(model, processor, prompt: str, images: list, n: int, max_new_tokens: int, temperature: float = 1.0,
+def sample_path(model, processor, prompt: str, images: list, n: int, max_new_tokens: int, temperature: float = 1.0,
                  do_sample: bool = True) -> list[list[tuple[str, bool]]]:
     """sampling.sample: each prompt prefilled once, its n completions decoded from copies of its KV cache."""
-    inputs = common.encode_batch(processor, [prompt] * len(images), images).to(model.device)
-    samples = sampling.sample(model, processor, inputs, n, max_new_tokens, temperature, do_sample)
+    samples = sampling.sample_prompts(model, processor, [prompt] * len(images), images, n, max_new_tokens, temperature,
+                                      do_sample=do_sample)
     return [[(c.text, c.truncated) for c in per_prompt] for per_prompt in samples.completions()]
 
 
@@ -150,15 +149,15 @@ def compare(model, fns: dict, repeats: int) -> dict:
 
 
 def report(results: dict, unit: str, sequences: int, image_slots: int) -> None:
-    """The table: one line per path, then old/new."""
+    """The table: one line per path, then generate/sample."""
     rows = {}
     for name, r in results.items():
         rows[name] = (r["seconds"], r["units"] / r["seconds"], r["prefilled"] / sequences, r["patches"] / image_slots)
         print(f"  {name:<28} {r['seconds']:8.2f} s  {rows[name][1]:9.2f} {unit}/s  {rows[name][2]:10.1f} "
               f"prefilled tokens/seq  {rows[name][3]:8.1f} vision patches/image   (runs: {r['all_seconds']} s)")
-    old, new = rows.values()
-    print(f"  {'ratio old/new':<28} {old[0] / new[0]:7.2f}x  {new[1] / old[1]:8.2f}x {unit}/s "
-          f"{old[2] / new[2]:9.2f}x prefilled tokens    {old[3] / new[3]:7.2f}x vision patches")
+    gen, new = rows.values()
+    print(f"  {'ratio generate/sample':<28} {gen[0] / new[0]:7.2f}x  {new[1] / gen[1]:8.2f}x {unit}/s "
+          f"{gen[2] / new[2]:9.2f}x prefilled tokens    {gen[3] / new[3]:7.2f}x vision patches")
 
 
 def load() -> str:
@@ -202,8 +201,8 @@ def bench_size(size: str, repeats: int, batch_size: int) -> None:
     print(f"== {size}: {description}; {pairs} pairs x K={k} ({len(shown)} prompts of 2 images x {n} votes), "
           f"{max_new_tokens} new tokens, {batch_size} sequences per call; torch threads {torch.get_num_threads()}; "
           f"median of {repeats}; {load()}")
-    results = compare(model, {"old (45faead generate)": votes(old_generate),
-                              "new (sampling.sample)": votes(new_generate)}, repeats)
+    results = compare(model, {"generate(num_return_sequences)": votes(generate_path),
+                              "sampling.sample (prefill once)": votes(sample_path)}, repeats)
     report(results, "votes", len(shown) * n, 2 * len(shown))
     print(f"  after: {load()}")
 

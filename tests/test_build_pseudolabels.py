@@ -65,25 +65,25 @@ def labels(out: list[dict]) -> dict:
 def test_hard_majority_tie_and_all_abstain(tmp_path):
     out, _, stats = run(tmp_path, CRAFTED)
     assert out == [  # input order and orientation, exactly these keys, all-abstain pairs dropped
-        {"a": "x.png", "b": "y.png", "p_star": 1.0, "votes_a": 19, "votes_b": 11, "abstain": 2},
-        {"a": "y.png", "b": "z.png", "p_star": 0.0, "votes_a": 3, "votes_b": 5, "abstain": 0},
-        {"a": "z.png", "b": "w.png", "p_star": 0.5, "votes_a": 4, "votes_b": 4, "abstain": 0},
-        {"a": "p.png", "b": "q.png", "p_star": 1.0, "votes_a": 7, "votes_b": 1, "abstain": 0},
+        {"a": "x.png", "b": "y.png", "kind": "random", "p_star": 1.0, "votes_a": 19, "votes_b": 11, "abstain": 2},
+        {"a": "y.png", "b": "z.png", "kind": "random", "p_star": 0.0, "votes_a": 3, "votes_b": 5, "abstain": 0},
+        {"a": "z.png", "b": "w.png", "kind": "random", "p_star": 0.5, "votes_a": 4, "votes_b": 4, "abstain": 0},
+        {"a": "p.png", "b": "q.png", "kind": "random", "p_star": 1.0, "votes_a": 7, "votes_b": 1, "abstain": 0},
     ]
-    assert [list(r) for r in out] == [["a", "b", "p_star", "votes_a", "votes_b", "abstain"]] * 4
+    assert [list(r) for r in out] == [["a", "b", "kind", "p_star", "votes_a", "votes_b", "abstain"]] * 4
     assert stats["pairs_in"] == 6 and stats["pairs_kept"] == 4
     assert stats["pairs_dropped"] == {"min_valid_votes": 2, "min_margin": 0, "ties": 0}
 
 
 def test_output_lines_are_exactly_json_dumps():
     names = ['plain.png', 'quo"te\\back.png', "ünï cödé/日本.jpg", "tab\there.png"]
-    kept = {"a": np.array([0, 2, 3]), "b": np.array([1, 0, 2]), "votes_a": np.array([19, 0, 7]),
-            "votes_b": np.array([11, 3, 7]), "abstain": np.array([2, 0, 18])}
+    kept = {"a": np.array([0, 2, 3]), "b": np.array([1, 0, 2]), "kind": np.array([0, 1, 0]),
+            "votes_a": np.array([19, 0, 7]), "votes_b": np.array([11, 3, 7]), "abstain": np.array([2, 0, 18])}
     p_star = np.array([19 / 30, 0.0, 0.5])
-    expected = [json.dumps({"a": names[a], "b": names[b], "p_star": float(p), "votes_a": int(va), "votes_b": int(vb),
-                            "abstain": int(ab)}, ensure_ascii=False) + "\n"
-                for a, b, p, va, vb, ab in zip(kept["a"], kept["b"], p_star, kept["votes_a"], kept["votes_b"],
-                                               kept["abstain"])]
+    expected = [json.dumps({"a": names[a], "b": names[b], "kind": ["random", "same_reference"][k], "p_star": float(p),
+                            "votes_a": int(va), "votes_b": int(vb), "abstain": int(ab)}, ensure_ascii=False) + "\n"
+                for a, b, k, p, va, vb, ab in zip(kept["a"], kept["b"], kept["kind"], p_star, kept["votes_a"],
+                                                  kept["votes_b"], kept["abstain"])]
     assert list(bp.pseudolabel_lines(names, kept, p_star)) == expected
 
 
@@ -123,8 +123,8 @@ def test_duplicate_pairs_are_merged_with_counts_swapped(tmp_path):
     ]
     with pytest.warns(UserWarning, match="2 pair.*recorded more than once"):
         out, _, stats = run(tmp_path, records)
-    assert out == [{"a": "x.png", "b": "y.png", "p_star": 1.0, "votes_a": 11, "votes_b": 9, "abstain": 1},
-                   {"a": "y.png", "b": "z.png", "p_star": 0.0, "votes_a": 1, "votes_b": 2, "abstain": 0}]
+    assert out == [{"a": "x.png", "b": "y.png", "kind": "random", "p_star": 1.0, "votes_a": 11, "votes_b": 9, "abstain": 1},
+                   {"a": "y.png", "b": "z.png", "kind": "random", "p_star": 0.0, "votes_a": 1, "votes_b": 2, "abstain": 0}]
     assert stats["pair_records_in"] == 4 and stats["duplicate_records_merged"] == 2 and stats["pairs_in"] == 2
     assert stats["first_slot_win_rate"] == round((7 + 1 + 2 + 4) / (12 + 3 + 4 + 4), 6)
 
@@ -140,6 +140,36 @@ def test_first_slot_wins_is_optional(tmp_path):
     with pytest.warns(UserWarning, match="recorded more than once"):
         _, _, stats = run(tmp_path, records)
     assert stats["first_slot_win_rate"] is None
+
+
+def test_kind_passes_through_and_stats_split_by_kind(tmp_path, capsys):
+    same = "same_reference"
+    records = [{**CRAFTED[0], "kind": "random"}, {**CRAFTED[1], "kind": same}, {**CRAFTED[2], "kind": same},
+               CRAFTED[3], {**CRAFTED[4], "kind": same}]  # a record without "kind" is a random pair
+    out, _, stats = run(tmp_path, records)
+    assert [r["kind"] for r in out] == ["random", same, same, same]
+    random, ref = stats["by_kind"]["random"], stats["by_kind"][same]
+    # random: x-y 19-11 (2 abstain, first slot 17), w-x all 32 abstain
+    assert (random["pairs_in"], random["pairs_kept"], random["votes"]) == (2, 1, 64)
+    assert random["abstention_rate"] == round(34 / 64, 6) and random["tie_rate"] == 0.0
+    assert random["first_slot_win_rate"] == round(17 / 30, 6) and random["majority_agreement_mean"] == round(19 / 30, 6)
+    # same reference: y-z 3-5 (first 4), z-w 4-4 (first 5), p-q 7-1 (first 3)
+    assert (ref["pairs_in"], ref["pairs_kept"], ref["votes"], ref["abstention_rate"]) == (3, 3, 24, 0.0)
+    assert ref["tie_rate"] == round(1 / 3, 6) and ref["first_slot_win_rate"] == 0.5
+    assert ref["majority_agreement_mean"] == round((5 / 8 + 4 / 8 + 7 / 8) / 3, 6)
+    assert ref["majority_agreement_histogram"]["counts"] == [1, 0, 1, 0, 0, 0, 0, 1, 0, 0]
+    _, _, stats = run(tmp_path, CRAFTED)
+    assert set(stats["by_kind"]) == {"random"}
+    err = run_error(tmp_path, capsys, [CRAFTED[0], {**CRAFTED[1], "kind": "synthetic"}])
+    assert "votes.jsonl:2: 'kind' must be one of ['random', 'same_reference'], got 'synthetic'" in err
+    # score mode: the kind comes from the drawn pairs
+    votes = write_jsonl(tmp_path / "votes.jsonl", [{"image": "x.png", "scores": [3.0]}, {"image": "y.png",
+                                                                                        "scores": [2.0]}])
+    write_jsonl(tmp_path / "votes.jsonl.pairs.jsonl", [{"a": "x.png", "b": "y.png", "kind": same}])
+    out, _, stats = run(tmp_path, votes)
+    assert out[0]["kind"] == same and stats["by_kind"][same]["pairs_kept"] == 1
+    write_jsonl(tmp_path / "votes.jsonl.pairs.jsonl", [{"a": "x.png", "b": "y.png", "kind": 3}])
+    assert "votes.jsonl.pairs.jsonl:1: 'kind' must be one of" in run_error(tmp_path, capsys, votes)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -161,9 +191,9 @@ def test_score_mode_votes_from_crafted_scores(tmp_path):
                                                  {"a": "y.png", "b": "z.png"}, {"a": "y.png", "b": "x.png"}])
     with pytest.warns(UserWarning, match="1 pair.*duplicates ignored"):
         out, ranks, stats = run(tmp_path, votes)
-    assert out == [{"a": "x.png", "b": "y.png", "p_star": 0.5, "votes_a": 1, "votes_b": 1, "abstain": 2},
-                   {"a": "z.png", "b": "x.png", "p_star": 0.0, "votes_a": 0, "votes_b": 2, "abstain": 2},
-                   {"a": "y.png", "b": "z.png", "p_star": 1.0, "votes_a": 2, "votes_b": 0, "abstain": 2}]
+    assert out == [{"a": "x.png", "b": "y.png", "kind": "random", "p_star": 0.5, "votes_a": 1, "votes_b": 1, "abstain": 2},
+                   {"a": "z.png", "b": "x.png", "kind": "random", "p_star": 0.0, "votes_a": 0, "votes_b": 2, "abstain": 2},
+                   {"a": "y.png", "b": "z.png", "kind": "random", "p_star": 1.0, "votes_a": 2, "votes_b": 0, "abstain": 2}]
     assert stats["mode"] == "score" and stats["first_slot_win_rate"] is None
     assert stats["abstention_rate"] == 0.5 and stats["tie_rate"] == round(1 / 3, 6)
     assert [r["image"] for r in ranks][-1] == "z.png"
@@ -255,6 +285,8 @@ def test_stats_by_hand(tmp_path):
     assert stats["abstention_rate"] == round(42 / 96, 6)  # (2 + 32 + 8) / (32 + 8 + 8 + 32 + 8 + 8)
     assert stats["first_slot_win_rate"] == round((17 + 4 + 5 + 3) / (30 + 8 + 8 + 8), 6)
     assert stats["votes_per_pair_mean"] == 16.0
+    assert stats["votes"] == 96 and stats["votes_file"] == str(tmp_path / "votes.jsonl")
+    assert stats["majority_agreement_mean"] == round((19 / 30 + 5 / 8 + 4 / 8 + 7 / 8) / 4, 6)
     hist = stats["majority_agreement_histogram"]  # agreements 19/30 = .633, 5/8 = .625, .5, 7/8 = .875
     assert hist["edges"][0] == 0.5 and hist["edges"][-1] == 1.0 and len(hist["counts"]) == 10
     assert hist["counts"] == [1, 0, 2, 0, 0, 0, 0, 1, 0, 0]
@@ -407,12 +439,12 @@ def test_score_mode_warnings_for_inconsistent_files(tmp_path):
     votes = write_jsonl(tmp_path / "votes.jsonl", [{"image": "x.png", "scores": [3.0, 2.0]},
                                                    {"image": "y.png", "scores": [2.0, 2.5]},
                                                    {"image": "x.png", "scores": [1.0, 1.0]}])
-    write_jsonl(tmp_path / "votes.pairs.jsonl",  # the other accepted sidecar name
+    write_jsonl(tmp_path / "votes.jsonl.pairs.jsonl",
                 [{"a": "x.png", "b": "y.png"}, {"a": "x.png", "b": "gone.png"}])
     with pytest.warns(UserWarning) as record:
         out, ranks, stats = run(tmp_path, votes)
     messages = " | ".join(str(w.message) for w in record)
     assert "votes.jsonl:3: image 'x.png' recorded twice; keeping its first record" in messages
     assert "1 image(s) in the pairs have no score record" in messages
-    assert out == [{"a": "x.png", "b": "y.png", "p_star": 0.5, "votes_a": 1, "votes_b": 1, "abstain": 0}]
+    assert out == [{"a": "x.png", "b": "y.png", "kind": "random", "p_star": 0.5, "votes_a": 1, "votes_b": 1, "abstain": 0}]
     assert stats["pairs_dropped"]["min_valid_votes"] == 1 and len(ranks) == 3

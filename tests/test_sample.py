@@ -39,7 +39,7 @@ def mixed_batch(processor, images):
 
 
 def reference_sample(model, processor, inputs, n, max_new_tokens, temperature=1.0, do_sample=True) -> sampling.Samples:
-    """The previous sampling.sample, verbatim: one generate call with num_return_sequences=n. (generate refuses
+    """The plain generate path: one generate call with num_return_sequences=n. (generate refuses
     greedy with n > 1; the n copies of a greedy completion are the same completion repeated.)"""
     copies = 1 if not do_sample else n
     config = sampling.sampling_config(model, max_new_tokens, temperature, do_sample=do_sample,
@@ -142,27 +142,53 @@ def full_forward_logprobs(model, processor, prompt: str, images, completion, tem
     return torch.log_softmax(logits / temperature, -1).gather(1, completion[:, None]).squeeze(1)
 
 
+class DecodeLogits:
+    """The last-position logits of every forward the sampler makes (lm_head forward hook): the prefill's, one row per
+    prompt, then one row per sequence for each decode step."""
+
+    def __init__(self, model):
+        self.steps = []
+        self.handle = model.lm_head.register_forward_hook(lambda m, args, out: self.steps.append(out[:, -1].float()))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+
 @pytest.mark.parametrize("n", [1, 3])
-def test_sampled_logprobs_equal_a_full_forward_and_rows_are_prompt_major(checkpoints, images, n):
+def test_decode_logits_equal_a_full_forward_and_rows_are_prompt_major(checkpoints, images, n):
     model, processor = checkpoints["qwen2_5_vl"]
     inputs = mixed_batch(processor, images)
-    config = sampling.sampling_config(model, 8, temperature=0.7)
-    torch.manual_seed(0)
-    ids, logprobs = sampling._sample_tokens(model, inputs, n, config)
-    torch.manual_seed(0)
-    again = sampling.sample(model, processor, inputs, n, 8, temperature=0.7)
-    assert torch.equal(again.ids, ids) and not again.ids.is_inference()  # same seed -> same samples; usable in training
-    mask = sampling.completion_mask(ids, sampling.eos_token_ids(config) + sampling.placeholder_token_ids(model))
+    with DecodeLogits(model) as seen:
+        torch.manual_seed(0)
+        got = sampling.sample(model, processor, inputs, n, 8, temperature=0.7)
+    ids = got.ids
+    assert not ids.is_inference() and len(seen.steps) == ids.shape[1]  # usable in training; one forward per token
+    logits = torch.stack([seen.steps[0].repeat_interleave(n, 0), *seen.steps[1:]], 1)  # [P*n, T, V]
+    logprobs = torch.log_softmax(logits / 0.7, -1).gather(2, ids[..., None]).squeeze(2)
     placeholder = torch.isin(ids, torch.tensor(sampling.placeholder_token_ids(model)))
     for row in range(3 * n):  # row p * n + k belongs to prompt p
         p = row // n
-        keep = int(mask[row].sum()) - int(placeholder[row][mask[row].bool()].any())  # a sampled <|image_pad|> ends it
+        keep = int(got.mask[row].sum()) - int(placeholder[row][got.mask[row].bool()].any())  # a sampled <|image_pad|>
         expect = full_forward_logprobs(model, processor, PROMPTS[p], images[p], ids[row, :keep], 0.7)
         torch.testing.assert_close(logprobs[row, :keep], expect, atol=1e-5, rtol=0)
+    torch.manual_seed(0)
+    assert torch.equal(sampling.sample(model, processor, inputs, n, 8, temperature=0.7).ids, ids)  # seeded
     if n > 1:
         assert len({tuple(r) for r in ids[:n].tolist()}) > 1  # the copies are sampled independently
         torch.manual_seed(1)
         assert not torch.equal(sampling.sample(model, processor, inputs, n, 8, temperature=0.7).ids, ids)
+
+
+def test_sample_prompts_is_encode_then_sample(checkpoints, images):
+    model, processor = checkpoints["qwen2_5_vl"]
+    torch.manual_seed(0)
+    want = sampling.sample(model, processor, mixed_batch(processor, images), 2, 6, temperature=0.7)
+    torch.manual_seed(0)
+    got = sampling.sample_prompts(model, processor, PROMPTS, images, 2, 6, 0.7, PRESETS["evoquality"].add_vision_id)
+    assert_same(got, want)
 
 
 def test_a_model_without_mrope_state_is_refused(tmp_path):

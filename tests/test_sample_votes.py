@@ -161,26 +161,6 @@ def test_identity_mapping_abstentions_and_batching(demo_pool):
             assert all(chosen_first) == (index == 0)
 
 
-def test_summarize_hand_worked():
-    def answers(truncated: int, total: int) -> list[dict]:
-        return [{"truncated": i < truncated} for i in range(total)]
-
-    records = [{"votes_a": 3, "votes_b": 1, "abstain": 0, "first_slot_wins": 2, "answers": answers(0, 4)},
-               {"votes_a": 0, "votes_b": 2, "abstain": 2, "first_slot_wins": 1, "answers": answers(1, 4)},
-               {"votes_a": 0, "votes_b": 0, "abstain": 4, "first_slot_wins": 0, "answers": answers(4, 4)}]
-    s = sample_votes.summarize(records, "compare", skipped=1)
-    assert s["pairs"] == 3 and s["votes"] == 12 and s["skipped_pairs"] == 1
-    assert s["abstention_rate"] == pytest.approx(6 / 12)
-    assert s["truncated_votes"] == 5 and s["truncation_rate"] == pytest.approx(5 / 12)
-    assert s["first_slot_win_rate"] == pytest.approx(3 / 6)
-    assert s["mean_majority_agreement"] == pytest.approx((3 / 4 + 2 / 2) / 2)  # pairs without votes left out
-    scores = [{"scores": [3.0, None, None], "truncated": [False, True, False]},
-              {"scores": [None, 2.5], "truncated": [True, False]}]
-    s = sample_votes.summarize(scores, "score", skipped=0)
-    assert (s["images"], s["samples"], s["truncated_samples"]) == (2, 5, 2)
-    assert s["unparseable_rate"] == pytest.approx(3 / 5) and s["truncation_rate"] == pytest.approx(2 / 5)
-
-
 def test_default_batch_size_fits_7b_on_80gb_and_says_why():
     """The default --batch-size against the KV-cache arithmetic of Qwen2.5-VL-7B (config values written out here)."""
     field = next(f for f in dataclasses.fields(sample_votes.Args) if f.name == "batch_size")
@@ -221,8 +201,9 @@ def test_run_meta_and_summary(pool, tmp_path, monkeypatch, capsys):
     assert pool_stats == {x: [(pool / x).stat().st_size, (pool / x).stat().st_mtime_ns] for x in names}
     # scripted: per order of 4 samples, 2 abstain (one of them cut off); the better image wins every valid vote,
     # once per slot
-    expected = {"pairs": 20, "skipped_pairs": 0, "votes": 160, "abstention_rate": 0.5, "truncated_votes": 40,
-                "truncation_rate": 0.25, "first_slot_win_rate": 0.5, "mean_majority_agreement": 1.0}
+    expected = {"pairs": 20, "skipped_pairs": 0, "votes": 160, "abstention_rate": 0.5, "truncated_answers": 40,
+                "truncation_rate": 0.25, "first_slot_win_rate": 0.5, "majority_agreement_mean": 1.0,
+                "tie_rate": 0.0, "votes_per_pair_mean": 8.0}
     assert {key: meta["counts"][key] for key in expected} == expected
     printed = capsys.readouterr().out
     assert "abstention_rate 0.500" in printed and "truncation_rate 0.250" in printed
@@ -368,15 +349,16 @@ def test_refuses_a_pool_image_modified_in_place(pool, tmp_path, monkeypatch, cap
     assert sorted(voted)[0] in refused(monkeypatch, capsys, argv)
 
 
-def test_refuses_an_out_without_meta_or_from_an_older_version(pool, tmp_path, monkeypatch, capsys):
+def test_refuses_an_out_without_meta_and_corrupt_sidecars(pool, tmp_path, monkeypatch, capsys):
     out = tmp_path / "votes.jsonl"
     run(monkeypatch, scripted(), *base_argv(pool, out))
-    meta_path = Path(f"{out}.meta.json")
-    meta = json.loads(meta_path.read_text())
-    old = {k: v for k, v in meta.pop("settings").items() if k != "pool_names"}  # the layout of the earlier version:
-    meta_path.write_text(json.dumps({**old, **meta, "images_sha256": "0" * 64}))  # settings on top, pool by name
-    err = refused(monkeypatch, capsys, base_argv(pool, out))
-    assert "(pool_names: None -> '" in err and "model: " not in err
+    meta_path, pool_path = Path(f"{out}.meta.json"), Path(f"{out}.pool.json")
+    for path, content in ((meta_path, b""), (meta_path, b'{"settings": {"mod'), (pool_path, b""), (pool_path, b"{")):
+        original = path.read_bytes()
+        path.write_bytes(content)  # a 0-byte or cut-off sidecar: one line naming it, not a JSONDecodeError
+        err = refused(monkeypatch, capsys, base_argv(pool, out))
+        assert err.startswith(f"error: {path} is empty or not valid JSON"), err
+        path.write_bytes(original)
     meta_path.unlink()
     err = refused(monkeypatch, capsys, base_argv(pool, out))
     assert err == f"error: {out} exists without votes.jsonl.meta.json, so it cannot be resumed safely; " \
@@ -420,8 +402,112 @@ def test_score_mode(pool, tmp_path, monkeypatch):
         assert r["scores"] == [None, None, score, score] * 2 and "answers" not in r
         assert r["truncated"] == [False, True, False, False] * 2  # kept by --no-text
     counts = json.loads(Path(f"{out}.meta.json").read_text())["counts"]
-    assert (counts["samples"], counts["truncated_samples"]) == (8 * len(records), 2 * len(records))
-    assert counts["truncation_rate"] == 0.25 and counts["unparseable_rate"] == 0.5
+    # per pair, samples 2, 3, 6, 7 of both images parsed (different brightness: a vote each), the rest abstain
+    assert (counts["pairs"], counts["votes"], counts["abstention_rate"]) == (5, 40, 0.5)
+    assert counts["truncated_answers"] == 2 * len(records) and counts["truncation_rate"] == 0.25
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Same-reference pairs
+# ---------------------------------------------------------------------------------------------------------------------
+
+GROUPS = {"pool_00000.png": [0, 1, 2, 3], "pool_00004.png": [4, 5, 6, 7], "pool_00008.png": [8, 9]}  # 6 + 6 + 1 pairs
+
+
+def write_manifest(path: Path, groups=GROUPS, extra=()) -> Path:
+    """make_pool.py's manifest for a pool where image i is a version of the reference whose group holds it."""
+    lines = [json.dumps({"image": f"pool_{i:05d}.png", "reference": ref, "type": None if f"pool_{i:05d}.png" == ref
+                         else "gaussian_blur", "level": 3, "seed": i}) for ref, members in groups.items() for i in members]
+    path.write_text("\n".join([*lines, *extra]) + "\n")
+    return path
+
+
+def test_sample_same_reference_pairs_within_groups_no_repeats_capped():
+    groups = [[0, 1, 2, 3], [5, 7, 9], [10, 11]]
+    taken = {(0, 1), (5, 9), (3, 10)}  # random pairs: two inside groups, one across
+    pairs = sample_votes.sample_same_reference_pairs(groups, 6, 4, taken)
+    group_of = {i: g for g, members in enumerate(groups) for i in members}
+    assert len(pairs) == 6 == len(set(pairs)) and not set(pairs) & taken
+    assert all(i < j and group_of[i] == group_of[j] for i, j in pairs)
+    assert pairs == sample_votes.sample_same_reference_pairs(groups, 6, 4, taken)
+    assert pairs != sample_votes.sample_same_reference_pairs(groups, 6, 5, taken)
+    every = sample_votes.sample_same_reference_pairs(groups, 100, 0, taken)  # 6 + 3 + 1 - 2 taken inside = 8 exist
+    free = {(i, j) for m in groups for i, j in itertools.combinations(m, 2)} - taken
+    assert len(every) == 8 and set(every) == free
+    # a reference uniformly, then two of its versions: a 2-version reference gets the first pair half the time,
+    # although it holds 1 of the 46 pairs
+    first = [sample_votes.sample_same_reference_pairs([[0, 1], list(range(2, 12))], 1, seed, set())[0]
+             for seed in range(2000)]
+    assert 900 < first.count((0, 1)) < 1100
+    inner = [p for p in first if p != (0, 1)]  # and within a reference, every pair of versions alike
+    assert len(set(inner)) == 45 and max(map(inner.count, set(inner))) < 3 * len(inner) / 45
+
+
+def test_same_reference_pairs_run(pool, tmp_path, monkeypatch, capsys):
+    import build_pseudolabels
+
+    manifest, out = write_manifest(tmp_path / "manifest.jsonl"), tmp_path / "votes.jsonl"
+    argv = base_argv(pool, out, "--same-reference-pairs", 5, "--pool-manifest", manifest)
+    run(monkeypatch, scripted(), *argv)
+    records = common.read_jsonl(out)
+    reference = {f"pool_{i:05d}.png": ref for ref, members in GROUPS.items() for i in members}
+    _, names = common.list_images(pool)
+    random_pairs = [(names[i], names[j]) for i, j in sample_votes.sample_pairs(len(names), 20, 0)]
+    assert [(r["a"], r["b"]) for r in records[:20]] == random_pairs  # the random draw is unchanged by the option
+    assert [r["kind"] for r in records] == ["random"] * 20 + ["same_reference"] * 5
+    for r in records[20:]:
+        assert r["a"] != r["b"] and reference[r["a"]] == reference[r["b"]]
+        assert {key: r[key] for key in ("votes_a", "votes_b", "abstain", "first_slot_wins")} == \
+            expected_counts(pool, r["a"], r["b"], 8)
+    assert len({frozenset((r["a"], r["b"])) for r in records}) == 25  # no pair twice, none repeating a random one
+    settings = json.loads(Path(f"{out}.meta.json").read_text())["settings"]
+    assert settings["same_reference_pairs"] == 5 and settings["pool_manifest"] == common.file_sha256(manifest)
+    stats = build_pseudolabels.main(build_pseudolabels.Args(votes=str(out), out=str(tmp_path / "pl.jsonl")))
+    assert stats["by_kind"]["same_reference"]["pairs_in"] == 5 and stats["by_kind"]["random"]["pairs_in"] == 20
+    assert [r["kind"] for r in common.read_jsonl(tmp_path / "pl.jsonl")] == [r["kind"] for r in records]
+    # other values refused, naming the setting; the same command resumes with nothing to vote
+    capsys.readouterr()
+    assert "same_reference_pairs: 5 -> 6" in refused(monkeypatch, capsys, [*argv, "--same-reference-pairs", "6"])
+    old = common.file_sha256(manifest)
+    write_manifest(manifest, {**GROUPS, "pool_00010.png": [10, 11]})
+    assert f"pool_manifest: '{old}' -> '{common.file_sha256(manifest)}'" in refused(monkeypatch, capsys, argv)
+    write_manifest(manifest)
+    calls = []
+    run(monkeypatch, scripted(calls), *argv)
+    assert calls == [] and common.read_jsonl(out) == records
+    # more asked than exist: every same-reference pair that is not a random one, each once
+    every = tmp_path / "every.jsonl"
+    run(monkeypatch, scripted(), *base_argv(pool, every, "--same-reference-pairs", 100, "--pool-manifest", manifest,
+                                            "--mode", "score"))
+    drawn = common.read_jsonl(f"{every}.pairs.jsonl")
+    same = {(p["a"], p["b"]) for p in drawn if p["kind"] == "same_reference"}
+    within = {(names[i], names[j]) for m in GROUPS.values() for i, j in itertools.combinations(m, 2)}
+    assert same == within - set(random_pairs) and len(drawn) == 20 + len(same)
+
+
+def test_bad_manifest_lines_name_file_and_line(pool, tmp_path, monkeypatch, capsys):
+    manifest = tmp_path / "manifest.jsonl"
+    argv = base_argv(pool, tmp_path / "votes.jsonl", "--same-reference-pairs", 3, "--pool-manifest", manifest)
+    for extra, message in (
+            (['{"image": "pool_00010.png", "reference": '], f"{manifest}:11: malformed JSON line"),
+            (['{"image": "pool_00010.png"}'], f'{manifest}:11: expected {{"image": name, "reference": name, ...}}'),
+            (['{"image": "elsewhere.png", "reference": "pool_00000.png"}'],
+             f"{manifest}:11: image 'elsewhere.png' is not in the pool"),
+            (['{"image": "../pool/pool_00010.png", "reference": "pool_00000.png"}'],
+             f"{manifest}:11: image name '../pool/pool_00010.png' is outside the image root"),
+            (['{"image": "/etc/passwd", "reference": "pool_00000.png"}'], f"{manifest}:11: image name '/etc/passwd'"),
+            (['{"image": "./pool_00001.png", "reference": "pool_00000.png"}'],  # the same image as pool_00001.png
+             f"{manifest}:11: image 'pool_00001.png' is listed twice (also on line 2)")):
+        write_manifest(manifest, extra=extra)
+        err = refused(monkeypatch, capsys, argv)
+        assert err.startswith(f"error: {message}"), err
+    assert not (tmp_path / "votes.jsonl.meta.json").exists()
+    assert "--same-reference-pairs needs --pool-manifest" in refused(monkeypatch, capsys, argv[:-2])
+    # './x.png' and 'x.png' name one reference: the pairs stay within it
+    write_manifest(manifest, {"pool_00000.png": [0, 1]}, extra=['{"image": "pool_00002.png", '
+                                                                 '"reference": "./pool_00000.png"}'])
+    groups = sample_votes.read_manifest(manifest, pool, {f"pool_{i:05d}.png": i for i in range(12)})
+    assert groups == [[0, 1, 2]]
 
 
 def cut_off_every_other(prompt, images, n):
@@ -443,13 +529,13 @@ def test_truncated_boxed_answers_are_abstentions_and_counted(pool, tmp_path, mon
         for r in common.read_jsonl(out):  # each boxed answer cut off is an abstention, never a vote
             assert (r["votes_a"] + r["votes_b"], r["abstain"]) == (4, 4)
             assert all((x["choice"] is None) == x["truncated"] for x in r["answers"])
-        assert (meta["truncated_votes"], meta["abstention_rate"]) == (24, 0.5)
+        assert (meta["truncated_answers"], meta["abstention_rate"]) == (24, 0.5)
         assert (stats["truncated_answers"], stats["abstention_rate"]) == (24, 0.5)
     else:
         records = common.read_jsonl(out)
         for r in records:
             assert [s is None for s in r["scores"]] == r["truncated"] == [False, True] * 4
-        assert (meta["truncated_samples"], meta["unparseable_rate"]) == (4 * len(records), 0.5)
+        assert (meta["truncated_answers"], meta["abstention_rate"]) == (4 * len(records), 0.5)
         assert stats["truncated_answers"] == 4 * len(records)
 
 
@@ -513,7 +599,7 @@ def test_real_tiny_model_end_to_end(tiny_model_dir, demo_pool, tmp_path):
     assert meta["model_path"] == str(Path(tiny_model_dir).resolve()) and meta["counts"]["votes"] == 24
     assert meta["settings"]["model"] == common.fingerprint(tiny_model_dir) != tiny_model_dir
     truncated = sum(x["truncated"] for r in records for x in r["answers"])
-    assert meta["counts"]["truncated_votes"] == truncated and meta["counts"]["truncation_rate"] == truncated / 24
+    assert meta["counts"]["truncated_answers"] == truncated and meta["counts"]["truncation_rate"] == truncated / 24
     # user errors: one line, exit 2, no traceback
     (tmp_path / "empty").mkdir()
     for bad in (["--model", str(tmp_path / "missing")], ["--images", str(tmp_path / "empty")]):
