@@ -1,4 +1,4 @@
-"""Does it evolve? The CPU test bed (issues 8, 15): the REAL loop (run_evolution.sh: sample_votes -> build_pseudolabels
+"""Does it evolve? The CPU test bed: the REAL loop (run_evolution.sh: sample_votes -> build_pseudolabels
 -> grpo_train -> evaluate, `--no-reasoning`) on the shipped base (demo/base), for K = 32 and for the K = 1 control
 (same seed, same pool, same pairs), then the ORACLE arm (the K = 32 run's pairs of each round, p* from the true order,
 the same grpo_train.py / evaluate.py flags), then a report that uses ground truth only AFTER the fact.
@@ -13,7 +13,7 @@ statistics (abstention, first-slot win rate, ties); the accuracy of the round's 
 statistics from train_log.jsonl (reward mean/std, zero_std_fraction, within-group score std, kl); stage wall times.
 Plus pseudo-label accuracy vs K (1, 4, 8, 32) on the SAME round-1 pairs, subsampled from the largest-K votes file,
 beside the premise's other side: how often the base's OWN scores rank those pairs right (evaluate.py --images).
-Every invocation appends one record (all settings + results) to --results: every tried setting stays on record.
+Every invocation appends one record (all settings + results) to --results, so every tried setting is kept.
 
     python demo/evolve.py --seed 0                              # K=32, K=1, oracle, 2 rounds (~6 min, 2 cores)
     python demo/evolve.py --mode score --seed 1                 # votes from sampled scores instead

@@ -39,13 +39,13 @@ WORLDS = ("mixed", "noise")
 def make_content(rng: np.random.Generator, size: int, kind: str) -> Image.Image:
     yy, xx = np.mgrid[0:size, 0:size] / size
     if kind == "smooth":
-        c0, c1, c2 = (rng.uniform(0, 255, 3) for _ in range(3))
-        img = c0 + np.multiply.outer(xx, c1 - c0) + np.multiply.outer(yy, c2 - c0) * 0.5
+        corner, right, down = (rng.uniform(0, 255, 3) for _ in range(3))
+        img = corner + np.multiply.outer(xx, right - corner) + np.multiply.outer(yy, down - corner) * 0.5
     elif kind == "stripes":
         freq, angle = rng.uniform(3, 12), rng.uniform(0, np.pi)
         wave = np.sin(2 * np.pi * freq * (xx * np.cos(angle) + yy * np.sin(angle)))
-        c0, c1 = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
-        img = np.multiply.outer((wave + 1) / 2, c1 - c0) + c0
+        dark, light = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
+        img = np.multiply.outer((wave + 1) / 2, light - dark) + dark
     elif kind == "texture":
         base = rng.uniform(40, 215, 3)
         grain = rng.normal(0, 1, (size // 4, size // 4, 3))
