@@ -84,7 +84,8 @@ def motion_blur(x, p, rng):
     angle, n = np.deg2rad(rng.uniform(-90, 90)), 2 * radius
     kernel = np.zeros((2 * n + 1, 2 * n + 1), np.float32)
     for t in range(n + 1):
-        kernel[n + int(round(t * np.sin(angle))), n + int(round(t * np.cos(angle)))] += np.exp(-t ** 2 / (2 * sigma ** 2))
+        dy, dx = int(round(t * np.sin(angle))), int(round(t * np.cos(angle)))
+        kernel[n + dy, n + dx] += np.exp(-t ** 2 / (2 * sigma ** 2))
     return convolve(x, kernel / kernel.sum())
 
 

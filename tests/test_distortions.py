@@ -118,7 +118,8 @@ def test_otsu_thresholds_match_a_brute_force_search(classes):
 
     def between_class(cuts):  # sum over classes of n_k * mean_k^2 (the total mean is fixed)
         bounds = [0, *cuts, bins]
-        return sum((counts[a:b] * centres[a:b]).sum() ** 2 / max(counts[a:b].sum(), 1) for a, b in zip(bounds, bounds[1:]))
+        return sum((counts[a:b] * centres[a:b]).sum() ** 2 / max(counts[a:b].sum(), 1)
+                   for a, b in zip(bounds, bounds[1:]))
 
     best = max(itertools.combinations(range(1, bins), classes - 1), key=between_class)
     assert np.allclose(D.otsu_thresholds(values, classes, bins), edges[list(best)])

@@ -12,7 +12,6 @@ from pathlib import Path
 from unittest.mock import patch
 
 import numpy as np
-import pytest
 
 import common
 import distortions
