@@ -42,7 +42,8 @@ cd "$(dirname "$0")"
 
 # TRY NOT TO MODIFY: settings ---------------------------------------------------------------------------------------
 if [[ -n "${MODEL:-}" && -z "${IMAGES:-}" && -z "${POOL:-}" ]]; then
-  echo "error: MODEL is set but IMAGES is not: say which unlabeled images the model should vote on" >&2; exit 2
+  echo "error: MODEL is set but IMAGES is not: say which unlabeled images the model should vote on (or give POOL)" >&2
+  exit 2
 fi
 if [[ -z "${MODEL:-}" && -n "${IMAGES:-}${POOL:-}" ]]; then
   echo "error: IMAGES or POOL is set but MODEL is not: say which model should vote (unset them for the demo)" >&2
@@ -75,6 +76,7 @@ if [[ -n $POOL && -z $IMAGES && ! ( -f $POOL/manifest.jsonl && -f $POOL/referenc
 fi
 
 # one run per OUT: the lock lives as long as this shell and the stages it started (they inherit the descriptor)
+command -v flock > /dev/null || { echo "error: run_evolution.sh needs flock (util-linux) to lock OUT" >&2; exit 2; }
 mkdir -p "$OUT"
 exec 9<>"$OUT/.lock"
 if ! flock -n 9; then
@@ -267,6 +269,6 @@ if [[ $DEMO == 1 ]]; then
   echo "== one of its sampled votes is right on ~.64 of held-out pairs, the majority of 16 on ~.83, while its absolute"
   echo "== scores carry a content bias (as a VLM's do; SRCC ~.47). GRPO toward the K-vote majority then lifts its"
   echo "== scores: SRCC rising round over round is the method's mechanism at work, not evidence about the size of the"
-  echo "== paper's gains on real images. Controls (K = 1, oracle labels, 3 seeds): README, \"Does it evolve?\"."
+  echo "== paper's gains on real images. Controls (K = 1, oracle labels, 3 seeds): demo/README.md."
 fi
 exit 0
