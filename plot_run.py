@@ -26,6 +26,7 @@ try:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 except ImportError:
     plt = None
 
@@ -125,6 +126,9 @@ def plot_training(logs: dict[int, list[dict]]):
         for t, records in logs.items():
             ax.plot(*curve(records, key), color=colour(t), marker=".", gid=f"round_{t}:{key}")
         ax.set(title=title, xlabel="GRPO step", ylabel=unit)
+        if unit.startswith("fraction"):  # from 0, with room to see a rate that stays at 0
+            top = max(ax.get_ylim()[1], 0.05)
+            ax.set_ylim(-0.03 * top, top)
     ax = axes.flat[len(TRAINING_PANELS)]
     for t, records in logs.items():
         for key, _, style in TIME_KEYS:
@@ -132,6 +136,8 @@ def plot_training(logs: dict[int, list[dict]]):
     ax.legend(handles=[plt.Line2D([], [], color="k", linestyle=s, label=name) for _, name, s in TIME_KEYS],
               title="phase (slowest process)", fontsize="small")
     ax.set(title="Where a step's time goes", xlabel="GRPO step", ylabel="seconds per step")
+    for ax in axes.flat:
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     round_legend(fig, list(logs))
     return fig
 
@@ -187,10 +193,13 @@ def plot_votes(stats: dict[int, dict]):
     for ax, (key, title, unit, reference) in zip(axes[1:], bars):
         for t, s in stats.items():
             if finite(s.get(key)):
-                ax.bar([t], [s[key]], width=0.6, color=colour(t), gid=f"round_{t}:{key}")
+                bars = ax.bar([t], [s[key]], width=0.6, color=colour(t), gid=f"round_{t}:{key}")
+                ax.bar_label(bars, fmt="%.3f")  # a zero rate shows as 0.000, not as nothing
+        ax.set_ylim(bottom=0)
         if reference is not None:
             ax.axhline(reference, color="k", linestyle="--", linewidth=1, label="no bias")
-            ax.legend(fontsize="small")
+            ax.legend(fontsize="small", loc="lower right")
+            ax.set_ylim(0, 1)
         ax.set_xticks(list(stats), [f"round {t}" for t in stats])
         ax.set_xlim(min(stats) - 1, max(stats) + 1)
         ax.set(title=title, xlabel="round", ylabel=unit)
