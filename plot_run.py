@@ -13,7 +13,6 @@ Without matplotlib it prints a one-line hint and exits 0: the figures are a view
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import re
 from pathlib import Path
@@ -64,13 +63,6 @@ def round_dirs(out: Path) -> dict[int, Path]:
     return dict(sorted(found))
 
 
-def read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, OSError) as e:
-        common.die(f"{path}: unreadable JSON ({e}); rerun the stage that writes it")
-
-
 def load_train_logs(out: Path) -> dict[int, list[dict]]:
     """{t: the records of OUT/round_t/model/train_log.jsonl} for the rounds that have one."""
     logs = {}
@@ -89,13 +81,13 @@ def load_train_logs(out: Path) -> dict[int, list[dict]]:
 
 def load_summaries(out: Path) -> dict[int, dict]:
     """{t: OUT/round_t/eval/summary.json} for the rounds that have one."""
-    return {t: read_json(d / "eval" / "summary.json") for t, d in round_dirs(out).items()
+    return {t: common.read_json(d / "eval" / "summary.json") for t, d in round_dirs(out).items()
             if (d / "eval" / "summary.json").exists()}
 
 
 def load_vote_stats(out: Path) -> dict[int, dict]:
     """{t: OUT/round_t/stats.json} (build_pseudolabels.py --stats) for the rounds that have one."""
-    return {t: read_json(d / "stats.json") for t, d in round_dirs(out).items() if (d / "stats.json").exists()}
+    return {t: common.read_json(d / "stats.json") for t, d in round_dirs(out).items() if (d / "stats.json").exists()}
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -146,7 +146,7 @@ def test_corrupt_summary_is_one_line_naming_the_file(run):
     bad = run / "round_1" / "eval" / "summary.json"
     bad.write_text("")
     result = subprocess.run([sys.executable, "plot_run.py", str(run)], cwd=ROOT, capture_output=True, text=True)
-    assert result.returncode == 2 and result.stderr.startswith(f"error: {bad}: unreadable JSON")
+    assert result.returncode == 2 and result.stderr.startswith(f"error: {bad} is empty or not valid JSON")
     assert len(result.stderr.strip().splitlines()) == 1
 
 
