@@ -4,18 +4,27 @@
 # with the previous round's checkpoint as the voter and the policy. Outputs go to OUT/round_t/.
 #
 #   bash run_evolution.sh                                   # CPU demo on the test bed's tiny base (README)
-#   MODEL=Qwen/Qwen2.5-VL-7B-Instruct IMAGES=/data/koniq10k/1024x768 NPROC=8 FSDP=1 \
-#     BENCH="koniq=/data/koniq10k spaq=/data/SPAQ" EVAL_ARGS="--split set=test" bash run_evolution.sh
+#   MODEL=Qwen/Qwen2.5-VL-7B-Instruct IMAGES=/data/koniq10k/1024x768 POOL=/data/koniq_pool NPROC=8 FSDP=1 \
+#     BENCH="koniq=/data/koniq10k spaq=/data/SPAQ" EVAL_ARGS="--split set=test" bash run_evolution.sh   # the paper's
 #
 # Settings (environment variables; echoed at start, forwarded as explicit flags; no stage reads the environment):
 #   MODEL   base model path or hub id           IMAGES  unlabeled pool: folder or list file (IMAGES_ROOT: its root)
-#   BENCH   space-separated NAME=FOLDER|FILE[@ROOT] (evaluate.py --bench)  ROUNDS 2  PAIRS 20000  K 32  G 8
+#   BENCH   space-separated NAME=FOLDER|FILE[@ROOT] (evaluate.py --bench)  ROUNDS 2  PAIRS 20000  K 32
+#   GROUP_SIZE 32 (G: rollouts per image in grpo_train.py; the paper's equal K)
 #   OUT     runs/NAME                           NPROC   1 = plain python, N > 1 = accelerate launch (torchrun on CPU)
 #   SEED    0 (round t draws its pairs with SEED + t)
 #   REF     base: the KL reference is the base model in every round | round: the round's starting model
-#   FSDP    0 | 1: train with grpo_train.py --fsdp (FSDP2 sharding, for 7B); FSDP_CONFIG is retired
+#   FSDP    0 | 1: train with grpo_train.py --fsdp (FSDP2 sharding, for 7B)
+#   POOL    (none) | FOLDER: the distorted pool of make_pool.py (its manifest.jsonl: every image's reference). With
+#           IMAGES set, the loop builds or resumes it first (VARIANTS 10 per image, seed SEED); without, it must be
+#           built. Round 1 votes on the pool's references (the authentic images); from round 2 on, the PAIRS random
+#           pairs are drawn over the whole pool (an assumption) and SYNTH_PAIRS same-reference pairs (two versions of
+#           one image) join them, as in the paper's round 2
+#   SYNTH_PAIRS  PAIRS / 4: 5000 beside the paper's 20000 (an assumption: the paper does not publish it)
 #   VOTES_ARGS, LABEL_ARGS, TRAIN_ARGS, EVAL_ARGS   extra flags appended to each stage
-# Rerunning the same command skips finished stages and resumes a partial one; a finished run only prints the table.
+#   The paper's run is these defaults with a POOL. The demo's: PAIRS 128, K 8, GROUP_SIZE 8 (SYNTH_PAIRS 32).
+# Rerunning the same command skips finished stages and resumes a partial one; a finished run only prints the table
+# and draws the figures.
 # A finished stage's marker, OUT/round_t/.done_STAGE, records the settings it ran with: its command line from the .py
 # script on, one word per line. A rerun that gives a finished stage other settings is refused (exit 2), naming each
 # changed flag: restore them, or use another OUT. (Refusing, not redoing the stage: its outputs feed every later stage
@@ -26,15 +35,19 @@
 #     training process takes its own --pairs-per-step, so NPROC changes the training batch (recorded as NPROC=N);
 #   - --batch-size, --micro-batch-size, --gradient-checkpointing, --save-every, --save-total-limit, --text/--no-text.
 # Paths are recorded as written: OUT moved or given another way (relative/absolute) is a changed setting.
+# One run at a time per OUT: the loop holds an exclusive lock on OUT/.lock (flock; it names the holder's pid and host).
+# At the end, plot_run.py draws OUT/figures/*.png (needs matplotlib; without it a hint, and the run still succeeds).
 set -euo pipefail
 cd "$(dirname "$0")"
 
 # TRY NOT TO MODIFY: settings ---------------------------------------------------------------------------------------
-if [[ -n "${MODEL:-}" && -z "${IMAGES:-}" ]]; then
-  echo "error: MODEL is set but IMAGES is not: say which unlabeled images the model should vote on" >&2; exit 2
+if [[ -n "${MODEL:-}" && -z "${IMAGES:-}" && -z "${POOL:-}" ]]; then
+  echo "error: MODEL is set but IMAGES is not: say which unlabeled images the model should vote on (or give POOL)" >&2
+  exit 2
 fi
-if [[ -z "${MODEL:-}" && -n "${IMAGES:-}" ]]; then
-  echo "error: IMAGES is set but MODEL is not: say which model should vote (unset both for the demo)" >&2; exit 2
+if [[ -z "${MODEL:-}" && -n "${IMAGES:-}${POOL:-}" ]]; then
+  echo "error: IMAGES or POOL is set but MODEL is not: say which model should vote (unset them for the demo)" >&2
+  exit 2
 fi
 DEMO=0
 if [[ -z "${MODEL:-}" ]]; then
@@ -42,7 +55,7 @@ if [[ -z "${MODEL:-}" ]]; then
   OUT=${OUT:-runs/demo}
   ASSETS=$OUT/assets
   MODEL=$ASSETS/base IMAGES=$ASSETS/pool BENCH=${BENCH:-synthetic=$ASSETS/bench/labels.jsonl}
-  ROUNDS=${ROUNDS:-2} PAIRS=${PAIRS:-128} K=${K:-8} G=${G:-8}
+  ROUNDS=${ROUNDS:-2} PAIRS=${PAIRS:-128} K=${K:-8} GROUP_SIZE=${GROUP_SIZE:-8}
   DEMO_FLAGS="--no-reasoning --max-new-tokens 10 --max-pixels 3136"
   DEMO_PPS=$(( PAIRS >= 24 ? 8 : (PAIRS >= 3 ? PAIRS / 3 : 1) ))  # tiny PAIRS (tests) still give >= 1 GRPO step
   VOTES_ARGS="$DEMO_FLAGS --batch-size 64 --no-text ${VOTES_ARGS:-}"
@@ -50,10 +63,32 @@ if [[ -z "${MODEL:-}" ]]; then
   TRAIN_ARGS="$DEMO_FLAGS --pairs-per-step $DEMO_PPS --lr 1e-4 --warmup-steps 1 --beta 0.02 --micro-batch-size 256 --save-every 5 ${TRAIN_ARGS:-}"
   EVAL_ARGS="$DEMO_FLAGS --batch-size 64 --samples 8 --no-text ${EVAL_ARGS:-}"
 fi
-ROUNDS=${ROUNDS:-2} PAIRS=${PAIRS:-20000} K=${K:-32} G=${G:-8} SEED=${SEED:-0} REF=${REF:-base} NPROC=${NPROC:-1}
-OUT=${OUT:-runs/$(basename "${MODEL%/}")} BENCH=${BENCH:-} FSDP=${FSDP:-0}
+ROUNDS=${ROUNDS:-2} PAIRS=${PAIRS:-20000} K=${K:-32} GROUP_SIZE=${GROUP_SIZE:-32} SEED=${SEED:-0} REF=${REF:-base}
+NPROC=${NPROC:-1} OUT=${OUT:-runs/$(basename "${MODEL%/}")} BENCH=${BENCH:-} FSDP=${FSDP:-0}
+IMAGES=${IMAGES:-} POOL=${POOL:-} VARIANTS=${VARIANTS:-10} SYNTH_PAIRS=${SYNTH_PAIRS:-$(( PAIRS / 4 ))}
 VOTES_ARGS=${VOTES_ARGS:-} LABEL_ARGS=${LABEL_ARGS:-} TRAIN_ARGS=${TRAIN_ARGS:-} EVAL_ARGS=${EVAL_ARGS:-}
 [[ "$REF" == base || "$REF" == round ]] || { echo "error: REF must be 'base' or 'round', not '$REF'" >&2; exit 2; }
+[[ "$FSDP" == 0 || "$FSDP" == 1 ]] || { echo "error: FSDP must be 0 or 1, not '$FSDP'" >&2; exit 2; }
+if [[ -n $POOL && -z $IMAGES && ! ( -f $POOL/manifest.jsonl && -f $POOL/references.txt ) ]]; then
+  echo "error: POOL $POOL holds no manifest.jsonl and references.txt: build it with make_pool.py, or set IMAGES to" \
+    "build it here" >&2
+  exit 2
+fi
+
+# one run per OUT: the lock lives as long as this shell and the stages it started (they inherit the descriptor)
+command -v flock > /dev/null || { echo "error: run_evolution.sh needs flock (util-linux) to lock OUT" >&2; exit 2; }
+mkdir -p "$OUT"
+exec 9<>"$OUT/.lock"
+if ! flock -n 9; then
+  owner=$(<"$OUT/.lock")
+  echo "error: $OUT is in use by another run_evolution.sh or a stage it started (${owner:-its pid and host not yet" \
+    "written}); wait for it to end, or use another OUT" >&2
+  exit 2
+fi
+owner=$(<"$OUT/.lock")
+[[ -n $owner ]] && echo "note: taking over $OUT/.lock, left by a run that ended without releasing it ($owner)"
+printf 'pid %s on host %s\n' "$$" "${HOSTNAME:-$(uname -n)}" > "$OUT/.lock"
+trap ': > "$OUT/.lock"' EXIT  # released by the kernel in any case; emptied so that the next run knows it ended well
 
 if [[ $DEMO == 1 ]]; then
   echo "== DEMO: the real loop on the CPU test bed's shipped base (demo/base, a 0.71 M-parameter Qwen2.5-VL warm-started"
@@ -66,11 +101,12 @@ if [[ $DEMO == 1 ]]; then
     touch "$ASSETS/.done"
   fi
 fi
-if [[ -d "$IMAGES" ]]; then IMAGES_ROOT=${IMAGES_ROOT:-$IMAGES}; else IMAGES_ROOT=${IMAGES_ROOT:-$(dirname "$IMAGES")}; fi
-for name in MODEL IMAGES IMAGES_ROOT BENCH ROUNDS PAIRS K G OUT NPROC SEED REF FSDP VOTES_ARGS LABEL_ARGS TRAIN_ARGS EVAL_ARGS; do
+if [[ -z $IMAGES ]]; then IMAGES_ROOT=; elif [[ -d "$IMAGES" ]]; then IMAGES_ROOT=${IMAGES_ROOT:-$IMAGES}
+else IMAGES_ROOT=${IMAGES_ROOT:-$(dirname "$IMAGES")}; fi
+for name in MODEL IMAGES IMAGES_ROOT POOL BENCH ROUNDS PAIRS K GROUP_SIZE OUT NPROC SEED REF FSDP VARIANTS SYNTH_PAIRS \
+    VOTES_ARGS LABEL_ARGS TRAIN_ARGS EVAL_ARGS; do
   printf '%-12s %s\n' "$name" "${!name}"
 done
-mkdir -p "$OUT"
 
 # launcher: several processes through accelerate on GPUs; on CPU accelerate starts only one, so torchrun there
 launch=(python)
@@ -81,12 +117,6 @@ if (( NPROC > 1 )); then
     launch=(torchrun --standalone --nproc_per_node "$NPROC")
   fi
 fi
-train_launch=("${launch[@]}")
-if [[ -n "${FSDP_CONFIG:-}" ]]; then
-  echo "error: FSDP_CONFIG is retired (accelerate's FSDP plugin is not applied on CPU, so it was never tested): use FSDP=1" >&2
-  exit 2
-fi
-[[ "$FSDP" == 0 || "$FSDP" == 1 ]] || { echo "error: FSDP must be 0 or 1, not '$FSDP'" >&2; exit 2; }
 (( FSDP )) && TRAIN_ARGS="--fsdp $TRAIN_ARGS"  # grpo_train.py shards the policy itself (same launcher)
 
 bench_flags=()
@@ -140,11 +170,6 @@ run_stage() {
   local log=$dir/logs/$name.log marker=$dir/.done_$name settings changes
   settings=$(stage_settings "$name" "$@")
   if [[ -f $marker ]]; then
-    if [[ ! -s $marker ]]; then
-      echo "error: $marker records no settings (an earlier version of this script wrote it); use another OUT, or" \
-        "delete the marker to run stage '$name' again" >&2
-      exit 2
-    fi
     changes=$([[ $(<"$marker") == "$settings" ]] || changed_flags "$marker" "$settings")
     if [[ -n $changes ]]; then
       echo "error: stage '$name' in $dir finished with other settings ($changes); restore them, or use another OUT" >&2
@@ -171,18 +196,36 @@ if [[ -n "$BENCH" ]]; then
     --out "$OUT/round_0/eval" $EVAL_ARGS
 fi
 
+if [[ -n $POOL ]]; then
+  MANIFEST=$POOL/manifest.jsonl  # every version of every reference, names relative to POOL
+  if [[ -n $IMAGES ]]; then
+    echo "pool: $VARIANTS distorted variants of each image in $POOL"
+    run_stage make_pool "$OUT" python make_pool.py --images "$IMAGES" --out "$POOL" --variants "$VARIANTS" \
+      --seed "$SEED"
+  fi
+  REFERENCES=$POOL/references.txt  # round 1 votes on the references alone (make_pool.py writes the list)
+fi
+
 current=$MODEL
 for (( t = 1; t <= ROUNDS; t++ )); do
   R=$OUT/round_$t
   echo "round $t: voter and policy = $current"
   ref=$MODEL; [[ $REF == round ]] && ref=$current
-  run_stage sample_votes "$R" "${launch[@]}" sample_votes.py --model "$current" --images "$IMAGES" \
-    --images-root "$IMAGES_ROOT" --out "$R/votes.jsonl" --num-pairs "$PAIRS" --votes-per-pair "$K" \
-    --seed $((SEED + t)) $VOTES_ARGS
+  images=$IMAGES root=$IMAGES_ROOT same_reference=()
+  if [[ -n $POOL ]]; then
+    images=$REFERENCES root=$POOL
+    if (( t >= 2 )); then  # the paper's round 2 on: pairs of two versions of one reference join the random pairs
+      images=$MANIFEST  # an image list too: every version
+      same_reference=(--same-reference-pairs "$SYNTH_PAIRS" --pool-manifest "$MANIFEST")
+    fi
+  fi
+  run_stage sample_votes "$R" "${launch[@]}" sample_votes.py --model "$current" --images "$images" \
+    --images-root "$root" --out "$R/votes.jsonl" --num-pairs "$PAIRS" --votes-per-pair "$K" \
+    --seed $((SEED + t)) "${same_reference[@]}" $VOTES_ARGS
   run_stage build_pseudolabels "$R" python build_pseudolabels.py --votes "$R/votes.jsonl" \
     --out "$R/pseudolabels.jsonl" --rankings "$R/rankings.jsonl" --stats "$R/stats.json" $LABEL_ARGS
-  run_stage grpo_train "$R" "${train_launch[@]}" grpo_train.py --model "$current" --ref-model "$ref" \
-    --pseudolabels "$R/pseudolabels.jsonl" --images-root "$IMAGES_ROOT" --out "$R/model" --group-size "$G" \
+  run_stage grpo_train "$R" "${launch[@]}" grpo_train.py --model "$current" --ref-model "$ref" \
+    --pseudolabels "$R/pseudolabels.jsonl" --images-root "$root" --out "$R/model" --group-size "$GROUP_SIZE" \
     --seed $((SEED + t)) --resume $TRAIN_ARGS
   rm -rf "$R/model/checkpoints"  # the round is finished: keep its model, drop the optimizer states
   if [[ -n "$BENCH" ]]; then
@@ -191,7 +234,9 @@ for (( t = 1; t <= ROUNDS; t++ )); do
   current=$R/model
 done
 
-# TRY NOT TO MODIFY: the results table ------------------------------------------------------------------------------
+# TRY NOT TO MODIFY: figures and the results table -------------------------------------------------------------------
+python plot_run.py "$OUT" || echo "warning: plot_run.py failed (see above), so OUT/figures may be stale; the run" \
+  "itself is complete" >&2
 [[ -n "$BENCH" ]] && python - "$OUT" "$ROUNDS" <<'PY'
 import json, math, sys
 from pathlib import Path
@@ -211,7 +256,9 @@ for key, s in results.items():
     cells.append(f"{fmt(s['wavg'].get('srcc'))} | {fmt(s['wavg'].get('plcc'))}")
     rows.append(f"| {key} | " + " | ".join(cells) + " |")
 table = "\n".join(rows)
-(out / "results.md").write_text(table + "\n")
+figures = [f"![{name}](figures/{name}.png)" for name in ("correlations", "training", "votes")
+           if (out / "figures" / f"{name}.png").exists()]
+(out / "results.md").write_text(table + "\n" + "".join(f"\n{link}\n" for link in figures))
 (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
 print(table)
 print(f"written: {out / 'results.md'}, {out / 'results.json'}")
@@ -222,6 +269,6 @@ if [[ $DEMO == 1 ]]; then
   echo "== one of its sampled votes is right on ~.64 of held-out pairs, the majority of 16 on ~.83, while its absolute"
   echo "== scores carry a content bias (as a VLM's do; SRCC ~.47). GRPO toward the K-vote majority then lifts its"
   echo "== scores: SRCC rising round over round is the method's mechanism at work, not evidence about the size of the"
-  echo "== paper's gains on real images. Controls (K = 1, oracle labels, 3 seeds): README, \"Does it evolve?\"."
+  echo "== paper's gains on real images. Controls (K = 1, oracle labels, 3 seeds): demo/README.md."
 fi
 exit 0

@@ -1,4 +1,4 @@
-"""Does it evolve? The CPU test bed (issues 8, 15): the REAL loop (run_evolution.sh: sample_votes -> build_pseudolabels
+"""Does it evolve? The CPU test bed: the REAL loop (run_evolution.sh: sample_votes -> build_pseudolabels
 -> grpo_train -> evaluate, `--no-reasoning`) on the shipped base (demo/base), for K = 32 and for the K = 1 control
 (same seed, same pool, same pairs), then the ORACLE arm (the K = 32 run's pairs of each round, p* from the true order,
 the same grpo_train.py / evaluate.py flags), then a report that uses ground truth only AFTER the fact.
@@ -13,12 +13,21 @@ statistics (abstention, first-slot win rate, ties); the accuracy of the round's 
 statistics from train_log.jsonl (reward mean/std, zero_std_fraction, within-group score std, kl); stage wall times.
 Plus pseudo-label accuracy vs K (1, 4, 8, 32) on the SAME round-1 pairs, subsampled from the largest-K votes file,
 beside the premise's other side: how often the base's OWN scores rank those pairs right (evaluate.py --images).
-Every invocation appends one record (all settings + results) to --results: every tried setting stays on record.
+Every invocation appends one record (all settings + results) to --results, so every tried setting is kept.
 
     python demo/evolve.py --seed 0                              # K=32, K=1, oracle, 2 rounds (~6 min, 2 cores)
     python demo/evolve.py --mode score --seed 1                 # votes from sampled scores instead
     python demo/evolve.py --summarize                           # mean +- std over seeds of every recorded setting
     python demo/evolve.py --report-only                         # re-measure finished runs, append nothing new
+    python demo/evolve.py --pool-variants 2 --seed 0            # the pool experiment (one record in --pool-results)
+
+The pool experiment: pool and benchmark get distorted variants (demo.synthetic.write_pool_world: make_pool.py's
+layout; a variant's true quality is its reference's minus its level). Round 1 (K = ks[0]) votes on random pairs of
+the references; round 2 votes ONCE on --pairs random pairs of the whole pool plus --same-reference-pairs pairs of two
+versions of one reference (sample_votes.py draws the random pairs on a stream of their own, so they are the same
+with or without the others). Arm "random" trains round 2 on the random pairs' pseudo-labels only, arm
+"same_reference" on all of them; both from the round-1 model, same flags. Reported: SRCC on the references of the
+held-out benchmark ("synthetic") and on all its images ("distorted"), and pseudo-label accuracy per kind of pair.
 """
 
 from __future__ import annotations
@@ -43,7 +52,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import common  # noqa: E402
 from demo.oracle import true_p_star, write_pseudolabels  # noqa: E402
-from demo.synthetic import write_set  # noqa: E402
+from demo.synthetic import write_pool_world, write_set  # noqa: E402
 
 CACHE = ROOT / "demo" / "cache"
 
@@ -80,6 +89,9 @@ class Args:
     oracle: bool = common.arg(True, help="also run the oracle arm: the main run's pairs, p* from the TRUE order")
     report_only: bool = common.arg(False, help="do not run anything: measure and print the existing runs")
     summarize: bool = common.arg(False, help="only print mean +- std over seeds of every setting in --results")
+    pool_variants: int = common.arg(0, help="> 0: the pool experiment (below) with this many variants per image")
+    same_reference_pairs: int = common.arg(64, help="pool experiment: same-reference pairs of round 2's second arm")
+    pool_results: str = common.arg(str(ROOT / "demo" / "pool_results.json"), help="pool experiment's results JSON")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -112,9 +124,11 @@ def majority_accuracy(votes: list[tuple[int, int]], truth: list[int]) -> tuple[f
     return float(np.mean(correct)), float(np.mean([va == vb for va, vb in votes]))
 
 
-def pseudolabel_accuracy(votes_path: Path, quality: dict[str, float], ks: list[int], mode: str = "compare") -> dict:
-    """Pseudo-label accuracy vs K on the pairs of one votes file (pairs of equal true quality left out)."""
-    records = common.read_jsonl(votes_path)
+def pseudolabel_accuracy(votes_path: Path, quality: dict[str, float], ks: list[int], mode: str = "compare",
+                         kind: Optional[str] = None) -> dict:
+    """Pseudo-label accuracy vs K on the pairs of one votes file (pairs of equal true quality left out); with `kind`,
+    on the compare records of that kind of pair only ("random", "same_reference")."""
+    records = [r for r in common.read_jsonl(votes_path) if kind is None or r.get("kind", "random") == kind]
     if mode == "compare":
         pairs = [(r["a"], r["b"], r["answers"]) for r in records]
         vote_fn = lambda r, k: subsample_votes(r[2], k)  # noqa: E731
@@ -148,11 +162,11 @@ def own_score_accuracy(predictions: Path, votes_path: Path, quality: dict[str, f
     return {"pairs": len(pairs), "mean_of_samples": accuracy(lambda r: r.get("score")), "single_sample": accuracy(first)}
 
 
-def bench_correlations(eval_dir: Path, mos: dict[str, float]) -> dict:
+def bench_correlations(eval_dir: Path, mos: dict[str, float], bench: str = "synthetic") -> dict:
     """SRCC/PLCC from evaluate.py's summary and, from its predictions, of the first valid sampled score alone."""
-    summary = json.loads((eval_dir / "summary.json").read_text())["benchmarks"]["synthetic"]
+    summary = json.loads((eval_dir / "summary.json").read_text())["benchmarks"][bench]
     out = {k: summary.get(k) for k in ("srcc", "plcc", "coverage")}
-    predictions = common.read_jsonl(eval_dir / "predictions_synthetic.jsonl")
+    predictions = common.read_jsonl(eval_dir / f"predictions_{bench}.jsonl")
     first = [(next((s for s in p.get("scores", []) if s is not None), None), mos[p["image"]]) for p in predictions]
     first = np.array([f for f in first if f[0] is not None], dtype=float).reshape(-1, 2)
     constant = len(first) < 3 or np.ptp(first[:, 0]) == 0
@@ -401,6 +415,116 @@ def summarize(history: list[dict]) -> None:
             f"{n} {np.mean([r['runs'][n]['wall_seconds'] for r in records]):.0f}" for n in records[0]["runs"]))
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# ALGO LOGIC: the pool experiment (round 2 with and without same-reference pairs)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def pool_data(args: Args, work: Path) -> tuple[Path, Path, Path]:
+    """(pool root, pool labels OUTSIDE it, bench root holding labels.jsonl and references.labels.jsonl)."""
+    name = f"{args.world}{args.image_size}_v{args.pool_variants}"
+    pool, pool_labels, bench = work / f"{name}_pool_{args.pool}", work / f"{name}_pool_{args.pool}.labels.jsonl", \
+        work / f"{name}_bench_{args.bench}"
+    if not pool_labels.exists():
+        shutil.rmtree(pool, ignore_errors=True)
+        write_pool_world(pool, "pool", args.pool, args.image_size, args.world, args.pool_variants, seed=0)
+        shutil.move(pool / "labels.jsonl", pool_labels)
+    if not (bench / "references.labels.jsonl").exists():
+        shutil.rmtree(bench, ignore_errors=True)
+        write_pool_world(bench, "bench", args.bench, args.image_size, args.world, args.pool_variants, seed=1)
+        references = [r for r in common.read_jsonl(bench / "labels.jsonl") if r["level"] == 0]
+        common.write_jsonl_atomic(bench / "references.labels.jsonl", references)
+    return pool, pool_labels, bench
+
+
+def stage_flags(args: Args) -> list[str]:
+    return ["--no-reasoning", "--max-pixels", str(args.max_pixels), "--max-new-tokens", str(args.max_new_tokens)]
+
+
+def vote_round(args: Args, R: Path, model: str, images: Path, root: Path, seed: int, *extra: str) -> None:
+    """sample_votes.py (K = ks[0], compare mode) then build_pseudolabels.py, each skipped once its output exists."""
+    R.mkdir(parents=True, exist_ok=True)
+    if not (R / "votes.jsonl").exists():
+        run_logged([sys.executable, "sample_votes.py", "--model", model, "--images", str(images), "--images-root",
+                    str(root), "--out", str(R / "votes.jsonl"), "--num-pairs", str(args.pairs), "--votes-per-pair",
+                    str(args.ks[0]), "--seed", str(seed), "--batch-size", "64", "--no-text", *stage_flags(args),
+                    *extra], R, f"{R.name}: votes")
+    if not (R / "pseudolabels.jsonl").exists():
+        run_logged([sys.executable, "build_pseudolabels.py", "--votes", str(R / "votes.jsonl"), "--out",
+                    str(R / "pseudolabels.jsonl"), "--stats", str(R / "stats.json"), *args.label_args.split()],
+                   R, f"{R.name}: pseudo-labels")
+
+
+def train_round(args: Args, R: Path, model: str, base: str, pseudolabels: Path, root: Path, seed: int,
+                bench: Path) -> None:
+    """grpo_train.py from `model` (KL reference: the base), then evaluate.py on both benchmarks."""
+    if not (R / "model" / "config.json").exists():
+        run_logged([sys.executable, "grpo_train.py", "--model", model, "--ref-model", base, "--pseudolabels",
+                    str(pseudolabels), "--images-root", str(root), "--out", str(R / "model"), "--group-size",
+                    str(args.group_size), "--seed", str(seed), "--resume", *stage_flags(args), "--lr", str(args.lr),
+                    "--beta", str(args.beta), "--pairs-per-step", str(args.pairs_per_step), "--epochs",
+                    str(args.epochs), "--warmup-steps", str(args.warmup_steps), "--micro-batch-size", "64",
+                    "--save-every", "1000"], R, f"{R.name}: grpo_train")
+    evaluate_round(args, R, str(R / "model"), bench)
+
+
+def evaluate_round(args: Args, R: Path, model: str, bench: Path) -> None:
+    R.mkdir(parents=True, exist_ok=True)
+    if not (R / "eval" / "summary.json").exists():
+        run_logged([sys.executable, "evaluate.py", "--model", model, "--bench",
+                    f"synthetic={bench / 'references.labels.jsonl'}", "--bench", f"distorted={bench / 'labels.jsonl'}",
+                    "--out", str(R / "eval"), *stage_flags(args), "--samples", str(args.eval_samples),
+                    "--batch-size", "32", "--seed", str(args.seed), "--no-text"], R, f"{R.name}: evaluation")
+
+
+def pool_experiment(args: Args, base: str, work: Path) -> dict:
+    """Round 1 on the references, then round 2 in two arms; returns the measured record."""
+    pool, pool_labels, bench = pool_data(args, work)
+    settings = {**settings_key(args), "base": base}
+    exp = work / ("pool-" + hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10])
+    evaluate_round(args, exp / "round_0", base, bench)
+    R1 = exp / "round_1"
+    vote_round(args, R1, base, pool / "references.txt", pool, args.seed + 1)
+    train_round(args, R1, base, base, R1 / "pseudolabels.jsonl", pool, args.seed + 1, bench)
+    votes2 = exp / "round_2_votes"
+    vote_round(args, votes2, str(R1 / "model"), pool / "manifest.jsonl", pool, args.seed + 2, "--same-reference-pairs",
+               str(args.same_reference_pairs), "--pool-manifest", str(pool / "manifest.jsonl"))
+    labels = common.read_jsonl(votes2 / "pseudolabels.jsonl")
+    for arm in ("random", "same_reference"):
+        R = exp / f"round_2_{arm}"
+        R.mkdir(parents=True, exist_ok=True)
+        kept = labels if arm == "same_reference" else [r for r in labels if r.get("kind") == "random"]
+        common.write_jsonl_atomic(R / "pseudolabels.jsonl", kept)
+        train_round(args, R, str(R1 / "model"), base, R / "pseudolabels.jsonl", pool, args.seed + 2, bench)
+    quality = {r["image"]: r["mos"] for r in common.read_jsonl(pool_labels)}
+    mos = {name: {r["image"]: r["mos"] for r in common.read_jsonl(bench / f)}
+           for name, f in (("synthetic", "references.labels.jsonl"), ("distorted", "labels.jsonl"))}
+    rows = {}
+    for name in ("round_0", "round_1", "round_2_random", "round_2_same_reference"):
+        rows[name] = {b: bench_correlations(exp / name / "eval", mos[b], b) for b in mos}
+        if (exp / name / "pseudolabels.jsonl").exists():
+            rows[name]["pairs_trained"] = len(common.read_jsonl(exp / name / "pseudolabels.jsonl"))
+    accuracy = {"round_1_random": pseudolabel_accuracy(R1 / "votes.jsonl", quality, args.acc_ks, kind="random"),
+                **{f"round_2_{kind}": pseudolabel_accuracy(votes2 / "votes.jsonl", quality, args.acc_ks, kind=kind)
+                   for kind in ("random", "same_reference")}}
+    return {"time": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+            "command": " ".join(["python", "demo/evolve.py", *sys.argv[1:]]), "note": args.note,
+            "settings": settings, "work": str(exp), "rounds": rows, "pseudolabel_accuracy": accuracy,
+            "stage_seconds": {k: v for R in sorted(exp.iterdir()) if R.is_dir()
+                              for k, v in stage_seconds(R / "evolution.log").items()}}
+
+
+def print_pool_record(record: dict) -> None:
+    print(f"\npool experiment, seed {record['settings']['seed']}: SRCC (mean of {record['settings']['eval_samples']} "
+          "samples) on the held-out references / on all held-out images (references + variants)")
+    for name, row in record["rounds"].items():
+        print(f"  {name:24s} {row['synthetic']['srcc']:6.3f}  {row['distorted']['srcc']:6.3f}   pairs trained "
+              f"{row.get('pairs_trained', '-')}")
+    for name, acc in record["pseudolabel_accuracy"].items():
+        print(f"  pseudo-label accuracy {name:22s} ({acc['pairs']} pairs): " + ", ".join(
+            f"{k} {v['accuracy']:.3f}" for k, v in acc.items() if k != "pairs"))
+
+
 def main() -> None:
     args = common.parse_args(Args)
     if args.summarize:
@@ -408,6 +532,13 @@ def main() -> None:
     base = str(Path(args.base or default_base()).resolve())
     work = Path(args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
+    if args.pool_variants:
+        record = pool_experiment(args, base, work)
+        print_pool_record(record)
+        results = Path(args.pool_results)
+        history = (json.loads(results.read_text()) if results.exists() else []) + [record]
+        common.write_json_atomic(results, history)
+        return print(f"appended to {results} ({len(history)} records)")
     pool, pool_labels = make_data(work, "pool", args.pool, False, args.world, args.image_size)
     bench, bench_labels = make_data(work, "bench", args.bench, True, args.world, args.image_size)
     bench_labels = bench / "labels.jsonl"  # evaluate.py resolves image paths relative to the labels file's folder

@@ -1,4 +1,4 @@
-"""The oracle arm of the CPU test bed (issue 15): can the online stage (the REAL grpo_train.py) lift a base's SRCC when
+"""The oracle arm of the CPU test bed: can the online stage (the REAL grpo_train.py) lift a base's SRCC when
 its pseudo-labels are RIGHT? A positive control: pseudo-labels from the pool's true quality (p* in {0, .5, 1}), and
 the same pairs with REVERSED labels (p* -> 1 - p*), which must lower it. If correct and reversed labels cannot be told
 apart, no vote quality can help, and a reward or alignment bug is possible.

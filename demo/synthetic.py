@@ -8,7 +8,13 @@ accuracy), never by the evolution itself.
 
 Three disjoint content sets come from different seed ranges (warm-start, unlabeled pool, held-out benchmark).
 
+A distorted world (`write_pool_world`) adds the training pool's variants: make_pool.py gives every image V variants
+from the 35 x 5 distortion library, and a variant's known quality is its reference's minus its level (1..5). So
+within one reference the order is reference > level 1 > ... > level 5, whatever the type, and across references a
+mildly distorted clean image can beat a noisy original. Like the others, this quality only serves to report.
+
     python demo/synthetic.py OUT_DIR --set pool --n 64        # writes OUT_DIR/*.png and OUT_DIR/labels.jsonl
+    python demo/synthetic.py OUT_DIR --set pool --n 64 --variants 2   # OUT_DIR: make_pool.py's layout + labels.jsonl
 """
 
 from __future__ import annotations
@@ -16,6 +22,9 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -30,13 +39,13 @@ WORLDS = ("mixed", "noise")
 def make_content(rng: np.random.Generator, size: int, kind: str) -> Image.Image:
     yy, xx = np.mgrid[0:size, 0:size] / size
     if kind == "smooth":
-        c0, c1, c2 = (rng.uniform(0, 255, 3) for _ in range(3))
-        img = c0 + np.multiply.outer(xx, c1 - c0) + np.multiply.outer(yy, c2 - c0) * 0.5
+        corner, right, down = (rng.uniform(0, 255, 3) for _ in range(3))
+        img = corner + np.multiply.outer(xx, right - corner) + np.multiply.outer(yy, down - corner) * 0.5
     elif kind == "stripes":
         freq, angle = rng.uniform(3, 12), rng.uniform(0, np.pi)
         wave = np.sin(2 * np.pi * freq * (xx * np.cos(angle) + yy * np.sin(angle)))
-        c0, c1 = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
-        img = np.multiply.outer((wave + 1) / 2, c1 - c0) + c0
+        dark, light = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
+        img = np.multiply.outer((wave + 1) / 2, light - dark) + dark
     elif kind == "texture":
         base = rng.uniform(40, 215, 3)
         grain = rng.normal(0, 1, (size // 4, size // 4, 3))
@@ -106,6 +115,29 @@ def write_set(out_dir: str | Path, which: str, n: int, size: int = 112, world: s
     return out_dir
 
 
+def write_pool_world(out_dir: str | Path, which: str, n: int, size: int = 112, world: str = "mixed",
+                     variants: int = 2, seed: int = 0) -> Path:
+    """n images of one content set with `variants` distorted versions each, laid out by make_pool.py in `out_dir`,
+    and `out_dir/labels.jsonl` ({"image", "mos", "reference", "level"} for every manifest image, names relative to
+    `out_dir`): a variant's quality is its reference's minus its level."""
+    out_dir = Path(out_dir)
+    source = out_dir.with_name(out_dir.name + ".source")
+    write_set(source, which, n, size, world)
+    mos = {r["image"]: r["mos"] for r in map(json.loads, (source / "labels.jsonl").read_text().splitlines())}
+    (source / "labels.jsonl").unlink()  # not an image: make_pool.py would skip nothing, but keep the input clean
+    subprocess.run([sys.executable, "make_pool.py", "--images", str(source), "--out", str(out_dir), "--variants",
+                    str(variants), "--seed", str(seed), "--workers", "1"], cwd=Path(__file__).resolve().parents[1],
+                   check=True, capture_output=True)
+    shutil.rmtree(source)
+    with open(out_dir / "labels.jsonl", "w") as f:
+        for line in (out_dir / "manifest.jsonl").read_text().splitlines():
+            r = json.loads(line)
+            quality = mos[r["reference"].removeprefix("references/")] - r["level"]
+            f.write(json.dumps({"image": r["image"], "mos": float(quality), "reference": r["reference"],
+                                "level": r["level"]}) + "\n")
+    return out_dir
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out_dir")
@@ -113,5 +145,9 @@ if __name__ == "__main__":
     parser.add_argument("--n", type=int, default=64)
     parser.add_argument("--size", type=int, default=112)
     parser.add_argument("--world", default="mixed", choices=WORLDS)
+    parser.add_argument("--variants", type=int, default=0, help="distorted versions per image (make_pool.py)")
     a = parser.parse_args()
-    print(write_set(a.out_dir, a.set, a.n, a.size, a.world))
+    if a.variants:
+        print(write_pool_world(a.out_dir, a.set, a.n, a.size, a.world, a.variants))
+    else:
+        print(write_set(a.out_dir, a.set, a.n, a.size, a.world))

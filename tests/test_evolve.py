@@ -1,4 +1,4 @@
-"""demo/evolve.py: the issue-8 test bed driver. The accuracy measure against hand-worked numbers, and a smoke run of the
+"""demo/evolve.py: the test bed driver. The accuracy measure against hand-worked numbers, and a smoke run of the
 real loop (tiny base, one round, tiny budgets) that must append a complete record to the results JSON."""
 
 import json
@@ -10,6 +10,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import common  # noqa: E402
 from demo import evolve as E  # noqa: E402
 
 
@@ -56,6 +57,35 @@ def test_pseudolabel_accuracy_score_mode_hand_computed(tmp_path):
     assert acc["K1"] == pytest.approx({"accuracy": 1.0, "tie_rate": 0.0})
     assert acc["K2"] == pytest.approx({"accuracy": 0.5, "tie_rate": 1.0})
     assert acc["K4"] == pytest.approx({"accuracy": 0.0, "tie_rate": 0.0})
+
+
+def test_pseudolabel_accuracy_by_kind_of_pair(tmp_path):
+    quality = {"r": 5.0, "v1": 4.0, "v3": 2.0, "s": 3.0}
+    votes = tmp_path / "votes.jsonl"
+    votes.write_text("".join(json.dumps(r) + "\n" for r in [
+        {"a": "r", "b": "s", "kind": "random", "answers": answers(["a"], ["a"])},  # r better: right
+        {"a": "v1", "b": "r", "kind": "same_reference", "answers": answers(["a"], ["a"])},  # r better: wrong
+        {"a": "v1", "b": "v3", "kind": "same_reference", "answers": answers(["a"], ["b"])},  # v1 better: 1:1 tie
+        {"a": "s", "b": "v3", "answers": answers(["b"], ["b"])}]))  # no kind: random; s better: wrong
+    assert E.pseudolabel_accuracy(votes, quality, [2], kind="random")["K2"]["accuracy"] == pytest.approx(0.5)
+    same = E.pseudolabel_accuracy(votes, quality, [2], kind="same_reference")
+    assert same["pairs"] == 2 and same["K2"] == pytest.approx({"accuracy": 0.25, "tie_rate": 0.5})
+    assert E.pseudolabel_accuracy(votes, quality, [2])["pairs"] == 4
+
+
+def test_pool_world_quality_is_the_reference_minus_the_level(tmp_path):
+    from demo.synthetic import make_image, write_pool_world
+
+    out = write_pool_world(tmp_path / "pool", "pool", 3, size=56, world="noise", variants=2)
+    labels = common.read_jsonl(out / "labels.jsonl")
+    manifest = common.read_jsonl(out / "manifest.jsonl")
+    assert [r["image"] for r in labels] == [r["image"] for r in manifest] and len(labels) == 9
+    for r in labels:
+        assert (out / r["image"]).exists()
+        seed = 1_000_000 + int(r["reference"].split("_")[-1].split(".")[0])  # the 'pool' set's content seeds
+        assert r["mos"] == make_image(seed, 56, "noise")[1]["mos"] - r["level"]
+        assert (r["level"] == 0) == (r["image"] == r["reference"])
+    assert not (tmp_path / "pool.source").exists()
 
 
 def test_own_score_accuracy_hand_computed(tmp_path):

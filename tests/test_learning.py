@@ -28,22 +28,19 @@ from demo.synthetic import write_set  # noqa: E402
 BASE = ROOT / "demo" / "base"
 POOL, BENCH, PER_STEP, STEPS, G, LR, BETA = 64, 128, 8, 12, 8, 2e-4, 0.02
 SEED = int(os.environ.get("LEARNING_TEST_SEED", "0"))  # 0 in CI; other values re-measure the spread
-# Measured on this machine with the shipped base c2 (held-out bench SRCC, base .468; LEARNING_TEST_SEED 0, 1, 2):
+# Measured with the shipped base (held-out bench SRCC, base .468; LEARNING_TEST_SEED 0, 1, 2):
 #   oracle    .841 .802 .714   (gain over base: worst +.245)
 #   reversed -.187 .192 -.364  (drop below base: worst .276)
 #   gap      1.028 .610 1.078  (worst .610)
-# The budget was chosen on its sibling c1 (no compare-label noise, base .660; seeds 0-4): oracle .822 .800 .735 .806
-# .747, reversed .038 .288 .433 .484 .192. Other budgets tried there (seeds 0-2 or 0-4): lr 1e-4 x 8 steps raised it
-# by only .013; lr 3e-4 was unstable (an oracle arm at .23 with 8 pairs/step, one at .63 < base with 12); lr 1e-4 x 16
-# steps and 16 pairs/step x 8 steps at 1.5e-4 were weaker in the worst seed (gain +.047 / +.055). The thresholds are
-# about half the worst margins, far above the evaluation noise (2 sampling seeds differ by <= .07 on a trained arm).
+# The thresholds are about half the worst margins, far above the evaluation noise (2 sampling seeds differ by
+# <= .07 on a trained arm).
 GAIN, DROP, GAP = 0.12, 0.14, 0.3
 
 
 @pytest.fixture
 def one_thread():
-    """Evaluate in one torch thread like grpo_train.py runs (OMP_NUM_THREADS=1): on 2 cores shared with other work,
-    2 threads made the evaluations 3x slower here (113 s vs 61 s for the whole test); the scores are the same."""
+    """Evaluate in one torch thread like grpo_train.py runs (OMP_NUM_THREADS=1): on a busy 2-core machine 2 threads
+    made the evaluations about 3x slower; the scores are the same."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

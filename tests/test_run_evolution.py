@@ -1,9 +1,13 @@
-"""run_evolution.sh: the demo end to end, resume after a kill during training, settings errors, two processes."""
+"""run_evolution.sh: the demo end to end with its figures, resume after a kill during training, settings errors, one
+run per OUT, two processes."""
 
+import fcntl
 import json
 import os
 import re
+import shutil
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -12,7 +16,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ["sample_votes", "build_pseudolabels", "grpo_train", "evaluate"]
-SMALL = {"ROUNDS": "1", "PAIRS": "6", "K": "2", "G": "2"}
+SMALL = {"ROUNDS": "1", "PAIRS": "6", "K": "2", "GROUP_SIZE": "2"}
+FIGURES = ["correlations", "training", "votes"]
+NO_FIGURES = "plot_run.py: matplotlib is not installed, so no figures were written (pip install matplotlib)"
 
 
 def run_loop(env: dict, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -20,6 +26,20 @@ def run_loop(env: dict, timeout: int = 600) -> subprocess.CompletedProcess:
     full.update(env, OMP_NUM_THREADS="1")
     return subprocess.run(["bash", "run_evolution.sh"], cwd=ROOT, env=full, capture_output=True, text=True,
                           timeout=timeout)
+
+
+def wait_until_released(out: Path, timeout: float = 60) -> None:
+    """Until no process of a killed loop holds OUT/.lock any more (a killed process closes its files as it exits)."""
+    deadline = time.time() + timeout
+    with open(out / ".lock") as f:
+        while True:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(f, fcntl.LOCK_UN)
+                return
+            except BlockingIOError:
+                assert time.time() < deadline, f"{out / '.lock'} still held {timeout} s after the kill"
+                time.sleep(0.1)
 
 
 @pytest.fixture(scope="module")
@@ -50,17 +70,44 @@ def test_demo_runs_end_to_end(demo_run):
     assert votes[0] == "sample_votes.py" and votes[votes.index("--votes-per-pair") + 1] == "2"
     assert "--batch-size" not in votes and "8" not in votes and "python" not in votes
     assert (demo_run / "round_1" / ".done_grpo_train").read_text().splitlines()[:2] == ["NPROC=1", "grpo_train.py"]
+    assert sorted(p.stem for p in (demo_run / "figures").glob("*.png")) == FIGURES
+    assert all(f"![{name}](figures/{name}.png)" in table for name in FIGURES)
+    assert (demo_run / ".lock").read_text() == ""  # released
 
 
-def test_rerun_of_finished_run_only_prints_the_table(demo_run):
-    before = {p: p.stat().st_mtime_ns for p in demo_run.rglob("*") if p.is_file() and p.name != "results.md"
-              and p.name != "results.json"}
+def unchanged(path: Path) -> bool:
+    """Files a rerun of a finished run leaves as they are: all but the table, the figures and the lock."""
+    return path.name not in ("results.md", "results.json", ".lock") and path.parent.name != "figures"
+
+
+def test_rerun_of_finished_run_only_prints_the_table_and_draws_the_figures(demo_run):
+    before = {p: p.stat().st_mtime_ns for p in demo_run.rglob("*") if p.is_file() and unchanged(p)}
+    figures = demo_run / "figures"
+    for png in figures.glob("*.png"):
+        png.unlink()
     result = run_loop({"OUT": str(demo_run), **SMALL})
     assert result.returncode == 0, result.stderr
     assert "[run ]" not in result.stdout and result.stdout.count("[skip]") == 1 + len(STAGES)
     assert "round_1" in result.stdout  # the table
     after = {p: p.stat().st_mtime_ns for p in before}
     assert before == after
+    assert sorted(p.stem for p in figures.glob("*.png")) == FIGURES
+
+
+def test_rerun_without_matplotlib_gives_a_hint_and_succeeds(demo_run, tmp_path):
+    (tmp_path / "matplotlib").mkdir()
+    (tmp_path / "matplotlib" / "__init__.py").write_text("raise ImportError(\"No module named 'matplotlib'\")\n")
+    saved = {p: p.read_bytes() for p in (demo_run / "figures").glob("*.png")}
+    try:
+        for png in saved:
+            png.unlink()
+        result = run_loop({"OUT": str(demo_run), **SMALL, "PYTHONPATH": str(tmp_path)})
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert NO_FIGURES in result.stdout.splitlines() and "warning" not in result.stderr
+        assert "figures/" not in (demo_run / "results.md").read_text()  # links only to figures that exist
+    finally:
+        for png, data in saved.items():
+            png.write_bytes(data)
 
 
 # the demo's own --samples (run_evolution.sh's demo block), to which EVAL_ARGS is appended
@@ -95,18 +142,8 @@ def test_finished_stage_refuses_changed_settings(demo_run):
     result = run_loop({"OUT": str(demo_run), **SMALL, "VOTES_ARGS": "--batch-size 2 --no-reasoning",
                        "TRAIN_ARGS": "--micro-batch-size 1", "EVAL_ARGS": "--no-text --batch-size 3"})
     assert result.returncode == 0 and "[run ]" not in result.stdout, result.stdout + result.stderr
-    # a marker of the earlier version (an empty file) records nothing to compare: refused
-    marker = round_1 / ".done_build_pseudolabels"
-    saved = marker.read_bytes()
-    try:
-        marker.write_bytes(b"")
-        result = run_loop({"OUT": str(demo_run), **SMALL})
-        assert result.returncode == 2 and f"error: {marker} records no settings" in result.stderr
-    finally:
-        marker.write_bytes(saved)
     after = files_and_times(demo_run)
-    changed = {p for p in after if after[p] != before.get(p)} - {demo_run / "results.md", demo_run / "results.json",
-                                                                   marker}
+    changed = {p for p in after if after[p] != before.get(p) and unchanged(p)}
     assert not changed and set(after) == set(before)
 
 
@@ -115,8 +152,48 @@ def test_settings_errors():
     assert result.returncode == 2 and "IMAGES" in result.stderr
     result = run_loop({"IMAGES": "/tmp"})
     assert result.returncode == 2 and "MODEL" in result.stderr
-    result = run_loop({"MODEL": "m", "IMAGES": "/tmp", "REF": "other"})
-    assert result.returncode == 2 and "REF" in result.stderr
+    for name in ["REF", "FSDP"]:
+        result = run_loop({"MODEL": "m", "IMAGES": "/tmp", "OUT": "/nonexistent/run", name: "2"})
+        assert result.returncode == 2 and f"error: {name} must be" in result.stderr, result.stderr
+    result = run_loop({"POOL": "/tmp"})
+    assert result.returncode == 2 and "MODEL" in result.stderr
+    result = run_loop({"MODEL": "m", "POOL": "/nonexistent/pool", "OUT": "/nonexistent/run"})
+    assert result.returncode == 2 and result.stderr == ("error: POOL /nonexistent/pool holds no manifest.jsonl and "
+                                                        "references.txt: build it with make_pool.py, or set IMAGES to "
+                                                        "build it here\n")
+
+
+def test_one_loop_per_out(demo_run, tmp_path):
+    """A second loop into a running loop's OUT refuses before doing anything; a lock left by a killed loop is taken
+    over, and said so."""
+    assets, out = demo_run / "assets", tmp_path / "run"
+    env = {"MODEL": str(assets / "base"), "IMAGES": str(assets / "pool"), "OUT": str(out), **SMALL,
+           "BENCH": f"synthetic={assets / 'bench' / 'labels.jsonl'}", "EVAL_ARGS": "--no-reasoning --max-new-tokens 8"}
+    full = {k: v for k, v in os.environ.items() if k not in ("MODEL", "IMAGES", "BENCH", "OUT")}
+    first = subprocess.Popen(["bash", "run_evolution.sh"], cwd=ROOT, env={**full, **env, "OMP_NUM_THREADS": "1"},
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    owner = f"pid {first.pid} on host {socket.gethostname()}"
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline and not ((out / ".lock").exists() and (out / ".lock").read_text().strip()):
+            time.sleep(0.05)
+        second = run_loop(env)
+        assert first.poll() is None  # the first was running all along
+        assert second.returncode == 2 and second.stdout == "", second.stdout + second.stderr
+        assert second.stderr.splitlines() == [f"error: {out} is in use by another run_evolution.sh or a stage it "
+                                              f"started ({owner}); wait for it to end, or use another OUT"]
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+    wait_until_released(out)
+    left = (out / ".lock").read_text()
+    assert left == owner + "\n"  # a killed run cannot release its note, the kernel releases the lock itself
+    (demo_run / ".lock").write_text(left)  # the finished demo, as a killed run would leave it: a rerun goes on
+    result = run_loop({"OUT": str(demo_run), **SMALL})
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"note: taking over {demo_run}/.lock, left by a run that ended without releasing it ({owner})" in \
+        result.stdout.splitlines()
+    assert (demo_run / ".lock").read_text() == ""
 
 
 def test_failing_stage_names_stage_and_log(demo_run, tmp_path):
@@ -131,7 +208,7 @@ def test_failing_stage_names_stage_and_log(demo_run, tmp_path):
 def test_kill_during_training_then_resume(demo_run, tmp_path):
     assets, out = demo_run / "assets", tmp_path / "run"
     env = {"MODEL": str(assets / "base"), "IMAGES": str(assets / "pool"), "OUT": str(out), "ROUNDS": "1",
-           "PAIRS": "8", "K": "2", "G": "2",
+           "PAIRS": "8", "K": "2", "GROUP_SIZE": "2",
            "VOTES_ARGS": "--no-reasoning --max-new-tokens 8", "EVAL_ARGS": "--no-reasoning --max-new-tokens 8",
            "TRAIN_ARGS": "--no-reasoning --max-new-tokens 8 --pairs-per-step 2 --save-every 1 --lr 1e-4"}
     full = {k: v for k, v in os.environ.items() if k not in ("MODEL", "IMAGES", "BENCH", "OUT")}
@@ -145,6 +222,7 @@ def test_kill_during_training_then_resume(demo_run, tmp_path):
         time.sleep(0.2)
     os.killpg(loop.pid, signal.SIGKILL)  # the whole loop, the training process included
     loop.wait()
+    wait_until_released(out)
     assert not (out / "round_1" / ".done_grpo_train").exists()
 
     result = run_loop(env)
@@ -162,7 +240,8 @@ def test_kill_during_training_then_resume(demo_run, tmp_path):
 def test_two_processes(demo_run, tmp_path):
     assets, out = demo_run / "assets", tmp_path / "run"
     env = {"MODEL": str(assets / "base"), "IMAGES": str(assets / "pool"), "OUT": str(out), "NPROC": "2",
-           "BENCH": f"synthetic={assets / 'bench' / 'labels.jsonl'}", "ROUNDS": "1", "PAIRS": "8", "K": "2", "G": "2",
+           "BENCH": f"synthetic={assets / 'bench' / 'labels.jsonl'}", "ROUNDS": "1", "PAIRS": "8", "K": "2",
+           "GROUP_SIZE": "2",
            "VOTES_ARGS": "--no-reasoning --max-new-tokens 8",
            "EVAL_ARGS": "--no-reasoning --max-new-tokens 8 --samples 2",
            "TRAIN_ARGS": "--no-reasoning --max-new-tokens 8 --pairs-per-step 2 --lr 1e-4"}
@@ -177,3 +256,37 @@ def test_two_processes(demo_run, tmp_path):
     assert all(len(r["pairs"]) == 4 for r in train)  # 2 processes x 2 pairs per step
     assert json.loads((out / "round_1" / "eval" / "summary.json").read_text())["num_processes"] == 2
     assert (out / "results.md").exists()
+
+
+def test_pool_round_2_adds_same_reference_pairs(demo_run, tmp_path):
+    """With IMAGES and POOL, the loop builds the pool (make_pool.py); round 1 votes on its references alone, round 2
+    draws its random pairs over the whole pool and adds SYNTH_PAIRS pairs of two versions of one reference, a setting
+    in its marker. A rerun naming only the built POOL (no IMAGES) finds everything done."""
+    assets, out, pool = demo_run / "assets", tmp_path / "run", tmp_path / "pool"
+    (tmp_path / "images").mkdir()
+    for path in sorted((assets / "pool").glob("*.png"))[:6]:
+        shutil.copy(path, tmp_path / "images" / path.name)
+    flags = "--no-reasoning --max-new-tokens 8"
+    env = {"MODEL": str(assets / "base"), "POOL": str(pool), "OUT": str(out), "ROUNDS": "2", "VARIANTS": "2",
+           "PAIRS": "4", "SYNTH_PAIRS": "3", "K": "2", "GROUP_SIZE": "2", "VOTES_ARGS": flags,
+           "TRAIN_ARGS": f"{flags} --pairs-per-step 4 --lr 1e-4"}
+    result = run_loop({**env, "IMAGES": str(tmp_path / "images")})
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "[done] make_pool" in result.stdout
+    reference_of = {r["image"]: r["reference"] for r in map(json.loads, (pool / "manifest.jsonl").open())}
+    assert len(reference_of) == 6 * 3
+    votes = {t: [json.loads(line) for line in (out / f"round_{t}" / "votes.jsonl").open()] for t in (1, 2)}
+    assert len(votes[1]) == 4 and all(r["kind"] == "random" for r in votes[1])
+    assert all(reference_of[r[x]] == r[x] for r in votes[1] for x in "ab")  # references only
+    same = [r for r in votes[2] if r["kind"] == "same_reference"]
+    assert len(votes[2]) == 4 + 3 and len(same) == 3
+    assert all(reference_of[r["a"]] == reference_of[r["b"]] and r["a"] != r["b"] for r in same)
+    assert len({frozenset((r["a"], r["b"])) for r in votes[2]}) == 7  # no pair twice
+    markers = {t: (out / f"round_{t}" / ".done_sample_votes").read_text().splitlines() for t in (1, 2)}
+    assert "--same-reference-pairs" not in markers[1] and "--pool-manifest" not in markers[1]
+    assert markers[2][markers[2].index("--same-reference-pairs") + 1] == "3"
+    assert markers[2][markers[2].index("--pool-manifest") + 1] == str(pool / "manifest.jsonl")
+    labels = [json.loads(line) for line in (out / "round_2" / "pseudolabels.jsonl").open()]
+    assert {r["kind"] for r in labels} == {"random", "same_reference"}
+    result = run_loop(env)
+    assert result.returncode == 0 and "[run ]" not in result.stdout, result.stdout + result.stderr
