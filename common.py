@@ -2,21 +2,26 @@
 
 - prompt presets (byte-exact) and the answer parsers that go with them;
 - model / processor loading, chat inputs with one or two images;
-- image loading and image lists;
-- JSONL I/O that survives a kill (append writer, tolerant reader, resume keys);
+- image loading and image lists (names canonical and kept under their root);
+- JSONL I/O that survives a kill (append writer, tolerant reader, atomic rewrite);
+- one run record per output (settings checked on a rerun), one lock per output, per-process shards and their merge;
 - the tiny argparse adapter that turns each stage's `Args` dataclass into a command line.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import errno
+import glob
 import hashlib
 import json
 import math
 import os
 import re
 import sys
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -187,32 +192,80 @@ def load_image(path: str | os.PathLike) -> Image.Image:
         raise ValueError(f"cannot read image {path}: {type(e).__name__}: {e}") from e
 
 
-def list_images(spec: str | os.PathLike, root: str | os.PathLike | None = None) -> tuple[Path, list[str]]:
-    """(root, relative paths) of an image pool given as a folder (recursive, sorted) or a list file.
+def safe_name(root: str | os.PathLike, name: str, where: str, allow_outside: bool = False) -> str:
+    """`name` as one canonical relative name under `root` ('./a//b.png' and 'a/b.png' are one image). An absolute
+    name, or one that climbs out of `root` with '..', is refused naming `where` ("file:line"), unless
+    `allow_outside`, which keeps it as an absolute path (for a user who means it)."""
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError(f"{where}: expected an image name, got {name!r}")
+    normal = os.path.normpath(name)
+    if os.path.isabs(normal) or normal == ".." or normal.startswith("../"):
+        if allow_outside:
+            return os.path.abspath(os.path.join(root, normal))
+        raise ValueError(f"{where}: image name {name!r} is outside the image root {root} (absolute or '..'); "
+                         "use a name relative to the root, or the stage's flag that allows names outside it")
+    return normal
+
+
+def walk_images(folder: Path) -> list[Path]:
+    """Every image file below `folder`, sorted. Symlinked and unreadable subfolders are not entered; each one is
+    said on stderr with the reason, so a scan never drops part of a pool silently."""
+    found, skipped = [], []
+    for top, dirs, files in os.walk(folder, onerror=lambda e: skipped.append(f"{e.filename}: unreadable ({e.strerror})")):
+        for d in [d for d in dirs if os.path.islink(os.path.join(top, d))]:
+            skipped.append(f"{os.path.join(top, d)}: a symlinked folder (not followed)")
+            dirs.remove(d)
+        found += [Path(top) / f for f in files if Path(f).suffix.lower() in IMAGE_EXTENSIONS]
+    for line in skipped:
+        print(f"warning: skipped subfolder {line}", file=sys.stderr)
+    return sorted(found)
+
+
+def list_images(spec: str | os.PathLike, root: str | os.PathLike | None = None,
+                allow_outside: bool = False) -> tuple[Path, list[str]]:
+    """(root, canonical relative names) of an image pool given as a folder (recursive, sorted) or a list file.
 
     A list file is .txt (one path per line, '#' comments) or .jsonl (an "image" field: a path or a one-element list).
-    Relative paths are resolved against `root`, by default the folder or the list file's folder.
+    Names are resolved against `root`, by default the folder or the list file's folder, and must stay under it
+    (`safe_name`); a name listed twice (after normalising) is refused.
     """
     spec = Path(spec)
     if spec.is_dir():
         base = Path(root) if root else spec
-        paths = sorted(p for p in spec.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-        return base, [p.relative_to(base).as_posix() for p in paths]
-    if not spec.is_file():
+        named = [(p.relative_to(base).as_posix() if p.is_relative_to(base) else str(p), str(p))
+                 for p in walk_images(spec)]
+    elif not spec.is_file():
         raise FileNotFoundError(f"image pool {spec} is neither a folder nor a list file")
-    base = Path(root) if root else spec.parent
-    if spec.suffix == ".jsonl":
-        images = []
-        for lineno, record in read_jsonl(spec, with_lineno=True):
-            image = record.get("image")
-            image = image[0] if isinstance(image, list) and len(image) == 1 else image
-            if not isinstance(image, str):
-                raise ValueError(f"{spec}:{lineno}: expected an 'image' field holding a path")
-            images.append(image)
     else:
-        lines = (line.strip() for line in spec.read_text().splitlines())
-        images = [line for line in lines if line and not line.startswith("#")]
+        base = Path(root) if root else spec.parent
+        named = []
+        if spec.suffix == ".jsonl":
+            for lineno, record in read_jsonl(spec, with_lineno=True):
+                image = record.get("image")
+                image = image[0] if isinstance(image, list) and len(image) == 1 else image
+                if not isinstance(image, str):
+                    raise ValueError(f"{spec}:{lineno}: expected an 'image' field holding a path")
+                named.append((image, f"{spec}:{lineno}"))
+        else:
+            for lineno, line in enumerate(read_text(spec).splitlines(), 1):
+                if line.strip() and not line.strip().startswith("#"):
+                    named.append((line.strip(), f"{spec}:{lineno}"))
+    images, seen = [], {}
+    for name, where in named:
+        name = safe_name(base, name, where, allow_outside)
+        if name in seen:
+            raise ValueError(f"{where}: {name} is listed twice in {spec} (also at {seen[name]})")
+        seen[name] = where
+        images.append(name)
     return base, images
+
+
+def read_text(path: str | os.PathLike) -> str:
+    """A UTF-8 text file (a BOM is dropped); a file in another encoding is an error naming it."""
+    try:
+        return Path(path).read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.start}); save it as UTF-8") from e
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -279,11 +332,6 @@ class JsonlWriter:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def done_keys(path: str | os.PathLike, key: Callable[[dict], Any]) -> set:
-    """Keys of the records already in a JSONL file, for resuming."""
-    return {key(record) for record in read_jsonl(path)}
 
 
 def write_lines_atomic(path: str | os.PathLike, lines: Iterable[str]) -> None:
@@ -416,10 +464,118 @@ def refuse_changed_settings(path: str | os.PathLike, settings: dict, what: str, 
     path = Path(path)
     if not path.exists():
         return
-    saved = json.loads(path.read_text())
+    saved = read_json(path)
     changes = changed_settings(saved.get("settings", saved), settings)
     if changes:
         die(f"{what} was made with other settings ({'; '.join(changes)}); {remedy}")
+
+
+def record_settings(path: str | os.PathLike, settings: dict, **extra: Any) -> None:
+    """Write the run record {"settings": ..., **extra} that `refuse_changed_settings` checks on a rerun. Called only
+    once the run has started for real (model loaded, inputs checked), so a run that failed before doing any work
+    leaves nothing that refuses the corrected command."""
+    write_json_atomic(path, {"settings": settings, **extra})
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    """A JSON file a run wrote (settings, meta, trainer state); an empty or cut-off one is a one-line error naming
+    it, not a JSONDecodeError."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        die(f"{path} is empty or not valid JSON ({e}); it was cut off or edited: delete it, or the whole output, "
+            "and rerun")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Output folders: one run at a time, checked writable, per-process shards merged once
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _process_start(pid: int) -> Optional[str]:
+    """The kernel's start time of a process (/proc/PID/stat field 22), so a reused pid is not taken for the owner."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+@contextlib.contextmanager
+def output_lock(path: str | os.PathLike) -> Iterator[None]:
+    """Hold `<path>.lock` exclusively for the run (flock: the kernel releases it when the process dies, even by
+    SIGKILL). The file names the owner (pid, host, start); a second run into the same output fails at once naming
+    it. A lock file left by a dead owner is taken over, and said so. In a multi-process run only the main process
+    takes it: its processes share one lock."""
+    import fcntl
+    import socket
+
+    lock = Path(f"{path}.lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(lock, "a+", encoding="utf-8")
+    handle.seek(0)
+    owner = handle.read().strip()
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        die(f"{path} is in use by another run ({owner or 'owner unknown'}); wait for it to finish or stop it, "
+            "or use another output")
+    if owner:
+        print(f"warning: taking over {lock} from a run that ended without releasing it ({owner})", file=sys.stderr)
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()} on host {socket.gethostname()}, started "
+                 f"{time.strftime('%Y-%m-%d %H:%M:%S')} (process start {_process_start(os.getpid())})\n")
+    handle.flush()
+    try:
+        yield
+    finally:
+        handle.seek(0)
+        handle.truncate()  # an empty lock file is a free one; removing it would race with a waiting run
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        handle.close()
+
+
+def check_writable(folder: str | os.PathLike) -> None:
+    """Die, before any model is loaded, if `folder` cannot be created or written (read-only, no permission)."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        die(f"cannot write to {folder} ({e.strerror}); choose a writable output")
+
+
+def shard_file(path: str | os.PathLike, rank: int) -> Path:
+    """Process `rank`'s append-only part of the JSONL file `path` (merged into `path` by the main process)."""
+    return Path(f"{path}.shard-{rank:05d}.jsonl")
+
+
+def shard_files(path: str | os.PathLike) -> list[Path]:
+    """Every process's part of `path` left by any earlier run, whatever its number of processes."""
+    return sorted(Path(p) for p in glob.glob(glob.escape(str(path)) + ".shard-*.jsonl"))
+
+
+def merge_shards(path: str | os.PathLike, records: Iterable[dict]) -> None:
+    """Write the merged `records` to `path` atomically, then delete the shards: a merge killed at any point is
+    simply redone by the next run, which reads `path` and the shards again."""
+    write_jsonl_atomic(path, records)
+    for shard in shard_files(path):
+        shard.unlink()
+
+
+def run_main(main: Callable[[], Any]) -> None:
+    """A stage's entry point: an output that fails mid-run (disk full, read-only, no permission) is one line naming
+    the file and what to do, exit 2, not a traceback; the stage resumes from what it wrote when rerun."""
+    try:
+        main()
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT, errno.EPERM):
+            raise
+        die(f"{e.filename or 'an output file'}: {e.strerror}; free space or fix permissions, then rerun the same "
+            "command (it resumes)")
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -5,48 +5,39 @@ ranks the image against its partners (the fidelity to p*), normalises the reward
 takes a clipped policy-gradient step with a KL penalty towards the frozen initial model (../EVOQUALITY.md, "Online
 stage"). The result in --out is a plain HF checkpoint: the next round's --model.
 
+One process (bf16 and gradient checkpointing by default on a GPU):
+
     python grpo_train.py --model Qwen/Qwen2.5-VL-7B-Instruct --pseudolabels runs/r1/pseudolabels.jsonl \\
-        --images-root data/koniq/images --out runs/r1/model          # bf16 + gradient checkpointing on a GPU
+        --images-root data/koniq/images --out runs/r1/model
 
-    # several GPUs, small models: DDP replicas (accelerate); torchrun on CPU
-    accelerate launch --num_processes 8 grpo_train.py ... (same flags)
+Several processes, small models (DDP replicas; torchrun on CPU):
 
-    # the paper's scale (Qwen2.5-VL-7B full fine-tune, 8 x 80 GB): FSDP2, the same code path on CPU (gloo) and GPU
+    accelerate launch --num_processes 8 grpo_train.py ...
+
+The paper's scale (Qwen2.5-VL-7B full fine-tune, 8 x 80 GB): FSDP2, the same code on CPU (gloo) and GPU:
+
     accelerate launch --num_processes 8 grpo_train.py ... --fsdp [--shard-reference]
-    torchrun --standalone --nproc_per_node 2 grpo_train.py ... --fsdp          # what the tests run on CPU
+    torchrun --standalone --nproc_per_node 2 grpo_train.py ... --fsdp
 
-    # a killed run: the same command with --resume continues from the latest --out/checkpoints/step-N
-
-A step is defined globally, so that N processes compute what 1 process would: the step's pairs are the same slice of
-the seeded order whatever N; its distinct images are cut into sampling calls of --rollout-batch images, call k seeded
-by (seed, step, k) and run by process k mod N; every process sees every score (the rewards need all partners); the
-loss is normalised by the step's total number of rollouts. Every process runs the same number of forward/backward
-passes (zero-weight repeats of a real micro-batch), so FSDP's and DDP's collectives stay in lock-step.
-
-Outputs: --out/{config.json, model weights, processor, generation config}, --out/args.json, --out/settings.json
-(what --resume checks), --out/train_log.jsonl (one line per step), --out/checkpoints/step-N/ (torch.distributed
-.checkpoint: model, AdamW, scheduler, RNG; the data position is the step).
+A killed run continues with the same command and --resume. Outputs in --out: the HF checkpoint, args.json,
+settings.json, train_log.jsonl (one line per step), checkpoints/step-N/.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import os
 import random
-import shutil
 import time
 import zlib
 from dataclasses import asdict, dataclass
-from datetime import timedelta
 from pathlib import Path
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 
 import common
+import parallel
 import sampling
 
 
@@ -100,7 +91,7 @@ LOGPROB_CHUNK = 64  # completion positions per log-softmax chunk: 64 x micro-bat
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# ALGO LOGIC: reward, advantages, loss (read next to EVOQUALITY.md, "Online stage")
+# ALGO LOGIC: reward, advantages, loss, log-probs (read next to EVOQUALITY.md, "Online stage")
 # ---------------------------------------------------------------------------------------------------------------------
 
 
@@ -202,11 +193,9 @@ def shared_image_features(model, inputs: dict) -> dict:
     rows share its features as `mm_encoder_outputs`; with gradient, so its backward runs once too). Not under FSDP:
     the root's vision weights (patch embedding, merger) are gathered only inside the root forward, so there every row
     keeps its own pixel_values."""
-    from torch.distributed.fsdp import FSDPModule
-
-    if isinstance(model, FSDPModule):
+    if parallel.is_sharded(model):
         return inputs
-    return sampling.encode_images_once(getattr(model, "module", model), inputs)  # DDP: the wrapped module's tower
+    return sampling.encode_images_once(parallel.unwrap(model), inputs)  # DDP: the wrapped module's tower
 
 
 def _chunk_logprobs(logits: torch.Tensor, ids: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -230,7 +219,7 @@ def logprobs_at(logits: torch.Tensor, ids: torch.Tensor, temperature: float,
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Batches: one row per rollout; pixel rows follow image_grid_thw
+# ALGO LOGIC: a step's data: its pairs, its sampling calls, one row per rollout
 # ---------------------------------------------------------------------------------------------------------------------
 
 
@@ -285,143 +274,13 @@ class Call:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Distributed: everything that knows about processes and shards is here (torchtitan style)
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-def shard(model, mesh, bf16: bool):
-    """FSDP2: each vision block and each decoder layer is one all-gather unit; the root holds the rest (embeddings,
-    patch embedding, merger, norm, lm_head). With bf16: bf16 compute and all-gathers, fp32 gradient reduction,
-    fp32 master weights (AdamW on bf16 weights would round lr 3e-7 updates away)."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 \
-        else MixedPrecisionPolicy()  # fp32: no casts
-    for block in [*model.model.visual.blocks, *model.model.language_model.layers]:
-        fully_shard(block, mesh=mesh, mp_policy=mp)
-    fully_shard(model, mesh=mesh, mp_policy=mp)
-    return model
-
-
-def load_sharded(name: str, dtype: torch.dtype, mesh, bf16: bool, gradient_checkpointing: bool = False):
-    """A sharded model without a full copy per process: every process builds it on the meta device and shards it;
-    process 0 alone reads the checkpoint into host RAM and sends each process its shards (full_state_dict +
-    broadcast_from_rank0). Buffers (rotary frequencies: not in the state dict) are broadcast from process 0 too."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-    from transformers import AutoConfig, AutoModelForImageTextToText, GenerationConfig
-
-    with torch.device("meta"):
-        model = AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(name), dtype=dtype)
-    full = common.load_model(name, dtype=dtype) if dist.get_rank() == 0 else None
-    if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    shard(model, mesh, bf16)
-    model.to_empty(device=torch.device(mesh.device_type, torch.cuda.current_device()) if mesh.device_type == "cuda"
-                   else "cpu")
-    set_model_state_dict(model, full.state_dict() if full is not None else {},
-                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
-    buffers = dict(full.named_buffers()) if full is not None else {}
-    for key, buffer in model.named_buffers():
-        if full is not None:
-            buffer.copy_(buffers[key])
-        dist.broadcast(buffer, src=0)
-    try:  # the shipped generation config (special token ids); sampling never inherits its knobs (sampling.sample)
-        model.generation_config = GenerationConfig.from_pretrained(name)
-    except OSError:
-        pass
-    return model
-
-
-def fsdp_units(model) -> list:
-    from torch.distributed.fsdp import FSDPModule
-
-    return [m for m in model.modules() if isinstance(m, FSDPModule)]
-
-
-@contextlib.contextmanager
-def full_weights(model):
-    """FSDP2: all-gather every shard ONCE for a whole rollout phase and keep it gathered between forwards, so that
-    decoding runs with no collective per token (processes that decode different numbers of tokens or calls cannot
-    desynchronise), then reshard. A no-op for a replica. The root already stays gathered after its forward.
-    transformers' generate reads fully_shard's `_is_fsdp_managed_module` flag to turn on synced_gpus (an all-reduce
-    per decoded token, which would make unequal sampling calls hang): with the weights gathered no process needs the
-    others, so the flag is lowered for the phase."""
-    units = fsdp_units(model)
-    if not units:
-        yield
-        return
-    for unit in units:
-        unit.unshard()
-    for unit in units[1:]:
-        unit.set_reshard_after_forward(False, recurse=False)
-    model._is_fsdp_managed_module = False
-    try:
-        yield
-    finally:
-        model._is_fsdp_managed_module = True
-        for unit in units[1:]:
-            unit.set_reshard_after_forward(True, recurse=False)
-        for unit in units:
-            unit.reshard()
-
-
-def world_size() -> int:
-    return dist.get_world_size() if dist.is_initialized() else 1
-
-
-def all_reduce(values: list[float], op: str, device) -> list[float]:
-    """Sum ("sum") or maximum ("max") of each value over processes."""
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    if world_size() > 1:
-        dist.all_reduce(t, dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
-    return t.tolist()
-
-
-def all_gather(obj) -> list:
-    """`obj` of every process, in rank order."""
-    if world_size() == 1:
-        return [obj]
-    out = [None] * world_size()
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def lockstep(micro_batches: list, stand_in, device) -> list[tuple[object, bool]]:
-    """(micro-batch, real) for every pass of this process: its own micro-batches, then zero-weight repeats of a real
-    IMAGE micro-batch up to the largest count of any process. Under FSDP every forward and backward is a collective
-    (under DDP every backward), so a process that ran fewer would leave the others waiting forever; a text-only
-    stand-in would not do (it would skip the vision blocks' all-gathers)."""
-    count = int(all_reduce([len(micro_batches)], "max", device)[0])
-    return [(mb, True) for mb in micro_batches] + [(stand_in, False)] * (count - len(micro_batches))
-
-
-def init_distributed(args: Args, cuda: bool):
-    """The accelerator (process group, device, DDP for replicas); with --fsdp and one process, a 1-process group.
-    Every collective times out after --dist-timeout: a desynchronised process raises instead of hanging."""
-    from accelerate import Accelerator
-    from accelerate.utils import DistributedType, InitProcessGroupKwargs
-
-    timeout = timedelta(seconds=args.dist_timeout)
-    # cpu=True when there is no GPU: without it accelerate 1.15 runs each torchrun process alone (DistributedType.NO)
-    accelerator = Accelerator(mixed_precision="bf16" if args.bf16 and not args.fsdp else "no", cpu=not cuda,
-                              kwargs_handlers=[InitProcessGroupKwargs(timeout=timeout)])
-    if accelerator.distributed_type == DistributedType.FSDP:
-        common.die("accelerate's FSDP plugin is not used by grpo_train.py (it would shard twice): launch without an "
-                   "FSDP config and pass --fsdp")
-    if args.fsdp and not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo", store=dist.HashStore(), rank=0, world_size=1,
-                                timeout=timeout)
-    return accelerator
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# The step, phase by phase (ALGO LOGIC)
+# ALGO LOGIC: the step, phase by phase
 # ---------------------------------------------------------------------------------------------------------------------
 
 
 @dataclass
 class Run:
-    """What every phase needs: settings, models, and this process's place."""
+    """What every phase needs: settings, models, tokens."""
 
     args: Args
     accelerator: object
@@ -437,9 +296,6 @@ class Run:
     placeholder_ids: tuple[int, ...]
     vision_start_id: int
     device: torch.device
-    rank: int
-    world: int
-    ddp: bool
 
     def encode(self, images: list[str]) -> dict:
         encoded = common.encode_batch(self.processor, [self.prompt_text] * len(images),
@@ -454,19 +310,19 @@ def rollout(run: Run, images: list[str], step: int) -> list[Call]:
     weights are gathered once for the whole phase."""
     G, calls = run.args.group_size, []
     run.model.eval()
-    with full_weights(run.model), run.accelerator.autocast():
-        for k, idx in sampling_calls(len(images), run.args.rollout_batch, run.rank, run.world):
+    with parallel.full_weights(run.model), run.accelerator.autocast():
+        for k, idx in sampling_calls(len(images), run.args.rollout_batch, parallel.rank(), parallel.world_size()):
             encoded = run.encode([images[i] for i in idx])
             torch.manual_seed(zlib.crc32(f"{run.args.seed}-{step}-{k}".encode()))
-            s = sampling.sample(run.generator, run.processor, encoded, G, run.args.max_new_tokens, run.args.temperature,
-                              do_sample=True)
+            s = sampling.sample(run.generator, run.processor, encoded, G, run.args.max_new_tokens,
+                                run.args.temperature, do_sample=True)
             batch = select_rows(encoded, [i for i in range(len(idx)) for _ in range(G)], run.vision_start_id)
             # clone: tensors made under inference mode cannot enter autograd
             calls.append(Call(idx, batch, s.ids.clone(), s.mask.clone(), s.completions()))
     return calls
 
 
-def rewards(run: Run, calls: list[Call], images: list[str], pairs_now: list) -> dict:
+def rewards(calls: list[Call], images: list[str], pairs_now: list, preset: common.Preset, gamma: float) -> dict:
     """Every process's scores to every process (an image's reward needs its partners' score statistics), then the
     fidelity rewards of all the step's pairs and the advantages within each image's group. A completion cut off at
     --max-new-tokens is unparseable (sampling.answer): reward 0."""
@@ -475,12 +331,12 @@ def rewards(run: Run, calls: list[Call], images: list[str], pairs_now: list) -> 
         lengths = call.mask.sum(dim=1).tolist()
         for j, i in enumerate(call.images):
             completions = call.completions[j]
-            G = len(completions)
-            local[i] = ([sampling.answer(c, lambda t: common.parse_score(t, run.preset)) for c in completions],
-                        [c.truncated for c in completions], lengths[j * G:(j + 1) * G])
-    merged = {i: v for part in all_gather(local) for i, v in part.items()}
+            n = len(completions)
+            local[i] = ([sampling.answer(c, lambda t: common.parse_score(t, preset)) for c in completions],
+                        [c.truncated for c in completions], lengths[j * n:(j + 1) * n])
+    merged = {i: v for part in parallel.all_gather(local) for i, v in part.items()}
     scores = {images[i]: merged[i][0] for i in range(len(images))}
-    fidelity = pair_fidelity_rewards(scores, pairs_now, run.args.gamma)
+    fidelity = pair_fidelity_rewards(scores, pairs_now, gamma)
     reward_matrix = torch.tensor([fidelity[x] for x in images], dtype=torch.float64)
     return {"scores": scores, "rewards": reward_matrix, "advantages": group_advantages(reward_matrix),
             "truncated": [t for i in range(len(images)) for t in merged[i][1]],
@@ -488,8 +344,9 @@ def rewards(run: Run, calls: list[Call], images: list[str], pairs_now: list) -> 
 
 
 def schedule(run: Run, calls: list[Call], images: list[str]) -> list[tuple[tuple[Call, list[int]], bool]]:
-    """The micro-batches of this process, in lock-step with the others (see lockstep). A process with no sampling
-    call this step (fewer calls than processes) uses the step's first image with a one-token completion as stand-in."""
+    """The micro-batches of this process, in lock-step with the others (parallel.lockstep). A process with no
+    sampling call this step (fewer calls than processes) uses the step's first image with a one-token completion as
+    stand-in."""
     mbs = run.args.micro_batch_size
     own = [(c, list(range(s, min(s + mbs, len(c.ids))))) for c in calls for s in range(0, len(c.ids), mbs)]
     if own:
@@ -497,7 +354,7 @@ def schedule(run: Run, calls: list[Call], images: list[str]) -> list[tuple[tuple
     else:
         one = torch.full((1, 1), run.eos_ids[0], device=run.device)
         stand_in = (Call([], run.encode(images[:1]), one, torch.ones_like(one), []), [0])
-    return lockstep(own, stand_in, run.device)
+    return parallel.lockstep(own, stand_in, run.device)
 
 
 def reference_logprobs(run: Run, passes: list) -> list[torch.Tensor]:
@@ -517,7 +374,7 @@ def policy_update(run: Run, passes: list, ref_logps: list[torch.Tensor], advanta
     micro-batch is weighted by its share of the step's rollouts (all processes together), times the number of
     processes because DDP and FSDP average gradients over processes: the gradient is that of the mean loss over all
     the step's rollouts, as one process would compute it. Stand-in micro-batches weigh 0: `(loss * 0).backward()`."""
-    args, G = run.args, run.args.group_size
+    args, world = run.args, parallel.world_size()
     run.model.train()
     old_logps: list[torch.Tensor] = []
     sums = [0.0, 0.0, 0.0]  # loss, kl, clip_fraction: means over the step's rollouts (this process's share)
@@ -525,63 +382,62 @@ def policy_update(run: Run, passes: list, ref_logps: list[torch.Tensor], advanta
         for k, ((call, rows), real) in enumerate(passes):
             prompt, ids, mask = call.micro_batch(rows, run.vision_start_id)
             adv_rows = advantages[call.images].flatten() if real else torch.zeros(len(call.ids), dtype=torch.float64)
-            sync = not run.ddp or k == len(passes) - 1  # DDP: all-reduce once, in the last backward
-            with (contextlib.nullcontext() if sync else run.accelerator.no_sync(run.model)), run.accelerator.autocast():
+            with parallel.accumulate(run.model, last=k == len(passes) - 1), run.accelerator.autocast():
                 logp = token_logprobs(run.model, prompt, ids, args.temperature, run.placeholder_ids, run.eos_ids[0])
                 if ppo_epoch == 0:  # old policy = the policy before this step's first update
                     old_logps.append(logp.detach())
                 loss, metrics = grpo_loss(logp, old_logps[k], ref_logps[k], adv_rows[rows].to(run.device), mask,
                                           args.beta, args.clip_eps)
-                weight = len(rows) / n_rollouts * run.world if real else 0.0
+                weight = len(rows) / n_rollouts * world if real else 0.0
                 (loss * weight).backward()
             if ppo_epoch == args.ppo_epochs - 1 and real:
                 for j, value in enumerate((loss, metrics["kl"], metrics["clip_fraction"])):
                     sums[j] += float(value.detach()) * len(rows) / n_rollouts
-        grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), args.max_grad_norm)
-        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: a DTensor
+        grad_norm = parallel.clip_grad_norm(run.model, args.max_grad_norm)
         run.optimizer.step()
         run.scheduler.step()
         run.optimizer.zero_grad(set_to_none=True)
-    loss, kl, clip_fraction = all_reduce(sums, "sum", run.device)
-    return {"loss": loss, "kl": kl, "clip_fraction": clip_fraction, "grad_norm": float(grad_norm)}
+    loss, kl, clip_fraction = parallel.all_reduce(sums, "sum", run.device)
+    return {"loss/total": loss, "kl/mean": kl, "loss/clip_fraction": clip_fraction, "optim/grad_norm": grad_norm}
 
 
 def log_record(run: Run, step: int, steps_per_epoch: int, pairs_now: list, r: dict, update: dict, passes: list,
                seconds: list[float]) -> dict:
     """One train_log.jsonl line: the step's metrics over all processes (null for an undefined statistic)."""
-    reward_matrix, G = r["rewards"], run.args.group_size
+    reward_matrix = r["rewards"]
     valid = reward_matrix[torch.isfinite(reward_matrix)]
     skipped = ~torch.isfinite(reward_matrix).all(dim=1)
     group_std = reward_matrix.std(dim=1)
     score_groups = [[q for q in qs if q is not None] for qs in r["scores"].values()]
     score_std = [torch.tensor(s).std().item() for s in score_groups if len(s) >= 2]
     parsed = [q for qs in r["scores"].values() for q in qs]
-    stand_ins, = all_reduce([sum(not real for _, real in passes)], "sum", run.device)
-    t_generation, t_reference, t_update, t_step = all_reduce(seconds, "max", run.device)  # the slowest process
+    stand_ins, = parallel.all_reduce([sum(not real for _, real in passes)], "sum", run.device)
+    t_generation, t_reference, t_update, t_step = parallel.all_reduce(seconds, "max", run.device)  # the slowest
     tokens = sum(r["lengths"])
-    record = {"step": step + 1, "epoch": step // steps_per_epoch, "lr": run.scheduler.get_last_lr()[0], **update,
-              "reward_mean": valid.mean().item() if len(valid) else None,
-              "reward_std": valid.std().item() if len(valid) > 1 else None,
-              "parse_failure_rate": sum(q is None for q in parsed) / len(parsed),
-              "truncation_rate": sum(r["truncated"]) / len(r["truncated"]),
-              "groups_skipped": int(skipped.sum()), "groups": len(reward_matrix),
-              "zero_std_fraction": float(((group_std == 0) & ~skipped).double().mean()),
-              "score_mean": sum(map(sum, score_groups)) / max(1, sum(map(len, score_groups)))
+    record = {"step": step + 1, "epoch": step // steps_per_epoch, "optim/lr": run.scheduler.get_last_lr()[0],
+              **update, "reward/mean": valid.mean().item() if len(valid) else None,
+              "reward/std": valid.std().item() if len(valid) > 1 else None,
+              "reward/zero_std_fraction": float(((group_std == 0) & ~skipped).double().mean()),
+              "reward/groups": len(reward_matrix), "reward/groups_skipped": int(skipped.sum()),
+              "rollout/parse_failure_rate": sum(q is None for q in parsed) / len(parsed),
+              "rollout/truncation_rate": sum(r["truncated"]) / len(r["truncated"]),
+              "rollout/score_mean": sum(map(sum, score_groups)) / max(1, sum(map(len, score_groups)))
               if any(score_groups) else None,
-              "score_within_group_std": sum(score_std) / len(score_std) if score_std else None,
-              "completion_length": tokens / len(r["lengths"]), "generated_tokens": tokens,
-              "stand_in_micro_batches": int(stand_ins), "step_seconds": t_step, "generation_seconds": t_generation,
-              "logprob_seconds": t_reference, "backward_seconds": t_update,
-              "generated_tokens_per_s": tokens / t_generation, "pairs": [[a, b] for a, b, _ in pairs_now]}
+              "rollout/score_within_group_std": sum(score_std) / len(score_std) if score_std else None,
+              "rollout/completion_length": tokens / len(r["lengths"]), "rollout/generated_tokens": tokens,
+              "rollout/tokens_per_s": tokens / t_generation, "rollout/stand_in_micro_batches": int(stand_ins),
+              "time/step": t_step, "time/generation": t_generation, "time/reference": t_reference,
+              "time/update": t_update, "pairs": [[a, b] for a, b, _ in pairs_now]}
     return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
 
 
 def train_step(run: Run, pairs_now: list, step: int, steps_per_epoch: int) -> dict:
+    """One step: rollouts, rewards and advantages, reference log-probs, policy update, its log line."""
     t0 = time.perf_counter()
     images = list(dict.fromkeys(x for a, b, _ in pairs_now for x in (a, b)))  # both members of every pair
     calls = rollout(run, images, step)
     t1 = time.perf_counter()
-    r = rewards(run, calls, images, pairs_now)
+    r = rewards(calls, images, pairs_now, run.preset, run.args.gamma)
     passes = schedule(run, calls, images)
     ref_logps = reference_logprobs(run, passes)
     t2 = time.perf_counter()
@@ -591,7 +447,7 @@ def train_step(run: Run, pairs_now: list, step: int, steps_per_epoch: int) -> di
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# TRY NOT TO MODIFY: inputs, settings, checkpoints, the final model
+# TRY NOT TO MODIFY: inputs and the settings that define a run
 # ---------------------------------------------------------------------------------------------------------------------
 
 
@@ -639,120 +495,12 @@ def run_settings(args: Args, n_pairs: int, world: int, preset: common.Preset) ->
             "pseudolabels_sha256": common.file_sha256(args.pseudolabels)}
 
 
-def latest_checkpoint(out: Path) -> Optional[Path]:
-    done = [p for p in (out / "checkpoints").glob("step-*") if p.is_dir() and p.name.split("-")[1].isdigit()
-            and (p / "trainer_state.json").exists()]
-    return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
-
-
-def save_checkpoint(run: Run, out: Path, step: int, keep: int) -> None:
-    """Model and AdamW through torch.distributed.checkpoint (each process writes its own shards; a replica's tensors
-    once), the scheduler and RNG per process, the data position (the step): written to step-N.tmp and renamed, so a
-    kill mid-save leaves no step-N folder that --resume would trust."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-
-    final, tmp = out / "checkpoints" / f"step-{step}", out / "checkpoints" / f"step-{step}.tmp"
-    main = run.accelerator.is_main_process
-    if main:
-        shutil.rmtree(tmp, ignore_errors=True)
-    run.accelerator.wait_for_everyone()
-    model_state, optim_state = get_state_dict(run.model, run.optimizer)
-    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(tmp))
-    torch.save({"scheduler": run.scheduler.state_dict(), "torch_rng": torch.get_rng_state(),
-                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-                "python_rng": random.getstate()}, tmp / f"process-{run.rank}.pt")
-    run.accelerator.wait_for_everyone()
-    if main:
-        common.write_json_atomic(tmp / "trainer_state.json", {"step": step, "world_size": run.world})
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        steps = sorted(int(p.name.split("-")[1]) for p in (out / "checkpoints").glob("step-*")
-                       if p.name.split("-")[1].isdigit())
-        for old in steps[:-keep] if keep > 0 else []:
-            shutil.rmtree(out / "checkpoints" / f"step-{old}", ignore_errors=True)
-    run.accelerator.wait_for_everyone()
-
-
-def load_checkpoint(run: Run, checkpoint: Path) -> int:
-    """The state save_checkpoint wrote, into this run's (sharded or replicated) model and optimizer; its step."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
-    model_state, optim_state = get_state_dict(run.model, run.optimizer)
-    state = {"model": model_state, "optim": optim_state}
-    dcp.load(state, checkpoint_id=str(checkpoint))
-    set_state_dict(run.model, run.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    own = checkpoint / f"process-{run.rank}.pt"
-    extra = torch.load(own if own.exists() else checkpoint / "process-0.pt", weights_only=False)
-    run.scheduler.load_state_dict(extra["scheduler"])
-    torch.set_rng_state(extra["torch_rng"])
-    if extra["cuda_rng"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(extra["cuda_rng"])
-    random.setstate(extra["python_rng"])
-    return json.loads((checkpoint / "trainer_state.json").read_text())["step"]
-
-
-def save_final_model(run: Run, out: Path) -> None:
-    """The loadable HF checkpoint in --out, gathered to process 0 in the model's dtype (bf16 for a bf16 run, like the
-    released checkpoints): written to --out/.final.tmp, then renamed file by file with config.json last, so that
-    --out never holds a config.json beside half-written weights."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    state_dict = get_model_state_dict(run.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if run.accelerator.is_main_process:
-        unwrapped = run.generator  # the model itself (DDP unwrapped)
-        if run.args.bf16:
-            state_dict = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in state_dict.items()}
-        tmp = out / ".final.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        unwrapped.save_pretrained(tmp, state_dict=state_dict)
-        if run.args.bf16:  # save_pretrained writes the dtype of the fp32 master weights into config.json
-            config = unwrapped.config
-            for c in [config, *(getattr(config, key) for key in config.sub_configs)]:
-                c.dtype = torch.bfloat16
-            config.save_pretrained(tmp)
-        run.processor.save_pretrained(tmp)
-        names = sorted((p.name for p in tmp.iterdir()), key=lambda name: name == "config.json")
-        (out / "config.json").unlink(missing_ok=True)
-        for name in names:
-            os.replace(tmp / name, out / name)
-        tmp.rmdir()
-    run.accelerator.wait_for_everyone()
-
-
 # ---------------------------------------------------------------------------------------------------------------------
-# Main
+# TRY NOT TO MODIFY: the run's folder, models and optimizer, main
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def load_models(args: Args, accelerator, device) -> tuple:
-    """(policy as trained, policy as sampler, reference). FSDP: both sharded from one host copy (load_sharded);
-    replicas: the fp32 policy on every process (DDP through accelerate), the reference beside it."""
-    ref_name, ref_dtype = args.ref_model or args.model, torch.bfloat16 if args.bf16 else torch.float32
-    if args.fsdp:
-        from torch.distributed.device_mesh import init_device_mesh
-
-        mesh = init_device_mesh(device.type, (world_size(),))
-        model = load_sharded(args.model, torch.float32, mesh, args.bf16, args.gradient_checkpointing)
-        reference = (load_sharded(ref_name, ref_dtype, mesh, bf16=False) if args.shard_reference
-                     else common.load_model(ref_name, dtype=ref_dtype, device=device))
-        with torch.no_grad():  # FSDP2 initialises on the first forward through the ROOT; sampling may start elsewhere
-            model(input_ids=torch.zeros((1, 1), dtype=torch.long, device=device))
-        model.reshard()  # the root stays gathered after a forward: the optimizer must see the sharded parameters
-        generator = model
-    else:
-        policy = common.load_model(args.model, dtype=torch.float32)
-        if args.gradient_checkpointing:
-            policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model = accelerator.prepare(policy)
-        generator = accelerator.unwrap_model(model)
-        reference = common.load_model(ref_name, dtype=ref_dtype, device=device)
-    return model, generator, reference.eval().requires_grad_(False)
-
-
-def main() -> None:
-    args = common.parse_args(Args)
+def check_args(args: Args) -> None:
     if args.group_size < 2:
         common.die(f"--group-size {args.group_size}: needs >= 2 (the reward uses each image's score variance)")
     if min(args.ppo_epochs, args.pairs_per_step, args.micro_batch_size, args.epochs, args.rollout_batch) < 1:
@@ -764,78 +512,91 @@ def main() -> None:
     cuda = torch.cuda.is_available()
     args.bf16 = cuda if args.bf16 is None else args.bf16
     args.gradient_checkpointing = cuda if args.gradient_checkpointing is None else args.gradient_checkpointing
-    pairs, dropped = load_pairs(args.pseudolabels, args.images_root, args.skip_missing)  # before any model
 
-    from tqdm import tqdm
+
+def prepare_out(args: Args, out: Path, settings: dict, record: dict) -> Optional[Path]:
+    """The checkpoint to resume from (None: a fresh start), after refusing to overwrite or change a run in --out;
+    records the run's settings and arguments."""
+    checkpoint = parallel.latest_checkpoint(out)
+    if checkpoint is not None and not args.resume:
+        common.die(f"{out} already holds a run ({checkpoint.name}); pass --resume to continue it, or use another --out")
+    if checkpoint is None and not args.resume and common.read_jsonl(out / "train_log.jsonl"):
+        common.die(f"{out} holds a train_log.jsonl but no checkpoint; pass --resume to start over in it, or choose "
+                   "another --out")
+    if args.resume:
+        common.refuse_changed_settings(out / "settings.json", settings, f"the run in {out}",
+                                       "rerun with its settings, or train into another --out")
+    if parallel.is_main():
+        parallel.remove_interrupted_saves(out)
+        common.write_json_atomic(out / "settings.json", {"settings": settings})
+        common.write_json_atomic(out / "args.json", {"args": asdict(args), **record})
+    parallel.barrier()
+    return checkpoint
+
+
+def build_run(args: Args, accelerator, preset: common.Preset, total_steps: int) -> Run:
     from transformers import get_linear_schedule_with_warmup
 
-    accelerator = init_distributed(args, cuda)
-    rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
-    out = Path(args.out)
+    processor = common.load_processor(args.model, max_pixels=args.max_pixels)
+    model, generator, reference = parallel.load_models(args.model, args.ref_model or args.model, accelerator,
+                                                       args.bf16, args.fsdp, args.shard_reference,
+                                                       args.gradient_checkpointing)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    scheduler = get_linear_schedule_with_warmup(optimizer, args.warmup_steps, total_steps * args.ppo_epochs)
+    return Run(args, accelerator, model, generator, reference, optimizer, scheduler, processor, preset,
+               preset.prompt("score", args.reasoning), sampling.eos_token_ids(sampling.sampling_config(generator, 1)),
+               tuple(sampling.placeholder_token_ids(generator)), generator.config.vision_start_token_id,
+               accelerator.device)
+
+
+def resume(run: Run, out: Path, checkpoint: Optional[Path]) -> int:
+    """The step to start from: the checkpoint's (its state loaded), else 0; steps logged after it are dropped."""
+    start_step = 0
+    if checkpoint is not None:
+        start_step = parallel.load_checkpoint(checkpoint, run.model, run.optimizer, run.scheduler)
+        run.accelerator.print(f"resuming from {checkpoint} at step {start_step}")
+    if parallel.is_main() and (out / "train_log.jsonl").exists():
+        kept = [r for r in common.read_jsonl(out / "train_log.jsonl") if r.get("step", 0) <= start_step]
+        common.write_jsonl_atomic(out / "train_log.jsonl", kept)
+    parallel.barrier()
+    return start_step
+
+
+def main() -> None:
+    from tqdm import tqdm
+
+    args = common.parse_args(Args)
+    check_args(args)
+    pairs, dropped = load_pairs(args.pseudolabels, args.images_root, args.skip_missing)  # before any model
+    accelerator = parallel.init(args.bf16, args.fsdp, args.dist_timeout)
+    world, out, preset = parallel.world_size(), Path(args.out), common.get_preset(args.prompt)
     per_step = args.pairs_per_step * world
     steps_per_epoch = len(pairs) // per_step
     if steps_per_epoch == 0:
         common.die(f"{len(pairs)} pairs is fewer than one step needs ({args.pairs_per_step} pairs x {world} processes)")
     total_steps = steps_per_epoch * args.epochs
     last_step = min(total_steps, args.max_steps) if args.max_steps > 0 else total_steps
-    preset = common.get_preset(args.prompt)
-    checkpoint = latest_checkpoint(out)
-    if checkpoint is not None and not args.resume:
-        common.die(f"{out} already holds a run ({checkpoint.name}); pass --resume to continue it, or use another --out")
-    if checkpoint is None and not args.resume and common.read_jsonl(out / "train_log.jsonl"):
-        common.die(f"{out} holds a train_log.jsonl but no checkpoint; pass --resume to start over in it, or choose "
-                   "another --out")
-    settings = run_settings(args, len(pairs), world, preset)
-    if args.resume:
-        common.refuse_changed_settings(out / "settings.json", settings, f"the run in {out}",
-                                       "rerun with its settings, or train into another --out")
-    if accelerator.is_main_process:
-        for stale in (out / "checkpoints").glob("step-*.tmp"):  # a save that a kill interrupted
-            shutil.rmtree(stale, ignore_errors=True)
-        common.write_json_atomic(out / "settings.json", {"settings": settings})
-        common.write_json_atomic(out / "args.json", {"args": asdict(args), "preset": preset.name,
-                                                     "preset_hash": preset.hash(), "world_size": world,
-                                                     "n_pairs": len(pairs), "pairs_dropped": dropped,
-                                                     "total_steps": total_steps,
-                                                     "versions": common.package_versions()})
-    accelerator.wait_for_everyone()
+    checkpoint = prepare_out(args, out, run_settings(args, len(pairs), world, preset), {
+        "preset": preset.name, "preset_hash": preset.hash(), "world_size": world, "n_pairs": len(pairs),
+        "pairs_dropped": dropped, "total_steps": total_steps, "versions": common.package_versions()})
+    run = build_run(args, accelerator, preset, total_steps)
+    start_step = resume(run, out, checkpoint)
 
-    # TRY NOT TO MODIFY: models (fp32 master weights: bf16 AdamW would round lr 3e-7 updates away), optimizer, resume
-    processor = common.load_processor(args.model, max_pixels=args.max_pixels)
-    model, generator, reference = load_models(args, accelerator, device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    scheduler = get_linear_schedule_with_warmup(optimizer, args.warmup_steps, total_steps * args.ppo_epochs)
-    config = generator.config
-    run = Run(args, accelerator, model, generator, reference, optimizer, scheduler, processor, preset,
-              preset.prompt("score", args.reasoning), sampling.eos_token_ids(sampling.sampling_config(generator, 1)),
-              tuple(sampling.placeholder_token_ids(generator)), config.vision_start_token_id, device, rank, world,
-              ddp=world > 1 and not args.fsdp)
-    start_step = load_checkpoint(run, checkpoint) if checkpoint is not None else 0
-    if checkpoint is not None:
-        accelerator.print(f"resuming from {checkpoint} at step {start_step}")
-    if accelerator.is_main_process and (out / "train_log.jsonl").exists():  # drop steps logged after the checkpoint
-        kept = [r for r in common.read_jsonl(out / "train_log.jsonl") if r.get("step", 0) <= start_step]
-        common.write_jsonl_atomic(out / "train_log.jsonl", kept)
-    accelerator.wait_for_everyone()
-    log = common.JsonlWriter(out / "train_log.jsonl") if accelerator.is_main_process else None
-
-    progress = tqdm(range(start_step, last_step), initial=start_step, total=last_step,
-                    disable=not accelerator.is_main_process, desc="grpo")
+    log = common.JsonlWriter(out / "train_log.jsonl") if parallel.is_main() else None
+    progress = tqdm(range(start_step, last_step), initial=start_step, total=last_step, disable=log is None,
+                    desc="grpo")
     for step in progress:
-        pairs_now = step_pairs(pairs, args.seed, step, steps_per_epoch, per_step)
-        record = train_step(run, pairs_now, step, steps_per_epoch)
+        record = train_step(run, step_pairs(pairs, args.seed, step, steps_per_epoch, per_step), step, steps_per_epoch)
         if log is not None:
             log.write(record)
-        progress.set_postfix(step_s=f"{record['step_seconds']:.1f}", reward=f"{record['reward_mean'] or 0:.3f}")
+        progress.set_postfix(step_s=f"{record['time/step']:.1f}", reward=f"{record['reward/mean'] or 0:.3f}")
         if (step + 1) % args.save_every == 0 or step + 1 == last_step:
-            save_checkpoint(run, out, step + 1, args.save_total_limit)
-
+            parallel.save_checkpoint(out, step + 1, args.save_total_limit, run.model, run.optimizer, run.scheduler)
     if log is not None:
         log.close()
-    save_final_model(run, out)
+    parallel.save_final(out, run.model, run.generator, run.processor, args.bf16)
     accelerator.print(f"wrote {out} (step {last_step} of {total_steps})")
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    parallel.destroy()
 
 
 if __name__ == "__main__":

@@ -167,15 +167,17 @@ def bench_correlations(eval_dir: Path, mos: dict[str, float]) -> dict:
 def train_stats(log_path: Path) -> dict:
     """Means over the GRPO steps (and over the first / last quarter, to see a trend) of what says whether it learns."""
     steps = common.read_jsonl(log_path)
-    keys = ("reward_mean", "reward_std", "zero_std_fraction", "score_within_group_std", "kl", "parse_failure_rate",
-            "grad_norm", "score_mean")
+    keys = {"reward_mean": "reward/mean", "reward_std": "reward/std", "zero_std_fraction": "reward/zero_std_fraction",
+            "score_within_group_std": "rollout/score_within_group_std", "kl": "kl/mean",
+            "parse_failure_rate": "rollout/parse_failure_rate", "grad_norm": "optim/grad_norm",
+            "score_mean": "rollout/score_mean"}  # the summary's name: train_log.jsonl's
     mean = lambda rows, k: float(np.mean([r[k] for r in rows if r.get(k) is not None])) if rows else None  # noqa: E731
     q = max(1, len(steps) // 4)
-    return {"steps": len(steps), **{k: mean(steps, k) for k in keys},
-            "reward_mean_first_quarter": mean(steps[:q], "reward_mean"),
-            "reward_mean_last_quarter": mean(steps[-q:], "reward_mean"),
-            "kl_last": steps[-1]["kl"] if steps else None,
-            "score_within_group_std_last_quarter": mean(steps[-q:], "score_within_group_std")}
+    return {"steps": len(steps), **{name: mean(steps, k) for name, k in keys.items()},
+            "reward_mean_first_quarter": mean(steps[:q], "reward/mean"),
+            "reward_mean_last_quarter": mean(steps[-q:], "reward/mean"),
+            "kl_last": steps[-1]["kl/mean"] if steps else None,
+            "score_within_group_std_last_quarter": mean(steps[-q:], "rollout/score_within_group_std")}
 
 
 def stage_seconds(log_path: Path) -> dict:

@@ -164,10 +164,10 @@ def main() -> None:
             values = [r[k] for r in rows if r.get(k) is not None]
             return float(np.mean(values)) if values else None
         record["arms"][arm] = {**evaluate(str(run / "model")), "grpo": {
-            "steps": len(steps), "reward_first_quarter": mean(steps[:q], "reward_mean"),
-            "reward_last_quarter": mean(steps[-q:], "reward_mean"), "kl_last": steps[-1]["kl"],
-            "parse_failure_rate": mean(steps, "parse_failure_rate"),
-            "zero_std_fraction": mean(steps, "zero_std_fraction"), "s_per_step": mean(steps, "step_seconds")}}
+            "steps": len(steps), "reward_first_quarter": mean(steps[:q], "reward/mean"),
+            "reward_last_quarter": mean(steps[-q:], "reward/mean"), "kl_last": steps[-1]["kl/mean"],
+            "parse_failure_rate": mean(steps, "rollout/parse_failure_rate"),
+            "zero_std_fraction": mean(steps, "reward/zero_std_fraction"), "s_per_step": mean(steps, "time/step")}}
         print(f"{arm}: {json.dumps(record['arms'][arm])}", flush=True)
     record["seconds"] = round(time.time() - start, 1)
     print(f"\n{'arm':10s} {'bench SRCC':>18s} {'pool SRCC':>18s}   (mean of {args.samples} samples; "

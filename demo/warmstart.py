@@ -1,5 +1,5 @@
 """The CPU test bed's "base model": a tiny Qwen2.5-VL of the real architecture, given WEAK image-quality perception
-by a supervised warm-start (issue 8). It plays the role the pre-trained VLM plays in the paper.
+by a supervised warm-start. It plays the role the pre-trained VLM plays in the paper.
 
 It trains on the warm-start content set of demo/synthetic.py only (never the pool or benchmark seeds), in two phases:
 an optional vision pre-training (`--vision-pretrain-steps`: a discarded linear readout of every image token regresses

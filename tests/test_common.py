@@ -1,8 +1,11 @@
 """The shared module: prompts, parsers, images, JSONL, loading, sampling, the Args adapter."""
 
+import errno
 import json
 import math
+import os
 import re
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +17,8 @@ from PIL import Image
 import common
 import sampling
 from common import PRESETS, parse_compare, parse_score
+
+ROOT = Path(__file__).resolve().parents[1]
 
 EVOQUALITY_MD = Path(__file__).resolve().parents[2] / "shared" / "EVOQUALITY.md"
 
@@ -228,6 +233,117 @@ def test_list_images_folder_and_list_files(tmp_path):
         common.list_images(tmp_path / "nowhere")
 
 
+def test_image_names_are_canonical_and_stay_under_their_root(tmp_path):
+    assert common.safe_name(tmp_path, "./a//b/../c.png", "list:1") == "a/c.png"
+    for bad in ["/etc/passwd", "../x.png", "a/../../x.png"]:
+        with pytest.raises(ValueError, match=r"list:3: image name .* outside the image root"):
+            common.safe_name(tmp_path, bad, "list:3")
+    assert common.safe_name(tmp_path / "pool", "../x.png", "list:3", allow_outside=True) == str(tmp_path / "x.png")
+    (tmp_path / "l.txt").write_text("x.png\n./x.png\n")
+    with pytest.raises(ValueError, match=r"l.txt:2: x.png is listed twice .*l.txt:1"):
+        common.list_images(tmp_path / "l.txt")
+    (tmp_path / "out.jsonl").write_text('{"image": "ok.png"}\n{"image": "/abs/y.png"}\n')
+    with pytest.raises(ValueError, match=r"out.jsonl:2: image name '/abs/y.png'"):
+        common.list_images(tmp_path / "out.jsonl")
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9.png\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin1.txt: not UTF-8"):
+        common.list_images(tmp_path / "latin1.txt")
+
+
+def test_a_folder_scan_says_which_subfolders_it_skipped(tmp_path, capsys):
+    (tmp_path / "pool" / "real").mkdir(parents=True)
+    (tmp_path / "pool" / "real" / "1.png").write_bytes(b"x")
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "2.png").write_bytes(b"x")
+    (tmp_path / "pool" / "linked").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    assert common.list_images(tmp_path / "pool")[1] == ["real/1.png"]
+    assert "skipped subfolder " + str(tmp_path / "pool" / "linked") + ": a symlinked folder" in capsys.readouterr().err
+
+
+def test_empty_or_cut_json_sidecars_are_one_line_errors(tmp_path, capsys):
+    for text in ["", '{"settings": {"a": 1']:
+        (tmp_path / "meta.json").write_text(text)
+        with pytest.raises(SystemExit) as exit:
+            common.read_json(tmp_path / "meta.json")
+        assert exit.value.code == 2 and "meta.json is empty or not valid JSON" in capsys.readouterr().err
+        with pytest.raises(SystemExit):
+            common.refuse_changed_settings(tmp_path / "meta.json", {"a": 1}, "votes", "use another --out")
+    common.record_settings(tmp_path / "meta.json", {"a": 1}, started="now")
+    assert common.read_json(tmp_path / "meta.json") == {"settings": {"a": 1}, "started": "now"}
+    common.refuse_changed_settings(tmp_path / "meta.json", {"a": 1}, "votes", "use another --out")
+    with pytest.raises(SystemExit):
+        common.refuse_changed_settings(tmp_path / "meta.json", {"a": 2}, "votes", "use another --out")
+    assert "a: 1 -> 2" in capsys.readouterr().err
+
+
+LOCK_HOLDER = """
+import sys, time
+sys.path.insert(0, {root!r})
+import common
+with common.output_lock({path!r}):
+    print("held", flush=True)
+    time.sleep(60)
+"""
+
+
+def test_one_run_per_output_and_a_dead_owner_is_taken_over(tmp_path, capsys):
+    import subprocess
+
+    path = tmp_path / "votes.jsonl"
+    holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER.format(root=str(ROOT), path=str(path))],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(SystemExit) as exit:
+            with common.output_lock(path):
+                pass
+        err = capsys.readouterr().err
+        assert exit.value.code == 2 and f"pid {holder.pid} on host" in err and "in use by another run" in err
+    finally:
+        holder.kill()  # SIGKILL: no cleanup runs, the lock file keeps its owner's line
+        holder.wait()
+    assert f"pid {holder.pid}" in (tmp_path / "votes.jsonl.lock").read_text()
+    with common.output_lock(path):
+        assert "taking over" in capsys.readouterr().err
+        assert f"pid {os.getpid()} " in (tmp_path / "votes.jsonl.lock").read_text()
+    assert (tmp_path / "votes.jsonl.lock").read_text() == ""  # released: free for the next run, no warning
+    with common.output_lock(path):
+        assert "taking over" not in capsys.readouterr().err
+
+
+def test_unwritable_output_and_full_disk_are_one_line_errors(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SystemExit) as exit:
+        common.check_writable(tmp_path / "file" / "out")  # a path under a file: cannot be created
+    assert exit.value.code == 2 and "cannot write to" in capsys.readouterr().err
+    common.check_writable(tmp_path / "new" / "out")
+    assert (tmp_path / "new" / "out").is_dir() and not list((tmp_path / "new" / "out").iterdir())
+
+    def full():
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "votes.jsonl"))
+    with pytest.raises(SystemExit) as exit:
+        common.run_main(full)
+    assert exit.value.code == 2 and "votes.jsonl: No space left on device" in capsys.readouterr().err
+
+    def bug():
+        raise OSError(errno.EBADF, "Bad file descriptor")
+    with pytest.raises(OSError):  # not a user's problem: the traceback stays
+        common.run_main(bug)
+
+
+def test_shards_are_merged_once_and_a_killed_merge_is_redone(tmp_path):
+    out = tmp_path / "votes.jsonl"
+    for rank, keys in [(0, [1, 3]), (1, [2])]:
+        with common.JsonlWriter(common.shard_file(out, rank)) as writer:
+            for k in keys:
+                writer.write({"k": k})
+    assert [p.name for p in common.shard_files(out)] == ["votes.jsonl.shard-00000.jsonl",
+                                                         "votes.jsonl.shard-00001.jsonl"]
+    records = sorted((r for p in [out, *common.shard_files(out)] for r in common.read_jsonl(p)), key=lambda r: r["k"])
+    common.merge_shards(out, records)
+    assert common.read_jsonl(out) == [{"k": 1}, {"k": 2}, {"k": 3}] and common.shard_files(out) == []
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # JSONL
 # ---------------------------------------------------------------------------------------------------------------------
@@ -262,7 +378,6 @@ def test_jsonl_writer_cuts_partial_line_before_appending(tmp_path):
         warnings.simplefilter("error")
         records = common.read_jsonl(path)
     assert [r["k"] for r in records] == [1, 2, 3] and records[2]["text"] == "ünïcode \\boxed{1}"
-    assert common.done_keys(path, lambda r: r["k"]) == {1, 2, 3}
     assert common.read_jsonl(tmp_path / "absent.jsonl") == []
 
 

@@ -73,11 +73,11 @@ def test_two_fsdp_processes_with_uneven_images_equal_one_process(s, fsdp_run):
     a, b = common.read_jsonl(fsdp_run / "train_log.jsonl"), common.read_jsonl(one / "train_log.jsonl")
     assert [x["step"] for x in a] == [1, 2, 3]
     # 3 images a step on 2 processes: one process ran a zero-weight stand-in micro-batch every step
-    assert all(x["groups"] == 3 and x["stand_in_micro_batches"] == 1 for x in a)
-    assert all(x["stand_in_micro_batches"] == 0 for x in b)
+    assert all(x["reward/groups"] == 3 and x["rollout/stand_in_micro_batches"] == 1 for x in a)
+    assert all(x["rollout/stand_in_micro_batches"] == 0 for x in b)
     for x, y in zip(a, b):  # the same pairs and rollouts (seeded per sampling call), the same loss and gradient
-        assert x["pairs"] == y["pairs"] and x["reward_mean"] == y["reward_mean"]
-        for key in ("loss", "kl", "grad_norm"):
+        assert x["pairs"] == y["pairs"] and x["reward/mean"] == y["reward/mean"]
+        for key in ("loss/total", "kl/mean", "optim/grad_norm"):
             assert x[key] == pytest.approx(y[key], rel=1e-5, abs=1e-9), key
     wa, wb, w0 = weights(fsdp_run), weights(one), weights(s["model"])
     gap = max((wa[k] - wb[k]).abs().max().item() for k in wa)
@@ -103,7 +103,8 @@ def test_sigkill_then_resume_logs_each_step_once_and_ends_with_the_same_weights(
     a, b = common.read_jsonl(fsdp_run / "train_log.jsonl"), common.read_jsonl(out / "train_log.jsonl")
     assert [x["step"] for x in b] == [1, 2, 3]
     for x, y in zip(a, b):
-        assert x["pairs"] == y["pairs"] and x["reward_mean"] == y["reward_mean"] and x["loss"] == y["loss"]
+        assert x["pairs"] == y["pairs"] and x["reward/mean"] == y["reward/mean"]
+        assert x["loss/total"] == y["loss/total"]
     wa, wb = weights(fsdp_run), weights(out)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
@@ -122,4 +123,4 @@ def test_bf16_run_with_sharded_reference_saves_a_loadable_bf16_checkpoint(s):
     base = weights(s["model"])
     assert loaded.keys() == base.keys() and any(not torch.equal(loaded[k], base[k]) for k in base)
     (record,) = common.read_jsonl(out / "train_log.jsonl")
-    assert record["grad_norm"] > 0 and record["kl"] >= 0
+    assert record["optim/grad_norm"] > 0 and record["kl/mean"] >= 0

@@ -248,9 +248,8 @@ def test_rewards_parse_through_the_truncation_rule_and_land_on_their_images_rows
     mask = torch.tensor([[1, 1, 0]] * 3 + [[1, 1, 1]] * 3)
     calls = [grpo_train.Call([2, 1], {}, mask.clone(), mask, [mid, hi]),
              grpo_train.Call([0], {}, mask[:3], mask[:3], [lo])]
-    run = SimpleNamespace(preset=common.get_preset("evoquality"), args=SimpleNamespace(gamma=1e-6))
     pairs = [("hi.png", "lo.png", 1.0), ("mid.png", "lo.png", 0.5)]
-    r = grpo_train.rewards(run, calls, images, pairs)
+    r = grpo_train.rewards(calls, images, pairs, common.get_preset("evoquality"), 1e-6)
     assert r["scores"] == {"lo.png": [1.5, None, 2.0], "hi.png": [4.5, 4.0, None], "mid.png": [3.0, 3.5, None]}
     assert r["truncated"] == [False] * 3 + [False, False, True] + [False, False, True]  # in the step's image order
     assert r["lengths"] == [2, 2, 2] + [3, 3, 3] + [2, 2, 2]
@@ -443,13 +442,15 @@ def test_one_real_step_changes_parameters_and_writes_the_log(setup):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "dropped 1 of 13 pairs" in r.stdout
     (record,) = common.read_jsonl(out / "train_log.jsonl")
-    for key in ("step", "epoch", "lr", "loss", "reward_mean", "reward_std", "parse_failure_rate", "groups_skipped",
-                "zero_std_fraction", "kl", "clip_fraction", "grad_norm", "score_mean", "score_within_group_std",
-                "completion_length", "step_seconds", "generated_tokens_per_s", "truncation_rate"):
-        assert key in record, key
-    assert record["step"] == 1 and record["grad_norm"] > 0 and 0 <= record["reward_mean"] <= 1
-    assert 0 < record["parse_failure_rate"] < 1 and record["clip_fraction"] > 0 and record["kl"] > 0
-    assert 0 <= record["truncation_rate"] <= 1 and record["stand_in_micro_batches"] == 0
+    assert set(record) == {"step", "epoch", "pairs", "optim/lr", "optim/grad_norm", "loss/total", "loss/clip_fraction",
+                           "kl/mean", "reward/mean", "reward/std", "reward/zero_std_fraction", "reward/groups",
+                           "reward/groups_skipped", "rollout/parse_failure_rate", "rollout/truncation_rate",
+                           "rollout/score_mean", "rollout/score_within_group_std", "rollout/completion_length",
+                           "rollout/generated_tokens", "rollout/tokens_per_s", "rollout/stand_in_micro_batches",
+                           "time/step", "time/generation", "time/reference", "time/update"}
+    assert record["step"] == 1 and record["optim/grad_norm"] > 0 and 0 <= record["reward/mean"] <= 1
+    assert 0 < record["rollout/parse_failure_rate"] < 1 and record["loss/clip_fraction"] > 0 and record["kl/mean"] > 0
+    assert 0 <= record["rollout/truncation_rate"] <= 1 and record["rollout/stand_in_micro_batches"] == 0
     assert json.loads((out / "args.json").read_text())["args"]["group_size"] == 4
     before = common.load_model(s["model"], dtype=torch.float32).state_dict()
     after = common.load_model(str(out), dtype=torch.float32).state_dict()
@@ -484,8 +485,8 @@ def test_kill_and_resume_continues_with_the_same_next_pairs(setup):
     assert [x["step"] for x in b] == list(range(1, 13))  # nothing lost, nothing duplicated
     assert [x["pairs"] for x in a] == [x["pairs"] for x in b]
     for x, y in zip(a, b):  # same rollouts (seeded per step) and same restored model/optimizer state
-        assert y["reward_mean"] == pytest.approx(x["reward_mean"], abs=1e-6)
-        assert y["loss"] == pytest.approx(x["loss"], abs=1e-5)
+        assert y["reward/mean"] == pytest.approx(x["reward/mean"], abs=1e-6)
+        assert y["loss/total"] == pytest.approx(x["loss/total"], abs=1e-5)
     assert sorted(p.name for p in (killed / "checkpoints").iterdir()) == ["step-11", "step-12"]
     wa = common.load_model(str(whole), dtype=torch.float32).state_dict()
     wb = common.load_model(str(killed), dtype=torch.float32).state_dict()
@@ -503,7 +504,7 @@ def test_two_processes(setup):
     assert [x["step"] for x in log] == [1, 2]
     drawn = [tuple(p) for x in log for p in x["pairs"]]
     assert len(drawn) == 8 and len(set(drawn)) == 8  # 2 processes x 2 pairs x 2 steps, all different
-    assert all(x["groups"] >= 4 and x["grad_norm"] > 0 for x in log)
+    assert all(x["reward/groups"] >= 4 and x["optim/grad_norm"] > 0 for x in log)
     assert json.loads((out / "args.json").read_text())["world_size"] == 2
     assert (out / "checkpoints" / "step-2" / "process-1.pt").exists()
     common.load_model(str(out))
@@ -636,7 +637,7 @@ def test_a_scripted_step_through_the_real_parser_puts_each_advantage_on_its_own_
     argv = ["--model", s["model"], "--pseudolabels", str(labels), "--images-root", str(s["pool"]), "--out", str(out),
             "--group-size", "3", "--pairs-per-step", "1", "--max-new-tokens", "8", "--no-reasoning", "--lr", "1e-3",
             "--max-grad-norm", "1e9", "--micro-batch-size", "2"]  # both images in one sampling call
-    monkeypatch.setattr(common, "sample", scripted_sample)
+    monkeypatch.setattr(sampling, "sample", scripted_sample)
     monkeypatch.setattr(sys, "argv", ["grpo_train.py", *argv])
     grpo_train.main()
     (record,) = common.read_jsonl(out / "train_log.jsonl")
@@ -644,8 +645,9 @@ def test_a_scripted_step_through_the_real_parser_puts_each_advantage_on_its_own_
     scores = {"pool_00003.png": [4.5, 4.0, None], "pool_00007.png": [None, 1.5, 2.0]}  # truncated, unparseable: None
     rewards = pair_fidelity_rewards(scores, [("pool_00003.png", "pool_00007.png", 1.0)])
     reward_matrix = torch.tensor([rewards[x] for x in script], dtype=torch.float64)
-    assert record["reward_mean"] == pytest.approx(float(reward_matrix.mean()), abs=1e-12)
-    assert record["parse_failure_rate"] == pytest.approx(2 / 6) and record["truncation_rate"] == pytest.approx(1 / 6)
+    assert record["reward/mean"] == pytest.approx(float(reward_matrix.mean()), abs=1e-12)
+    assert record["rollout/parse_failure_rate"] == pytest.approx(2 / 6)
+    assert record["rollout/truncation_rate"] == pytest.approx(1 / 6)
 
     def grad_norm(advantages):  # on-policy at step 1: the loss gradient is -(1/N) sum_i A_i grad mean_t logp_i
         model.zero_grad()
@@ -659,5 +661,5 @@ def test_a_scripted_step_through_the_real_parser_puts_each_advantage_on_its_own_
         return float(torch.sqrt(sum((p.grad ** 2).sum() for p in model.parameters() if p.grad is not None)))
 
     advantages = group_advantages(reward_matrix)
-    assert record["grad_norm"] == pytest.approx(grad_norm(advantages), rel=1e-4)
-    assert abs(grad_norm(advantages.flip(0)) - record["grad_norm"]) > 1e-3 * record["grad_norm"]
+    assert record["optim/grad_norm"] == pytest.approx(grad_norm(advantages), rel=1e-4)
+    assert abs(grad_norm(advantages.flip(0)) - record["optim/grad_norm"]) > 1e-3 * record["optim/grad_norm"]

@@ -1,4 +1,4 @@
-"""demo/warmstart.py: the base-model maker of the CPU test bed (issue 8)."""
+"""demo/warmstart.py: the base-model maker of the CPU test bed."""
 
 import json
 import subprocess
