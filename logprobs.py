@@ -19,6 +19,9 @@ from __future__ import annotations
 
 import torch
 
+import parallel
+import sampling
+
 LOGPROB_CHUNK = 64  # completion positions per log-softmax chunk: 64 x rows x 152k vocab x 4 B at most
 
 
@@ -54,11 +57,6 @@ def safe_ids(ids: torch.Tensor, placeholder_ids: tuple[int, ...], pad_id: int) -
     return ids.masked_fill(torch.isin(ids, ids.new_tensor(list(placeholder_ids))), pad_id)
 
 
-def core(model):
-    """The *ForConditionalGeneration under a DDP wrapper (FSDP2 keeps the class)."""
-    return getattr(model, "module", model)
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # ALGO LOGIC: each prompt once, its G completions packed behind it
 # ---------------------------------------------------------------------------------------------------------------------
@@ -75,7 +73,7 @@ def packed_layout(model, prompts: dict, G: int, T: int, shift: int = 0, cross: b
     pad_mask = prompts["attention_mask"].bool()
     P, L = pad_mask.shape
     S, device = L + G * T, pad_mask.device
-    positions, deltas = core(model).model.get_rope_index(
+    positions, deltas = parallel.unwrap(model).model.get_rope_index(
         prompts["input_ids"], mm_token_type_ids=prompts["mm_token_type_ids"],
         image_grid_thw=prompts.get("image_grid_thw"), attention_mask=prompts["attention_mask"])
     t = torch.arange(T, device=device).repeat(G)  # [G T]: position within its completion
@@ -104,7 +102,7 @@ def shared_prompt(model, prompts: dict, ids: torch.Tensor, temperature: float, p
     G, T = ids.shape[0] // P, ids.shape[1]
     if ids.shape[0] != P * G:
         raise ValueError(f"{ids.shape[0]} completion rows for {P} prompts: not whole groups")
-    implementation = core(model).config.text_config._attn_implementation
+    implementation = parallel.unwrap(model).config.text_config._attn_implementation
     if implementation != "sdpa":
         raise ValueError(f"shared_prompt needs attn_implementation='sdpa' (the model has {implementation!r})")
     layout = packed_layout(model, prompts, G, T, shift, cross)
@@ -124,7 +122,8 @@ def shared_prompt(model, prompts: dict, ids: torch.Tensor, temperature: float, p
 def per_row(model, prompt: dict, completion_ids: torch.Tensor, temperature: float,
             placeholder_ids: tuple[int, ...] = (), pad_id: int = 0) -> torch.Tensor:
     """log pi(token) of each completion token [N, T], from ONE forward over prompt + completion per row (`prompt` has
-    N rows, repeats allowed), with the very pixel_values/image_grid_thw used at generation, logits / temperature."""
+    N rows, repeats allowed) with the very pixel_values/image_grid_thw used at generation (each distinct image
+    encoded once: shared_image_features), logits / temperature."""
     T = completion_ids.shape[1]
     ones = torch.ones_like(completion_ids)
     inputs = dict(prompt, input_ids=torch.cat([prompt["input_ids"], safe_ids(completion_ids, placeholder_ids, pad_id)],
@@ -132,5 +131,16 @@ def per_row(model, prompt: dict, completion_ids: torch.Tensor, temperature: floa
                   attention_mask=torch.cat([prompt["attention_mask"], ones], dim=1))
     if "mm_token_type_ids" in prompt:  # M-RoPE positions: completion tokens are text
         inputs["mm_token_type_ids"] = torch.cat([prompt["mm_token_type_ids"], torch.zeros_like(completion_ids)], dim=1)
+    inputs = shared_image_features(model, inputs)
     logits = model(**inputs, use_cache=False, logits_to_keep=T + 1).logits[:, :-1]  # position t predicts token t + 1
     return logprobs_at(logits, completion_ids, temperature)
+
+
+def shared_image_features(model, inputs: dict) -> dict:
+    """The forward's inputs with each distinct image of the micro-batch through the vision tower ONCE (its G rollout
+    rows share its features as `mm_encoder_outputs`; with gradient, so its backward runs once too). Not under FSDP:
+    the root's vision weights (patch embedding, merger) are gathered only inside the root forward, so there every row
+    keeps its own pixel_values."""
+    if parallel.is_sharded(model):
+        return inputs
+    return sampling.encode_images_once(parallel.unwrap(model), inputs)  # DDP: the wrapped module's tower
