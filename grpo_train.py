@@ -38,6 +38,7 @@ from typing import Optional
 import torch
 
 import common
+import logprobs
 import parallel
 import sampling
 
@@ -62,9 +63,8 @@ class Args:
     prompt: str = common.arg("evoquality", help="prompt preset", choices=sorted(common.PRESETS))
     gamma: float = common.arg(1e-6, help="variance floor in the fidelity reward's Phi")
     rollout_batch: int = common.arg(4, help="images per sampling call (x G rows); seeded per call, not per process")
-    micro_batch_size: int = common.arg(4, help="sequences per forward/backward (does not change the gradient); "
-                                       "each image of a micro-batch is encoded once, so a multiple of G encodes "
-                                       "each image once per pass")
+    micro_batch_size: int = common.arg(4, help="rollouts per forward/backward, in whole groups (at least one); "
+                                       "does not change the gradient")
     max_grad_norm: float = common.arg(1.0, help="gradient clipping norm")
     warmup_steps: int = common.arg(0, help="linear warmup optimizer steps before the linear decay")
     weight_decay: float = common.arg(0.0, help="AdamW weight decay")
@@ -90,11 +90,10 @@ class Args:
 METHOD_SETTINGS = ("group_size", "epochs", "lr", "beta", "clip_eps", "ppo_epochs", "temperature", "max_new_tokens",
                    "reasoning", "prompt", "gamma", "rollout_batch", "max_grad_norm", "warmup_steps", "weight_decay",
                    "seed", "bf16", "max_pixels", "skip_missing", "images_root", "optimizer")
-LOGPROB_CHUNK = 64  # completion positions per log-softmax chunk: 64 x micro-batch x 152k vocab x 4 B at most
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# ALGO LOGIC: reward, advantages, loss, log-probs (read next to EVOQUALITY.md, "Online stage")
+# ALGO LOGIC: reward, advantages, loss (read next to EVOQUALITY.md, "Online stage")
 # ---------------------------------------------------------------------------------------------------------------------
 
 
@@ -169,58 +168,6 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor
     return loss, metrics
 
 
-def token_logprobs(model, prompt: dict, completion_ids: torch.Tensor, temperature: float,
-                   placeholder_ids: tuple[int, ...] = (), pad_id: int = 0) -> torch.Tensor:
-    """log pi(token) of each completion token [N, T], from ONE forward over prompt + completion with the very
-    pixel_values/image_grid_thw used at generation (each distinct image encoded once: shared_image_features),
-    logits / temperature (the temperature the tokens were drawn at).
-
-    A sampled image/video placeholder token (`placeholder_ids`; a degenerate rollout can emit one) would make the
-    forward look for image features that do not exist; it is fed as `pad_id` instead. The completion mask ends at it,
-    and its own log-prob comes from the position before it, so no used log-prob depends on that input."""
-    T = completion_ids.shape[1]
-    ones = torch.ones_like(completion_ids)
-    safe_ids = completion_ids.masked_fill(torch.isin(completion_ids, completion_ids.new_tensor(list(placeholder_ids))),
-                                          pad_id)
-    inputs = dict(prompt, input_ids=torch.cat([prompt["input_ids"], safe_ids], dim=1),
-                  attention_mask=torch.cat([prompt["attention_mask"], ones], dim=1))
-    if "mm_token_type_ids" in prompt:  # M-RoPE positions: completion tokens are text
-        inputs["mm_token_type_ids"] = torch.cat([prompt["mm_token_type_ids"], torch.zeros_like(completion_ids)], dim=1)
-    inputs = shared_image_features(model, inputs)
-    logits = model(**inputs, use_cache=False, logits_to_keep=T + 1).logits[:, :-1]  # position t predicts token t + 1
-    return logprobs_at(logits, completion_ids, temperature)
-
-
-def shared_image_features(model, inputs: dict) -> dict:
-    """The forward's inputs with each distinct image of the micro-batch through the vision tower ONCE (its G rollout
-    rows share its features as `mm_encoder_outputs`; with gradient, so its backward runs once too). Not under FSDP:
-    the root's vision weights (patch embedding, merger) are gathered only inside the root forward, so there every row
-    keeps its own pixel_values."""
-    if parallel.is_sharded(model):
-        return inputs
-    return sampling.encode_images_once(parallel.unwrap(model), inputs)  # DDP: the wrapped module's tower
-
-
-def _chunk_logprobs(logits: torch.Tensor, ids: torch.Tensor, temperature: float) -> torch.Tensor:
-    x = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature  # bf16 logits: fp32 here
-    return x.gather(-1, ids[..., None]).squeeze(-1) - torch.logsumexp(x, dim=-1)
-
-
-def logprobs_at(logits: torch.Tensor, ids: torch.Tensor, temperature: float,
-                chunk: int = LOGPROB_CHUNK) -> torch.Tensor:
-    """log_softmax(logits / temperature) at `ids`, as gather minus logsumexp over `chunk` positions at a time: never a
-    full fp32 [N, T, vocab] log-softmax (at 152k vocab it would outweigh the logits). Each chunk is recomputed in
-    backward (checkpoint), so backward keeps the logits only, not an fp32 copy per chunk."""
-    from torch.utils.checkpoint import checkpoint
-
-    parts = []
-    for s in range(0, ids.shape[1], chunk):
-        args = (logits[:, s:s + chunk], ids[:, s:s + chunk], temperature)
-        parts.append(checkpoint(_chunk_logprobs, *args, use_reentrant=False) if torch.is_grad_enabled()
-                     else _chunk_logprobs(*args))
-    return torch.cat(parts, dim=1)
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # ALGO LOGIC: a step's data: its pairs, its sampling calls, one row per rollout
 # ---------------------------------------------------------------------------------------------------------------------
@@ -266,14 +213,17 @@ class Call:
     """One sampling call's rollouts; row i * G + g is the g-th rollout of image i of the call."""
 
     images: list[int]  # indices into the step's images (empty: a zero-weight stand-in, see lockstep)
-    batch: dict  # model inputs, the prompt repeated G times per image
+    batch: dict  # model inputs, one prompt per image
     ids: torch.Tensor  # [rows, T] completion tokens
     mask: torch.Tensor  # [rows, T] completion mask (sampling.completion_mask)
     completions: list[list[sampling.Completion]]  # per image, its G (text, truncated)
 
     def micro_batch(self, rows: list[int], vision_start_id: int) -> tuple[dict, torch.Tensor, torch.Tensor]:
+        """The prompts of the whole groups `rows`, each once, and their completions (logprobs.shared_prompt)."""
+        G = len(self.ids) // len(self.batch["input_ids"])
         width = int(self.mask[rows].sum(dim=1).max())  # causal: trailing padding changes no earlier log-prob
-        return select_rows(self.batch, rows, vision_start_id), self.ids[rows, :width], self.mask[rows, :width]
+        prompts = select_rows(self.batch, [r // G for r in rows[::G]], vision_start_id)
+        return prompts, self.ids[rows, :width], self.mask[rows, :width]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -319,9 +269,8 @@ def rollout(run: Run, images: list[str], step: int) -> list[Call]:
             torch.manual_seed(zlib.crc32(f"{run.args.seed}-{step}-{k}".encode()))
             s = sampling.sample(run.generator, run.processor, encoded, G, run.args.max_new_tokens,
                                 run.args.temperature, do_sample=True)
-            batch = select_rows(encoded, [i for i in range(len(idx)) for _ in range(G)], run.vision_start_id)
             # clone: tensors made under inference mode cannot enter autograd
-            calls.append(Call(idx, batch, s.ids.clone(), s.mask.clone(), s.completions()))
+            calls.append(Call(idx, encoded, s.ids.clone(), s.mask.clone(), s.completions()))
     return calls
 
 
@@ -347,11 +296,12 @@ def rewards(calls: list[Call], images: list[str], pairs_now: list, preset: commo
 
 
 def schedule(run: Run, calls: list[Call], images: list[str]) -> list[tuple[tuple[Call, list[int]], bool]]:
-    """The micro-batches of this process, in lock-step with the others (parallel.lockstep). A process with no
-    sampling call this step (fewer calls than processes) uses the step's first image with a one-token completion as
-    stand-in."""
-    mbs = run.args.micro_batch_size
-    own = [(c, list(range(s, min(s + mbs, len(c.ids))))) for c in calls for s in range(0, len(c.ids), mbs)]
+    """The micro-batches of this process, in lock-step with the others (parallel.lockstep): whole groups, as many as
+    --micro-batch-size rollouts hold, at least one (a group larger than that is one image with its G completions). A
+    process with no sampling call this step (fewer calls than processes) uses the step's first image with a
+    one-token completion as stand-in."""
+    rows = max(1, run.args.micro_batch_size // run.args.group_size) * run.args.group_size
+    own = [(c, list(range(s, min(s + rows, len(c.ids))))) for c in calls for s in range(0, len(c.ids), rows)]
     if own:
         stand_in = own[0]
     else:
@@ -361,13 +311,13 @@ def schedule(run: Run, calls: list[Call], images: list[str]) -> list[tuple[tuple
 
 
 def reference_logprobs(run: Run, passes: list) -> list[torch.Tensor]:
-    """log pi_ref of every completion token, micro-batch by micro-batch (no gradient)."""
+    """log pi_ref of every completion token, micro-batch by micro-batch (no gradient), each prompt once."""
     out = []
     with torch.no_grad(), run.accelerator.autocast():
         for (call, rows), _ in passes:
             prompt, ids, _ = call.micro_batch(rows, run.vision_start_id)
-            out.append(token_logprobs(run.reference, prompt, ids, run.args.temperature, run.placeholder_ids,
-                                      run.eos_ids[0]))
+            out.append(logprobs.shared_prompt(run.reference, prompt, ids, run.args.temperature, run.placeholder_ids,
+                                              run.eos_ids[0]))
     return out
 
 
@@ -386,7 +336,8 @@ def policy_update(run: Run, passes: list, ref_logps: list[torch.Tensor], advanta
             prompt, ids, mask = call.micro_batch(rows, run.vision_start_id)
             adv_rows = advantages[call.images].flatten() if real else torch.zeros(len(call.ids), dtype=torch.float64)
             with parallel.accumulate(run.model, last=k == len(passes) - 1), run.accelerator.autocast():
-                logp = token_logprobs(run.model, prompt, ids, args.temperature, run.placeholder_ids, run.eos_ids[0])
+                logp = logprobs.shared_prompt(run.model, prompt, ids, args.temperature, run.placeholder_ids,
+                                              run.eos_ids[0])
                 if ppo_epoch == 0:  # old policy = the policy before this step's first update
                     old_logps.append(logp.detach())
                 loss, metrics = grpo_loss(logp, old_logps[k], ref_logps[k], adv_rows[rows].to(run.device), mask,

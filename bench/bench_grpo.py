@@ -3,13 +3,14 @@ log-probs, policy forward + backward + AdamW, and generated tokens/s, for G = 8 
 
     python bench/bench_grpo.py [--steps 4] [--max-new-tokens 64] [--bf16] [--parity]
     python bench/bench_grpo.py --ddp-vs-fsdp [--steps 3]     # 2 processes (torchrun), DDP then --fsdp, side by side
-    python bench/bench_grpo.py --against 45faead --size 30m   # that commit's grpo_train.py, then today's, side by side
-    OMP_NUM_THREADS=1 python bench/bench_grpo.py --against 45faead --size 30m --pairs-per-step 2 --steps 2 \
-        --max-new-tokens 8                                    # the same in about 10 minutes on 2 shared cores
+    python bench/bench_grpo.py --against 50ad019 --size 30m --group-sizes 8,32   # that commit, then today's, per G
+    python bench/bench_grpo.py --against 50ad019 --size 30m --group-sizes 8,32 --pairs-per-step 1 --steps 2 \
+        --max-new-tokens 16                                   # the same with fewer tokens, for 2 shared cores
 
-With --against, each run also counts, per phase, the prompt tokens the language model prefills per rollout
-(generation: calls over more than one position) and the vision patches encoded per image of the step; the commit's
-grpo_train.py runs with today's common.py (same prompt format; it samples with its own generate call).
+With --against, each run also counts, per phase, the tokens the language model forwards per rollout (generation:
+the prefill, calls over more than one position; reference and policy: every position of every log-prob forward) and
+the vision patches encoded per image of the step; the commit's grpo_train.py runs with today's common.py and
+sampling.py (same prompt format), its own log-prob passes.
 
 It runs the real script (a stand-in parser makes the random tiny model's answers parseable, so every group has a
 gradient) and reads the per-step timings from train_log.jsonl; the first step (warm-up) is left out of the means.
@@ -64,7 +65,7 @@ def wrap(owner, name, before=None, flag=False):
     setattr(owner, name, wrapped)
 def language(args, kwargs):
     rows, length = kwargs["inputs_embeds"].shape[:2]
-    add("prefilled" if length > 1 else "decoded", rows * length)
+    add("forwarded" if length > 1 else "decoded", rows * length)
 def vision(args, kwargs):
     add("patches", (args[1] if len(args) > 1 else kwargs["hidden_states"]).shape[0])
 wrap(qwen.Qwen2_5_VLTextModel, "forward", language)
@@ -72,6 +73,10 @@ wrap(qwen.Qwen2_5_VisionTransformerPretrainedModel, "forward", vision)
 wrap(transformers.GenerationMixin, "generate", flag=True)
 if hasattr(sampling, "sample"):
     wrap(sampling, "sample", flag=True)
+for name, value in vars(sampling).items():  # an older grpo_train.py calls the sampler as common.X
+    if not name.startswith("_") and not hasattr(common, name):
+        setattr(common, name, value)
+common.answer = sampling.answer
 atexit.register(lambda: json.dump(counts, open({counts!r}, "w")))
 sys.argv[0] = {script!r}
 runpy.run_path({script!r}, run_name="__main__")
@@ -82,8 +87,9 @@ def parity(model_dir: str, pool: Path) -> None:
     import torch
 
     import common
-    import sampling
     import grpo_train
+    import logprobs
+    import sampling
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     processor = common.load_processor(model_dir)
@@ -103,34 +109,74 @@ def parity(model_dir: str, pool: Path) -> None:
             mask = sampling.completion_mask(ids, eos + [model.config.image_token_id]).bool()
             expect = torch.stack([torch.log_softmax(s.float(), -1) for s in out.scores], 1)
             expect = expect.gather(-1, ids[..., None]).squeeze(-1)
-            got = grpo_train.token_logprobs(model, batch, ids, 0.7, (model.config.image_token_id,), eos[0])
+            got = logprobs.per_row(model, batch, ids, 0.7, (model.config.image_token_id,), eos[0])
         print(f"parity on {device} {str(dtype)[6:]}: max |logp(one forward) - log_softmax(generate scores)| = "
               f"{(got - expect)[mask].abs().max().item():.2e} over {int(mask.sum())} tokens")
 
 
+KEYS = {"time/step": "step_seconds", "time/generation": "generation_seconds", "time/reference": "logprob_seconds",
+        "time/update": "backward_seconds", "rollout/generated_tokens": "generated_tokens",
+        "rollout/completion_length": "completion_length"}  # train_log.jsonl keys, and those of older commits
+
+
 def summary(log: list[dict], title: str) -> dict:
     timed = log[1:] or log
-    mean = lambda key: sum(r[key] for r in timed) / len(timed)  # noqa: E731
-    step = mean("step_seconds")
+    mean = lambda key: sum(r.get(key, r.get(KEYS.get(key))) for r in timed) / len(timed)  # noqa: E731
+    step = mean("time/step")
     print(f"{title}, mean of {len(timed)} steps after a warm-up step")
     phases = {}
-    for name, key, phase in (("generation", "generation_seconds", "generation"),
-                             ("reference log-probs", "logprob_seconds", "reference"),
-                             ("policy fwd+bwd+AdamW", "backward_seconds", "policy")):
+    for name, key, phase in (("generation", "time/generation", "generation"),
+                             ("reference log-probs", "time/reference", "reference"),
+                             ("policy fwd+bwd+AdamW", "time/update", "policy")):
         phases[phase] = mean(key)
         print(f"  {name:22s} {mean(key):7.3f} s  {mean(key) / step:6.1%}")
     print(f"  {'step':22s} {step:7.3f} s")
-    per_token = mean("generation_seconds") / mean("generated_tokens")
-    print(f"  generated tokens/step  {mean('generated_tokens'):7.0f}   s per generated token {per_token * 1e3:7.2f} ms"
-          f"   mean completion length {mean('completion_length'):.1f}")
+    per_token = mean("time/generation") / mean("rollout/generated_tokens")
+    print(f"  generated tokens/step  {mean('rollout/generated_tokens'):7.0f}   s per generated token "
+          f"{per_token * 1e3:7.2f} ms   mean completion length {mean('rollout/completion_length'):.1f}")
     return {"step": step, "per_token": per_token, **phases}
+
+
+def against(a, tmp: Path, setting: str, train) -> None:
+    """The commit's grpo_train.py, then today's, at each G: times per phase and tokens forwarded per rollout."""
+    (tmp / "old").mkdir()
+    (tmp / "old" / "grpo_train.py").write_text(subprocess.run(
+        ["git", "show", f"{a.against}:grpo_train.py"], cwd=ROOT, check=True, capture_output=True, text=True).stdout)
+    table = []
+    for G in map(int, a.group_sizes.split(",")):
+        rollouts, n_images = 2 * G * a.pairs_per_step * a.steps, 2 * a.pairs_per_step * a.steps  # all steps
+        results = {}
+        for name, title, script in (("old", f"grpo_train.py of {a.against}", tmp / "old" / "grpo_train.py"),
+                                    ("now", "grpo_train.py now", ROOT / "grpo_train.py")):
+            results[name] = r = summary(train(f"{name}_{G}", 1, script=script, G=G),
+                                        f"{title}, {a.size} model: G={G}, {setting}")
+            counts = json.loads((tmp / f"counts_{name}_{G}.json").read_text())
+            r["passes"] = r["reference"] + r["policy"]
+            for p in ("generation", "reference", "policy"):
+                r[f"tokens {p}"] = counts.get(p, {}).get("forwarded", 0) / rollouts
+                r[f"patches {p}"] = counts.get(p, {}).get("patches", 0) / n_images
+            print("  tokens forwarded per rollout " + "   ".join(f"{p} {r[f'tokens {p}']:7.1f}"
+                                                               for p in ("generation", "reference", "policy")))
+            print("  vision patches per image     " + "   ".join(f"{p} {r[f'patches {p}']:7.0f}"
+                                                               for p in ("generation", "reference", "policy")))
+        table.append((G, results["old"], results["now"]))
+    print(f"\n{'':28s}" + "".join(f"{f'G={G} old':>12s}{f'G={G} now':>12s}{'old/now':>9s}" for G, _, _ in table))
+    for label, key, fmt in (("step s", "step", ".2f"), ("generation s", "generation", ".2f"),
+                            ("reference s", "reference", ".2f"), ("policy fwd+bwd+AdamW s", "policy", ".2f"),
+                            ("policy + reference s", "passes", ".2f"), ("tokens/rollout reference", "tokens reference",
+                                                                        ".0f"),
+                            ("tokens/rollout policy", "tokens policy", ".0f"),
+                            ("vision patches/image policy", "patches policy", ".0f")):
+        print(f"{label:28s}" + "".join(f"{old[key]:12{fmt}}{now[key]:12{fmt}}{old[key] / max(now[key], 1e-9):8.2f}x"
+                                       for _, old, now in table))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--micro-batch-size", type=int, default=8, help="8 = G: one image's group per micro-batch")
+    parser.add_argument("--micro-batch-size", type=int, default=8, help="rollouts per micro-batch (whole groups now)")
+    parser.add_argument("--group-sizes", default="8", help="G values, comma separated: each runs both versions")
     parser.add_argument("--pairs-per-step", type=int, default=4, help="disjoint pairs: 2 images x G rollouts each")
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--parity", action="store_true")
@@ -154,14 +200,14 @@ def main() -> None:
                 f.write(json.dumps({"a": images[2 * k], "b": images[2 * k + 1], "p_star": k % 2}) + "\n")
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
-        def train(name: str, nproc: int, *extra: str, script: Path = ROOT / "grpo_train.py") -> list[dict]:
+        def train(name: str, nproc: int, *extra: str, script: Path = ROOT / "grpo_train.py", G: int = 8) -> list[dict]:
             wrapper = tmp / f"wrapper_{name}.py"
             wrapper.write_text(WRAPPER.format(root=str(ROOT), script=str(script),
                                               counts=str(tmp / f"counts_{name}.json")))
             launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run",
                                                             "--standalone", "--nproc_per_node", str(nproc)]
             cmd = [*launcher, str(wrapper), "--model", str(model), "--pseudolabels", str(tmp / "pseudolabels.jsonl"),
-                   "--images-root", str(pool), "--out", str(tmp / name), "--group-size", "8", "--pairs-per-step",
+                   "--images-root", str(pool), "--out", str(tmp / name), "--group-size", str(G), "--pairs-per-step",
                    str(a.pairs_per_step // nproc), "--max-new-tokens", str(a.max_new_tokens), "--micro-batch-size",
                    str(a.micro_batch_size), "--max-steps", str(a.steps), "--save-every", "1000", "--lr", "1e-4",
                    *(["--bf16"] if a.bf16 else []), *extra]
@@ -170,9 +216,8 @@ def main() -> None:
                 sys.exit(f"grpo_train.py failed:\n{run.stderr[-4000:]}")
             return [json.loads(line) for line in open(tmp / name / "train_log.jsonl")]
 
-        setting = f"G=8, {a.pairs_per_step} pairs/step ({2 * a.pairs_per_step} images, {16 * a.pairs_per_step} " \
-                  f"rollouts), max_new_tokens={a.max_new_tokens}, threads {torch.get_num_threads()}, " \
-                  f"micro-batch {a.micro_batch_size}, {device}"
+        setting = f"{a.pairs_per_step} pairs/step ({2 * a.pairs_per_step} images), max_new_tokens=" \
+                  f"{a.max_new_tokens}, threads {torch.get_num_threads()}, micro-batch {a.micro_batch_size}, {device}"
         if a.ddp_vs_fsdp:
             ddp = summary(train("ddp", 2), f"2 processes, DDP replicas: {setting}")
             fsdp = summary(train("fsdp", 2, "--fsdp"), f"2 processes, --fsdp (weights gathered once per rollout "
@@ -180,31 +225,9 @@ def main() -> None:
             print(f"FSDP / DDP: s per generated token {fsdp['per_token'] / ddp['per_token']:.2f}x, "
                   f"step {fsdp['step'] / ddp['step']:.2f}x")
         elif a.against:
-            # the commit's script with today's common.py: the same prompt format (the preset changed since), and the
-            # commit's own sampling (generate on G repeated rows) and log-prob passes
-            (tmp / "old").mkdir()
-            (tmp / "old" / "grpo_train.py").write_text(subprocess.run(
-                ["git", "show", f"{a.against}:grpo_train.py"], cwd=ROOT, check=True, capture_output=True, text=True).stdout)
-            rollouts, n_images = 16 * a.pairs_per_step * a.steps, 2 * a.pairs_per_step * a.steps  # all steps
-            results = {}
-            for name, title, script in (("old", f"grpo_train.py of {a.against}", tmp / "old" / "grpo_train.py"),
-                                        ("now", "grpo_train.py now", ROOT / "grpo_train.py")):
-                results[name] = summary(train(name, 1, script=script), f"{title}, {a.size} model: {setting}")
-                counts = json.loads((tmp / f"counts_{name}.json").read_text())
-                results[name]["prefilled"] = counts["generation"]["prefilled"] / rollouts
-                results[name].update({f"patches {p}": counts.get(p, {}).get("patches", 0) / n_images
-                                      for p in ("generation", "reference", "policy")})
-                print(f"  prompt tokens prefilled per rollout (generation) {results[name]['prefilled']:9.1f}")
-                print("  vision patches encoded per image   " + "   ".join(
-                    f"{p} {results[name][f'patches {p}']:7.0f}" for p in ("generation", "reference", "policy")))
-            old, now = results["old"], results["now"]
-            print(f"now vs {a.against} (old / now): step {old['step'] / now['step']:.2f}x faster; " + ", ".join(
-                f"{p} {old[p] / now[p]:.2f}x" for p in ("generation", "reference", "policy")))
-            print(f"  prompt tokens prefilled per rollout {old['prefilled'] / now['prefilled']:.2f}x fewer; vision "
-                  "patches per image " + ", ".join(f"{p} {old[f'patches {p}'] / now[f'patches {p}']:.2f}x fewer"
-                                                   for p in ("generation", "reference", "policy")))
+            against(a, tmp, setting, train)
         else:
-            summary(train("one", 1), f"grpo_train.py on the {a.size} Qwen2.5-VL: {setting}")
+            summary(train("one", 1), f"grpo_train.py on the {a.size} Qwen2.5-VL: G=8, {setting}")
         if a.parity:
             parity(str(model), pool)
 

@@ -1,8 +1,11 @@
 """gpu_check_report: what bench/gpu_check.sh prints. The step-time split and generated tokens/s from the run's
 train_log.jsonl, and the measured peak GPU memory (torch's allocator, inside and outside sampling, and nvidia-smi's
-samples) beside bench/memory_plan.py's prediction for the same model and settings.
+samples) beside bench/memory_plan.py's prediction for the same model and settings; then the voting run's generated
+tokens/s and peak memory (WORK/votes_peak.json, written by the voting wrapper).
 
     python bench/gpu_check_report.py WORK --group-size 8 --pairs-per-step 4 --micro-batch-size 4 --max-new-tokens 256
+    python bench/gpu_check_report.py WORK --write-wrapper grpo_train.py      # the torchrun wrapper
+    python bench/gpu_check_report.py WORK --write-vote-wrapper sample_votes.py
 """
 
 from __future__ import annotations
@@ -56,6 +59,50 @@ runpy.run_path({script!r}, run_name="__main__")
 """
 
 
+# Run in place of sample_votes.py: every sampling call timed, its generated tokens counted, the peak memory recorded.
+VOTE_WRAPPER = """
+import atexit, json, runpy, sys, time
+import torch
+sys.path.insert(0, {root!r})
+import sampling
+stats = {{"seconds": 0.0, "generated_tokens": 0, "sequences": 0, "peak": 0}}
+sample = sampling.sample
+
+def timed(*args, **kwargs):
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    s = sample(*args, **kwargs)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    stats["seconds"] += time.perf_counter() - t0
+    stats["generated_tokens"] += int(s.mask.sum())
+    stats["sequences"] += int(s.mask.shape[0])
+    return s
+
+def dump():
+    stats["peak"] = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0
+    json.dump(stats, open({out!r}, "w"))
+
+sampling.sample = timed
+atexit.register(dump)
+sys.argv[0] = {script!r}
+runpy.run_path({script!r}, run_name="__main__")
+"""
+
+
+def votes_report(work: Path) -> None:
+    path = work / "votes_peak.json"
+    if not path.exists():
+        print("\nvoting: no votes_peak.json (the voting run did not finish)")
+        return
+    v = json.loads(path.read_text())
+    print(f"\nvoting (sample_votes.py, one pair of 1024x768 images, {v['sequences']} votes): "
+          f"{v['generated_tokens']} generated tokens in {v['seconds']:.1f} s = "
+          f"{v['generated_tokens'] / max(v['seconds'], 1e-9):.0f} tokens/s; peak GPU memory {v['peak'] / GiB:.1f} GiB "
+          "(torch max_memory_allocated)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("work", help="bench/gpu_check.sh's work folder")
@@ -65,12 +112,18 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--rollout-batch", type=int, default=4)
     parser.add_argument("--write-wrapper", metavar="SCRIPT", help="only write the torchrun wrapper for SCRIPT")
+    parser.add_argument("--write-vote-wrapper", metavar="SCRIPT", help="only write the voting wrapper for SCRIPT")
     a = parser.parse_args()
     work = Path(a.work)
     if a.write_wrapper:
         (work / "wrapper.py").write_text(WRAPPER.format(root=str(Path(a.write_wrapper).resolve().parent),
                                                         script=str(Path(a.write_wrapper).resolve()),
                                                         peak=str(work / "peak.json")))
+        return
+    if a.write_vote_wrapper:
+        (work / "vote_wrapper.py").write_text(VOTE_WRAPPER.format(
+            root=str(Path(a.write_vote_wrapper).resolve().parent), script=str(Path(a.write_vote_wrapper).resolve()),
+            out=str(work / "votes_peak.json")))
         return
 
     inputs = json.loads((work / "inputs.json").read_text())
@@ -89,17 +142,17 @@ def main() -> None:
           f"{p['P'] / 1e9:.2f} B parameters; G {a.group_size}, {a.pairs_per_step} pairs/step, "
           f"{inputs['prompt_tokens']}-token prompts (1024x768 images), {a.max_new_tokens} new tokens, "
           f"micro-batch {a.micro_batch_size}")
-    keys = ("step_seconds", "generation_seconds", "logprob_seconds", "backward_seconds", "generated_tokens_per_s")
-    print(f"{'step':>5s} " + " ".join(f"{k.replace('_seconds', ' s').replace('generated_tokens_per_s', 'tokens/s'):>13s}"
-                                      for k in keys) + "  generated tokens")
+    keys = ("time/step", "time/generation", "time/reference", "time/update", "rollout/tokens_per_s")
+    print(f"{'step':>5s} " + " ".join(f"{k.split('/')[1].replace('tokens_per_s', 'tokens/s'):>13s}" for k in keys)
+          + "  generated tokens")
     for r in log:
         print(f"{r['step']:5d} " + " ".join(f"{r.get(k, float('nan')):13.2f}" for k in keys)
-              + f"  {r.get('generated_tokens', '?')}")
+              + f"  {r.get('rollout/generated_tokens', '?')}")
     timed = log[1:] or log  # the first step carries the warm-up
     mean = {k: sum(r.get(k, float("nan")) for r in timed) / len(timed) for k in keys}
-    split = ", ".join(f"{k.split('_')[0]} {mean[k]:.1f} s ({mean[k] / mean['step_seconds']:.0%})" for k in keys[1:4])
-    print(f"mean of steps {timed[0]['step']}-{timed[-1]['step']}: step {mean['step_seconds']:.1f} s = {split}; "
-          f"{mean['generated_tokens_per_s']:.0f} generated tokens/s")
+    split = ", ".join(f"{k.split('/')[1]} {mean[k]:.1f} s ({mean[k] / mean['time/step']:.0%})" for k in keys[1:4])
+    print(f"mean of steps {timed[0]['step']}-{timed[-1]['step']}: step {mean['time/step']:.1f} s = {split}; "
+          f"{mean['rollout/tokens_per_s']:.0f} generated tokens/s")
 
     peak_file, smi_file = work / "peak.json", work / "smi.csv"
     measured = json.loads(peak_file.read_text()) if peak_file.exists() else {}
@@ -122,6 +175,7 @@ def main() -> None:
     if "other_reserved" in measured:
         print(f"  {'allocator reserved (max)':38s} {max(measured['rollout_reserved'], measured['other_reserved']) / GiB:8.1f}"
               f"   (rollout {measured['rollout_reserved'] / GiB:.1f}, rest {measured['other_reserved'] / GiB:.1f})")
+    votes_report(work)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,8 @@ class Settings:
     config: str = common.arg(help="a Qwen2.5-VL config.json (the file, or a folder holding one)")
     gpus: int = common.arg(8, help="N: GPUs the policy is sharded over (one process each)")
     gpu_gib: float = common.arg(80.0, help="memory of one GPU in GiB, for the margin")
-    micro_batch_size: int = common.arg(4, help="grpo_train.py --micro-batch-size: rows per forward/backward")
+    micro_batch_size: int = common.arg(4, help="grpo_train.py --micro-batch-size: rollouts per forward/backward, "
+                                               "whole groups (at least one)")
     group_size: int = common.arg(8, help="grpo_train.py --group-size: G rollouts per image")
     pairs_per_step: int = common.arg(4, help="grpo_train.py --pairs-per-step (per process)")
     image_width: int = common.arg(1024, help="image width in pixels (KonIQ-10k: 1024 x 768)")
@@ -48,7 +49,7 @@ class Settings:
     prefill_once: bool = common.arg(True, help="sampling.sample prefills each prompt once and copies its KV cache G "
                                                "times (--no-prefill-once: generate prefills all G rows)")
     logprob_chunk: int = common.arg(64, help="completion positions per fp32 chunk of the gather-minus-logsumexp "
-                                             "log-probs (grpo_train.py's LOGPROB_CHUNK), recomputed in backward")
+                                             "log-probs (logprobs.py's LOGPROB_CHUNK), recomputed in backward")
     overhead_gib: float = common.arg(3.0, help="per-GPU allowance: CUDA context, cuBLAS workspaces, NCCL buffers, "
                                                "allocator fragmentation")
     process_rss_gib: float = common.arg(3.0, help="host RAM of one process before any weight (python, torch, CUDA)")
@@ -209,12 +210,17 @@ def plan(cfg: dict, s: Settings) -> dict:
     prompt = image_tokens + s.text_tokens
     T, S = s.max_new_tokens, image_tokens + s.text_tokens + s.max_new_tokens  # every completion runs to the budget
     images = min(s.rollout_batch, 2 * s.pairs_per_step)  # images of one sampling call
-    rollouts, B = images * s.group_size, s.micro_batch_size
+    rollouts, G = images * s.group_size, s.group_size
     prefill_rows = images if s.prefill_once else rollouts
+    # log-prob micro-batch (logprobs.shared_prompt): whole groups, each a packed row [prompt, c_1 .. c_G]
+    groups = max(1, s.micro_batch_size // G)
+    B, packed = groups * G, prompt + G * T  # completions, tokens of one packed row
+    tokens = groups * packed  # forwarded per micro-batch (per-row: B x S)
     chunk = B * min(s.logprob_chunk, T) * V * 4  # one fp32 chunk of logits / temperature
-    logits = B * (T + 1) * V * cb  # lm_head output for the completion positions of one micro-batch
-    inference = max(B * S * inference_per_token(h, t["intermediate_size"], cb),
-                    B * patches * inference_per_token(hv, v["intermediate_size"], cb))
+    logits = B * T * V * cb  # lm_head output at the completion positions of one micro-batch
+    mask = groups * packed ** 2 * (1 + cb)  # the boolean 4D mask and sdpa's additive copy of it
+    inference = max(tokens * inference_per_token(h, t["intermediate_size"], cb),
+                    groups * patches * inference_per_token(hv, v["intermediate_size"], cb))
     # resident in every phase: what FSDP keeps sharded, and the reference
     resident = [
         Row("fp32 master parameters", 4 * P_shard, f"1/{N} shard (dim 0, padded)"),
@@ -240,10 +246,12 @@ def plan(cfg: dict, s: Settings) -> dict:
     ]
     # reference log-probs: a no-grad forward per micro-batch, one layer's buffers at a time
     reference_rows = [
-        Row("forward transient (one layer at a time)", inference + 2 * B * S * h * cb,
-            f"micro-batch {B} x {S} tokens, or its {B} x {patches} patches in the vision tower"),
+        Row("forward transient (one layer at a time)", inference + 2 * tokens * h * cb,
+            f"{groups} packed row(s) of {packed} tokens (prompt {prompt} once + G {G} x {T}), or {groups} x "
+            f"{patches} patches in the vision tower"),
+        Row("packed attention mask", mask, f"{groups} x {packed}^2: boolean, and sdpa's additive copy"),
         Row("logits + log-prob chunk", logits + 2 * chunk,
-            f"{B} x {T + 1} x {V} lm_head output; fp32 chunk of {B} x {min(s.logprob_chunk, T)} positions and its exp"),
+            f"{B} x {T} x {V} lm_head output; fp32 chunk of {B} x {min(s.logprob_chunk, T)} positions and its exp"),
     ]
     if s.shard_reference:
         reference_rows.insert(0, Row("reference: 2 layers gathered", cb * 2 * largest_unit,
@@ -251,14 +259,14 @@ def plan(cfg: dict, s: Settings) -> dict:
     # policy update: forward + backward per micro-batch, gradients reduce-scattered into fp32 shards
     if s.gradient_checkpointing:
         activations = Row("activations, gradient checkpointing",
-                          L * B * S * h * cb + D * B * patches * hv * cb
-                          + 2 * max(B * S * text_layer_saved_per_token(cfg, cb),
-                                    B * patches * vision_block_saved_per_patch(cfg, cb)),
+                          L * tokens * h * cb + D * groups * patches * hv * cb
+                          + 2 * max(tokens * text_layer_saved_per_token(cfg, cb),
+                                    groups * patches * vision_block_saved_per_patch(cfg, cb)),
                           "each layer's and block's input kept; one layer recomputed in backward (x2 with its grads)")
     else:
         activations = Row("activations, no checkpointing (estimate)",
-                          L * B * S * text_layer_saved_per_token(cfg, cb)
-                          + D * B * patches * vision_block_saved_per_patch(cfg, cb),
+                          L * tokens * text_layer_saved_per_token(cfg, cb)
+                          + D * groups * patches * vision_block_saved_per_patch(cfg, cb),
                           f"{text_layer_saved_per_token(cfg, cb) / 1024:.0f} KiB/token/layer, "
                           f"{vision_block_saved_per_patch(cfg, cb) / 1024:.0f} KiB/patch/block saved for backward")
     update = [
@@ -269,6 +277,7 @@ def plan(cfg: dict, s: Settings) -> dict:
         Row("2 layers in flight", 2 * largest_unit * (cb + cb + 4),
             f"largest unit {largest_unit / 1e6:.0f} M params: current + prefetched, params + grads + fp32 copy"),
         activations,
+        Row("packed attention mask", mask, "kept for backward (and the recompute)"),
         Row("logits + log-prob chunk, with grads", 2 * logits + 3 * chunk,
             "lm_head output (kept for the chunks' recompute) and its grad; one recomputed fp32 chunk, its exp, its grad"),
     ]
@@ -278,6 +287,7 @@ def plan(cfg: dict, s: Settings) -> dict:
     ]
     return {"P": P, "P_shard": P_shard, "units": units, "root": root, "largest_unit": largest_unit,
             "patches": patches, "image_tokens": image_tokens, "prompt": prompt, "S": S, "images": images,
+            "groups": groups, "packed": packed, "tokens_shared": prompt + G * T, "tokens_per_row": G * S,
             "rollouts": rollouts, "resident": resident,
             "phases": {"rollout": rollout, "reference log-probs": reference_rows, "policy update": update,
                        "optimizer step": optimizer_step},
@@ -324,7 +334,9 @@ def report(cfg: dict, s: Settings, config_name: str, meta_count: int | None) -> 
              f"sampling call: {p['images']} images x G {s.group_size} = {p['rollouts']} rows; "
              f"image {s.image_width}x{s.image_height} -> {p['patches']} patches, "
              f"{p['image_tokens']} image tokens; prompt {p['prompt']} tokens, sequence {p['S']}; "
-             f"micro-batch {s.micro_batch_size}",
+             f"log-prob micro-batch {p['groups']} group(s) of G {s.group_size}, each a packed row of "
+             f"{p['packed']} tokens: {p['tokens_shared']} tokens per image where one row per rollout forwards "
+             f"{p['tokens_per_row']} ({p['tokens_per_row'] / p['tokens_shared']:.1f}x)",
              "", f"{'per GPU':58s} {'GiB':>6s}  note"]
     lines.append("resident in every phase")
     lines += [f"  {r.name:56s} {gib(r.bytes)}  {r.note}" for r in p["resident"]]
@@ -355,11 +367,12 @@ def report(cfg: dict, s: Settings, config_name: str, meta_count: int | None) -> 
         f"sampling call ({p['images']} images, --rollout-batch {s.rollout_batch}) in the compute dtype; "
         + ("each prompt prefilled once, its cache copied G times (sampling.sample)." if s.prefill_once else
            "generate prefills all G rows of each prompt."),
-        "the vision tower runs once per image in a sampling call, and once per ROW of a log-prob micro-batch "
-        "(each row carries its image's pixels).",
+        "the vision tower runs once per image in a sampling call and in each log-prob pass (logprobs.shared_prompt: "
+        "each prompt once, its G completions packed behind it under a [S, S] boolean mask).",
         f"prompt = {p['image_tokens']} image tokens + {s.text_tokens} text tokens (chat template + prompt; an "
         f"estimate for Qwen's tokenizer); image processor max_pixels {s.max_pixels}.",
-        "attention through fused kernels (SDPA flash / memory-efficient): no tokens x tokens matrix is stored.",
+        "attention through fused kernels (SDPA flash / memory-efficient): no tokens x tokens score matrix is "
+        "stored; the log-prob passes hold their packed rows' mask (1 + compute-dtype bytes per entry).",
         f"log-probs: gather minus logsumexp over fp32 chunks of {s.logprob_chunk} positions, each chunk checkpointed "
         "(recomputed in backward), so only the compute-dtype logits and their grad span the micro-batch.",
         "exact sizes, checked against real tensors in tests/test_memory_plan.py: parameters, fp32 shards, AdamW "

@@ -18,6 +18,7 @@ from scipy.stats import norm
 import common
 import sampling
 import grpo_train
+import logprobs
 from sampling import completion_mask
 from grpo_train import group_advantages, grpo_loss, pair_fidelity_rewards
 
@@ -228,11 +229,11 @@ def test_chunked_logprobs_equal_the_full_log_softmax_with_gradients():
     weights = torch.randn(3, 11, generator=gen, dtype=torch.float64)
     (expect * weights).sum().backward()
     chunked = logits.clone().requires_grad_(True)
-    got = grpo_train.logprobs_at(chunked, ids, 0.7, chunk=4)  # 11 positions: chunks of 4, 4, 3
+    got = logprobs.logprobs_at(chunked, ids, 0.7, chunk=4)  # 11 positions: chunks of 4, 4, 3
     (got * weights).sum().backward()
     assert torch.allclose(got, expect, atol=1e-12) and torch.allclose(chunked.grad, full.grad, atol=1e-12)
     with torch.no_grad():
-        assert torch.allclose(grpo_train.logprobs_at(logits, ids, 0.7, chunk=5), expect.detach(), atol=1e-12)
+        assert torch.allclose(logprobs.logprobs_at(logits, ids, 0.7, chunk=5), expect.detach(), atol=1e-12)
 
 
 def test_rewards_parse_through_the_truncation_rule_and_land_on_their_images_rows():
@@ -289,12 +290,12 @@ def test_logprobs_equal_generate_scores_with_left_padding_twice(tiny_model_dir, 
             mask = completion_mask(completions, eos).bool()
             expect = torch.stack([torch.log_softmax(s.float(), -1) for s in out.scores], 1)
             expect = expect.gather(-1, completions[..., None]).squeeze(-1)
-            got = grpo_train.token_logprobs(model, batch, completions, 0.7)
+            got = logprobs.per_row(model, batch, completions, 0.7)
             assert torch.allclose(got[mask], expect[mask], atol=1e-4), (got - expect)[mask].abs().max()
             # batched (left-padded, G copies) == one prompt alone, unpadded
             for i in (0, G):
                 alone = dict(common.encode_batch(processor, [prompt], [[images[i // G]]], preset.add_vision_id))
-                single = grpo_train.token_logprobs(model, alone, completions[i:i + 1], 0.7)
+                single = logprobs.per_row(model, alone, completions[i:i + 1], 0.7)
                 assert torch.allclose(single[0][mask[i]], got[i][mask[i]], atol=1e-4)
         assert len({tuple(c.tolist()) for c in completions[:G]}) > 1  # explicit sampling: samples differ (top_k=1 trap)
     # a rollout that emits an image placeholder: the forward still runs, and the mask ends at the placeholder
@@ -302,8 +303,8 @@ def test_logprobs_equal_generate_scores_with_left_padding_twice(tiny_model_dir, 
     ids = completions[:1, :4].clone()
     ids[0, 2] = image_pad
     with torch.no_grad():
-        got = grpo_train.token_logprobs(model, grpo_train.select_rows(batch, [0], vs), ids, 0.7, (image_pad,), eos[0])
-        clean = grpo_train.token_logprobs(model, grpo_train.select_rows(batch, [0], vs), ids[:, :2], 0.7)
+        got = logprobs.per_row(model, grpo_train.select_rows(batch, [0], vs), ids, 0.7, (image_pad,), eos[0])
+        clean = logprobs.per_row(model, grpo_train.select_rows(batch, [0], vs), ids[:, :2], 0.7)
     assert torch.allclose(got[0, :2], clean[0]) and completion_mask(ids, eos + [image_pad]).tolist() == [[1, 1, 1, 0]]
 
 
@@ -335,7 +336,7 @@ def test_shared_image_features_equal_the_per_row_pass_in_logprobs_and_gradients(
         parts = []
         for group in row_groups:
             prompt = grpo_train.select_rows(batch, group, model.config.vision_start_token_id)
-            logp = grpo_train.token_logprobs(model, prompt, ids[group], 0.7)
+            logp = logprobs.per_row(model, prompt, ids[group], 0.7)
             (logp * weights[group]).sum().backward()
             parts.append(logp.detach())
         return torch.cat(parts), {k: p.grad.clone() for k, p in params.items()}, list(calls)
@@ -369,13 +370,13 @@ def test_ratio_is_one_at_the_first_update(tiny_model_dir, demo_pool):
     config = sampling.sampling_config(model, max_new_tokens=10, temperature=1.0)
     with torch.no_grad():
         completions = model.eval().generate(**batch, generation_config=config)[:, batch["input_ids"].shape[1]:]
-        old = grpo_train.token_logprobs(model, batch, completions, 1.0)
+        old = logprobs.per_row(model, batch, completions, 1.0)
     mask = completion_mask(completions, sampling.eos_token_ids(config))
     model.train()
     rows = [1, 2]
     width = int(mask[rows].sum(1).max())
     sub = grpo_train.select_rows(batch, rows, model.config.vision_start_token_id)
-    logp = grpo_train.token_logprobs(model, sub, completions[rows, :width], 1.0)
+    logp = logprobs.per_row(model, sub, completions[rows, :width], 1.0)
     ratio = torch.exp(logp - old[rows, :width])[mask[rows, :width].bool()]
     assert torch.allclose(ratio, torch.ones_like(ratio), atol=1e-5)
     loss, metrics = grpo_loss(logp, old[rows, :width], old[rows, :width], torch.tensor([1.0, -1.0]),
@@ -774,7 +775,7 @@ def test_a_scripted_step_through_the_real_parser_puts_each_advantage_on_its_own_
         for k, x in enumerate(script):
             prompt = grpo_train.select_rows(encoded[x], [0, 0, 0], model.config.vision_start_token_id)
             ids = scripted_sample(None, None, encoded[x], 3, 8)
-            logp = grpo_train.token_logprobs(model, prompt, ids.ids, 1.0)
+            logp = logprobs.per_row(model, prompt, ids.ids, 1.0)
             mask = ids.mask.double()
             per_seq = (logp.double() * mask).sum(1) / mask.sum(1)
             (-(advantages[k] * per_seq).sum() / 6).backward()

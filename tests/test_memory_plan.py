@@ -215,8 +215,8 @@ def test_gpu_check_dry_run_builds_inputs_and_plan_and_the_report_reads_a_run(tmp
     assert len((work / "pseudolabels.jsonl").read_text().splitlines()) == 4
 
     (work / "run").mkdir()
-    steps = [{"step": k, "step_seconds": 10.0 * k, "generation_seconds": 6.0, "logprob_seconds": 1.0,
-              "backward_seconds": 3.0, "generated_tokens_per_s": 500.0, "generated_tokens": 8192} for k in (1, 2)]
+    steps = [{"step": k, "time/step": 10.0 * k, "time/generation": 6.0, "time/reference": 1.0,
+              "time/update": 3.0, "rollout/tokens_per_s": 500.0, "rollout/generated_tokens": 8192} for k in (1, 2)]
     (work / "run" / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in steps))
     (work / "peak.json").write_text(json.dumps({"rollout": 10 * mp.GiB, "other": 20 * mp.GiB, "rollout_reserved": 0,
                                                 "other_reserved": 0, "sampling_calls": 2, "device": "stand-in"}))
@@ -228,3 +228,35 @@ def test_gpu_check_dry_run_builds_inputs_and_plan_and_the_report_reads_a_run(tmp
     rest = max(peaks["reference log-probs"], peaks["policy update"], peaks["optimizer step"]) - 3 * mp.GiB
     assert f"{20 * mp.GiB / rest:7.2f}" in report.stdout  # measured / planned, outside sampling
     assert "step 20.0 s = generation 6.0 s (30%)" in report.stdout  # the mean leaves out the warm-up step
+    assert "voting: no votes_peak.json" in report.stdout
+    (work / "votes_peak.json").write_text(json.dumps({"seconds": 4.0, "generated_tokens": 16384, "sequences": 32,
+                                                      "peak": 30 * mp.GiB}))
+    report = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_check_report.py"), str(work)],
+                            capture_output=True, text=True, timeout=120)
+    assert "32 votes): 16384 generated tokens in 4.0 s = 4096 tokens/s; peak GPU memory 30.0 GiB" in report.stdout
+    assert (work / "vote_wrapper.py").exists() and "sample_votes.py" in (work / "vote_wrapper.py").read_text()
+
+
+def test_log_prob_rows_count_the_packed_rows_of_logprobs(tiny):
+    """The plan's log-prob micro-batch is what logprobs.shared_prompt builds: whole groups, each one packed row of
+    prompt + G x T tokens, with a [S, S] mask and G x T kept logits per row; at least one group per micro-batch."""
+    import logprobs
+
+    cfg, model = tiny
+    G, T = 4, 5
+    s = settings(group_size=G, micro_batch_size=8, max_new_tokens=T, image_width=56, image_height=56, bf16=False,
+                 text_tokens=20)
+    p = mp.plan(cfg, s)
+    groups, L = p["groups"], p["prompt"]
+    assert groups == 2 and p["image_tokens"] == 4
+    prompts = {"input_ids": torch.randint(50, 500, (groups, L)), "attention_mask": torch.ones(groups, L, dtype=torch.long),
+               "mm_token_type_ids": torch.zeros(groups, L, dtype=torch.long)}
+    layout = logprobs.packed_layout(model, prompts, G, T)
+    assert layout["attention_mask"].shape == (groups, 1, p["packed"], p["packed"])
+    assert row(p["phases"]["reference log-probs"], "packed attention mask") == layout["attention_mask"].numel() * 5
+    V = cfg["text_config"]["vocab_size"]
+    chunk = groups * G * T * V * 4
+    assert row(p["phases"]["reference log-probs"], "logits") == groups * layout["logits_to_keep"].numel() * V * 4 \
+        + 2 * chunk
+    assert p["tokens_shared"] == L + G * T and p["tokens_per_row"] == G * (L + T)
+    assert mp.plan(cfg, settings(group_size=32, micro_batch_size=4))["groups"] == 1  # a group larger: one per pass
