@@ -51,6 +51,7 @@ from scipy.stats import pearsonr, spearmanr
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import common  # noqa: E402
+import distortions  # noqa: E402
 from demo.oracle import true_p_star, write_pseudolabels  # noqa: E402
 from demo.synthetic import write_pool_world, write_set  # noqa: E402
 
@@ -507,11 +508,30 @@ def pool_experiment(args: Args, base: str, work: Path) -> dict:
     accuracy = {"round_1_random": pseudolabel_accuracy(R1 / "votes.jsonl", quality, args.acc_ks, kind="random"),
                 **{f"round_2_{kind}": pseudolabel_accuracy(votes2 / "votes.jsonl", quality, args.acc_ks, kind=kind)
                    for kind in ("random", "same_reference")}}
+    by_group = accuracy_by_group(votes2 / "votes.jsonl", quality, pool / "manifest.jsonl", args.ks[0])
     return {"time": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
             "command": " ".join(["python", "demo/evolve.py", *sys.argv[1:]]), "note": args.note,
             "settings": settings, "work": str(exp), "rounds": rows, "pseudolabel_accuracy": accuracy,
+            "same_reference_accuracy_by_group": by_group,
             "stage_seconds": {k: v for R in sorted(exp.iterdir()) if R.is_dir()
                               for k, v in stage_seconds(R / "evolution.log").items()}}
+
+
+def accuracy_by_group(votes: Path, quality: dict[str, float], manifest: Path, k: int) -> dict:
+    """Pseudo-label accuracy (K = k) of the same-reference pairs, by the distortion group of the pair's variants (a
+    pair of two variants counts under each group): which distortions the voter can judge. Reads the manifest's types
+    only to report."""
+    group_of = {kind: group for group, kinds in distortions.GROUPS.items() for kind in kinds}
+    groups = {r["image"]: group_of[r["type"]] for r in common.read_jsonl(manifest) if r["type"]}
+    correct: dict[str, list[float]] = {}
+    for r in common.read_jsonl(votes):
+        if r.get("kind") != "same_reference" or quality[r["a"]] == quality[r["b"]]:
+            continue
+        va, vb = subsample_votes(r["answers"], k)
+        right = 0.5 if va == vb else float((va > vb) == (quality[r["a"]] > quality[r["b"]]))
+        for group in {groups[x] for x in (r["a"], r["b"]) if x in groups}:
+            correct.setdefault(group, []).append(right)
+    return {g: {"pairs": len(v), "accuracy": float(np.mean(v))} for g, v in sorted(correct.items())}
 
 
 def print_pool_record(record: dict) -> None:
@@ -523,6 +543,8 @@ def print_pool_record(record: dict) -> None:
     for name, acc in record["pseudolabel_accuracy"].items():
         print(f"  pseudo-label accuracy {name:22s} ({acc['pairs']} pairs): " + ", ".join(
             f"{k} {v['accuracy']:.3f}" for k, v in acc.items() if k != "pairs"))
+    print("  same-reference pairs by distortion group: " + ", ".join(
+        f"{g} {v['accuracy']:.2f} ({v['pairs']})" for g, v in record["same_reference_accuracy_by_group"].items()))
 
 
 def main() -> None:
