@@ -239,7 +239,6 @@ def test_chunked_logprobs_equal_the_full_log_softmax_with_gradients():
 def test_rewards_parse_through_the_truncation_rule_and_land_on_their_images_rows():
     """The real parser (sampling.answer + parse_score) on scripted completions; the calls come in another order than
     the step's images, and image 'hi' (scored high, p* says it is better) must get the high rewards."""
-    from types import SimpleNamespace
 
     C = sampling.Completion
     images = ["lo.png", "hi.png", "mid.png"]
