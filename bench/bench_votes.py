@@ -168,7 +168,7 @@ def load() -> str:
 # Voting
 # ---------------------------------------------------------------------------------------------------------------------
 
-SETTINGS = {  # size: (pairs, K, new tokens); both at sample_votes' default --batch-size of 45faead, 64 sequences
+SETTINGS = {  # size: (pairs, K, new tokens); both at a sampling batch of 64 sequences
     "tiny": (16, 8, 32),
     "30m": (4, 16, 8),
 }
