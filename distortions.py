@@ -1,9 +1,10 @@
 """The synthetic distortions of the training pool: 35 types in 12 groups, 5 severity levels each.
 
-The set and its per-level parameters follow the DepictQA distortion library (XPixelGroup/DepictQA,
-build_datasets/x_distortion/), written anew with Pillow + numpy + scipy. make_pool.py applies them to every pool
-image; the type and level of a variant go into the pool manifest only to pair versions of one reference and to
-report: no stage reads them, a variant is voted on like any other image.
+The set, each type's definition and its per-level parameters follow the DepictQA distortion library
+(XPixelGroup/DepictQA, build_datasets/x_distortion/, with the scikit-image 0.21 it pins for multi-level Otsu),
+written anew with Pillow + numpy + scipy. make_pool.py applies them to every pool image; the type and level of a
+variant go into the pool manifest only to pair versions of one reference and to report: no stage reads them, a
+variant is voted on like any other image.
 
     from distortions import distort, draw
     kind, level = draw(np.random.default_rng(0))         # uniform over the 35 types, level uniform in 1..5
@@ -12,7 +13,8 @@ report: no stage reads them, a variant is voted on like any other image.
 Inside, an image is an H x W x 3 float32 array in [0, 1]; each function maps (array, its level's parameter, rng) to
 an array, clipped to [0, 1] on the way out. Colour spaces: HSV as in colorsys (computed without the round trip: with
 hue and saturation fixed RGB scales with the value V; with hue and V fixed V - RGB scales with the saturation S),
-YCbCr as in JPEG (BT.601, full range, chroma centred on 0.5).
+YCbCr as in JPEG (BT.601, full range, chroma centred on 0.5). Results are rounded to 8 bits; DepictQA truncates the
+types it computes in floating point (a cast to uint8), which leaves its variants half a grey level darker on average.
 """
 
 from __future__ import annotations
@@ -54,12 +56,44 @@ def convolve(x: Array, kernel: Array) -> Array:
     return signal.fftconvolve(padded, kernel[..., None], mode="valid", axes=(0, 1))
 
 
-def scramble(x: Array, shift: int, rng: np.random.Generator) -> Array:
-    """Every pixel replaced by one at most `shift` pixels away in each direction (a local pixel shuffle)."""
+def shuffle_pixels(x: Array, shift: int, passes: int, rng: np.random.Generator) -> Array:
+    """DepictQA's local pixel shuffle (helper.py, shuffle_pixels_njit): `passes` passes, each over the pixels with
+    at least shift + 1 rows and columns above and left of them and at least shift - 1 below and right, bottom row
+    first and right to left within a row; each such pixel takes, in place, the pixel (dy, dx) away, dy and dx drawn
+    uniformly from -shift .. shift - 1 (numpy's randint leaves out the upper bound). The swap in that code only
+    copies: both sides are views of the image, so its second assignment writes back what the first put there.
+    A pass draws its offsets as rng.integers(-shift, shift, (2, rows, columns), np.int16), dy first."""
     h, w = x.shape[:2]
-    yy = np.clip(np.arange(h)[:, None] + rng.integers(-shift, shift + 1, (h, w)), 0, h - 1)
-    xx = np.clip(np.arange(w)[None, :] + rng.integers(-shift, shift + 1, (h, w)), 0, w - 1)
-    return x[yy, xx]
+    for _ in range(passes):
+        dy, dx = rng.integers(-shift, shift, (2, max(h - 2 * shift, 0), max(w - 2 * shift, 0)), np.int16)
+        x = shuffle_pass(x, dy, dx, shift)
+    return x
+
+
+def shuffle_pass(x: Array, dy: Array, dx: Array, shift: int) -> Array:
+    """One in-place pass of `shuffle_pixels`, all pixels at once; dy[i, j] and dx[i, j] are the offsets of the pixel
+    shift + 1 + i rows and shift + 1 + j columns in. A pixel whose source was already written in this pass (the
+    source lies in the shuffled region and comes later in row-major order: below, or to the right on the same row)
+    takes that source's new value, itself a copy; following these links from a pixel ends at one whose source still
+    holds its value from before the pass, and that value is the pixel's."""
+    h, w, rows, cols = *x.shape[:2], *dy.shape
+    if dy.size == 0:
+        return x
+    index = np.int32 if h * w < 2 ** 31 else np.intp
+    i, j = np.arange(rows, dtype=index)[:, None], np.arange(cols, dtype=index)[None, :]
+    down, right = i + dy, j + dx  # the source's place in the region (may lie outside it)
+    written = ((dy > 0) | ((dy == 0) & (dx > 0))) & (down < rows) & (right >= 0) & (right < cols)
+    written = written.ravel()
+    link = np.where(written, (down * cols + right).ravel(), np.arange(rows * cols, dtype=index))
+    pending = np.flatnonzero(written)
+    while pending.size:  # pointer doubling; chains are short (a link is taken with probability < 1/2)
+        link[pending] = link[link[pending]]
+        pending = pending[written[link[pending]]]
+    source = ((down + shift + 1) * w + right + shift + 1).ravel()[link]
+    out = x.copy()
+    out[shift + 1:h - shift + 1, shift + 1:w - shift + 1] = np.take(x.reshape(h * w, -1), source, 0).reshape(
+        rows, cols, -1)
+    return out
 
 
 def to_pil(x: Array) -> Image.Image:
@@ -79,22 +113,21 @@ def gaussian_blur(x, sigma, rng):
 
 
 def motion_blur(x, p, rng):
-    """A one-sided streak of 2 * radius + 1 taps at a random angle, weights a half Gaussian of `sigma` taps."""
+    """A one-sided streak of 2 * radius + 1 taps at an angle a drawn in [-90, 90) degrees: tap t reads the pixel
+    ceil(t sin a - 1/2) rows and ceil(t cos a - 1/2) columns away (edges repeated), weights a half Gaussian of
+    `sigma` taps, normalised (DepictQA's helper.py, motion_blur with shift_img)."""
     radius, sigma = p
     angle, n = np.deg2rad(rng.uniform(-90, 90)), 2 * radius
     kernel = np.zeros((2 * n + 1, 2 * n + 1), np.float32)
     for t in range(n + 1):
-        dy, dx = int(round(t * np.sin(angle))), int(round(t * np.cos(angle)))
-        kernel[n + dy, n + dx] += np.exp(-t ** 2 / (2 * sigma ** 2))
+        dy, dx = int(np.ceil(t * np.sin(angle) - 0.5)), int(np.ceil(t * np.cos(angle) - 0.5))
+        kernel[n - dy, n - dx] += np.exp(-t ** 2 / (2 * sigma ** 2))  # convolving flips the kernel back
     return convolve(x, kernel / kernel.sum())
 
 
 def glass_blur(x, p, rng):
-    sigma, shift, iterations = p
-    x = gaussian(x, sigma)
-    for _ in range(iterations):
-        x = scramble(x, shift, rng)
-    return gaussian(x, sigma)
+    sigma, shift, passes = p
+    return gaussian(shuffle_pixels(gaussian(x, sigma), shift, passes, rng), sigma)
 
 
 def lens_blur(x, radius, rng):
@@ -117,7 +150,7 @@ def zoom_blur(x, end, rng):
 
 
 def jitter(x, shift, rng):
-    return scramble(x, shift, rng)
+    return shuffle_pixels(x, shift, 1, rng)
 
 
 def gaussian_noise(x, sigma, rng):
@@ -162,9 +195,11 @@ def jpeg2000(x, db, rng):
 
 
 def with_value(x, value):
-    """x with its HSV value (max of R, G, B) replaced, hue and saturation kept: RGB scales with V."""
+    """x with its HSV value (max of R, G, B) replaced, hue and saturation kept: RGB scales with V, and a black pixel
+    (no hue, no saturation) becomes the grey `value`. V is not capped: a V above 1 saturates the channels that pass
+    1 when `apply` clips them (highlights wash out to white), as OpenCV's HSV-to-RGB conversion and DepictQA's clip
+    do; a V below 0 gives black."""
     v = x.max(-1, keepdims=True)
-    value = np.clip(value, 0, 1)
     return np.where(v > 0, x * value / np.maximum(v, 1e-12), value)
 
 
@@ -189,9 +224,12 @@ def contrast_scale(x, factor, rng):
 
 
 def contrast_stretch(x, f, rng):
-    """1 / (1 + (mean / x)^f) per channel: f > 1 steepens the curve around the channel mean, f < 1 flattens it."""
+    """1 / (1 + (mean / (x + 1e-12))^f) per channel: f > 1 steepens the curve around the channel mean, f < 1
+    flattens it; a constant channel becomes 1/2. An all-black channel (mean 0) has no curve and stays black."""
     mean = x.mean((0, 1), keepdims=True)
-    return special.expit(f * (np.log(np.maximum(x, 1e-6)) - np.log(mean)))  # the same curve, without overflow
+    log_mean = np.log(np.where(mean > 0, mean, 1))
+    stretched = special.expit(f * (np.log(x + 1e-12) - log_mean))  # the same curve, without overflow
+    return np.where(mean > 0, stretched, x)
 
 
 def saturation_hsv(x, factor, rng):
@@ -220,34 +258,45 @@ def pixelate(x, scale, rng):
 
 
 def otsu_thresholds(values: Array, classes: int, bins: int = 30) -> Array:
-    """Multi-level Otsu: the bin edges that split a `bins`-bin histogram into `classes` classes of the largest
-    between-class variance, by dynamic programming over the bins (a class of n values of mean m adds n m^2)."""
+    """Multi-level Otsu as scikit-image 0.21's threshold_multiotsu computes it (DepictQA's call): a class is a run of
+    bins of a `bins`-bin histogram over [min, max]; the classes maximise the sum over classes of S^2 / P (P: the
+    class's share of the values, S: the sum of share x bin index, counting bin 0 at index 1 and scoring a class of
+    bin 0 alone 0, as that code does), ties going to the lexicographically first thresholds; each threshold is the
+    centre of a class's last bin. With no more occupied bins than classes, each occupied bin is a class (there
+    scikit-image refuses fewer). The search is a dynamic programme over the bins, not scikit-image's enumeration."""
     counts, edges = np.histogram(values, bins=bins)
     centres = (edges[:-1] + edges[1:]) / 2
-    s0, s1 = np.concatenate([[0], np.cumsum(counts)]), np.concatenate([[0], np.cumsum(counts * centres)])
-    i, j = np.meshgrid(np.arange(bins + 1), np.arange(bins + 1), indexing="ij")  # a class = bins i .. j - 1
-    n = s0[j] - s0[i]
-    gain = np.where(j >= i, (s1[j] - s1[i]) ** 2 / np.maximum(n, 1), -np.inf)
-    best, back = gain[0], []  # best[j]: the largest total over bins 0 .. j - 1 with the classes so far
+    p = counts / counts.sum()
+    if np.count_nonzero(p) <= classes:
+        return centres[np.flatnonzero(p)[:-1]]
+    share, moment = np.cumsum(p), np.cumsum(np.arange(bins) * p) + p[0]
+    share0, moment0 = np.concatenate([[0], share[:-1]]), np.concatenate([[0], moment[:-1]])  # before bin a
+    a, b = np.meshgrid(np.arange(bins), np.arange(bins), indexing="ij")  # a class = bins a .. b
+    mass, first = share[b] - share0[a], moment[b] - moment0[a]
+    score = np.where(mass > 0, first ** 2 / np.where(mass > 0, mass, 1), 0.0)
+    score[b < a], score[0, 0] = -np.inf, 0.0
+    best = [score[:, -1]]  # best[k - 1][a]: the largest total splitting bins a .. end into k classes
     for _ in range(classes - 1):
-        total = best[:, None] + gain
-        back.append(total.argmax(0))
-        best = total.max(0)
-    cuts, end = [], bins
-    for b in reversed(back):
-        end = b[end]
-        cuts.append(end)
-    return edges[sorted({c for c in cuts if 0 < c < bins})]
+        best.append(np.max(score + np.append(best[-1][1:], -np.inf)[None, :], axis=1))
+    cuts, a = [], 0
+    for k in range(classes - 1, 0, -1):  # the first last-bin that still reaches the best total, class by class
+        total = score[a] + np.append(best[k - 1][1:], -np.inf)
+        a = int(np.flatnonzero(total == best[k][a])[0])
+        cuts.append(a)
+        a += 1
+    return centres[cuts]
 
 
 def quantize_otsu(x, classes, rng):
-    """Each channel cut at its multi-level Otsu thresholds; a class takes the mean of its values."""
+    """Each channel's 8-bit values cut at their multi-level Otsu thresholds (a value on a threshold goes up); class
+    k = 0, 1, .. takes v_min + k (v_max - v_min) / classes (DepictQA's quantization_otsu), so the top class stays
+    below v_max. Not monotone in the level: fewer classes can land closer to the original values."""
     out = np.empty_like(x)
     for c in range(3):
-        v = x[..., c]
+        v = np.round(x[..., c] * 255)
         label = np.digitize(v, otsu_thresholds(v, classes))
-        means = ndimage.mean(v, label, np.arange(label.max() + 1))
-        out[..., c] = np.asarray(means, np.float32)[label]
+        low, high = v.min(), v.max()
+        out[..., c] = (low + label * (high - low) / classes) / 255
     return out
 
 
@@ -259,12 +308,19 @@ def quantize_median_cut(x, colours, rng):
     return np.stack(planes, -1).astype(np.float32) / 255
 
 
-def quantize_histogram(x, bins, rng):
-    """The image's histogram (all channels) cut into `bins` bins of equal population; a value takes its bin's mean."""
-    edges = np.quantile(x, np.arange(1, bins) / bins)
-    label = np.digitize(x, edges)
-    means = ndimage.mean(x, label, np.arange(bins))
-    return np.asarray(means, np.float32)[label]
+def quantize_histogram(x, levels, rng):
+    """Posterisation and histogram equalisation at once (DepictQA's quantization_hist): the 8-bit values u of all
+    channels go to `levels` uniform levels k = round(u (levels - 1) / 255), and level k to
+    floor(255 (C_k - C_min) / (N - C_min)) / 255, C the cumulative counts of a `levels`-bin histogram of u over
+    [0, 255], C_min its first non-zero entry, N the number of values (0 where C_k = 0). Not monotone in the level.
+    With every value in one bin the equalisation is 0 / 0 (DepictQA's masked arrays make it black): kept as it is."""
+    u = np.round(x.astype(np.float64) * 255)
+    cdf = np.cumsum(np.histogram(u, bins=levels, range=(0, 255))[0])
+    low, n = cdf[cdf > 0][0], cdf[-1]
+    if n == low:
+        return x
+    lut = np.where(cdf > 0, (cdf - low) * 255 // (n - low), 0)
+    return (lut[np.round(u / 255 * (levels - 1)).astype(np.intp)] / 255).astype(np.float32)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

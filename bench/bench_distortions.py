@@ -1,9 +1,11 @@
-"""Benchmark of distortions.py at KonIQ's size (1024 x 768) on one core: each type's time (mean over its 5 levels),
-the time to decode a reference and to write a variant as PNG, the bytes a variant takes on disk, and from these the
-projected wall time and disk cost of the paper's pool (10,073 images x 10 variants) built by make_pool.py on N cores.
+"""Benchmark of distortions.py at KonIQ's size (1024 x 768) on one core: each type's time (mean over its 5 levels and
+the images), the time to decode a reference and to write a variant as PNG, the bytes a variant takes on disk, and
+from these the projected wall time and disk cost of the paper's pool (10,073 images x 10 variants) built by
+make_pool.py on N cores.
 
     python bench/bench_distortions.py                                   # a synthetic landscape; target: < 30 min
     python bench/bench_distortions.py --images a.jpg b.jpg --cores 16   # photographs, resized to 1024 x 768
+    python bench/bench_distortions.py --kinds jitter glass_blur         # only these types (no projection)
 
 Times are CPU seconds of the process (time.process_time, one thread), so a busy machine does not inflate them.
 The projection assumes make_pool.py's work per reference: one decode, then per variant one draw, one distortion
@@ -66,6 +68,7 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=1024)
     parser.add_argument("--height", type=int, default=768)
     parser.add_argument("--repeats", type=int, default=1, help="best of this many runs per type and level")
+    parser.add_argument("--kinds", nargs="*", default=[], help="time only these types (default: all 35)")
     parser.add_argument("--pool-images", type=int, default=10073, help="references in the pool (KonIQ-10k)")
     parser.add_argument("--variants", type=int, default=10, help="variants per reference")
     parser.add_argument("--cores", type=int, default=16)
@@ -75,13 +78,22 @@ def main() -> None:
     size = (a.width, a.height)
     images = [Image.open(p).convert("RGB").resize(size, Image.BICUBIC) for p in a.images] or [landscape(*size)]
 
-    print(f"one core, {a.width} x {a.height}, best of {a.repeats}, mean over levels 1..5")
+    unknown = sorted(set(a.kinds) - set(D.TABLE))
+    if unknown:
+        parser.error(f"unknown distortion type(s) {', '.join(unknown)}")
+
+    print(f"one core, {a.width} x {a.height}, best of {a.repeats}, mean over levels 1..5 and {len(images)} image(s)")
     print(f"{'group':16s} {'type':24s} {'s/variant':>9s}  by level")
     per_type = {}
     for kind, (group, _, _) in D.TABLE.items():
-        levels = [seconds(lambda: D.distort(images[0], kind, level, seed=level), a.repeats) for level in D.LEVELS]
+        if a.kinds and kind not in a.kinds:
+            continue
+        levels = [np.mean([seconds(lambda: D.distort(img, kind, level, seed=level), a.repeats) for img in images])
+                  for level in D.LEVELS]
         per_type[kind] = float(np.mean(levels))
         print(f"{group:16s} {kind:24s} {per_type[kind]:9.3f}  " + " ".join(f"{s:.3f}" for s in levels))
+    if a.kinds:
+        return
     distort_s = float(np.mean(list(per_type.values())))  # the draw is uniform over types
 
     jpeg = io.BytesIO()
