@@ -49,6 +49,7 @@ import numpy as np
 from scipy import optimize, stats
 
 import common
+import prompts
 import sampling
 from benchmarks import IMAGES, Bench, label_identity, load_benchmarks, load_images, parse_split
 
@@ -61,7 +62,7 @@ class Args:
                                       "in place since it was scored is scored again); no metrics")
     out: str = common.arg("", help="output folder for predictions and summaries")
     predictions: str = common.arg("", help="recompute metrics from the predictions in this folder (no model)")
-    prompt: str = common.arg("evoquality", help="prompt preset", choices=sorted(common.PRESETS))
+    prompt: str = common.arg("evoquality", help="prompt preset", choices=sorted(prompts.PRESETS))
     reasoning: bool = common.arg(True, help="ask for reasoning before the boxed answer (the presets' default)")
     samples: int = common.arg(1, help="answers per image: 1 = greedy; N > 1 = sampled, valid ones averaged")
     temperature: float = common.arg(1.0, help="sampling temperature (used only when --samples > 1)")
@@ -249,7 +250,7 @@ def weighted_draws(draws: dict[str, dict[str, np.ndarray]], weights: dict[str, f
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def sample_answers(model, processor, images: list, prompt: str, preset: common.Preset, args: Args
+def sample_answers(model, processor, images: list, prompt: str, preset: prompts.Preset, args: Args
                    ) -> list[list[sampling.Completion]]:
     """`args.samples` completions for each image, from one batched call of the shared sampling routine (greedy for
     --samples 1), each with its truncation flag."""
@@ -260,16 +261,16 @@ def sample_answers(model, processor, images: list, prompt: str, preset: common.P
     return samples.completions()
 
 
-def image_score(completions: list[sampling.Completion], preset: common.Preset
+def image_score(completions: list[sampling.Completion], preset: prompts.Preset
                 ) -> tuple[Optional[float], list[Optional[float]]]:
     """(mean of the valid parsed scores or None, every parsed score with None for the unparseable ones).
     A truncated answer is unparseable (sampling.answer), even when its text holds a closed box."""
-    scores = [sampling.answer(c, lambda text: common.parse_score(text, preset)) for c in completions]
+    scores = [sampling.answer(c, lambda text: prompts.parse_score(text, preset)) for c in completions]
     valid = [s for s in scores if s is not None]
     return (sum(valid) / len(valid) if valid else None), scores
 
 
-def score_entries(model, processor, preset: common.Preset, prompt: str, args: Args, root: Path, entries: list[dict],
+def score_entries(model, processor, preset: prompts.Preset, prompt: str, args: Args, root: Path, entries: list[dict],
                   part: Path, show_progress: bool) -> None:
     """Score `entries` (this process's shard) in batches, one flushed line per image in `part`, with the image's
     [size, mtime] as it was read (`file`): an image changed in place since is scored again."""
@@ -536,7 +537,7 @@ def recompute(args: Args) -> dict:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def run_settings(args: Args, preset: common.Preset, jobs: dict[str, Bench]) -> dict:
+def run_settings(args: Args, preset: prompts.Preset, jobs: dict[str, Bench]) -> dict:
     """Every setting that changes a prediction. The model by identity (a retrained checkpoint in the same folder is
     another model), each benchmark by the content of its label file(s)."""
     sampled = args.samples > 1
@@ -594,7 +595,7 @@ def check_args(args: Args) -> None:
         common.die("--allow-outside-root applies to --bench and --images runs")
 
 
-def run_setup(args: Args, preset: common.Preset, jobs: dict[str, Bench], num_processes: int) -> dict:
+def run_setup(args: Args, preset: prompts.Preset, jobs: dict[str, Bench], num_processes: int) -> dict:
     """What summary.json says about the run, beside the settings."""
     return {"model": str(Path(args.model).resolve()) if Path(args.model).exists() else args.model,
             "prompt": preset.name, "prompt_hash": preset.hash(), "samples": args.samples,
@@ -607,7 +608,7 @@ def run_setup(args: Args, preset: common.Preset, jobs: dict[str, Bench], num_pro
             "package_versions": common.package_versions(), "argv": sys.argv}
 
 
-def score_jobs(state, model, processor, preset: common.Preset, args: Args, out: Path, jobs: dict[str, Bench]
+def score_jobs(state, model, processor, preset: prompts.Preset, args: Args, out: Path, jobs: dict[str, Bench]
                ) -> dict[str, list[dict]]:
     """Each job's images not yet scored, sharded across processes; the main process merges and returns them."""
     prompt, predictions = preset.prompt("score", args.reasoning), {}
@@ -664,7 +665,7 @@ def run(args: Args, state, out: Path) -> Optional[dict]:
     jobs = (load_benchmarks(args.bench, parse_split(args.split), args.lower_better, args.strict,
                             state.is_main_process, args.allow_outside_root) if args.bench
             else {IMAGES: load_images(args.images, args.allow_outside_root)})
-    preset = common.get_preset(args.prompt)
+    preset = prompts.get_preset(args.prompt)
     config = merged_config(out, run_settings(args, preset, jobs), run_setup(args, preset, jobs, state.num_processes))
     torch.manual_seed(args.seed + state.process_index)
     model, processor = load_model(args, state.device)

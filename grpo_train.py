@@ -38,6 +38,7 @@ from typing import Optional
 import torch
 
 import common
+import prompts
 import logprobs
 import parallel
 import sampling
@@ -60,7 +61,7 @@ class Args:
     temperature: float = common.arg(1.0, help="sampling temperature, also used for every log-prob")
     max_new_tokens: int = common.arg(512, help="longest completion (a completion cut here is unparseable: reward 0)")
     reasoning: bool = common.arg(True, help="ask for reasoning before the boxed answer")
-    prompt: str = common.arg("evoquality", help="prompt preset", choices=sorted(common.PRESETS))
+    prompt: str = common.arg("evoquality", help="prompt preset", choices=sorted(prompts.PRESETS))
     gamma: float = common.arg(1e-6, help="variance floor in the fidelity reward's Phi")
     rollout_batch: int = common.arg(4, help="images per sampling call (x G rows); seeded per call, not per process")
     micro_batch_size: int = common.arg(4, help="rollouts per forward/backward, in whole groups (at least one); "
@@ -243,7 +244,7 @@ class Run:
     optimizer: object
     scheduler: object
     processor: object
-    preset: common.Preset
+    preset: prompts.Preset
     prompt_text: str
     eos_ids: list[int]
     placeholder_ids: tuple[int, ...]
@@ -274,7 +275,7 @@ def rollout(run: Run, images: list[str], step: int) -> list[Call]:
     return calls
 
 
-def rewards(calls: list[Call], images: list[str], pairs_now: list, preset: common.Preset, gamma: float) -> dict:
+def rewards(calls: list[Call], images: list[str], pairs_now: list, preset: prompts.Preset, gamma: float) -> dict:
     """Every process's scores to every process (an image's reward needs its partners' score statistics), then the
     fidelity rewards of all the step's pairs and the advantages within each image's group. A completion cut off at
     --max-new-tokens is unparseable (sampling.answer): reward 0."""
@@ -284,7 +285,7 @@ def rewards(calls: list[Call], images: list[str], pairs_now: list, preset: commo
         for j, i in enumerate(call.images):
             completions = call.completions[j]
             n = len(completions)
-            local[i] = ([sampling.answer(c, lambda t: common.parse_score(t, preset)) for c in completions],
+            local[i] = ([sampling.answer(c, lambda t: prompts.parse_score(t, preset)) for c in completions],
                         [c.truncated for c in completions], lengths[j * n:(j + 1) * n])
     merged = {i: v for part in parallel.all_gather(local) for i, v in part.items()}
     scores = {images[i]: merged[i][0] for i in range(len(images))}
@@ -443,7 +444,7 @@ def load_pairs(path: str, images_root: str, skip_missing: bool) -> tuple[list[tu
     return kept, len(pairs) - len(kept)
 
 
-def run_settings(args: Args, n_pairs: int, world: int, preset: common.Preset) -> dict:
+def run_settings(args: Args, n_pairs: int, world: int, preset: prompts.Preset) -> dict:
     """What defines the run's result, checked on --resume: the method settings, the global batch, the models'
     identity (common.fingerprint) and the pseudo-labels' content."""
     return {**{k: getattr(args, k) for k in METHOD_SETTINGS}, "pairs_per_step_all_processes":
@@ -492,7 +493,7 @@ def checkpoint_to_resume(args: Args, out: Path, settings: dict) -> tuple[Optiona
     return checkpoint, state
 
 
-def build_run(args: Args, accelerator, preset: common.Preset, total_steps: int) -> Run:
+def build_run(args: Args, accelerator, preset: prompts.Preset, total_steps: int) -> Run:
     from transformers import get_linear_schedule_with_warmup
 
     processor = common.load_processor(args.model, max_pixels=args.max_pixels)
@@ -524,7 +525,7 @@ def resume(run: Run, out: Path, checkpoint: Optional[Path], state: Optional[dict
 
 
 def train(args: Args, accelerator) -> None:
-    world, out, preset = parallel.world_size(), Path(args.out), common.get_preset(args.prompt)
+    world, out, preset = parallel.world_size(), Path(args.out), prompts.get_preset(args.prompt)
     pairs, dropped = load_pairs(args.pseudolabels, args.images_root, args.skip_missing)  # before any model
     per_step = args.pairs_per_step * world
     steps_per_epoch = len(pairs) // per_step

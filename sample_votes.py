@@ -57,6 +57,7 @@ from PIL import Image
 
 import build_pseudolabels
 import common
+import prompts
 import sampling
 
 
@@ -75,7 +76,7 @@ class Args:
     temperature: float = common.arg(1.0, help="sampling temperature (> 0: K greedy votes would all be the same)")
     max_new_tokens: int = common.arg(512, help="completion budget; an answer cut off by it is an abstention")
     reasoning: bool = common.arg(True, help="ask for reasoning before the final answer (the preset's reasoning suffix)")
-    prompt: str = common.arg("evoquality", help="prompt preset (common.PRESETS)", choices=sorted(common.PRESETS))
+    prompt: str = common.arg("evoquality", help="prompt preset (prompts.PRESETS)", choices=sorted(prompts.PRESETS))
     mode: str = common.arg("compare", choices=["compare", "score"],
                            help="compare: the paper's pairwise votes; score: K scores per image (cheaper, not paper)")
     # 7B: 28 layers x 2 (K, V) x 4 KV heads x 128 dims x 2 bytes = 56 KiB/token x (2,000 prompt + 512 new tokens);
@@ -227,7 +228,7 @@ def load_generate_fn(args: Args, device) -> GenerateFn:
         processor = common.load_processor(args.model, max_pixels=args.max_pixels)
     except (OSError, ValueError) as e:  # FileNotFoundError, hub errors, a folder that holds no checkpoint
         common.die(f"cannot load model {args.model}: {str(e).splitlines()[0]}")
-    add_vision_id = common.get_preset(args.prompt).add_vision_id
+    add_vision_id = prompts.get_preset(args.prompt).add_vision_id
     return make_generate_fn(model, processor, add_vision_id, args.max_new_tokens, args.temperature)
 
 
@@ -249,20 +250,20 @@ def process_chunk(units: list, args: Args, root: Path, generate_fn: GenerateFn, 
     """Records for a few pairs (images with --mode score): votes, plus a {"a", "b", "kind", "skipped"} record for each
     pair that has an unreadable image. `pairs_of`: image -> its pairs (used with --mode score); `kind_of`: pair ->
     "random" or "same_reference"."""
-    preset = common.get_preset(args.prompt)
+    preset = prompts.get_preset(args.prompt)
     names = [x for u in units for x in (u if args.mode == "compare" else (u,))]
     images, errors = load_images(names, root, args.strict)
     if args.mode == "compare":
         skipped = {pair: errors[x] for pair in units for x in pair if x in errors}
         good = [u for u in units if u not in skipped]
-        parse = partial(common.parse_compare, preset=preset)
+        parse = partial(prompts.parse_compare, preset=preset)
         records = vote_pairs(good, images, generate_fn, preset.prompt("compare", args.reasoning), parse,
                              args.votes_per_pair, args.seed, args.batch_size, args.text)
         records = [{"a": r["a"], "b": r["b"], "kind": kind_of[r["a"], r["b"]], **r} for r in records]
     else:
         skipped = {pair: errors[x] for x in units if x in errors for pair in pairs_of[x]}
         good = [x for x in units if x in images]
-        parse = partial(common.parse_score, preset=preset)
+        parse = partial(prompts.parse_score, preset=preset)
         records = score_images(good, images, generate_fn, preset.prompt("score", args.reasoning), parse,
                                args.votes_per_pair, args.batch_size, args.text)
     return records + [{"a": a, "b": b, "kind": kind_of[a, b], "skipped": reason} for (a, b), reason in skipped.items()]
@@ -336,7 +337,7 @@ def merge(out: Path, pairs: list[tuple[str, str]], keys: list, mode: str) -> tup
 def settings_of(args: Args, names: list[str]) -> dict:
     """What defines the votes (module docstring); a rerun against an existing --out must match every one."""
     return {"model": common.fingerprint(args.model), **{key: getattr(args, key) for key in SETTINGS},
-            "prompt_hash": common.get_preset(args.prompt).hash(),  # the preset's text, not only its name
+            "prompt_hash": prompts.get_preset(args.prompt).hash(),  # the preset's text, not only its name
             "pool_names": hashlib.sha256("\n".join(names).encode()).hexdigest()[:16],  # the pair draw's input
             "pool_manifest": common.file_sha256(args.pool_manifest) if args.pool_manifest else None}
 

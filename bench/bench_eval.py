@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_votes import common, sampling, compare, load, load_size, new_generate, old_generate, report  # noqa: E402
+from bench_votes import prompts, sampling, compare, load, load_size, new_generate, old_generate, report  # noqa: E402
 
 SETTINGS = {  # size: (images, new tokens)
     "tiny": (32, 64),
@@ -35,7 +35,7 @@ def bench_size(size: str, repeats: int, samples: int, batch_size: int) -> None:
 
     n_images, max_new_tokens = SETTINGS[size]
     model, processor, images, description = load_size(size, n_images)
-    prompt = common.get_preset("evoquality").prompt("score", True)
+    prompt = prompts.get_preset("evoquality").prompt("score", True)
 
     def scores(generate):
         def fn(warmup: bool = False) -> int:
@@ -44,7 +44,7 @@ def bench_size(size: str, repeats: int, samples: int, batch_size: int) -> None:
                 for per_image in generate(model, processor, prompt, [[im] for im in todo[s:s + batch_size]], samples,
                                           max_new_tokens):
                     for text, truncated in per_image:  # parsed as the stage does
-                        sampling.answer(sampling.Completion(text, truncated), common.parse_score)
+                        sampling.answer(sampling.Completion(text, truncated), prompts.parse_score)
             return len(todo)
         return fn
 

@@ -17,6 +17,7 @@ import pytest
 from scipy import stats
 
 import common
+import prompts
 import sampling
 import benchmarks
 import evaluate
@@ -309,7 +310,7 @@ def test_live_run_predictions_recompute_and_lower_better(monkeypatch, tmp_path, 
     saved = json.loads((tmp_path / "o" / "summary.json").read_text())
     md = (tmp_path / "o" / "summary.md").read_text()
     assert "| WAVG | 26 |" in md and "| mean | 26 |" in md and "| demo | 13 | .615 |" in md
-    assert saved["prompt_hash"] == common.get_preset("evoquality").hash() and saved["samples"] == 1
+    assert saved["prompt_hash"] == prompts.get_preset("evoquality").hash() and saved["samples"] == 1
     assert set(saved["package_versions"]) >= {"torch", "transformers", "scipy"}
 
     again_summary = evaluate.main(["--predictions", str(tmp_path / "o"), "--bootstrap", "100"])  # no model
@@ -361,9 +362,9 @@ def test_resume_after_truncation_and_after_a_crash(monkeypatch, tmp_path, tiny_m
 
 
 def test_truncated_closed_box_scores_nothing():
-    preset = common.get_preset("evoquality")
+    preset = prompts.get_preset("evoquality")
     text = "<think>looks sharp</think> \\boxed{3.2}. Wait, let me reconsider"
-    assert common.parse_score(text, preset) == 3.2  # the text alone would parse: only the flag stops it
+    assert prompts.parse_score(text, preset) == 3.2  # the text alone would parse: only the flag stops it
     score, scores = evaluate.image_score([sampling.Completion(text, True), sampling.Completion("\\boxed{4.0}", False)],
                                          preset)
     assert scores == [None, 4.0] and score == 4.0
@@ -589,7 +590,7 @@ def test_end_to_end_tiny_model_one_and_two_processes(tmp_path, tiny_model_dir, d
     assert all(len(r["answers"]) == 1 and r["answers"][0] for r in records)
     assert len({r["answers"][0] for r in records}) > 1  # answers differ by image, so a mix-up below would show
     for r in records:  # nothing is invented: the score is what the parser makes of the saved, untruncated text
-        parsed = None if r["truncated"][0] else common.parse_score(r["answers"][0])
+        parsed = None if r["truncated"][0] else prompts.parse_score(r["answers"][0])
         assert r["scores"] == [parsed] and r["n_valid"] == (r["score"] is not None)
     summary = json.loads((tmp_path / "one" / "summary.json").read_text())
     demo = summary["benchmarks"]["demo"]
@@ -614,7 +615,7 @@ def test_sampled_answers_are_grouped_per_image(tiny_model_dir, demo_bench):
 
     model = common.load_model(tiny_model_dir, dtype=torch.float32, device="cpu").eval()
     processor = common.load_processor(tiny_model_dir)
-    preset = common.get_preset("evoquality")
+    preset = prompts.get_preset("evoquality")
     prompt = preset.prompt("score", True)
     images = [common.load_image(demo_bench / f"bench_{i:05d}.png") for i in (0, 1, 2)]
     eos = sampling.eos_token_ids(sampling.sampling_config(model, 4))

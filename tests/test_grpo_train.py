@@ -16,6 +16,7 @@ import torch
 from scipy.stats import norm
 
 import common
+import prompts
 import sampling
 import grpo_train
 import logprobs
@@ -249,7 +250,7 @@ def test_rewards_parse_through_the_truncation_rule_and_land_on_their_images_rows
     calls = [grpo_train.Call([2, 1], {}, mask.clone(), mask, [mid, hi]),
              grpo_train.Call([0], {}, mask[:3], mask[:3], [lo])]
     pairs = [("hi.png", "lo.png", 1.0), ("mid.png", "lo.png", 0.5)]
-    r = grpo_train.rewards(calls, images, pairs, common.get_preset("evoquality"), 1e-6)
+    r = grpo_train.rewards(calls, images, pairs, prompts.get_preset("evoquality"), 1e-6)
     assert r["scores"] == {"lo.png": [1.5, None, 2.0], "hi.png": [4.5, 4.0, None], "mid.png": [3.0, 3.5, None]}
     assert r["truncated"] == [False] * 3 + [False, False, True] + [False, False, True]  # in the step's image order
     assert r["lengths"] == [2, 2, 2] + [3, 3, 3] + [2, 2, 2]
@@ -269,7 +270,7 @@ def test_logprobs_equal_generate_scores_with_left_padding_twice(tiny_model_dir, 
     torch.manual_seed(0)
     processor = common.load_processor(tiny_model_dir)
     model = common.load_model(tiny_model_dir, dtype=torch.float32).eval()
-    preset = common.get_preset("evoquality")
+    preset = prompts.get_preset("evoquality")
     small = common.load_image(demo_pool / "pool_00001.png").resize((28, 28))  # 2x2 patches vs 4x4: left padding
     images = [common.load_image(demo_pool / "pool_00000.png"), small]
     prompt = preset.prompt("score", True)
@@ -313,7 +314,7 @@ def test_shared_image_features_equal_the_per_row_pass_in_logprobs_and_gradients(
     torch.manual_seed(0)
     processor = common.load_processor(tiny_model_dir)
     model = common.load_model(tiny_model_dir, dtype=torch.float32).train()
-    preset = common.get_preset("evoquality")
+    preset = prompts.get_preset("evoquality")
     images = [[common.load_image(demo_pool / "pool_00000.png")],
               [common.load_image(demo_pool / "pool_00001.png").resize((28, 28))]]  # different sizes: left padding
     encoded = dict(common.encode_batch(processor, [preset.prompt("score", True)] * 2, images, preset.add_vision_id))
@@ -362,7 +363,7 @@ def test_ratio_is_one_at_the_first_update(tiny_model_dir, demo_pool):
     torch.manual_seed(1)
     processor = common.load_processor(tiny_model_dir)
     model = common.load_model(tiny_model_dir, dtype=torch.float32)
-    preset = common.get_preset("evoquality")
+    preset = prompts.get_preset("evoquality")
     images = [[common.load_image(demo_pool / f"pool_0000{i}.png")] for i in (2, 3)]
     encoded = dict(common.encode_batch(processor, [preset.prompt("score", False)] * 2, images, preset.add_vision_id))
     batch = grpo_train.select_rows(encoded, [0, 0, 1, 1], model.config.vision_start_token_id)
@@ -395,7 +396,7 @@ import sampling
 def parse_score(text, preset=None):  # deterministic in the text: varied rewards from a random model
     h = zlib.crc32(text.encode())
     return None if h % 5 == 0 else 1 + (h % 401) / 100
-common.parse_score = parse_score
+prompts.parse_score = parse_score
 sampling.answer = lambda completion, parse: parse(completion.text)  # the random model never ends: ignore truncation
 sys.argv[0] = {script!r}
 runpy.run_path({script!r}, run_name="__main__")
@@ -729,7 +730,7 @@ def test_a_scripted_step_through_the_real_parser_puts_each_advantage_on_its_own_
     s = setup
     processor = common.load_processor(s["model"])
     model = common.load_model(s["model"], dtype=torch.float32)
-    preset = common.get_preset("evoquality")
+    preset = prompts.get_preset("evoquality")
     eos = sampling.eos_token_ids(sampling.sampling_config(model, 1))
     script = {"pool_00003.png": [("\\boxed{4.5}", True), ("so \\boxed{4.0}", True), ("\\boxed{5.0}. Wait", False)],
               "pool_00007.png": [("no idea", True), ("\\boxed{1.5}", True), ("\\boxed{2.0}", True)]}
