@@ -36,12 +36,20 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+def flags(**kwargs) -> list[str]:
+    """The command line of these Args fields: --name VALUE, --flag / --no-flag."""
+    argv = []
+    for key, value in kwargs.items():
+        flag = "--" + key.replace("_", "-")
+        argv += [flag if value else "--no-" + flag[2:]] if isinstance(value, bool) else [flag, str(value)]
+    return argv
+
+
 def run(tmp_path: Path, records, **kwargs) -> tuple[list[dict], list[dict], dict]:
     """The stage in-process: (pseudo-labels, rankings, stats)."""
     votes = records if isinstance(records, Path) else write_jsonl(tmp_path / "votes.jsonl", records)
-    args = bp.Args(votes=str(votes), out=str(tmp_path / "pl.jsonl"), rankings=str(tmp_path / "rank.jsonl"),
-                   stats=str(tmp_path / "stats.json"), **kwargs)
-    bp.main(args)
+    bp.main(flags(votes=votes, out=tmp_path / "pl.jsonl", rankings=tmp_path / "rank.jsonl",
+                  stats=tmp_path / "stats.json", **kwargs))
     return read_jsonl(tmp_path / "pl.jsonl"), read_jsonl(tmp_path / "rank.jsonl"), \
         json.loads((tmp_path / "stats.json").read_text())
 
@@ -414,7 +422,7 @@ def test_second_run_unwritable_out_and_non_utf8_input_are_one_line_errors(tmp_pa
     (tmp_path / "file").write_text("")
     votes = write_jsonl(tmp_path / "votes.jsonl", CRAFTED)
     with pytest.raises(SystemExit) as e:
-        bp.main(bp.Args(votes=str(votes), out=str(tmp_path / "file" / "pl.jsonl")))
+        bp.main(flags(votes=votes, out=tmp_path / "file" / "pl.jsonl"))
     assert e.value.code == 2 and f"cannot write to {tmp_path / 'file'}" in capsys.readouterr().err
     votes.write_bytes(json.dumps(CRAFTED[0]).encode() + b"\n\xff\xfe{}\n" + json.dumps(CRAFTED[1]).encode() + b"\n")
     assert "votes.jsonl:2: malformed JSONL line" in run_error(tmp_path, capsys, votes)

@@ -501,7 +501,7 @@ def test_same_reference_pairs_run(pool, tmp_path, monkeypatch, capsys):
     assert len({frozenset((r["a"], r["b"])) for r in records}) == 25  # no pair twice, none repeating a random one
     settings = json.loads(Path(f"{out}.meta.json").read_text())["settings"]
     assert settings["same_reference_pairs"] == 5 and settings["pool_manifest"] == common.file_sha256(manifest)
-    stats = build_pseudolabels.main(build_pseudolabels.Args(votes=str(out), out=str(tmp_path / "pl.jsonl")))
+    stats = build_pseudolabels.main(["--votes", str(out), "--out", str(tmp_path / "pl.jsonl")])
     assert stats["by_kind"]["same_reference"]["pairs_in"] == 5 and stats["by_kind"]["random"]["pairs_in"] == 20
     assert [r["kind"] for r in common.read_jsonl(tmp_path / "pl.jsonl")] == [r["kind"] for r in records]
     # other values refused, naming the setting; the same command resumes with nothing to vote
@@ -549,6 +549,18 @@ def test_bad_manifest_lines_name_file_and_line(pool, tmp_path, monkeypatch, caps
     assert groups == [[0, 1, 2]]
 
 
+
+def test_same_reference_pairs_with_none_to_draw_are_refused_naming_why(pool, tmp_path, monkeypatch, capsys):
+    manifest, out = tmp_path / "manifest.jsonl", tmp_path / "votes.jsonl"
+    write_manifest(manifest, {f"pool_{i:05d}.png": [i] for i in range(12)})  # every reference has one version
+    err = refused(monkeypatch, capsys, base_argv(pool, out, "--same-reference-pairs", 3, "--pool-manifest", manifest))
+    assert f"--same-reference-pairs 3: nothing to draw from {manifest}: no reference holds two versions" in err
+    write_manifest(manifest)  # two-version references, but all 66 pairs of the 12 images are random pairs already
+    err = refused(monkeypatch, capsys, base_argv(pool, out, "--same-reference-pairs", 3, "--pool-manifest", manifest,
+                                                 "--num-pairs", 66))
+    assert "every pair of two versions of one reference is already among the random pairs" in err
+    assert not out.exists() and not Path(f"{out}.meta.json").exists()
+
 def cut_off_every_other(prompt, images, n):
     """The right boxed answer in every sample, but samples 1, 3, ... were cut off by the token budget."""
     return [[sampling.Completion(scripted_completion(imgs, 2).text, j % 2 == 1) for j in range(n)] for imgs in images]
@@ -561,7 +573,7 @@ def test_truncated_boxed_answers_are_abstentions_and_counted(pool, tmp_path, mon
     out = tmp_path / "votes.jsonl"
     run(monkeypatch, cut_off_every_other, *base_argv(pool, out, "--mode", mode, "--num-pairs", 6, "--no-text"))
     meta = json.loads(Path(f"{out}.meta.json").read_text())["counts"]
-    stats = build_pseudolabels.main(build_pseudolabels.Args(votes=str(out), out=str(tmp_path / "pl.jsonl")))
+    stats = build_pseudolabels.main(["--votes", str(out), "--out", str(tmp_path / "pl.jsonl")])
     assert stats["truncation_rate"] == 0.5 and stats["truncation_flags"] == "every answer"
     assert meta["truncation_rate"] == 0.5
     if mode == "compare":
