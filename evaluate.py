@@ -1,6 +1,6 @@
-"""The evaluation (paper: Experiments; SRCC / KRCC / PLCC against the human MOS, WAVG over benchmarks weighted by
-image count): the model scores every image of IQA benchmarks with the score prompt, and the scores are correlated with
-the MOS. Or it scores any images, with no metrics.
+"""Stage 4 of a round, the evaluation (paper: Experiments: SRCC / KRCC / PLCC against the human MOS, WAVG over
+benchmarks weighted by image count): the model scores every image of IQA benchmarks with the score prompt, and the
+scores are correlated with the MOS (metrics.py). Or it scores any images, with no metrics.
 
 One process, on the folders the benchmarks' releases unpack to (the layout is recognised by its files; benchmarks.py):
 

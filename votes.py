@@ -1,5 +1,7 @@
-"""The votes file: what sample_votes.py writes and build_pseudolabels.py reads, read and checked (a malformed record is
-one line naming file:line), and the statistics of a set of votes that both stages report.
+"""The offline stage's two files, read and checked (a malformed record is one line naming file:line): the votes
+(sample_votes.py writes them, build_pseudolabels.py reads them) and the pseudo-labels (build_pseudolabels.py writes
+them, grpo_train.py reads them); and the statistics of a set of votes that sample_votes.py and build_pseudolabels.py
+both report.
 
 Compare mode, one line per pair (an answer's choice is "a", "b" or null, an abstention; its text unless --no-text):
 
@@ -15,6 +17,7 @@ Score mode, one line per image, {"image", "scores": [3.25, null, ...], "truncate
 from __future__ import annotations
 
 import itertools
+import json
 import warnings
 from pathlib import Path
 from typing import Iterator, Optional
@@ -205,6 +208,49 @@ def read_votes(path: Path, pairs_path: Path) -> tuple[str, list[str], dict[str, 
         pairs.update(score_votes(matrix, pairs["a"], pairs["b"]))
         pairs["first_slot_wins"] = np.full(len(pairs["a"]), -1)
     return mode, names, pairs, {"pair_records": n_rows, "duplicate_records": duplicates, "truncation": truncation}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The pseudo-labels (build_pseudolabels.py writes them, grpo_train.py reads them)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def read_pseudolabels(path: str, images_root: str, skip_missing: bool) -> tuple[list[tuple[str, str, float]], int]:
+    """grpo_train.py's input: (a, b, p_star) of every pseudo-labelled pair, and how many were dropped; refuses
+    malformed lines, and images that do not open (every one is decoded, common.load_image) unless `skip_missing`."""
+    try:
+        records = common.read_jsonl(path, with_lineno=True)
+    except ValueError as e:
+        common.die(str(e))
+    if not Path(path).is_file() or not records:
+        common.die(f"{path}: no pseudo-labelled pairs (missing or empty file)")
+    pairs = []
+    for lineno, r in records:
+        try:  # one canonical name per image under --images-root ('./x.png' is 'x.png'); none outside it
+            a, b = (common.safe_name(images_root, r.get(key), f"{path}:{lineno}") for key in ("a", "b"))
+        except ValueError as e:
+            common.die(str(e))
+        p_star = r.get("p_star")
+        if not (isinstance(p_star, (int, float)) and not isinstance(p_star, bool) and 0.0 <= p_star <= 1.0 and a != b):
+            common.die(f"{path}:{lineno}: expected {{'a': path, 'b': other path, 'p_star': number in [0, 1]}}, "
+                       f"got {json.dumps(r)[:200]}")
+        pairs.append((a, b, float(p_star)))
+    bad = {}
+    for x in dict.fromkeys(x for a, b, _ in pairs for x in (a, b)):
+        try:
+            common.load_image(Path(images_root) / x)
+        except ValueError as e:
+            bad[x] = str(e).split(": ", 1)[-1]
+    if bad and not skip_missing:
+        shown = "; ".join(f"{x} ({why})" for x, why in list(bad.items())[:10])
+        more = f"; ... ({len(bad) - 10} more)" if len(bad) > 10 else ""
+        common.die(f"{len(bad)} image(s) named in {path} cannot be opened under {images_root}: {shown}{more} "
+                   "(--skip-missing drops their pairs)")
+    kept = [p for p in pairs if p[0] not in bad and p[1] not in bad]
+    if bad:
+        print(f"--skip-missing: dropped {len(pairs) - len(kept)} of {len(pairs)} pairs ({len(bad)} images do not "
+              f"open: {', '.join(list(bad)[:10])})")
+    return kept, len(pairs) - len(kept)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

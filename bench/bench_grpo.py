@@ -77,7 +77,6 @@ def parity(model_dir: str, pool: Path) -> None:
     import torch
 
     import common
-    import grpo_train
     import logprobs
     import prompts
     import sampling
@@ -89,7 +88,7 @@ def parity(model_dir: str, pool: Path) -> None:
     images = [[common.load_image(pool / "pool_00000.png")],
               [common.load_image(pool / "pool_00001.png").resize((28, 28))]]  # different sizes: left padding
     encoded = dict(common.encode_batch(processor, [preset.prompt("score", True)] * 2, images, preset.add_vision_id))
-    batch = {k: v.to(device) for k, v in grpo_train.select_rows(encoded, [0] * 4 + [1] * 4,
+    batch = {k: v.to(device) for k, v in logprobs.select_rows(encoded, [0] * 4 + [1] * 4,
                                                                 model.config.vision_start_token_id).items()}
     config = sampling.sampling_config(model, max_new_tokens=32, temperature=0.7)
     eos = sampling.eos_token_ids(config)

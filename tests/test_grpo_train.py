@@ -16,10 +16,11 @@ import torch
 from scipy.stats import norm
 
 import common
-import prompts
-import sampling
 import grpo_train
 import logprobs
+import prompts
+import sampling
+import votes
 from sampling import completion_mask
 from grpo_train import group_advantages, grpo_loss, pair_fidelity_rewards
 
@@ -279,7 +280,7 @@ def test_logprobs_equal_generate_scores_with_left_padding_twice(tiny_model_dir, 
         "image_grid_thw"][1].tolist()
     vs = model.config.vision_start_token_id
     G = 3
-    batch = grpo_train.select_rows(encoded, [0] * G + [1] * G, vs)
+    batch = logprobs.select_rows(encoded, [0] * G + [1] * G, vs)
     config = sampling.sampling_config(model, max_new_tokens=12, temperature=0.7, do_sample=True)
     eos = sampling.eos_token_ids(config)
     P = batch["input_ids"].shape[1]
@@ -303,8 +304,8 @@ def test_logprobs_equal_generate_scores_with_left_padding_twice(tiny_model_dir, 
     ids = completions[:1, :4].clone()
     ids[0, 2] = image_pad
     with torch.no_grad():
-        got = logprobs.per_row(model, grpo_train.select_rows(batch, [0], vs), ids, 0.7, (image_pad,), eos[0])
-        clean = logprobs.per_row(model, grpo_train.select_rows(batch, [0], vs), ids[:, :2], 0.7)
+        got = logprobs.per_row(model, logprobs.select_rows(batch, [0], vs), ids, 0.7, (image_pad,), eos[0])
+        clean = logprobs.per_row(model, logprobs.select_rows(batch, [0], vs), ids[:, :2], 0.7)
     assert torch.allclose(got[0, :2], clean[0]) and completion_mask(ids, eos + [image_pad]).tolist() == [[1, 1, 1, 0]]
 
 
@@ -319,7 +320,7 @@ def test_shared_image_features_equal_the_per_row_pass_in_logprobs_and_gradients(
               [common.load_image(demo_pool / "pool_00001.png").resize((28, 28))]]  # different sizes: left padding
     encoded = dict(common.encode_batch(processor, [preset.prompt("score", True)] * 2, images, preset.add_vision_id))
     rows = [0, 0, 1, 1, 0]
-    batch = grpo_train.select_rows(encoded, rows, model.config.vision_start_token_id)
+    batch = logprobs.select_rows(encoded, rows, model.config.vision_start_token_id)
     ids = torch.randint(50, 500, (len(rows), 7))  # ordinary text tokens (the specials come after the 600 BPE ones)
     weights = torch.randn(ids.shape)  # a loss in which every row and token has its own gradient
     params = {"vision block 0 qkv": model.model.visual.blocks[0].attn.qkv.weight,
@@ -335,7 +336,7 @@ def test_shared_image_features_equal_the_per_row_pass_in_logprobs_and_gradients(
         calls.clear()
         parts = []
         for group in row_groups:
-            prompt = grpo_train.select_rows(batch, group, model.config.vision_start_token_id)
+            prompt = logprobs.select_rows(batch, group, model.config.vision_start_token_id)
             logp = logprobs.per_row(model, prompt, ids[group], 0.7)
             (logp * weights[group]).sum().backward()
             parts.append(logp.detach())
@@ -366,7 +367,7 @@ def test_ratio_is_one_at_the_first_update(tiny_model_dir, demo_pool):
     preset = prompts.get_preset("evoquality")
     images = [[common.load_image(demo_pool / f"pool_0000{i}.png")] for i in (2, 3)]
     encoded = dict(common.encode_batch(processor, [preset.prompt("score", False)] * 2, images, preset.add_vision_id))
-    batch = grpo_train.select_rows(encoded, [0, 0, 1, 1], model.config.vision_start_token_id)
+    batch = logprobs.select_rows(encoded, [0, 0, 1, 1], model.config.vision_start_token_id)
     config = sampling.sampling_config(model, max_new_tokens=10, temperature=1.0)
     with torch.no_grad():
         completions = model.eval().generate(**batch, generation_config=config)[:, batch["input_ids"].shape[1]:]
@@ -375,7 +376,7 @@ def test_ratio_is_one_at_the_first_update(tiny_model_dir, demo_pool):
     model.train()
     rows = [1, 2]
     width = int(mask[rows].sum(1).max())
-    sub = grpo_train.select_rows(batch, rows, model.config.vision_start_token_id)
+    sub = logprobs.select_rows(batch, rows, model.config.vision_start_token_id)
     logp = logprobs.per_row(model, sub, completions[rows, :width], 1.0)
     ratio = torch.exp(logp - old[rows, :width])[mask[rows, :width].bool()]
     assert torch.allclose(ratio, torch.ones_like(ratio), atol=1e-5)
@@ -391,7 +392,7 @@ def test_ratio_is_one_at_the_first_update(tiny_model_dir, demo_pool):
 WRAPPER = """
 import runpy, sys, zlib
 sys.path.insert(0, {root!r})
-import common
+import prompts
 import sampling
 def parse_score(text, preset=None):  # deterministic in the text: varied rewards from a random model
     h = zlib.crc32(text.encode())
@@ -709,7 +710,7 @@ def test_image_names_resolve_under_the_root_one_name_per_image(setup, capsys, tm
     lines = [{"a": "./pool_00000.png", "b": "pool_00001.png", "p_star": 1},
              {"a": "pool_00000.png", "b": "x/../pool_00002.png", "p_star": 0}]
     labels.write_text("".join(json.dumps(r) + "\n" for r in lines))
-    pairs, dropped = grpo_train.load_pairs(str(labels), str(s["pool"]), False)
+    pairs, dropped = votes.read_pseudolabels(str(labels), str(s["pool"]), False)
     assert pairs == [("pool_00000.png", "pool_00001.png", 1.0), ("pool_00000.png", "pool_00002.png", 0.0)]
     assert dropped == 0
     for bad, why in ((s["pool"] / "pool_00003.png", "outside the image root"), ("../pool/pool_00003.png", "outside"),
@@ -717,7 +718,7 @@ def test_image_names_resolve_under_the_root_one_name_per_image(setup, capsys, tm
         labels.write_text(json.dumps(lines[0]) + "\n" + json.dumps({"a": str(bad), "b": "pool_00000.png",
                                                                     "p_star": 1}) + "\n")
         with pytest.raises(SystemExit) as e:
-            grpo_train.load_pairs(str(labels), str(s["pool"]), False)
+            votes.read_pseudolabels(str(labels), str(s["pool"]), False)
         line = error_line(capsys.readouterr().err)
         assert e.value.code == 2 and f"{labels}:2" in line and why in line, line
 
@@ -773,7 +774,7 @@ def test_a_scripted_step_through_the_real_parser_puts_each_advantage_on_its_own_
     def grad_norm(advantages):  # on-policy at step 1: the loss gradient is -(1/N) sum_i A_i grad mean_t logp_i
         model.zero_grad()
         for k, x in enumerate(script):
-            prompt = grpo_train.select_rows(encoded[x], [0, 0, 0], model.config.vision_start_token_id)
+            prompt = logprobs.select_rows(encoded[x], [0, 0, 0], model.config.vision_start_token_id)
             ids = scripted_sample(None, None, encoded[x], 3, 8)
             logp = logprobs.per_row(model, prompt, ids.ids, 1.0)
             mask = ids.mask.double()
