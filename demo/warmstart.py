@@ -170,8 +170,8 @@ def training_batch(processor, preset: prompts.Preset, images: list[list[Image.Im
                    answers: list[str]) -> dict:
     """Model inputs + labels: the stages' exact prompt (common.encode_batch, left padded), then the answer and
     <|im_end|> (right padded). Labels are -100 everywhere but the answer tokens."""
-    prompts = [preset.prompt(task, reasoning=False) for task in tasks]
-    batch = common.encode_batch(processor, prompts, images, add_vision_id=preset.add_vision_id)
+    texts = [preset.prompt(task, reasoning=False) for task in tasks]
+    batch = common.encode_batch(processor, texts, images, add_vision_id=preset.add_vision_id)
     tok = processor.tokenizer
     completions = [tok(answer + "<|im_end|>", add_special_tokens=False).input_ids for answer in answers]
     width = max(map(len, completions))

@@ -72,13 +72,13 @@ def test_training_prompt_is_exactly_the_stages_prompt(built_base, tiny):
     img = [make_image(k)[0] for k in range(3)]
     images, tasks, answers = [[img[0]], [img[1], img[2]]], ["score", "compare"], ["\\boxed{3.50}", "\\boxed{1}"]
     batch = W.training_batch(processor, preset, images, tasks, answers)
-    prompts = [preset.prompt(t, reasoning=False) for t in tasks]
-    stage = common.encode_batch(stage_processor, prompts, images, add_vision_id=preset.add_vision_id)
+    texts = [preset.prompt(t, reasoning=False) for t in tasks]
+    stage = common.encode_batch(stage_processor, texts, images, add_vision_id=preset.add_vision_id)
     width = stage["input_ids"].shape[1]
     assert torch.equal(batch["input_ids"][:, :width], stage["input_ids"])
     assert torch.equal(batch["attention_mask"][:, :width], stage["attention_mask"])
     assert torch.equal(batch["pixel_values"], stage["pixel_values"])
-    text = common.chat_text(stage_processor, prompts[1], 2, add_vision_id=True)
+    text = common.chat_text(stage_processor, texts[1], 2, add_vision_id=True)
     assert text.endswith(f"{preset.compare} {prompts.BOXED_ANSWER_SUFFIX}<|im_end|>\n<|im_start|>assistant\n")
     assert text.count("<|image_pad|>") == 2 and "Picture 2: " in text
     # the loss sees the answer and <|im_end|>, nothing of the prompt, nothing of the padding
