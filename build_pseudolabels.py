@@ -47,6 +47,7 @@ class Args:
     oracle: str = common.arg("", help="control: p* of every voted pair from this JSONL of {image, mos} (true "
                              "quality) instead of the votes: the ceiling of what perfect voting could teach")
 
+
 # ---------------------------------------------------------------------------------------------------------------------
 # ALGO LOGIC: votes -> pseudo-labels (paper: hard majority, ties = 0.5)
 # ---------------------------------------------------------------------------------------------------------------------
@@ -72,6 +73,7 @@ def pseudo_labels(votes_a: np.ndarray, votes_b: np.ndarray, label: str = "hard",
 def oracle_labels(mos: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """The control: p* = 1 if mos_a > mos_b, 0 if lower, 0.5 if equal (what unanimous, correct votes would give)."""
     return np.where(mos[a] > mos[b], 1.0, np.where(mos[a] < mos[b], 0.0, 0.5))
+
 
 # ---------------------------------------------------------------------------------------------------------------------
 # ALGO LOGIC: votes -> rankings (Bradley-Terry MAP by Newton-CG; the penalised likelihood is written out below)
@@ -136,6 +138,7 @@ def rankings(names: list[str], a: np.ndarray, b: np.ndarray, votes_a: np.ndarray
              "wins": int(wins[i]), "losses": int(losses[i]), "ties": int(ties[i]), "comparisons": int(comparisons[i])}
             for rank, i in enumerate(order, 1)]
 
+
 # ---------------------------------------------------------------------------------------------------------------------
 # TRY NOT TO MODIFY: reading and validation (the votes file itself: votes.py)
 # ---------------------------------------------------------------------------------------------------------------------
@@ -186,6 +189,7 @@ def read_oracle(path: Path, names: list[str], pairs: dict[str, np.ndarray]) -> n
                          "missing)")
     return mos
 
+
 # ---------------------------------------------------------------------------------------------------------------------
 # TRY NOT TO MODIFY: statistics and output
 # ---------------------------------------------------------------------------------------------------------------------
@@ -221,6 +225,7 @@ def pseudolabel_lines(names: list[str], kept: dict[str, np.ndarray], p_star: np.
                                       kept["votes_a"].tolist(), kept["votes_b"].tolist(), kept["abstain"].tolist()):
         yield (f'{{"a": {quoted[a]}, "b": {quoted[b]}, "kind": {kinds[k]}, "p_star": {p!r}, '
                f'"votes_a": {va}, "votes_b": {vb}, "abstain": {ab}}}\n')
+
 
 # ---------------------------------------------------------------------------------------------------------------------
 # TRY NOT TO MODIFY: the run

@@ -18,7 +18,7 @@ The paper's scale (20,000 random pairs, K = 32; round 2 adds same-reference pair
         --same-reference-pairs 5000 --pool-manifest /data/koniq_pool/manifest.jsonl
 
 Writes --out, one line per pair (the record: votes.py), and beside it <out>.meta.json (settings, vote statistics),
-<out>.pool.json and <out>.skipped.jsonl. Rerun the same command to resume. Rules: docs/implementation.md.
+<out>.pool.json, <out>.skipped.jsonl; rerun the same command to resume. Rules: docs/implementation.md.
 """
 
 from __future__ import annotations
@@ -80,6 +80,7 @@ GenerateFn = Callable[[str, list[list[Image.Image]], int], list[list[sampling.Co
 # the Args fields that define the votes (see the module docstring); settings_of adds the model, prompt and pool identity
 SETTINGS = ("prompt", "reasoning", "mode", "votes_per_pair", "temperature", "max_new_tokens", "max_pixels", "num_pairs",
             "same_reference_pairs", "seed")
+
 
 # ---------------------------------------------------------------------------------------------------------------------
 # ALGO LOGIC: pairs, vote orders, answers mapped back to image identity
@@ -192,64 +193,6 @@ def score_images(names: list[str], images: dict[str, Image.Image], generate_fn: 
             | ({"answers": [c.text for c in per_image]} if keep_text else {})
             for x, per_image in zip(names, completions)]
 
-# ---------------------------------------------------------------------------------------------------------------------
-# TRY NOT TO MODIFY: the model and the images
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-def make_generate_fn(model, processor, add_vision_id: bool, max_new_tokens: int, temperature: float) -> GenerateFn:
-    def generate(prompt: str, images: list[list[Image.Image]], n: int) -> list[list[sampling.Completion]]:
-        return sampling.sample_prompts(model, processor, [prompt] * len(images), images, n, max_new_tokens, temperature,
-                                       add_vision_id).completions()
-
-    return generate
-
-
-def load_generate_fn(args: Args, device) -> GenerateFn:
-    try:
-        model = common.load_model(args.model, device=device).eval()
-        processor = common.load_processor(args.model, max_pixels=args.max_pixels)
-    except (OSError, ValueError) as e:  # FileNotFoundError, hub errors, a folder that holds no checkpoint
-        common.die(f"cannot load model {args.model}: {str(e).splitlines()[0]}")
-    add_vision_id = prompts.get_preset(args.prompt).add_vision_id
-    return make_generate_fn(model, processor, add_vision_id, args.max_new_tokens, args.temperature)
-
-
-def load_images(names: list[str], root: Path, strict: bool) -> tuple[dict[str, Image.Image], dict[str, str]]:
-    """(images, errors) by relative path; an unreadable image stops the run only with --strict."""
-    images, errors = {}, {}
-    for name in dict.fromkeys(names):
-        try:
-            images[name] = common.load_image(root / name)
-        except ValueError as e:
-            if strict:
-                common.die(f"{e} (--strict; without it the pairs of this image are skipped)")
-            errors[name] = str(e)
-    return images, errors
-
-
-def process_chunk(units: list, args: Args, root: Path, generate_fn: GenerateFn, pairs_of: dict,
-                  kind_of: dict) -> list[dict]:
-    """Records for a few pairs (images with --mode score): votes, plus a {"a", "b", "kind", "skipped"} record for each
-    pair that has an unreadable image. `pairs_of`: image -> its pairs (used with --mode score); `kind_of`: pair ->
-    "random" or "same_reference"."""
-    preset = prompts.get_preset(args.prompt)
-    names = [x for u in units for x in (u if args.mode == "compare" else (u,))]
-    images, errors = load_images(names, root, args.strict)
-    if args.mode == "compare":
-        skipped = {pair: errors[x] for pair in units for x in pair if x in errors}
-        good = [u for u in units if u not in skipped]
-        parse = partial(prompts.parse_compare, preset=preset)
-        records = vote_pairs(good, images, generate_fn, preset.prompt("compare", args.reasoning), parse,
-                             args.votes_per_pair, args.seed, args.batch_size, args.text)
-        records = [{"a": r["a"], "b": r["b"], "kind": kind_of[r["a"], r["b"]], **r} for r in records]
-    else:
-        skipped = {pair: errors[x] for x in units if x in errors for pair in pairs_of[x]}
-        good = [x for x in units if x in images]
-        parse = partial(prompts.parse_score, preset=preset)
-        records = score_images(good, images, generate_fn, preset.prompt("score", args.reasoning), parse,
-                               args.votes_per_pair, args.batch_size, args.text)
-    return records + [{"a": a, "b": b, "kind": kind_of[a, b], "skipped": reason} for (a, b), reason in skipped.items()]
 
 # ---------------------------------------------------------------------------------------------------------------------
 # TRY NOT TO MODIFY: reading and validation (the pool, its manifest, the pairs)
@@ -325,6 +268,67 @@ def draw_pairs(args: Args, root: Path, names: list[str]) -> dict[tuple[str, str]
         for i, j in same:
             kinds[names[i], names[j]] = "same_reference"
     return kinds
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# TRY NOT TO MODIFY: the model and the images
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def make_generate_fn(model, processor, add_vision_id: bool, max_new_tokens: int, temperature: float) -> GenerateFn:
+    def generate(prompt: str, images: list[list[Image.Image]], n: int) -> list[list[sampling.Completion]]:
+        return sampling.sample_prompts(model, processor, [prompt] * len(images), images, n, max_new_tokens, temperature,
+                                       add_vision_id).completions()
+
+    return generate
+
+
+def load_generate_fn(args: Args, device) -> GenerateFn:
+    try:
+        model = common.load_model(args.model, device=device).eval()
+        processor = common.load_processor(args.model, max_pixels=args.max_pixels)
+    except (OSError, ValueError) as e:  # FileNotFoundError, hub errors, a folder that holds no checkpoint
+        common.die(f"cannot load model {args.model}: {str(e).splitlines()[0]}")
+    add_vision_id = prompts.get_preset(args.prompt).add_vision_id
+    return make_generate_fn(model, processor, add_vision_id, args.max_new_tokens, args.temperature)
+
+
+def load_images(names: list[str], root: Path, strict: bool) -> tuple[dict[str, Image.Image], dict[str, str]]:
+    """(images, errors) by relative path; an unreadable image stops the run only with --strict."""
+    images, errors = {}, {}
+    for name in dict.fromkeys(names):
+        try:
+            images[name] = common.load_image(root / name)
+        except ValueError as e:
+            if strict:
+                common.die(f"{e} (--strict; without it the pairs of this image are skipped)")
+            errors[name] = str(e)
+    return images, errors
+
+
+def process_chunk(units: list, args: Args, root: Path, generate_fn: GenerateFn, pairs_of: dict,
+                  kind_of: dict) -> list[dict]:
+    """Records for a few pairs (images with --mode score): votes, plus a {"a", "b", "kind", "skipped"} record for each
+    pair that has an unreadable image. `pairs_of`: image -> its pairs (used with --mode score); `kind_of`: pair ->
+    "random" or "same_reference"."""
+    preset = prompts.get_preset(args.prompt)
+    names = [x for u in units for x in (u if args.mode == "compare" else (u,))]
+    images, errors = load_images(names, root, args.strict)
+    if args.mode == "compare":
+        skipped = {pair: errors[x] for pair in units for x in pair if x in errors}
+        good = [u for u in units if u not in skipped]
+        parse = partial(prompts.parse_compare, preset=preset)
+        records = vote_pairs(good, images, generate_fn, preset.prompt("compare", args.reasoning), parse,
+                             args.votes_per_pair, args.seed, args.batch_size, args.text)
+        records = [{"a": r["a"], "b": r["b"], "kind": kind_of[r["a"], r["b"]], **r} for r in records]
+    else:
+        skipped = {pair: errors[x] for x in units if x in errors for pair in pairs_of[x]}
+        good = [x for x in units if x in images]
+        parse = partial(prompts.parse_score, preset=preset)
+        records = score_images(good, images, generate_fn, preset.prompt("score", args.reasoning), parse,
+                               args.votes_per_pair, args.batch_size, args.text)
+    return records + [{"a": a, "b": b, "kind": kind_of[a, b], "skipped": reason} for (a, b), reason in skipped.items()]
+
 
 # ---------------------------------------------------------------------------------------------------------------------
 # TRY NOT TO MODIFY: resume and output
@@ -445,6 +449,7 @@ def vote(args: Args, out: Path, root: Path, rank: int, mine: list, generate_fn: 
             for record in process_chunk(mine[s:s + step], args, root, generate_fn, pairs_of, pairs):
                 writer.write(record)
             bar.update(len(mine[s:s + step]) * args.votes_per_pair)
+
 
 # ---------------------------------------------------------------------------------------------------------------------
 # TRY NOT TO MODIFY: the run
