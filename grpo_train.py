@@ -1,9 +1,8 @@
-"""grpo_train: EvoQuality's online stage, GRPO with the fidelity reward and a k3 KL penalty, written out by hand.
-
-Each step draws pseudo-labelled pairs, samples G scores per image of those pairs, rewards every score by how well it
-ranks the image against its partners (the fidelity to p*), normalises the rewards within each image's group, and
-takes a clipped policy-gradient step with a KL penalty towards the frozen initial model (../EVOQUALITY.md, "Online
-stage"). The result in --out is a plain HF checkpoint: the next round's --model.
+"""Stage 3 of a round, the online stage (paper: Method, online stage: the fidelity reward of each sampled score against
+the pseudo-preferences p*, group-normalised advantages, GRPO's clipped objective with a KL penalty), written out by
+hand. Each step draws pseudo-labelled pairs, samples G scores per image of those pairs, rewards every score by how
+well it ranks the image against its partners, normalises the rewards within each image's group, and takes a clipped
+policy-gradient step with a k3 KL penalty towards the frozen initial model.
 
 One process (bf16 and gradient checkpointing by default on a GPU):
 
@@ -16,17 +15,17 @@ Several processes, small models (DDP replicas; torchrun on CPU):
 
 The paper's scale (Qwen2.5-VL-7B full fine-tune, 8 x 80 GB): FSDP2, the same code on CPU (gloo) and GPU:
 
-    accelerate launch --num_processes 8 grpo_train.py ... --fsdp [--shard-reference]
+    accelerate launch --num_processes 8 grpo_train.py ... --group-size 32 --fsdp [--shard-reference]
     torchrun --standalone --nproc_per_node 2 grpo_train.py ... --fsdp
 
-A killed run continues with the same command and --resume. Outputs in --out: the HF checkpoint, args.json,
-settings.json, train_log.jsonl (one line per step), checkpoints/step-N/.
+Writes in --out a plain HF checkpoint (the next round's --model), train_log.jsonl (one line per step), args.json,
+settings.json and checkpoints/step-N/; a killed run continues with the same command and --resume.
 """
+
 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import random
 import time
@@ -40,7 +39,9 @@ import torch
 import common
 import logprobs
 import parallel
+import prompts
 import sampling
+import votes
 
 
 @dataclass
@@ -60,7 +61,7 @@ class Args:
     temperature: float = common.arg(1.0, help="sampling temperature, also used for every log-prob")
     max_new_tokens: int = common.arg(512, help="longest completion (a completion cut here is unparseable: reward 0)")
     reasoning: bool = common.arg(True, help="ask for reasoning before the boxed answer")
-    prompt: str = common.arg("evoquality", help="prompt preset", choices=sorted(common.PRESETS))
+    prompt: str = common.arg("evoquality", help="prompt preset", choices=sorted(prompts.PRESETS))
     gamma: float = common.arg(1e-6, help="variance floor in the fidelity reward's Phi")
     rollout_batch: int = common.arg(4, help="images per sampling call (x G rows); seeded per call, not per process")
     micro_batch_size: int = common.arg(4, help="rollouts per forward/backward, in whole groups (at least one); "
@@ -68,8 +69,6 @@ class Args:
     max_grad_norm: float = common.arg(1.0, help="gradient clipping norm")
     warmup_steps: int = common.arg(0, help="linear warmup optimizer steps before the linear decay")
     weight_decay: float = common.arg(0.0, help="AdamW weight decay")
-    optimizer: str = common.arg("adamw", help="adamw (the paper's); sgd: plain SGD, for the FSDP parity tests",
-                                choices=["adamw", "sgd"])
     max_steps: int = common.arg(0, help="stop after N steps (0: all epochs); the schedule still spans all epochs")
     seed: int = common.arg(0, help="seed of the pair order and of the rollouts")
     bf16: Optional[bool] = common.arg(None, help="bf16 compute, fp32 master weights and AdamW; bf16 reference and "
@@ -89,11 +88,11 @@ class Args:
 # settings that change the result: a --resume with any of them different is refused (common.refuse_changed_settings)
 METHOD_SETTINGS = ("group_size", "epochs", "lr", "beta", "clip_eps", "ppo_epochs", "temperature", "max_new_tokens",
                    "reasoning", "prompt", "gamma", "rollout_batch", "max_grad_norm", "warmup_steps", "weight_decay",
-                   "seed", "bf16", "max_pixels", "skip_missing", "images_root", "optimizer")
+                   "seed", "bf16", "max_pixels", "skip_missing", "images_root")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# ALGO LOGIC: reward, advantages, loss (read next to EVOQUALITY.md, "Online stage")
+# ALGO LOGIC: reward, advantages, loss (the paper's online stage, formula by formula)
 # ---------------------------------------------------------------------------------------------------------------------
 
 
@@ -173,24 +172,6 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def images_per_row(batch: dict, vision_start_id: int) -> list[int]:
-    return (batch["input_ids"] == vision_start_id).sum(dim=1).tolist()
-
-
-def select_rows(batch: dict, rows: list[int], vision_start_id: int) -> dict:
-    """The sub-batch of the given rows (repeats allowed), pixel_values and image_grid_thw included."""
-    counts = images_per_row(batch, vision_start_id)
-    image_start = [sum(counts[:r]) for r in range(len(counts) + 1)]
-    patches = batch["image_grid_thw"].prod(dim=1).tolist()
-    pixel_start = [sum(patches[:i]) for i in range(len(patches) + 1)]
-    images = [i for r in rows for i in range(image_start[r], image_start[r + 1])]
-    index = torch.tensor(rows, device=batch["input_ids"].device)
-    out = {k: v[index] for k, v in batch.items() if k not in ("pixel_values", "image_grid_thw")}
-    out["image_grid_thw"] = batch["image_grid_thw"][images]
-    out["pixel_values"] = torch.cat([batch["pixel_values"][pixel_start[i]:pixel_start[i + 1]] for i in images])
-    return out
-
-
 def step_pairs(pairs: list, seed: int, step: int, steps_per_epoch: int, per_step: int) -> list:
     """The pairs of one step (all processes together): a seeded shuffle per epoch, cut into disjoint slices.
     A function of the step alone, so a resumed run draws exactly the pairs the killed run would have drawn."""
@@ -222,8 +203,8 @@ class Call:
         """The prompts of the whole groups `rows`, each once, and their completions (logprobs.shared_prompt)."""
         G = len(self.ids) // len(self.batch["input_ids"])
         width = int(self.mask[rows].sum(dim=1).max())  # causal: trailing padding changes no earlier log-prob
-        prompts = select_rows(self.batch, [r // G for r in rows[::G]], vision_start_id)
-        return prompts, self.ids[rows, :width], self.mask[rows, :width]
+        prompt_rows = logprobs.select_rows(self.batch, [r // G for r in rows[::G]], vision_start_id)
+        return prompt_rows, self.ids[rows, :width], self.mask[rows, :width]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -243,7 +224,7 @@ class Run:
     optimizer: object
     scheduler: object
     processor: object
-    preset: common.Preset
+    preset: prompts.Preset
     prompt_text: str
     eos_ids: list[int]
     placeholder_ids: tuple[int, ...]
@@ -274,7 +255,7 @@ def rollout(run: Run, images: list[str], step: int) -> list[Call]:
     return calls
 
 
-def rewards(calls: list[Call], images: list[str], pairs_now: list, preset: common.Preset, gamma: float) -> dict:
+def rewards(calls: list[Call], images: list[str], pairs_now: list, preset: prompts.Preset, gamma: float) -> dict:
     """Every process's scores to every process (an image's reward needs its partners' score statistics), then the
     fidelity rewards of all the step's pairs and the advantages within each image's group. A completion cut off at
     --max-new-tokens is unparseable (sampling.answer): reward 0."""
@@ -284,7 +265,7 @@ def rewards(calls: list[Call], images: list[str], pairs_now: list, preset: commo
         for j, i in enumerate(call.images):
             completions = call.completions[j]
             n = len(completions)
-            local[i] = ([sampling.answer(c, lambda t: common.parse_score(t, preset)) for c in completions],
+            local[i] = ([sampling.answer(c, lambda t: prompts.parse_score(t, preset)) for c in completions],
                         [c.truncated for c in completions], lengths[j * n:(j + 1) * n])
     merged = {i: v for part in parallel.all_gather(local) for i, v in part.items()}
     scores = {images[i]: merged[i][0] for i in range(len(images))}
@@ -401,59 +382,7 @@ def train_step(run: Run, pairs_now: list, step: int, steps_per_epoch: int) -> di
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# TRY NOT TO MODIFY: inputs and the settings that define a run
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-def load_pairs(path: str, images_root: str, skip_missing: bool) -> tuple[list[tuple[str, str, float]], int]:
-    """(a, b, p_star) of every pseudo-labelled pair, and how many were dropped; refuses malformed lines, and images
-    that do not open (every one is decoded, common.load_image), before any model is loaded."""
-    try:
-        records = common.read_jsonl(path, with_lineno=True)
-    except ValueError as e:
-        common.die(str(e))
-    if not Path(path).is_file() or not records:
-        common.die(f"{path}: no pseudo-labelled pairs (missing or empty file)")
-    pairs = []
-    for lineno, r in records:
-        try:  # one canonical name per image under --images-root ('./x.png' is 'x.png'); none outside it
-            a, b = (common.safe_name(images_root, r.get(key), f"{path}:{lineno}") for key in ("a", "b"))
-        except ValueError as e:
-            common.die(str(e))
-        p_star = r.get("p_star")
-        if not (isinstance(p_star, (int, float)) and not isinstance(p_star, bool) and 0.0 <= p_star <= 1.0 and a != b):
-            common.die(f"{path}:{lineno}: expected {{'a': path, 'b': other path, 'p_star': number in [0, 1]}}, "
-                       f"got {json.dumps(r)[:200]}")
-        pairs.append((a, b, float(p_star)))
-    bad = {}
-    for x in dict.fromkeys(x for a, b, _ in pairs for x in (a, b)):
-        try:
-            common.load_image(Path(images_root) / x)
-        except ValueError as e:
-            bad[x] = str(e).split(": ", 1)[-1]
-    if bad and not skip_missing:
-        shown = "; ".join(f"{x} ({why})" for x, why in list(bad.items())[:10])
-        more = f"; ... ({len(bad) - 10} more)" if len(bad) > 10 else ""
-        common.die(f"{len(bad)} image(s) named in {path} cannot be opened under {images_root}: {shown}{more} "
-                   "(--skip-missing drops their pairs)")
-    kept = [p for p in pairs if p[0] not in bad and p[1] not in bad]
-    if bad:
-        print(f"--skip-missing: dropped {len(pairs) - len(kept)} of {len(pairs)} pairs ({len(bad)} images do not "
-              f"open: {', '.join(list(bad)[:10])})")
-    return kept, len(pairs) - len(kept)
-
-
-def run_settings(args: Args, n_pairs: int, world: int, preset: common.Preset) -> dict:
-    """What defines the run's result, checked on --resume: the method settings, the global batch, the models'
-    identity (common.fingerprint) and the pseudo-labels' content."""
-    return {**{k: getattr(args, k) for k in METHOD_SETTINGS}, "pairs_per_step_all_processes":
-            args.pairs_per_step * world, "n_pairs": n_pairs, "preset_hash": preset.hash(),
-            "model": common.fingerprint(args.model), "ref_model": common.fingerprint(args.ref_model or args.model),
-            "pseudolabels_sha256": common.file_sha256(args.pseudolabels)}
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# TRY NOT TO MODIFY: the run's folder, models and optimizer, main
+# TRY NOT TO MODIFY: reading and validation (the pseudo-labels file itself: votes.py)
 # ---------------------------------------------------------------------------------------------------------------------
 
 
@@ -474,6 +403,35 @@ def check_args(args: Args) -> None:
     args.gradient_checkpointing = cuda if args.gradient_checkpointing is None else args.gradient_checkpointing
 
 
+def run_settings(args: Args, n_pairs: int, world: int, preset: prompts.Preset) -> dict:
+    """What defines the run's result, checked on --resume: the method settings, the global batch, the models'
+    identity (common.fingerprint) and the pseudo-labels' content."""
+    return {**{k: getattr(args, k) for k in METHOD_SETTINGS}, "pairs_per_step_all_processes":
+            args.pairs_per_step * world, "n_pairs": n_pairs, "preset_hash": preset.hash(),
+            "model": common.fingerprint(args.model), "ref_model": common.fingerprint(args.ref_model or args.model),
+            "pseudolabels_sha256": common.file_sha256(args.pseudolabels)}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# TRY NOT TO MODIFY: models, optimizer and resume
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def build_run(args: Args, accelerator, preset: prompts.Preset, total_steps: int) -> Run:
+    from transformers import get_linear_schedule_with_warmup
+
+    processor = common.load_processor(args.model, max_pixels=args.max_pixels)
+    model, generator, reference = parallel.load_models(args.model, args.ref_model or args.model, accelerator,
+                                                       args.bf16, args.fsdp, args.shard_reference,
+                                                       args.gradient_checkpointing)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    scheduler = get_linear_schedule_with_warmup(optimizer, args.warmup_steps, total_steps * args.ppo_epochs)
+    return Run(args, accelerator, model, generator, reference, optimizer, scheduler, processor, preset,
+               preset.prompt("score", args.reasoning), sampling.eos_token_ids(sampling.sampling_config(generator, 1)),
+               tuple(sampling.placeholder_token_ids(generator)), generator.config.vision_start_token_id,
+               accelerator.device)
+
+
 def checkpoint_to_resume(args: Args, out: Path, settings: dict) -> tuple[Optional[Path], Optional[dict]]:
     """The checkpoint to continue from and this process's state in it (None, None: a fresh start), after refusing to
     overwrite a run in --out or to continue it with other settings. Only a checkpoint holds work to protect: a run
@@ -492,22 +450,6 @@ def checkpoint_to_resume(args: Args, out: Path, settings: dict) -> tuple[Optiona
     return checkpoint, state
 
 
-def build_run(args: Args, accelerator, preset: common.Preset, total_steps: int) -> Run:
-    from transformers import get_linear_schedule_with_warmup
-
-    processor = common.load_processor(args.model, max_pixels=args.max_pixels)
-    model, generator, reference = parallel.load_models(args.model, args.ref_model or args.model, accelerator,
-                                                       args.bf16, args.fsdp, args.shard_reference,
-                                                       args.gradient_checkpointing)
-    optimizer = (torch.optim.SGD if args.optimizer == "sgd" else torch.optim.AdamW)(
-        model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    scheduler = get_linear_schedule_with_warmup(optimizer, args.warmup_steps, total_steps * args.ppo_epochs)
-    return Run(args, accelerator, model, generator, reference, optimizer, scheduler, processor, preset,
-               preset.prompt("score", args.reasoning), sampling.eos_token_ids(sampling.sampling_config(generator, 1)),
-               tuple(sampling.placeholder_token_ids(generator)), generator.config.vision_start_token_id,
-               accelerator.device)
-
-
 def resume(run: Run, out: Path, checkpoint: Optional[Path], state: Optional[dict]) -> int:
     """The step to start from: the checkpoint's (its state loaded), else 0; steps logged after it are dropped."""
     start_step = 0
@@ -523,9 +465,14 @@ def resume(run: Run, out: Path, checkpoint: Optional[Path], state: Optional[dict
     return start_step
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# TRY NOT TO MODIFY: the run
+# ---------------------------------------------------------------------------------------------------------------------
+
+
 def train(args: Args, accelerator) -> None:
-    world, out, preset = parallel.world_size(), Path(args.out), common.get_preset(args.prompt)
-    pairs, dropped = load_pairs(args.pseudolabels, args.images_root, args.skip_missing)  # before any model
+    world, out, preset = parallel.world_size(), Path(args.out), prompts.get_preset(args.prompt)
+    pairs, dropped = votes.read_pseudolabels(args.pseudolabels, args.images_root, args.skip_missing)  # before a model
     per_step = args.pairs_per_step * world
     steps_per_epoch = len(pairs) // per_step
     if steps_per_epoch == 0:
@@ -564,12 +511,12 @@ def train(args: Args, accelerator) -> None:
     accelerator.print(f"wrote {out} (step {last_step} of {total_steps})")
 
 
-def main() -> None:
-    args = common.parse_args(Args)
+def main(argv: Optional[list[str]] = None) -> None:
+    args = common.parse_args(Args, argv)
     check_args(args)
     common.check_writable(args.out)  # before any model
     accelerator = parallel.init(args.bf16, args.fsdp, args.dist_timeout)
-    with common.output_lock(args.out) if parallel.is_main() else contextlib.nullcontext():  # one run per --out
+    with common.output_lock(args.out) if parallel.is_main() else contextlib.nullcontext():  # one lock for all processes
         train(args, accelerator)
     parallel.destroy()
 

@@ -63,14 +63,14 @@ def safe_ids(ids: torch.Tensor, placeholder_ids: tuple[int, ...], pad_id: int) -
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def packed_layout(model, prompts: dict, G: int, T: int, shift: int = 0, cross: bool = False) -> dict:
+def packed_layout(model, prompts: dict, G: int, T: int) -> dict:
     """Mask, positions and logit indices of P packed rows [prompt (L), c_1 .. c_G (T each)].
 
     Mask: causal, AND a completion's query sees only the prompt and its own completion, AND never the prompt's left
     padding, OR the diagonal (a padded query with no key at all would give NaN). Positions: the prompt's own M-RoPE
     positions (get_rope_index, as the per-row forward computes them); completion token t at the prompt's real length +
     its rope delta + t on all three axes, for every completion (what the per-row forward gives the text after the
-    prompt). `shift` and `cross` break these two rules on purpose (the tests check that parity then fails)."""
+    prompt)."""
     pad_mask = prompts["attention_mask"].bool()
     P, L = pad_mask.shape
     S, device = L + G * T, pad_mask.device
@@ -78,11 +78,11 @@ def packed_layout(model, prompts: dict, G: int, T: int, shift: int = 0, cross: b
         prompts["input_ids"], mm_token_type_ids=prompts["mm_token_type_ids"],
         image_grid_thw=prompts.get("image_grid_thw"), attention_mask=prompts["attention_mask"])
     t = torch.arange(T, device=device).repeat(G)  # [G T]: position within its completion
-    completion_positions = (pad_mask.sum(1) + deltas.view(-1).to(device))[:, None] + t + shift  # [P, G T]
+    completion_positions = (pad_mask.sum(1) + deltas.view(-1).to(device))[:, None] + t  # [P, G T]
     position_ids = torch.cat([positions.to(device), completion_positions.expand(3, P, G * T)], dim=2)
     segment = torch.cat([torch.zeros(L, dtype=torch.long, device=device),
                          torch.arange(1, G + 1, device=device).repeat_interleave(T)])  # 0: prompt, g + 1: c_g
-    sees = (segment[None, :] == 0) | (segment[:, None] == segment[None, :]) | cross
+    sees = (segment[None, :] == 0) | (segment[:, None] == segment[None, :])
     causal = torch.ones(S, S, dtype=torch.bool, device=device).tril()
     keys = torch.cat([pad_mask, torch.ones(P, G * T, dtype=torch.bool, device=device)], dim=1)
     mask = ((causal & sees)[None] & keys[:, None, :]) | torch.eye(S, dtype=torch.bool, device=device)
@@ -93,7 +93,7 @@ def packed_layout(model, prompts: dict, G: int, T: int, shift: int = 0, cross: b
 
 
 def shared_prompt(model, prompts: dict, ids: torch.Tensor, temperature: float, placeholder_ids: tuple[int, ...] = (),
-                  pad_id: int = 0, shift: int = 0, cross: bool = False) -> torch.Tensor:
+                  pad_id: int = 0) -> torch.Tensor:
     """log pi(token) [P G, T] of completion rows p G + g (`ids`), from ONE forward over P packed rows: each prompt of
     `prompts` (P rows, one image each, pixel_values through the root forward so FSDP gathers the vision weights) and
     its G completions behind it, logits / temperature (the temperature the tokens were drawn at). Trailing padding
@@ -106,13 +106,36 @@ def shared_prompt(model, prompts: dict, ids: torch.Tensor, temperature: float, p
     implementation = parallel.unwrap(model).config.text_config._attn_implementation
     if implementation != "sdpa":
         raise ValueError(f"shared_prompt needs attn_implementation='sdpa' (the model has {implementation!r})")
-    layout = packed_layout(model, prompts, G, T, shift, cross)
+    layout = packed_layout(model, prompts, G, T)
     inputs = dict(prompts, input_ids=torch.cat([prompts["input_ids"], safe_ids(ids, placeholder_ids, pad_id)
                                                .view(P, G * T)], dim=1), **layout)
     types = prompts["mm_token_type_ids"]  # the processor's image-token flags; completion tokens are text
     inputs["mm_token_type_ids"] = torch.cat([types, types.new_zeros(P, G * T)], dim=1)
     logits = model(**inputs, use_cache=False).logits  # [P, G T, vocab]
     return logprobs_at(logits.reshape(P * G, T, -1), ids, temperature)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The rows of an encoded batch (a micro-batch's prompts, each with its own pixel_values)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def images_per_row(batch: dict, vision_start_id: int) -> list[int]:
+    return (batch["input_ids"] == vision_start_id).sum(dim=1).tolist()
+
+
+def select_rows(batch: dict, rows: list[int], vision_start_id: int) -> dict:
+    """The sub-batch of the given rows (repeats allowed), pixel_values and image_grid_thw included."""
+    counts = images_per_row(batch, vision_start_id)
+    image_start = [sum(counts[:r]) for r in range(len(counts) + 1)]
+    patches = batch["image_grid_thw"].prod(dim=1).tolist()
+    pixel_start = [sum(patches[:i]) for i in range(len(patches) + 1)]
+    images = [i for r in rows for i in range(image_start[r], image_start[r + 1])]
+    index = torch.tensor(rows, device=batch["input_ids"].device)
+    out = {k: v[index] for k, v in batch.items() if k not in ("pixel_values", "image_grid_thw")}
+    out["image_grid_thw"] = batch["image_grid_thw"][images]
+    out["pixel_values"] = torch.cat([batch["pixel_values"][pixel_start[i]:pixel_start[i + 1]] for i in images])
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------------

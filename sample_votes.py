@@ -1,44 +1,29 @@
-"""Offline stage of EvoQuality: the current model votes K times on each of N random image pairs (and, from round 2
-on, on pairs of two versions of one reference image).
+"""Stage 1 of a round, the offline stage's votes (paper: Method, offline stage: K pairwise comparisons of each image
+pair, shown in both orders): the current model votes K times on each of N random image pairs and, from round 2 on,
+on pairs of two versions of one reference image.
 
-    python sample_votes.py --model Qwen/Qwen2.5-VL-7B-Instruct --images pool/ --out runs/round1/votes.jsonl
-    accelerate launch --num_processes 8 sample_votes.py --model Qwen/Qwen2.5-VL-7B-Instruct --images pool/ \
-        --out runs/round1/votes.jsonl --num-pairs 20000 --votes-per-pair 32
-    torchrun --nproc_per_node 2 sample_votes.py ...     # several processes on CPU (accelerate launch --cpu starts one)
+One process:
 
-Each pair (a, b) is asked K times with the compare prompt, K/2 times with a shown first ("ab") and K/2 times with b
-shown first ("ba"), so that a position bias cancels (an odd K's extra vote takes a seeded random order). Every answer
-is mapped back to image identity: a vote for a, a vote for b, or an abstention (unparseable, or cut off by
---max-new-tokens). One line per pair, in pair order:
+    python sample_votes.py --model Qwen/Qwen2.5-VL-7B-Instruct --images pool/ --out runs/r1/votes.jsonl
 
-    {"a": "x.png", "b": "y.png", "kind": "random", "votes_a": 19, "votes_b": 11, "abstain": 2, "first_slot_wins": 17,
-     "answers": [{"order": "ab", "choice": "a", "truncated": false, "text": "... \\boxed{0}"}, ...]}
+Several processes (the pairs are split across them; torchrun on CPU, where `accelerate launch --cpu` starts one):
 
-`--mode score` (cheaper, NOT the paper's method) instead samples the score prompt K times for every image of the
-pairs: one line per image {"image", "scores": [3.25, null, ...], "truncated": [false, true, ...], "answers": [...]}
-(a score cut off by --max-new-tokens is null, like an unparseable one), the pairs in `<out>.pairs.jsonl`;
-build_pseudolabels.py turns the scores into votes.
+    accelerate launch --num_processes 8 sample_votes.py --model ... --images pool/ --out runs/r1/votes.jsonl
+    torchrun --nproc_per_node 2 sample_votes.py ...
 
-Same-reference pairs (`--same-reference-pairs N --pool-manifest pool/manifest.jsonl`, the manifest written by
-make_pool.py: one line per image {"image", "reference", ...}, names relative to the pool root): after the --num-pairs
-random pairs, N pairs of two versions of one reference (two variants, or the reference and a variant), each drawn
-as: a reference uniformly among those with a pair not drawn yet, then two of its versions uniformly; no pair twice,
-none repeating a random pair (all such pairs if fewer exist). Their records carry "kind": "same_reference", the
-others "kind": "random". Only the grouping by reference is read from the manifest (no distortion type or level).
+The paper's scale (20,000 random pairs, K = 32; round 2 adds same-reference pairs of make_pool.py's pool):
 
-Beside --out: `<out>.meta.json` (settings, args, versions, times, vote statistics), `<out>.pool.json` (size and mtime
-of every pool image), `<out>.skipped.jsonl` (pairs with an unreadable image, and why), `<out>.lock` (one run at a
-time), and while running one `<out>.shard-RANK.jsonl` per process (on several nodes, --out must be on a filesystem
-that every node sees). Rerun the same command to resume, after a SIGKILL too: every pair ends up exactly once. A
-rerun that would change the votes is refused naming each changed setting, unless --overwrite: the model (by content),
-the prompt preset and its text, reasoning, mode, K, temperature, --max-new-tokens, --max-pixels, the pair draw
-(--num-pairs, --same-reference-pairs, --seed, the pool's names, the manifest's content) and every image that already
-has votes (by size and mtime). --batch-size and the number of processes may change: they change which random numbers
-a vote draws, not what the votes estimate (K i.i.d. samples of the model's answer).
+    accelerate launch --num_processes 8 sample_votes.py --model runs/r1/model --images /data/koniq_pool \
+        --out runs/r2/votes.jsonl --num-pairs 20000 --votes-per-pair 32 --seed 2 \
+        --same-reference-pairs 5000 --pool-manifest /data/koniq_pool/manifest.jsonl
+
+Writes --out, one line per pair (the record: votes.py), and beside it <out>.meta.json (settings, vote statistics),
+<out>.pool.json, <out>.skipped.jsonl; rerun the same command to resume. Rules: docs/implementation.md.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -55,9 +40,10 @@ from typing import Callable, Optional
 import numpy as np
 from PIL import Image
 
-import build_pseudolabels
 import common
+import prompts
 import sampling
+import votes
 
 
 @dataclass
@@ -75,7 +61,7 @@ class Args:
     temperature: float = common.arg(1.0, help="sampling temperature (> 0: K greedy votes would all be the same)")
     max_new_tokens: int = common.arg(512, help="completion budget; an answer cut off by it is an abstention")
     reasoning: bool = common.arg(True, help="ask for reasoning before the final answer (the preset's reasoning suffix)")
-    prompt: str = common.arg("evoquality", help="prompt preset (common.PRESETS)", choices=sorted(common.PRESETS))
+    prompt: str = common.arg("evoquality", help="prompt preset (prompts.PRESETS)", choices=sorted(prompts.PRESETS))
     mode: str = common.arg("compare", choices=["compare", "score"],
                            help="compare: the paper's pairwise votes; score: K scores per image (cheaper, not paper)")
     # 7B: 28 layers x 2 (K, V) x 4 KV heads x 128 dims x 2 bytes = 56 KiB/token x (2,000 prompt + 512 new tokens);
@@ -209,63 +195,30 @@ def score_images(names: list[str], images: dict[str, Image.Image], generate_fn: 
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# TRY NOT TO MODIFY: model, images, files, processes
+# TRY NOT TO MODIFY: reading and validation (the pool, its manifest, the pairs)
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def make_generate_fn(model, processor, add_vision_id: bool, max_new_tokens: int, temperature: float) -> GenerateFn:
-    def generate(prompt: str, images: list[list[Image.Image]], n: int) -> list[list[sampling.Completion]]:
-        return sampling.sample_prompts(model, processor, [prompt] * len(images), images, n, max_new_tokens, temperature,
-                                       add_vision_id).completions()
+def check_args(args: Args) -> None:
+    if args.votes_per_pair < 1 or args.num_pairs < 1 or args.batch_size < 1 or args.same_reference_pairs < 0:
+        common.die("--votes-per-pair, --num-pairs and --batch-size must be >= 1, --same-reference-pairs >= 0")
+    if not 0 < args.temperature < math.inf:  # also refuses nan
+        common.die(f"--temperature must be a finite number > 0 (K greedy votes would all be the same), "
+                   f"not {args.temperature}")
+    if args.same_reference_pairs and not args.pool_manifest:
+        common.die("--same-reference-pairs needs --pool-manifest (make_pool.py's manifest.jsonl)")
+    if args.pool_manifest and not Path(args.pool_manifest).is_file():
+        common.die(f"pool manifest {args.pool_manifest} not found")
 
-    return generate
 
-
-def load_generate_fn(args: Args, device) -> GenerateFn:
+def list_pool(args: Args) -> tuple[Path, list[str]]:
     try:
-        model = common.load_model(args.model, device=device).eval()
-        processor = common.load_processor(args.model, max_pixels=args.max_pixels)
-    except (OSError, ValueError) as e:  # FileNotFoundError, hub errors, a folder that holds no checkpoint
-        common.die(f"cannot load model {args.model}: {str(e).splitlines()[0]}")
-    add_vision_id = common.get_preset(args.prompt).add_vision_id
-    return make_generate_fn(model, processor, add_vision_id, args.max_new_tokens, args.temperature)
-
-
-def load_images(names: list[str], root: Path, strict: bool) -> tuple[dict[str, Image.Image], dict[str, str]]:
-    """(images, errors) by relative path; an unreadable image stops the run only with --strict."""
-    images, errors = {}, {}
-    for name in dict.fromkeys(names):
-        try:
-            images[name] = common.load_image(root / name)
-        except ValueError as e:
-            if strict:
-                common.die(f"{e} (--strict; without it the pairs of this image are skipped)")
-            errors[name] = str(e)
-    return images, errors
-
-
-def process_chunk(units: list, args: Args, root: Path, generate_fn: GenerateFn, pairs_of: dict,
-                  kind_of: dict) -> list[dict]:
-    """Records for a few pairs (images with --mode score): votes, plus a {"a", "b", "kind", "skipped"} record for each
-    pair that has an unreadable image. `pairs_of`: image -> its pairs (used with --mode score); `kind_of`: pair ->
-    "random" or "same_reference"."""
-    preset = common.get_preset(args.prompt)
-    names = [x for u in units for x in (u if args.mode == "compare" else (u,))]
-    images, errors = load_images(names, root, args.strict)
-    if args.mode == "compare":
-        skipped = {pair: errors[x] for pair in units for x in pair if x in errors}
-        good = [u for u in units if u not in skipped]
-        parse = partial(common.parse_compare, preset=preset)
-        records = vote_pairs(good, images, generate_fn, preset.prompt("compare", args.reasoning), parse,
-                             args.votes_per_pair, args.seed, args.batch_size, args.text)
-        records = [{"a": r["a"], "b": r["b"], "kind": kind_of[r["a"], r["b"]], **r} for r in records]
-    else:
-        skipped = {pair: errors[x] for x in units if x in errors for pair in pairs_of[x]}
-        good = [x for x in units if x in images]
-        parse = partial(common.parse_score, preset=preset)
-        records = score_images(good, images, generate_fn, preset.prompt("score", args.reasoning), parse,
-                               args.votes_per_pair, args.batch_size, args.text)
-    return records + [{"a": a, "b": b, "kind": kind_of[a, b], "skipped": reason} for (a, b), reason in skipped.items()]
+        root, names = common.list_images(args.images, args.images_root)
+    except (OSError, ValueError) as e:
+        common.die(str(e))
+    if len(names) < 2:
+        common.die(f"need at least 2 images to draw pairs, found {len(names)} in {args.images}")
+    return root, names
 
 
 def read_manifest(path: Path, root: Path, index: dict[str, int]) -> list[list[int]]:
@@ -306,9 +259,80 @@ def draw_pairs(args: Args, root: Path, names: list[str]) -> dict[tuple[str, str]
     kinds = {(names[i], names[j]): "random" for i, j in drawn}
     if args.pool_manifest:
         groups = read_manifest(Path(args.pool_manifest), root, {x: i for i, x in enumerate(names)})
-        for i, j in sample_same_reference_pairs(groups, args.same_reference_pairs, args.seed, set(drawn)):
+        same = sample_same_reference_pairs(groups, args.same_reference_pairs, args.seed, set(drawn))
+        if args.same_reference_pairs and not same:
+            why = ("every pair of two versions of one reference is already among the random pairs" if groups else
+                   "no reference holds two versions in the pool (each has one image there)")
+            common.die(f"--same-reference-pairs {args.same_reference_pairs}: nothing to draw from "
+                       f"{args.pool_manifest}: {why}")
+        for i, j in same:
             kinds[names[i], names[j]] = "same_reference"
     return kinds
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# TRY NOT TO MODIFY: the model and the images
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def make_generate_fn(model, processor, add_vision_id: bool, max_new_tokens: int, temperature: float) -> GenerateFn:
+    def generate(prompt: str, images: list[list[Image.Image]], n: int) -> list[list[sampling.Completion]]:
+        return sampling.sample_prompts(model, processor, [prompt] * len(images), images, n, max_new_tokens, temperature,
+                                       add_vision_id).completions()
+
+    return generate
+
+
+def load_generate_fn(args: Args, device) -> GenerateFn:
+    try:
+        model = common.load_model(args.model, device=device).eval()
+        processor = common.load_processor(args.model, max_pixels=args.max_pixels)
+    except (OSError, ValueError) as e:  # FileNotFoundError, hub errors, a folder that holds no checkpoint
+        common.die(f"cannot load model {args.model}: {str(e).splitlines()[0]}")
+    add_vision_id = prompts.get_preset(args.prompt).add_vision_id
+    return make_generate_fn(model, processor, add_vision_id, args.max_new_tokens, args.temperature)
+
+
+def load_images(names: list[str], root: Path, strict: bool) -> tuple[dict[str, Image.Image], dict[str, str]]:
+    """(images, errors) by relative path; an unreadable image stops the run only with --strict."""
+    images, errors = {}, {}
+    for name in dict.fromkeys(names):
+        try:
+            images[name] = common.load_image(root / name)
+        except ValueError as e:
+            if strict:
+                common.die(f"{e} (--strict; without it the pairs of this image are skipped)")
+            errors[name] = str(e)
+    return images, errors
+
+
+def process_chunk(units: list, args: Args, root: Path, generate_fn: GenerateFn, pairs_of: dict,
+                  kind_of: dict) -> list[dict]:
+    """Records for a few pairs (images with --mode score): votes, plus a {"a", "b", "kind", "skipped"} record for each
+    pair that has an unreadable image. `pairs_of`: image -> its pairs (used with --mode score); `kind_of`: pair ->
+    "random" or "same_reference"."""
+    preset = prompts.get_preset(args.prompt)
+    names = [x for u in units for x in (u if args.mode == "compare" else (u,))]
+    images, errors = load_images(names, root, args.strict)
+    if args.mode == "compare":
+        skipped = {pair: errors[x] for pair in units for x in pair if x in errors}
+        good = [u for u in units if u not in skipped]
+        parse = partial(prompts.parse_compare, preset=preset)
+        records = vote_pairs(good, images, generate_fn, preset.prompt("compare", args.reasoning), parse,
+                             args.votes_per_pair, args.seed, args.batch_size, args.text)
+        records = [{"a": r["a"], "b": r["b"], "kind": kind_of[r["a"], r["b"]], **r} for r in records]
+    else:
+        skipped = {pair: errors[x] for x in units if x in errors for pair in pairs_of[x]}
+        good = [x for x in units if x in images]
+        parse = partial(prompts.parse_score, preset=preset)
+        records = score_images(good, images, generate_fn, preset.prompt("score", args.reasoning), parse,
+                               args.votes_per_pair, args.batch_size, args.text)
+    return records + [{"a": a, "b": b, "kind": kind_of[a, b], "skipped": reason} for (a, b), reason in skipped.items()]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# TRY NOT TO MODIFY: resume and output
+# ---------------------------------------------------------------------------------------------------------------------
 
 
 def read_done(out: Path) -> tuple[dict, dict]:
@@ -336,7 +360,7 @@ def merge(out: Path, pairs: list[tuple[str, str]], keys: list, mode: str) -> tup
 def settings_of(args: Args, names: list[str]) -> dict:
     """What defines the votes (module docstring); a rerun against an existing --out must match every one."""
     return {"model": common.fingerprint(args.model), **{key: getattr(args, key) for key in SETTINGS},
-            "prompt_hash": common.get_preset(args.prompt).hash(),  # the preset's text, not only its name
+            "prompt_hash": prompts.get_preset(args.prompt).hash(),  # the preset's text, not only its name
             "pool_names": hashlib.sha256("\n".join(names).encode()).hexdigest()[:16],  # the pair draw's input
             "pool_manifest": common.file_sha256(args.pool_manifest) if args.pool_manifest else None}
 
@@ -371,28 +395,6 @@ def refuse_changes(out: Path, settings: dict, stats: dict, done: dict, mode: str
                    f"{remedy}")
 
 
-def check_args(args: Args) -> None:
-    if args.votes_per_pair < 1 or args.num_pairs < 1 or args.batch_size < 1 or args.same_reference_pairs < 0:
-        common.die("--votes-per-pair, --num-pairs and --batch-size must be >= 1, --same-reference-pairs >= 0")
-    if not 0 < args.temperature < math.inf:  # also refuses nan
-        common.die(f"--temperature must be a finite number > 0 (K greedy votes would all be the same), "
-                   f"not {args.temperature}")
-    if args.same_reference_pairs and not args.pool_manifest:
-        common.die("--same-reference-pairs needs --pool-manifest (make_pool.py's manifest.jsonl)")
-    if args.pool_manifest and not Path(args.pool_manifest).is_file():
-        common.die(f"pool manifest {args.pool_manifest} not found")
-
-
-def list_pool(args: Args) -> tuple[Path, list[str]]:
-    try:
-        root, names = common.list_images(args.images, args.images_root)
-    except (OSError, ValueError) as e:
-        common.die(str(e))
-    if len(names) < 2:
-        common.die(f"need at least 2 images to draw pairs, found {len(names)} in {args.images}")
-    return root, names
-
-
 def start(args: Args, out: Path, settings: dict, stats: dict, pairs: dict, num_processes: int) -> None:
     """The run has started for real (inputs checked, model loaded): only now its record is written."""
     if args.overwrite:
@@ -410,16 +412,16 @@ def start(args: Args, out: Path, settings: dict, stats: dict, pairs: dict, num_p
 
 
 def finish(args: Args, out: Path, pairs: dict, keys: list, seconds: float) -> None:
-    """Merge the shards, then record and print the vote statistics (build_pseudolabels.py's, from the merged file)."""
+    """Merge the shards, then record and print the vote statistics (votes.py's, from the merged file)."""
     records, skipped = merge(out, list(pairs), keys, args.mode)
     if not records:
         common.die(f"no votes: every pair has an unreadable image (see {out}.skipped.jsonl)")
     with warnings.catch_warnings():  # pairs of skipped images have no votes: said below, with the file that lists them
         warnings.simplefilter("ignore")
-        _, _, votes, info = build_pseudolabels.read_votes(out, Path(f"{out}.pairs.jsonl"))
-    counts = {"pairs": len(pairs) - len(skipped), "skipped_pairs": len(skipped), **build_pseudolabels.vote_stats(votes),
-              **build_pseudolabels.truncation_stats(info["truncation"]),
-              "by_kind": build_pseudolabels.kind_stats(votes), "seconds_this_run": int(seconds)}
+        _, _, voted, info = votes.read_votes(out, Path(f"{out}.pairs.jsonl"))
+    counts = {"pairs": len(pairs) - len(skipped), "skipped_pairs": len(skipped), **votes.vote_stats(voted),
+              **votes.truncation_stats(info["truncation"]), "by_kind": votes.kind_stats(voted),
+              "seconds_this_run": int(seconds)}
     meta = common.read_json(f"{out}.meta.json")
     common.write_json_atomic(f"{out}.meta.json", {**meta, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                                                  "counts": counts})
@@ -447,6 +449,11 @@ def vote(args: Args, out: Path, root: Path, rank: int, mine: list, generate_fn: 
             for record in process_chunk(mine[s:s + step], args, root, generate_fn, pairs_of, pairs):
                 writer.write(record)
             bar.update(len(mine[s:s + step]) * args.votes_per_pair)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# TRY NOT TO MODIFY: the run
+# ---------------------------------------------------------------------------------------------------------------------
 
 
 def run(args: Args, state, out: Path) -> None:
@@ -484,10 +491,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     # a long timeout because the last barrier waits for the slowest shard, which may be far behind on big runs
     state = PartialState(cpu=not torch.cuda.is_available(), timeout=timedelta(hours=24))
     out = Path(args.out)
-    if not state.is_main_process:  # the main process holds the lock for all of them
-        return run(args, state, out)
-    common.check_writable(out.parent)
-    with common.output_lock(out):
+    if state.is_main_process:
+        common.check_writable(out.parent)
+    with common.output_lock(out) if state.is_main_process else contextlib.nullcontext():  # one lock for all processes
         run(args, state, out)
 
 

@@ -11,7 +11,7 @@ medians) are bench_votes.py's.
 
     python bench/bench_eval.py --bootstrap-images 2000            # the cost of the 95 % intervals, no model
 
-times evaluate.bootstrap (1,000 resamples of N synthetic scored images: SRCC and PLCC vectorised over resamples,
+times metrics.bootstrap (1,000 resamples of N synthetic scored images: SRCC and PLCC vectorised over resamples,
 KRCC and the logistic fit per resample) against one scipy call per metric and resample, side by side.
 """
 
@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_votes import common, sampling, compare, load, load_size, new_generate, old_generate, report  # noqa: E402
+from bench_votes import prompts, sampling, compare, load, load_size, new_generate, old_generate, report  # noqa: E402
 
 SETTINGS = {  # size: (images, new tokens)
     "tiny": (32, 64),
@@ -35,7 +35,7 @@ def bench_size(size: str, repeats: int, samples: int, batch_size: int) -> None:
 
     n_images, max_new_tokens = SETTINGS[size]
     model, processor, images, description = load_size(size, n_images)
-    prompt = common.get_preset("evoquality").prompt("score", True)
+    prompt = prompts.get_preset("evoquality").prompt("score", True)
 
     def scores(generate):
         def fn(warmup: bool = False) -> int:
@@ -44,7 +44,7 @@ def bench_size(size: str, repeats: int, samples: int, batch_size: int) -> None:
                 for per_image in generate(model, processor, prompt, [[im] for im in todo[s:s + batch_size]], samples,
                                           max_new_tokens):
                     for text, truncated in per_image:  # parsed as the stage does
-                        sampling.answer(sampling.Completion(text, truncated), common.parse_score)
+                        sampling.answer(sampling.Completion(text, truncated), prompts.parse_score)
             return len(todo)
         return fn
 
@@ -62,7 +62,7 @@ def bench_bootstrap(n: int, resamples: int) -> None:
 
     import numpy as np
 
-    import evaluate
+    import metrics
 
     rng = np.random.default_rng(0)
     mos = rng.uniform(1, 5, n)
@@ -70,17 +70,17 @@ def bench_bootstrap(n: int, resamples: int) -> None:
     times = {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        for label, fn in [("evaluate.bootstrap", lambda: evaluate.bootstrap(pred, mos, resamples, 0, "b")),
+        for label, fn in [("metrics.bootstrap", lambda: metrics.bootstrap(pred, mos, resamples, 0, "b")),
                           ("one scipy call per metric and resample", lambda: [
-                              [f(pred[i], mos[i]) for f in (evaluate.METRICS[k] for k in evaluate.CI_METRICS)]
-                              for i in evaluate.resample_indices(n, resamples, 0, "b")])]:
+                              [f(pred[i], mos[i]) for f in (metrics.METRICS[k] for k in metrics.CI_METRICS)]
+                              for i in metrics.resample_indices(n, resamples, 0, "b")])]:
             start = time.perf_counter()
             fn()
             times[label] = time.perf_counter() - start
     print(f"== bootstrap: {n} images x {resamples} resamples, 4 metrics; {load()}")
     for label, seconds in times.items():
         print(f"  {label}: {seconds:.1f} s")
-    print(f"  ratio: {times['one scipy call per metric and resample'] / times['evaluate.bootstrap']:.2f}x")
+    print(f"  ratio: {times['one scipy call per metric and resample'] / times['metrics.bootstrap']:.2f}x")
 
 
 def main() -> None:

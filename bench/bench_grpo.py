@@ -3,14 +3,14 @@ log-probs, policy forward + backward + AdamW, and generated tokens/s, for G = 8 
 
     python bench/bench_grpo.py [--steps 4] [--max-new-tokens 64] [--bf16] [--parity]
     python bench/bench_grpo.py --ddp-vs-fsdp [--steps 3]     # 2 processes (torchrun), DDP then --fsdp, side by side
-    python bench/bench_grpo.py --against 50ad019 --size 30m --group-sizes 8,32   # that commit, then today's, per G
-    python bench/bench_grpo.py --against 50ad019 --size 30m --group-sizes 8,32 --pairs-per-step 1 --steps 2 \
+    python bench/bench_grpo.py --against COMMIT --size 30m --group-sizes 8,32   # that commit, then today's, per G
+    python bench/bench_grpo.py --against COMMIT --size 30m --group-sizes 8,32 --pairs-per-step 1 --steps 2 \
         --max-new-tokens 16                                   # the same with fewer tokens, for 2 shared cores
 
 With --against, each run also counts, per phase, the tokens the language model forwards per rollout (generation:
 the prefill, calls over more than one position; reference and policy: every position of every log-prob forward) and
-the vision patches encoded per image of the step; the commit's grpo_train.py runs with today's common.py and
-sampling.py (same prompt format), its own log-prob passes.
+the vision patches encoded per image of the step; the commit's grpo_train.py runs beside today's other modules
+(prompts.py, sampling.py, logprobs.py, parallel.py), so it must have today's layout.
 
 It runs the real script (a stand-in parser makes the random tiny model's answers parseable, so every group has a
 gradient) and reads the per-step timings from train_log.jsonl; the first step (warm-up) is left out of the means.
@@ -33,18 +33,14 @@ SIZES = {"tiny": {}, "30m": dict(text_hidden=512, text_layers=8, vision_hidden=2
                                  max_pixels=448 * 448)}  # 30m: compute-dominated on CPU, like 7B's prefill regime
 WRAPPER = """
 import atexit, json, runpy, sys, zlib
-import torch, transformers
+import torch
 from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as qwen
 sys.path.insert(0, {root!r})
-import common
-try:  # the sampler's module: sampling.py, or common.py in older commits
-    import sampling
-except ImportError:
-    sampling = common
-common.parse_score = lambda text, preset=None: 1 + (zlib.crc32(text.encode()) % 401) / 100
+import prompts, sampling
+prompts.parse_score = lambda text, preset=None: 1 + (zlib.crc32(text.encode()) % 401) / 100
 sampling.answer = lambda completion, parse: parse(completion.text)  # the random model never ends: ignore truncation
 
-# counters per phase: generation (inside generate / sampling.sample), else policy (gradient on) or reference
+# counters per phase: generation (inside sampling.sample), else policy (gradient on) or reference
 counts, generating = {{}}, [False]
 def phase():
     return "generation" if generating[0] else "policy" if torch.is_grad_enabled() else "reference"
@@ -70,13 +66,7 @@ def vision(args, kwargs):
     add("patches", (args[1] if len(args) > 1 else kwargs["hidden_states"]).shape[0])
 wrap(qwen.Qwen2_5_VLTextModel, "forward", language)
 wrap(qwen.Qwen2_5_VisionTransformerPretrainedModel, "forward", vision)
-wrap(transformers.GenerationMixin, "generate", flag=True)
-if hasattr(sampling, "sample"):
-    wrap(sampling, "sample", flag=True)
-for name, value in vars(sampling).items():  # an older grpo_train.py calls the sampler as common.X
-    if not name.startswith("_") and not hasattr(common, name):
-        setattr(common, name, value)
-common.answer = sampling.answer
+wrap(sampling, "sample", flag=True)
 atexit.register(lambda: json.dump(counts, open({counts!r}, "w")))
 sys.argv[0] = {script!r}
 runpy.run_path({script!r}, run_name="__main__")
@@ -87,18 +77,18 @@ def parity(model_dir: str, pool: Path) -> None:
     import torch
 
     import common
-    import grpo_train
     import logprobs
+    import prompts
     import sampling
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     processor = common.load_processor(model_dir)
     model = common.load_model(model_dir, dtype=torch.float32, device=device).eval()
-    preset = common.get_preset("evoquality")
+    preset = prompts.get_preset("evoquality")
     images = [[common.load_image(pool / "pool_00000.png")],
               [common.load_image(pool / "pool_00001.png").resize((28, 28))]]  # different sizes: left padding
     encoded = dict(common.encode_batch(processor, [preset.prompt("score", True)] * 2, images, preset.add_vision_id))
-    batch = {k: v.to(device) for k, v in grpo_train.select_rows(encoded, [0] * 4 + [1] * 4,
+    batch = {k: v.to(device) for k, v in logprobs.select_rows(encoded, [0] * 4 + [1] * 4,
                                                                 model.config.vision_start_token_id).items()}
     config = sampling.sampling_config(model, max_new_tokens=32, temperature=0.7)
     eos = sampling.eos_token_ids(config)
@@ -114,14 +104,9 @@ def parity(model_dir: str, pool: Path) -> None:
               f"{(got - expect)[mask].abs().max().item():.2e} over {int(mask.sum())} tokens")
 
 
-KEYS = {"time/step": "step_seconds", "time/generation": "generation_seconds", "time/reference": "logprob_seconds",
-        "time/update": "backward_seconds", "rollout/generated_tokens": "generated_tokens",
-        "rollout/completion_length": "completion_length"}  # train_log.jsonl keys, and those of older commits
-
-
 def summary(log: list[dict], title: str) -> dict:
     timed = log[1:] or log
-    mean = lambda key: sum(r.get(key, r.get(KEYS.get(key))) for r in timed) / len(timed)  # noqa: E731
+    mean = lambda key: sum(r[key] for r in timed) / len(timed)  # noqa: E731
     step = mean("time/step")
     print(f"{title}, mean of {len(timed)} steps after a warm-up step")
     phases = {}

@@ -29,6 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import common  # noqa: E402
+import prompts  # noqa: E402
 import sampling  # noqa: E402
 
 SIZES = {  # name: (checkpoint dims for demo.tiny_models.build_tiny_checkpoint, synthetic image side in pixels)
@@ -180,7 +181,7 @@ def bench_size(size: str, repeats: int, batch_size: int) -> None:
     pairs, k, max_new_tokens = SETTINGS[size]
     assert k % 2 == 0, "K/2 votes per order"
     model, processor, images, description = load_size(size, 2 * pairs)
-    prompt = common.get_preset("evoquality").prompt("compare", True)
+    prompt = prompts.get_preset("evoquality").prompt("compare", True)
     # K/2 votes in each order; one prompt per (pair, order), as sample_votes.py batches them
     shown = [[images[2 * p], images[2 * p + 1]][::order] for p in range(pairs) for order in (1, -1)]
     n = k // 2
@@ -193,7 +194,7 @@ def bench_size(size: str, repeats: int, batch_size: int) -> None:
             for s in range(0, len(todo), step):
                 for per_prompt in generate(model, processor, prompt, todo[s:s + step], n, max_new_tokens):
                     for text, truncated in per_prompt:  # parsed as the stage does; every answer is a vote
-                        sampling.answer(sampling.Completion(text, truncated), common.parse_compare)
+                        sampling.answer(sampling.Completion(text, truncated), prompts.parse_compare)
                         counted += 1
             return counted
         return fn

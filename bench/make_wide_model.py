@@ -25,6 +25,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 import common  # noqa: E402
+import prompts  # noqa: E402
 import memory_plan  # noqa: E402
 from demo.tiny_models import build_processor, build_tokenizer  # noqa: E402
 
@@ -100,7 +101,7 @@ def main() -> None:
     names = write_images(out / "images", 2 * a.pairs)
     common.write_jsonl_atomic(out / "pseudolabels.jsonl", [{"a": names[2 * k], "b": names[2 * k + 1],
                                                             "p_star": 0.25 + 0.5 * (k % 2)} for k in range(a.pairs)])
-    preset = common.get_preset("evoquality")
+    preset = prompts.get_preset("evoquality")
     encoded = common.encode_batch(processor, [preset.prompt("score", True)],
                                   [[common.load_image(out / "images" / names[0])]], preset.add_vision_id)
     patches = int(encoded["image_grid_thw"].prod())

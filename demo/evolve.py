@@ -111,7 +111,7 @@ def subsample_votes(answers: list[dict], k: int) -> tuple[int, int]:
 
 
 def score_subsample_votes(scores_a: list, scores_b: list, k: int) -> tuple[int, int]:
-    """Score mode, as build_pseudolabels.score_votes: sample i votes for the higher of scores_a[i], scores_b[i];
+    """Score mode, as votes.score_votes: sample i votes for the higher of scores_a[i], scores_b[i];
     an unparsed (None) or equal pair of scores is an abstention. The first k samples of each image."""
     votes = [(x > y) - (x < y) for x, y in zip(scores_a[:k], scores_b[:k]) if x is not None and y is not None]
     return votes.count(1), votes.count(-1)

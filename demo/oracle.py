@@ -28,6 +28,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import common  # noqa: E402
+import prompts  # noqa: E402
 from demo import warmstart  # noqa: E402
 from demo.synthetic import write_set  # noqa: E402
 
@@ -85,7 +86,7 @@ def srcc_table(model_dir: str, sets: dict[str, tuple[list, np.ndarray]], samples
                max_pixels: int, max_new_tokens: int) -> dict:
     """Per set: SRCC of the mean of `samples` sampled scores for each of `seeds` seeds (mean, std, values), SRCC of
     one sample, mean within-image std, coverage. Sampling goes through sampling.sampling_config like the stages."""
-    preset = common.get_preset("evoquality")
+    preset = prompts.get_preset("evoquality")
     model = common.load_model(model_dir, dtype=torch.float32).eval()
     processor = common.load_processor(model_dir, max_pixels=max_pixels)
     out = {}
@@ -95,7 +96,7 @@ def srcc_table(model_dir: str, sets: dict[str, tuple[list, np.ndarray]], samples
             torch.manual_seed(1000 + s)
             texts = warmstart.answers(model, processor, preset, "score", [[im] for im in images], True, samples,
                                       batch_size=64, max_new_tokens=max_new_tokens)
-            scores = [[common.parse_score(t, preset) for t in row] for row in texts]
+            scores = [[prompts.parse_score(t, preset) for t in row] for row in texts]
             means = [float(np.mean(v)) if (v := [x for x in row if x is not None]) else None for row in scores]
             per_seed.append(warmstart.srcc(means, mos))
             single.append(warmstart.srcc([row[0] for row in scores], mos))

@@ -28,7 +28,7 @@ def tokenizer_corpus() -> list[str]:
     import sys
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from common import PRESETS
+    from prompts import PRESETS
 
     texts = []
     for preset in PRESETS.values():

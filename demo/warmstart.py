@@ -37,6 +37,7 @@ from scipy.stats import spearmanr
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402
+import prompts  # noqa: E402
 import sampling  # noqa: E402
 from demo.synthetic import CONTENTS, DISTORTIONS, SEED_BASE, WORLDS, distort, make_content, make_image  # noqa: E402
 from demo.tiny_models import build_model, build_processor, build_tokenizer  # noqa: E402
@@ -165,12 +166,12 @@ def noisy_label(target: int, rng: np.random.Generator, noise: float) -> int:
     return 1 - target if noise and rng.random() < noise else target
 
 
-def training_batch(processor, preset: common.Preset, images: list[list[Image.Image]], tasks: list[str],
+def training_batch(processor, preset: prompts.Preset, images: list[list[Image.Image]], tasks: list[str],
                    answers: list[str]) -> dict:
     """Model inputs + labels: the stages' exact prompt (common.encode_batch, left padded), then the answer and
     <|im_end|> (right padded). Labels are -100 everywhere but the answer tokens."""
-    prompts = [preset.prompt(task, reasoning=False) for task in tasks]
-    batch = common.encode_batch(processor, prompts, images, add_vision_id=preset.add_vision_id)
+    texts = [preset.prompt(task, reasoning=False) for task in tasks]
+    batch = common.encode_batch(processor, texts, images, add_vision_id=preset.add_vision_id)
     tok = processor.tokenizer
     completions = [tok(answer + "<|im_end|>", add_special_tokens=False).input_ids for answer in answers]
     width = max(map(len, completions))
@@ -222,7 +223,7 @@ def lr_factor(step: int, steps: int, warmup: int) -> float:
 
 # ALGO LOGIC: held-out measurement (benchmark seeds; used only to REPORT)
 @torch.no_grad()
-def answers(model, processor, preset: common.Preset, task: str, images: list[list[Image.Image]], do_sample: bool,
+def answers(model, processor, preset: prompts.Preset, task: str, images: list[list[Image.Image]], do_sample: bool,
             n: int = 1, batch_size: int = 32, max_new_tokens: int = 16) -> list[list[str]]:
     """n completions per prompt (greedy or sampled at temperature 1), through the stages' own calls."""
     config = sampling.sampling_config(model, max_new_tokens, 1.0, do_sample, n)
@@ -245,7 +246,7 @@ def srcc(pred: list, mos: np.ndarray) -> float:
     return float(spearmanr([pred[k] for k in keep], mos[keep]).statistic)
 
 
-def measure(model, processor, preset: common.Preset, n_bench: int, n_pairs: int, samples: int, size: int = 112,
+def measure(model, processor, preset: prompts.Preset, n_bench: int, n_pairs: int, samples: int, size: int = 112,
             seed: int = 0, world: str = "mixed") -> dict:
     """Score SRCC (greedy, one sampled answer, mean of `samples` sampled answers) on held-out benchmark images, and
     compare accuracy on held-out pairs of unequal quality shown in both orders (greedy, per sampled vote, and the
@@ -254,7 +255,7 @@ def measure(model, processor, preset: common.Preset, n_bench: int, n_pairs: int,
     model.eval()
     bench = [make_image(SEED_BASE["bench"] + i, size, world) for i in range(n_bench)]
     images, mos = [[img] for img, _ in bench], np.array([record["mos"] for _, record in bench])
-    greedy = [common.parse_score(t[0], preset) for t in answers(model, processor, preset, "score", images, False)]
+    greedy = [prompts.parse_score(t[0], preset) for t in answers(model, processor, preset, "score", images, False)]
     result = {"n_bench": n_bench, "srcc_greedy": srcc(greedy, mos),
               "score_coverage_greedy": float(np.mean([g is not None for g in greedy])),
               "distinct_greedy_scores": len({g for g in greedy if g is not None})}
@@ -266,12 +267,12 @@ def measure(model, processor, preset: common.Preset, n_bench: int, n_pairs: int,
             pairs.append((i, j))
     shown = [[bench[i][0], bench[j][0]] for i, j in pairs] + [[bench[j][0], bench[i][0]] for i, j in pairs]
     truth = [0 if mos[i] > mos[j] else 1 for i, j in pairs] + [1 if mos[i] > mos[j] else 0 for i, j in pairs]
-    choices = [common.parse_compare(t[0], preset) for t in answers(model, processor, preset, "compare", shown, False)]
+    choices = [prompts.parse_compare(t[0], preset) for t in answers(model, processor, preset, "compare", shown, False)]
     result.update(n_pairs=n_pairs, compare_acc_greedy=float(np.mean([c == y for c, y in zip(choices, truth)])),
                   compare_first_slot_rate_greedy=float(np.mean([c == 0 for c in choices if c is not None] or [0])),
                   compare_coverage_greedy=float(np.mean([c is not None for c in choices])))
     if samples:
-        sampled = [[common.parse_score(t, preset) for t in texts]
+        sampled = [[prompts.parse_score(t, preset) for t in texts]
                    for texts in answers(model, processor, preset, "score", images, True, samples)]
         means = [float(np.mean(v)) if (v := [s for s in row if s is not None]) else None for row in sampled]
         result.update(
@@ -280,7 +281,7 @@ def measure(model, processor, preset: common.Preset, n_bench: int, n_pairs: int,
             score_coverage_sampled=float(np.mean([s is not None for row in sampled for s in row])),
             within_image_score_std=float(np.mean([np.std(v) for row in sampled
                                                   if len(v := [s for s in row if s is not None]) > 1] or [0])))
-        votes = [[common.parse_compare(t, preset) for t in texts]
+        votes = [[prompts.parse_compare(t, preset) for t in texts]
                  for texts in answers(model, processor, preset, "compare", shown, True, samples)]
         correct = np.array([[v == y for v in row] for row, y in zip(votes, truth)], dtype=float)  # (2P, samples)
         per_pair = correct[:n_pairs].sum(1) + correct[n_pairs:].sum(1)  # votes for the better image, of 2*samples
@@ -295,7 +296,7 @@ def train(args: Args, out: Path) -> dict:
     """Build the tiny model, warm-start it, save it to `out` (model, processor, generation config)."""
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
-    preset = common.get_preset("evoquality")
+    preset = prompts.get_preset("evoquality")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer = build_tokenizer(args.vocab_size)
     processor = build_processor("qwen2_5_vl", tokenizer, max_pixels=args.max_pixels, min_pixels=28 * 28)
@@ -395,7 +396,7 @@ def pretrain_vision(model, head: torch.nn.Linear, processor, images: list[Image.
 
 def measure_folder(folder: Path, args: Args) -> dict:
     """Load a saved base the way the stages do and measure it on the held-out bench; writes heldout.json."""
-    preset = common.get_preset("evoquality")
+    preset = prompts.get_preset("evoquality")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = common.load_model(str(folder), dtype=torch.float32, device=device)
     processor = common.load_processor(str(folder), max_pixels=args.max_pixels)

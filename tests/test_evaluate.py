@@ -1,10 +1,9 @@
-"""evaluate.py: metrics against hand-worked numbers and scipy, bad input, resume, --predictions recomputation, the one
-truncation rule, reruns refused by setting (model identity, label content), --images scoring, and end-to-end runs on
-the tiny model (one process, and two under torchrun) checked against plain `generate`. The benchmark files are read
-by benchmarks.py (test_benchmarks.py)."""
+"""evaluate.py: bad input, resume, the one truncation rule, reruns refused by setting (model identity, label content),
+--images scoring, and end-to-end runs on the tiny model (one process, and two under torchrun) checked against plain
+`generate`. The metrics are metrics.py's (test_metrics.py), the benchmark files benchmarks.py's (test_benchmarks.py),
+the reports of a finished evaluation report.py's (test_report.py)."""
 
 import json
-import math
 import os
 import shutil
 import subprocess
@@ -17,201 +16,17 @@ import pytest
 from scipy import stats
 
 import common
+import prompts
 import sampling
 import benchmarks
 import evaluate
+import metrics
+import report
 
 ROOT = Path(__file__).resolve().parents[1]
 # Subprocess runs stay on CPU even on a GPU machine: torchrun's 2 processes would otherwise ask for 2 GPUs.
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
        "CUDA_VISIBLE_DEVICES": ""}
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# metrics
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-def test_rank_and_linear_correlations_hand_worked_and_scipy():
-    pred, mos = np.array([1.0, 2.0, 3.0, 4.0]), np.array([1.0, 3.0, 2.0, 4.0])
-    # One swapped neighbour pair: d = (0, 1, -1, 0) -> rho = 1 - 6 * 2 / (4 * 15); 5 concordant, 1 discordant of 6.
-    assert evaluate.srcc(pred, mos) == pytest.approx(0.8)
-    assert evaluate.krcc(pred, mos) == pytest.approx(4 / 6)
-    dp, dm = pred - pred.mean(), mos - mos.mean()
-    assert evaluate.plcc(pred, mos) == pytest.approx((dp @ dm) / math.sqrt((dp @ dp) * (dm @ dm)))
-    rng = np.random.default_rng(0)
-    pred, mos = rng.normal(size=40), rng.normal(size=40)
-    pred[:5] = pred[5:10]  # ties
-    assert evaluate.srcc(pred, mos) == pytest.approx(stats.spearmanr(pred, mos).statistic)
-    assert evaluate.krcc(pred, mos) == pytest.approx(stats.kendalltau(pred, mos).statistic)
-    assert evaluate.plcc(pred, mos) == pytest.approx(stats.pearsonr(pred, mos).statistic)
-
-
-def test_logistic_fit_recovers_known_parameters_from_noiseless_data():
-    pred = np.linspace(-1.0, 4.0, 60)
-    truth = (4.8, 1.2, 1.7, 0.6)
-    mos = truth[1] + (truth[0] - truth[1]) / (1 + np.exp(-(pred - truth[2]) / truth[3]))
-    params = evaluate.fit_logistic(pred, mos)
-    assert params[:3] == pytest.approx(truth[:3], abs=1e-4)
-    assert abs(params[3]) == pytest.approx(truth[3], abs=1e-4)
-    assert evaluate.plcc_logistic(pred, mos) == pytest.approx(1.0, abs=1e-9)
-    assert evaluate.rmse_logistic(pred, mos) == pytest.approx(0.0, abs=1e-5)
-
-
-def test_plcc_logistic_beats_raw_plcc_on_a_monotone_curved_relation():
-    pred = np.linspace(1, 5, 30)
-    mos = 1 + 4 / (1 + np.exp(-3 * (pred - 3)))  # monotone, strongly S-shaped: Pearson < 1, SRCC = 1
-    assert evaluate.srcc(pred, mos) == pytest.approx(1.0)
-    assert evaluate.plcc(pred, mos) < 0.97
-    assert evaluate.plcc_logistic(pred, mos) >= evaluate.plcc(pred, mos)
-    assert evaluate.plcc_logistic(pred, mos) == pytest.approx(1.0, abs=1e-6)
-    # rmse_logistic is in MOS units: the residual of the best fit, below the raw spread of the MOS
-    assert evaluate.rmse_logistic(pred, mos) < 1e-3 < mos.std()
-
-
-def test_constant_predictions_give_nan_and_a_warning_never_a_crash():
-    pred, mos = np.full(10, 3.0), np.linspace(1, 5, 10)
-    with pytest.warns(UserWarning, match="logistic fit"):
-        assert math.isnan(evaluate.plcc_logistic(pred, mos))
-    with pytest.warns(UserWarning, match="logistic fit"):
-        assert math.isnan(evaluate.rmse_logistic(pred, mos))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        assert math.isnan(evaluate.srcc(pred, mos)) and math.isnan(evaluate.plcc(pred, mos))
-
-
-def test_benchmark_metrics_coverage_nan_below_three_and_lower_better():
-    records = [{"image": f"{i}.png", "mos": m, "score": s} for i, (m, s) in enumerate([(1, 1.5), (2, 2.5), (3, 2.0),
-                                                                                       (4, 4.5), (5, None)])]
-    records.append({"image": "gone.png", "mos": 2.0, "score": None, "error": "missing file"})
-    up = evaluate.benchmark_metrics("b", records, lower_better=False)
-    assert (up["n"], up["n_valid"], up["missing"], up["missing_images"]) == (6, 4, 1, ["gone.png"])
-    assert up["coverage"] == pytest.approx(4 / 6)
-    assert up["srcc"] == pytest.approx(stats.spearmanr([1.5, 2.5, 2.0, 4.5], [1, 2, 3, 4]).statistic)
-    down = evaluate.benchmark_metrics("b", records, lower_better=True)
-    for key in ("srcc", "krcc", "plcc"):
-        assert down[key] == pytest.approx(-up[key])
-    with pytest.warns(UserWarning, match="only 2 valid"):
-        few = evaluate.benchmark_metrics("b", records[:2], lower_better=False)
-    assert all(math.isnan(few[k]) for k in evaluate.METRICS)
-
-
-def test_wavg_is_weighted_by_image_count_and_mean_is_plain():
-    benchmarks = {"a": {"n": 100, "coverage": 1.0, **{k: 0.9 for k in evaluate.METRICS}},
-                  "b": {"n": 300, "coverage": 0.5, **{k: 0.5 for k in evaluate.METRICS}}}
-    wavg, mean = evaluate.aggregate(benchmarks)
-    assert wavg["srcc"] == pytest.approx((100 * 0.9 + 300 * 0.5) / 400)
-    assert mean["srcc"] == pytest.approx(0.7)
-    assert wavg["coverage"] == pytest.approx(250 / 400)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# bootstrap intervals and the paired comparison, from prediction folders written here
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-def write_run(folder: Path, benchmarks: dict[str, tuple], labels: str = "labels-1") -> Path:
-    """An evaluation folder as evaluate.py leaves it: name -> (predictions, MOS) of one benchmark each."""
-    folder.mkdir(parents=True)
-    for name, (pred, mos) in benchmarks.items():
-        common.write_jsonl_atomic(folder / f"predictions_{name}.jsonl", [
-            {"image": f"{i}.png", "mos": float(m), "score": None if p is None else float(p)}
-            for i, (p, m) in enumerate(zip(pred, mos))])
-    config = {"settings": {f"benchmark {name}": {"labels": labels, "split": None} for name in benchmarks},
-              "sources": {name: {} for name in benchmarks}, "lower_better": []}
-    (folder / "eval_config.json").write_text(json.dumps(config))
-    return folder
-
-
-def noisy(n: int, noise: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    mos = rng.uniform(1, 5, n)
-    return mos + rng.normal(0, noise, n), mos
-
-
-def independent_bootstrap(pred: np.ndarray, mos: np.ndarray, resamples: int, seed: int, name: str) -> dict:
-    """The four metrics on each resample, one resample at a time with scipy; the logistic fitted from the data's
-    starting point, NaN if it needs over 400 evaluations."""
-    import zlib
-    from scipy.optimize import curve_fit
-
-    def curve(x, b1, b2, b3, b4):
-        return (b1 - b2) / (1 + np.exp(-(x - b3) / np.abs(b4))) + b2
-    rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
-    out = {"srcc": [], "krcc": [], "plcc": [], "plcc_logistic": []}
-    for _ in range(resamples):
-        i = rng.integers(0, len(pred), len(pred))
-        p, m = pred[i], mos[i]
-        out["srcc"].append(stats.spearmanr(p, m).statistic)
-        out["krcc"].append(stats.kendalltau(p, m).statistic)
-        out["plcc"].append(stats.pearsonr(p, m).statistic)
-        try:
-            params, _ = curve_fit(curve, p, m, p0=[m.max(), m.min(), p.mean(), p.std() / 4], maxfev=400)
-            out["plcc_logistic"].append(stats.pearsonr(curve(p, *params), m).statistic)
-        except RuntimeError:
-            out["plcc_logistic"].append(np.nan)
-    return {k: np.array(v) for k, v in out.items()}
-
-
-def test_intervals_match_an_independent_bootstrap_per_benchmark_and_for_wavg(tmp_path):
-    data = {"big": noisy(80, 0.7, 0), "small": noisy(40, 1.5, 1)}
-    out = write_run(tmp_path / "o", data)
-    summary = evaluate.main(["--predictions", str(out), "--bootstrap", "200", "--bootstrap-seed", "7"])
-    saved = json.loads((out / "summary.json").read_text())
-    assert saved["bootstrap"] == {"resamples": 200, "seed": 7} and saved["wavg"]["ci95"] == summary["wavg"]["ci95"]
-    draws = {name: independent_bootstrap(*d, 200, 7, name) for name, d in data.items()}
-    for name in data:
-        for key, values in draws[name].items():
-            expected = np.percentile(values[np.isfinite(values)], [2.5, 97.5])
-            assert saved["benchmarks"][name]["ci95"][key] == pytest.approx(expected, abs=1e-6)
-            low, high = saved["benchmarks"][name]["ci95"][key]
-            assert low < saved["benchmarks"][name][key] < high
-    for key in draws["big"]:  # WAVG: each benchmark resampled on its own, averaged per resample by image count
-        wavg = (80 * draws["big"][key] + 40 * draws["small"][key]) / 120
-        assert saved["wavg"]["ci95"][key] == pytest.approx(np.percentile(wavg[np.isfinite(wavg)], [2.5, 97.5]),
-                                                           abs=1e-6)
-    table = (out / "summary.md").read_text()
-    srcc, (low, high) = saved["benchmarks"]["big"]["srcc"], saved["benchmarks"]["big"]["ci95"]["srcc"]
-    assert f"{srcc:.3f} [{low:.2f}, {high:.2f}]".replace("0.", ".") in table
-    evaluate.main(["--predictions", str(out), "--bootstrap", "0"])
-    assert "ci95" not in json.dumps(json.loads((out / "summary.json").read_text()))
-
-
-def test_compare_identical_folders_differ_by_zero(tmp_path):
-    data = {"x": noisy(60, 0.8, 2), "y": noisy(30, 0.5, 3)}
-    a, b = write_run(tmp_path / "a", data), write_run(tmp_path / "b", data)
-    result = evaluate.main(["--compare", str(a), str(b), "--bootstrap", "200", "--out", str(tmp_path)])
-    for name in ("x", "y", "WAVG"):
-        row = result["benchmarks"][name]
-        assert all(row["difference"][k] == 0 and row["ci95"][k] == [0, 0] and row["b_better"][k] == 0
-                   for k in evaluate.CI_METRICS)
-    assert json.loads((tmp_path / "compare.json").read_text())["benchmarks"]["x"]["n_both"] == 60
-
-
-def test_compare_against_shuffled_scores_b_is_worse_in_nearly_every_resample(tmp_path):
-    data = {"x": noisy(200, 0.8, 4), "y": noisy(100, 0.8, 5)}
-    a = write_run(tmp_path / "a", data)
-    rng = np.random.default_rng(0)
-    shuffled = {name: (rng.permutation(pred), mos) for name, (pred, mos) in data.items()}
-    shuffled["x"] = ([None] * 5 + list(shuffled["x"][0][5:]), shuffled["x"][1])  # unscored in B: left out of both
-    b = write_run(tmp_path / "b", shuffled)
-    result = evaluate.main(["--compare", str(a), str(b), "--bootstrap", "200"])
-    assert result["benchmarks"]["x"]["n_both"] == 195
-    for name in ("x", "y", "WAVG"):
-        row = result["benchmarks"][name]
-        for k in evaluate.CI_METRICS:
-            assert row["b_better"][k] <= 0.01 and row["ci95"][k][1] < 0 and row["difference"][k] < -0.3
-
-
-def test_compare_refuses_other_benchmarks_or_label_files(tmp_path, capsys):
-    data = {"x": noisy(20, 0.8, 6)}
-    a = write_run(tmp_path / "a", data)
-    others = [write_run(tmp_path / "b", {**data, "z": noisy(20, 0.8, 7)}), write_run(tmp_path / "c", data, "labels-2")]
-    for other, message in zip(others, ["only in " + str(tmp_path / "b") + ": ['z']", "label files"]):
-        with pytest.raises(SystemExit) as e:
-            evaluate.main(["--compare", str(a), str(other)])
-        err = capsys.readouterr().err
-        assert e.value.code == 2 and message in err and "'x'" in err or "['z']" in err
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -309,12 +124,12 @@ def test_live_run_predictions_recompute_and_lower_better(monkeypatch, tmp_path, 
     saved = json.loads((tmp_path / "o" / "summary.json").read_text())
     md = (tmp_path / "o" / "summary.md").read_text()
     assert "| WAVG | 26 |" in md and "| mean | 26 |" in md and "| demo | 13 | .615 |" in md
-    assert saved["prompt_hash"] == common.get_preset("evoquality").hash() and saved["samples"] == 1
+    assert saved["prompt_hash"] == prompts.get_preset("evoquality").hash() and saved["samples"] == 1
     assert set(saved["package_versions"]) >= {"torch", "transformers", "scipy"}
 
-    again_summary = evaluate.main(["--predictions", str(tmp_path / "o"), "--bootstrap", "100"])  # no model
+    again_summary = report.main([str(tmp_path / "o"), "--bootstrap", "100"])  # no model
     for key in ("benchmarks", "wavg", "mean"):
-        assert evaluate.json_safe(again_summary[key]) == saved[key]
+        assert metrics.json_safe(again_summary[key]) == saved[key]
 
 
 def test_resume_after_truncation_and_after_a_crash(monkeypatch, tmp_path, tiny_model_dir, demo_bench,
@@ -361,9 +176,9 @@ def test_resume_after_truncation_and_after_a_crash(monkeypatch, tmp_path, tiny_m
 
 
 def test_truncated_closed_box_scores_nothing():
-    preset = common.get_preset("evoquality")
+    preset = prompts.get_preset("evoquality")
     text = "<think>looks sharp</think> \\boxed{3.2}. Wait, let me reconsider"
-    assert common.parse_score(text, preset) == 3.2  # the text alone would parse: only the flag stops it
+    assert prompts.parse_score(text, preset) == 3.2  # the text alone would parse: only the flag stops it
     score, scores = evaluate.image_score([sampling.Completion(text, True), sampling.Completion("\\boxed{4.0}", False)],
                                          preset)
     assert scores == [None, 4.0] and score == 4.0
@@ -542,6 +357,8 @@ def test_bad_inputs_are_one_line_errors_before_the_model_loads(monkeypatch, tmp_
     argv = ["--model", tiny_model_dir, "--bench", f"demo={demo_bench / 'labels.jsonl'}"]
     (tmp_path / "file").write_text("")
     assert "cannot write to" in refused(capsys, [*argv, "--out", str(tmp_path / "file" / "o")])
+    assert "--bootstrap 100001: the resamples must be between 0 (no intervals) and 100,000" in refused(
+        capsys, [*argv, "--out", str(tmp_path / "o"), "--bootstrap", "100001"])
     out = tmp_path / "o"
     out.mkdir()
     (out / "eval_config.json").write_text("")
@@ -589,7 +406,7 @@ def test_end_to_end_tiny_model_one_and_two_processes(tmp_path, tiny_model_dir, d
     assert all(len(r["answers"]) == 1 and r["answers"][0] for r in records)
     assert len({r["answers"][0] for r in records}) > 1  # answers differ by image, so a mix-up below would show
     for r in records:  # nothing is invented: the score is what the parser makes of the saved, untruncated text
-        parsed = None if r["truncated"][0] else common.parse_score(r["answers"][0])
+        parsed = None if r["truncated"][0] else prompts.parse_score(r["answers"][0])
         assert r["scores"] == [parsed] and r["n_valid"] == (r["score"] is not None)
     summary = json.loads((tmp_path / "one" / "summary.json").read_text())
     demo = summary["benchmarks"]["demo"]
@@ -614,7 +431,7 @@ def test_sampled_answers_are_grouped_per_image(tiny_model_dir, demo_bench):
 
     model = common.load_model(tiny_model_dir, dtype=torch.float32, device="cpu").eval()
     processor = common.load_processor(tiny_model_dir)
-    preset = common.get_preset("evoquality")
+    preset = prompts.get_preset("evoquality")
     prompt = preset.prompt("score", True)
     images = [common.load_image(demo_bench / f"bench_{i:05d}.png") for i in (0, 1, 2)]
     eos = sampling.eos_token_ids(sampling.sampling_config(model, 4))

@@ -26,17 +26,34 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMER
 TIMEOUT = 240  # a hang fails the test; --dist-timeout makes a desynchronised collective raise long before
 
 
+# The parity runs take plain SGD steps: the weight gap is then lr x the gradient gap, which summation-order noise
+# (BLAS kernels, thread counts) keeps at float32 rounding on any CPU. AdamW would divide that noise by sqrt(v) and turn
+# it into a full-size step for a parameter whose gradient is near zero. Their launcher puts SGD where grpo_train.py
+# builds its AdamW, and says so.
+PLAIN_SGD = """
+import torch
+class PlainSGD(torch.optim.SGD):
+    def __init__(self, params, lr, weight_decay):
+        super().__init__(params, lr=lr, weight_decay=weight_decay)
+        print("optimizer: plain SGD", flush=True)
+torch.optim.AdamW = PlainSGD
+"""
+
+
 @pytest.fixture(scope="module")
 def s(tmp_path_factory, tiny_model_dir, demo_pool):
     tmp = tmp_path_factory.mktemp("fsdp")
-    wrapper = tmp / "wrapper.py"
+    wrapper, sgd_wrapper = tmp / "wrapper.py", tmp / "sgd_wrapper.py"
     wrapper.write_text(WRAPPER.format(root=str(ROOT), script=str(ROOT / "grpo_train.py")))
+    setup, launch = wrapper.read_text().split("sys.argv[0]")
+    sgd_wrapper.write_text(setup + PLAIN_SGD + "sys.argv[0]" + launch)
     images = sorted(p.name for p in demo_pool.glob("*.png"))
     labels = tmp / "pseudolabels.jsonl"
     with open(labels, "w") as f:  # every pair holds image 0: a step of 2 pairs has 3 images (2 + 1 per process)
         for k in range(6):
             f.write(json.dumps({"a": images[0], "b": images[k + 1], "p_star": [1.0, 0.0, 0.5][k % 3]}) + "\n")
-    return {"tmp": tmp, "wrapper": wrapper, "labels": labels, "model": tiny_model_dir, "pool": demo_pool}
+    return {"tmp": tmp, "wrapper": wrapper, "sgd_wrapper": sgd_wrapper, "labels": labels, "model": tiny_model_dir,
+            "pool": demo_pool}
 
 
 def args(s, out, *extra):
@@ -46,9 +63,14 @@ def args(s, out, *extra):
             *extra]
 
 
-def torchrun(s, out, *extra, nproc=2):
+def torchrun(s, out, *extra, nproc=2, wrapper="wrapper"):
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-            str(s["wrapper"]), *args(s, out, "--pairs-per-step", str(2 // nproc), *extra)]
+            str(s[wrapper]), *args(s, out, "--pairs-per-step", str(2 // nproc), *extra)]
+
+
+def check_sgd(r):
+    check(r)
+    assert "optimizer: plain SGD" in r.stdout  # the parity runs took SGD steps
 
 
 def check(r):
@@ -67,10 +89,7 @@ def fsdp_run(s):
     return out
 
 
-# The parity runs take plain SGD steps: the weight gap is then lr x the gradient gap, which summation-order noise
-# (BLAS kernels, thread counts) keeps at float32 rounding on any CPU. AdamW would divide that noise by sqrt(v) and turn
-# it into a full-size step for a parameter whose gradient is near zero.
-SGD = ("--optimizer", "sgd", "--lr", "0.5", "--max-steps", "2", "--save-every", "100")
+SGD = ("--lr", "0.5", "--max-steps", "2", "--save-every", "100")  # with the SGD launcher
 MUTATIONS = {  # what the parity test must catch, planted in the processes before grpo_train's main runs
     "weighting": """
 _loss = grpo_train.grpo_loss
@@ -88,7 +107,7 @@ parallel.lockstep = lambda *a: [(mb, True) for mb, _ in _lockstep(*a)]  # the lo
 
 def mutated_wrapper(s, mutation):
     path = s["tmp"] / f"mutated_{mutation}.py"
-    setup = s["wrapper"].read_text().split("sys.argv[0]")[0]  # the scoring stand-in, then the mutation
+    setup = s["sgd_wrapper"].read_text().split("sys.argv[0]")[0]  # the scoring stand-in and SGD, then the mutation
     path.write_text(setup + "import grpo_train, parallel\n" + MUTATIONS[mutation] + "grpo_train.main()\n")
     return path
 
@@ -102,15 +121,15 @@ def weight_gap(a, b, base) -> tuple[float, float]:
 @pytest.fixture(scope="module")
 def sgd_one(s):
     out = s["tmp"] / "sgd_one"
-    check(subprocess.run([sys.executable, str(s["wrapper"]), *args(s, out, "--pairs-per-step", "2", *SGD)],
-                         cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=TIMEOUT))
+    check_sgd(subprocess.run([sys.executable, str(s["sgd_wrapper"]), *args(s, out, "--pairs-per-step", "2", *SGD)],
+                             cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=TIMEOUT))
     return out
 
 
 def test_two_fsdp_processes_with_uneven_images_equal_one_process(s, sgd_one):
     two = s["tmp"] / "sgd_fsdp"
-    check(subprocess.run(torchrun(s, two, "--fsdp", "--gradient-checkpointing", *SGD), cwd=ROOT, env=ENV,
-                         capture_output=True, text=True, timeout=TIMEOUT))
+    check_sgd(subprocess.run(torchrun(s, two, "--fsdp", "--gradient-checkpointing", *SGD, wrapper="sgd_wrapper"),
+                             cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=TIMEOUT))
     a, b = common.read_jsonl(two / "train_log.jsonl"), common.read_jsonl(sgd_one / "train_log.jsonl")
     assert [x["step"] for x in a] == [1, 2]
     # 3 images a step on 2 processes: one process ran a zero-weight stand-in micro-batch every step
@@ -128,9 +147,9 @@ def test_two_fsdp_processes_with_uneven_images_equal_one_process(s, sgd_one):
 @pytest.mark.parametrize("mutation", sorted(MUTATIONS))
 def test_the_parity_comparison_fails_when_one_process_weighs_wrong(s, sgd_one, mutation):
     two = s["tmp"] / f"sgd_fsdp_{mutation}"
-    cmd = torchrun(s, two, "--fsdp", *SGD)
-    cmd[cmd.index(str(s["wrapper"]))] = str(mutated_wrapper(s, mutation))
-    check(subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=TIMEOUT))
+    cmd = torchrun(s, two, "--fsdp", *SGD, wrapper="sgd_wrapper")
+    cmd[cmd.index(str(s["sgd_wrapper"]))] = str(mutated_wrapper(s, mutation))
+    check_sgd(subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=TIMEOUT))
     gap, moved = weight_gap(two, sgd_one, s["model"])
     print(f"mutation {mutation}: max |weight gap| {gap:.2e}, max |update| {moved:.2e}")
     assert gap > 1e-2 * moved  # the parity bound (1e-4 x moved) fails by far

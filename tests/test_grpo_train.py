@@ -16,9 +16,11 @@ import torch
 from scipy.stats import norm
 
 import common
-import sampling
 import grpo_train
 import logprobs
+import prompts
+import sampling
+import votes
 from sampling import completion_mask
 from grpo_train import group_advantages, grpo_loss, pair_fidelity_rewards
 
@@ -249,7 +251,7 @@ def test_rewards_parse_through_the_truncation_rule_and_land_on_their_images_rows
     calls = [grpo_train.Call([2, 1], {}, mask.clone(), mask, [mid, hi]),
              grpo_train.Call([0], {}, mask[:3], mask[:3], [lo])]
     pairs = [("hi.png", "lo.png", 1.0), ("mid.png", "lo.png", 0.5)]
-    r = grpo_train.rewards(calls, images, pairs, common.get_preset("evoquality"), 1e-6)
+    r = grpo_train.rewards(calls, images, pairs, prompts.get_preset("evoquality"), 1e-6)
     assert r["scores"] == {"lo.png": [1.5, None, 2.0], "hi.png": [4.5, 4.0, None], "mid.png": [3.0, 3.5, None]}
     assert r["truncated"] == [False] * 3 + [False, False, True] + [False, False, True]  # in the step's image order
     assert r["lengths"] == [2, 2, 2] + [3, 3, 3] + [2, 2, 2]
@@ -269,7 +271,7 @@ def test_logprobs_equal_generate_scores_with_left_padding_twice(tiny_model_dir, 
     torch.manual_seed(0)
     processor = common.load_processor(tiny_model_dir)
     model = common.load_model(tiny_model_dir, dtype=torch.float32).eval()
-    preset = common.get_preset("evoquality")
+    preset = prompts.get_preset("evoquality")
     small = common.load_image(demo_pool / "pool_00001.png").resize((28, 28))  # 2x2 patches vs 4x4: left padding
     images = [common.load_image(demo_pool / "pool_00000.png"), small]
     prompt = preset.prompt("score", True)
@@ -278,7 +280,7 @@ def test_logprobs_equal_generate_scores_with_left_padding_twice(tiny_model_dir, 
         "image_grid_thw"][1].tolist()
     vs = model.config.vision_start_token_id
     G = 3
-    batch = grpo_train.select_rows(encoded, [0] * G + [1] * G, vs)
+    batch = logprobs.select_rows(encoded, [0] * G + [1] * G, vs)
     config = sampling.sampling_config(model, max_new_tokens=12, temperature=0.7, do_sample=True)
     eos = sampling.eos_token_ids(config)
     P = batch["input_ids"].shape[1]
@@ -302,8 +304,8 @@ def test_logprobs_equal_generate_scores_with_left_padding_twice(tiny_model_dir, 
     ids = completions[:1, :4].clone()
     ids[0, 2] = image_pad
     with torch.no_grad():
-        got = logprobs.per_row(model, grpo_train.select_rows(batch, [0], vs), ids, 0.7, (image_pad,), eos[0])
-        clean = logprobs.per_row(model, grpo_train.select_rows(batch, [0], vs), ids[:, :2], 0.7)
+        got = logprobs.per_row(model, logprobs.select_rows(batch, [0], vs), ids, 0.7, (image_pad,), eos[0])
+        clean = logprobs.per_row(model, logprobs.select_rows(batch, [0], vs), ids[:, :2], 0.7)
     assert torch.allclose(got[0, :2], clean[0]) and completion_mask(ids, eos + [image_pad]).tolist() == [[1, 1, 1, 0]]
 
 
@@ -313,12 +315,12 @@ def test_shared_image_features_equal_the_per_row_pass_in_logprobs_and_gradients(
     torch.manual_seed(0)
     processor = common.load_processor(tiny_model_dir)
     model = common.load_model(tiny_model_dir, dtype=torch.float32).train()
-    preset = common.get_preset("evoquality")
+    preset = prompts.get_preset("evoquality")
     images = [[common.load_image(demo_pool / "pool_00000.png")],
               [common.load_image(demo_pool / "pool_00001.png").resize((28, 28))]]  # different sizes: left padding
     encoded = dict(common.encode_batch(processor, [preset.prompt("score", True)] * 2, images, preset.add_vision_id))
     rows = [0, 0, 1, 1, 0]
-    batch = grpo_train.select_rows(encoded, rows, model.config.vision_start_token_id)
+    batch = logprobs.select_rows(encoded, rows, model.config.vision_start_token_id)
     ids = torch.randint(50, 500, (len(rows), 7))  # ordinary text tokens (the specials come after the 600 BPE ones)
     weights = torch.randn(ids.shape)  # a loss in which every row and token has its own gradient
     params = {"vision block 0 qkv": model.model.visual.blocks[0].attn.qkv.weight,
@@ -334,7 +336,7 @@ def test_shared_image_features_equal_the_per_row_pass_in_logprobs_and_gradients(
         calls.clear()
         parts = []
         for group in row_groups:
-            prompt = grpo_train.select_rows(batch, group, model.config.vision_start_token_id)
+            prompt = logprobs.select_rows(batch, group, model.config.vision_start_token_id)
             logp = logprobs.per_row(model, prompt, ids[group], 0.7)
             (logp * weights[group]).sum().backward()
             parts.append(logp.detach())
@@ -362,10 +364,10 @@ def test_ratio_is_one_at_the_first_update(tiny_model_dir, demo_pool):
     torch.manual_seed(1)
     processor = common.load_processor(tiny_model_dir)
     model = common.load_model(tiny_model_dir, dtype=torch.float32)
-    preset = common.get_preset("evoquality")
+    preset = prompts.get_preset("evoquality")
     images = [[common.load_image(demo_pool / f"pool_0000{i}.png")] for i in (2, 3)]
     encoded = dict(common.encode_batch(processor, [preset.prompt("score", False)] * 2, images, preset.add_vision_id))
-    batch = grpo_train.select_rows(encoded, [0, 0, 1, 1], model.config.vision_start_token_id)
+    batch = logprobs.select_rows(encoded, [0, 0, 1, 1], model.config.vision_start_token_id)
     config = sampling.sampling_config(model, max_new_tokens=10, temperature=1.0)
     with torch.no_grad():
         completions = model.eval().generate(**batch, generation_config=config)[:, batch["input_ids"].shape[1]:]
@@ -374,7 +376,7 @@ def test_ratio_is_one_at_the_first_update(tiny_model_dir, demo_pool):
     model.train()
     rows = [1, 2]
     width = int(mask[rows].sum(1).max())
-    sub = grpo_train.select_rows(batch, rows, model.config.vision_start_token_id)
+    sub = logprobs.select_rows(batch, rows, model.config.vision_start_token_id)
     logp = logprobs.per_row(model, sub, completions[rows, :width], 1.0)
     ratio = torch.exp(logp - old[rows, :width])[mask[rows, :width].bool()]
     assert torch.allclose(ratio, torch.ones_like(ratio), atol=1e-5)
@@ -390,12 +392,12 @@ def test_ratio_is_one_at_the_first_update(tiny_model_dir, demo_pool):
 WRAPPER = """
 import runpy, sys, zlib
 sys.path.insert(0, {root!r})
-import common
+import prompts
 import sampling
 def parse_score(text, preset=None):  # deterministic in the text: varied rewards from a random model
     h = zlib.crc32(text.encode())
     return None if h % 5 == 0 else 1 + (h % 401) / 100
-common.parse_score = parse_score
+prompts.parse_score = parse_score
 sampling.answer = lambda completion, parse: parse(completion.text)  # the random model never ends: ignore truncation
 sys.argv[0] = {script!r}
 runpy.run_path({script!r}, run_name="__main__")
@@ -708,7 +710,7 @@ def test_image_names_resolve_under_the_root_one_name_per_image(setup, capsys, tm
     lines = [{"a": "./pool_00000.png", "b": "pool_00001.png", "p_star": 1},
              {"a": "pool_00000.png", "b": "x/../pool_00002.png", "p_star": 0}]
     labels.write_text("".join(json.dumps(r) + "\n" for r in lines))
-    pairs, dropped = grpo_train.load_pairs(str(labels), str(s["pool"]), False)
+    pairs, dropped = votes.read_pseudolabels(str(labels), str(s["pool"]), False)
     assert pairs == [("pool_00000.png", "pool_00001.png", 1.0), ("pool_00000.png", "pool_00002.png", 0.0)]
     assert dropped == 0
     for bad, why in ((s["pool"] / "pool_00003.png", "outside the image root"), ("../pool/pool_00003.png", "outside"),
@@ -716,7 +718,7 @@ def test_image_names_resolve_under_the_root_one_name_per_image(setup, capsys, tm
         labels.write_text(json.dumps(lines[0]) + "\n" + json.dumps({"a": str(bad), "b": "pool_00000.png",
                                                                     "p_star": 1}) + "\n")
         with pytest.raises(SystemExit) as e:
-            grpo_train.load_pairs(str(labels), str(s["pool"]), False)
+            votes.read_pseudolabels(str(labels), str(s["pool"]), False)
         line = error_line(capsys.readouterr().err)
         assert e.value.code == 2 and f"{labels}:2" in line and why in line, line
 
@@ -729,7 +731,7 @@ def test_a_scripted_step_through_the_real_parser_puts_each_advantage_on_its_own_
     s = setup
     processor = common.load_processor(s["model"])
     model = common.load_model(s["model"], dtype=torch.float32)
-    preset = common.get_preset("evoquality")
+    preset = prompts.get_preset("evoquality")
     eos = sampling.eos_token_ids(sampling.sampling_config(model, 1))
     script = {"pool_00003.png": [("\\boxed{4.5}", True), ("so \\boxed{4.0}", True), ("\\boxed{5.0}. Wait", False)],
               "pool_00007.png": [("no idea", True), ("\\boxed{1.5}", True), ("\\boxed{2.0}", True)]}
@@ -772,7 +774,7 @@ def test_a_scripted_step_through_the_real_parser_puts_each_advantage_on_its_own_
     def grad_norm(advantages):  # on-policy at step 1: the loss gradient is -(1/N) sum_i A_i grad mean_t logp_i
         model.zero_grad()
         for k, x in enumerate(script):
-            prompt = grpo_train.select_rows(encoded[x], [0, 0, 0], model.config.vision_start_token_id)
+            prompt = logprobs.select_rows(encoded[x], [0, 0, 0], model.config.vision_start_token_id)
             ids = scripted_sample(None, None, encoded[x], 3, 8)
             logp = logprobs.per_row(model, prompt, ids.ids, 1.0)
             mask = ids.mask.double()

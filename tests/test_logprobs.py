@@ -7,7 +7,6 @@ import torch
 from PIL import Image
 
 import common
-import grpo_train
 import logprobs
 import sampling
 
@@ -56,15 +55,15 @@ PARAMS = {"vision patch embedding": lambda m: m.model.visual.patch_embed.proj.we
           "embeddings": lambda m: m.model.language_model.embed_tokens.weight}
 
 
-def run(model, prompts, ids, mask, placeholders, pad, shared: bool, grad: bool, **mutation) -> tuple:
+def run(model, prompts, ids, mask, placeholders, pad, shared: bool, grad: bool) -> tuple:
     """Per-token log-probs, and the gradients of PARAMS of a loss in which every used token has its own weight."""
     G = len(ids) // 2
     model.zero_grad(set_to_none=True)
     with torch.set_grad_enabled(grad):
         if shared:
-            logp = logprobs.shared_prompt(model, prompts, ids, 0.7, placeholders, pad, **mutation)
+            logp = logprobs.shared_prompt(model, prompts, ids, 0.7, placeholders, pad)
         else:
-            rows = grpo_train.select_rows(prompts, [0] * G + [1] * G, model.config.vision_start_token_id)
+            rows = logprobs.select_rows(prompts, [0] * G + [1] * G, model.config.vision_start_token_id)
             logp = logprobs.per_row(model, rows, ids, 0.7, placeholders, pad)
         if grad:
             (logp * torch.randn(ids.shape, generator=torch.Generator().manual_seed(1)) * mask).sum().backward()
@@ -101,14 +100,31 @@ def test_shared_prompt_equals_the_per_row_forward(checkpoints, arch, G):
         assert all(v < GRAD_TOL for v in grad_gaps.values()), (mode, grad_gaps)
 
 
+def broken_layout(mutation: str):
+    """packed_layout with one of its two rules broken: a completion that also sees the completions before it
+    ("cross"), or completion positions one off ("shift +1", "shift -1")."""
+    layout = logprobs.packed_layout
+
+    def broken(model, prompts, G, T):
+        out, L = layout(model, prompts, G, T), prompts["input_ids"].shape[1]
+        if mutation == "cross":
+            out["attention_mask"][:, :, L:, L:] |= torch.ones(G * T, G * T, dtype=torch.bool).tril()
+        else:
+            out["position_ids"][:, :, L:] += int(mutation.split()[1])
+        return out
+    return broken
+
+
 @pytest.mark.parametrize("arch", ARCHS)
-def test_a_broken_layout_fails_the_parity_check(checkpoints, arch):
+def test_a_broken_layout_fails_the_parity_check(checkpoints, arch, monkeypatch):
     """The parity check can fail: a completion that sees the completions before it, or completion positions one
     off, gives log-probs and gradients well outside the tolerances."""
     model, *batch = rollouts(checkpoints[arch], 2)
     expect = run(model.train(), *batch, shared=False, grad=True)
-    for mutation in ({"cross": True}, {"shift": 1}, {"shift": -1}):
-        logprob_gap, grad_gaps = gaps(expect, run(model, *batch, shared=True, grad=True, **mutation), batch[2])
+    for mutation in ("cross", "shift +1", "shift -1"):
+        monkeypatch.setattr(logprobs, "packed_layout", broken_layout(mutation))
+        logprob_gap, grad_gaps = gaps(expect, run(model, *batch, shared=True, grad=True), batch[2])
+        monkeypatch.undo()
         print(f"{arch} {mutation}: log-prob gap {logprob_gap:.1e}, largest gradient gap {max(grad_gaps.values()):.1e}")
         assert logprob_gap > 10 * LOGPROB_TOL and max(grad_gaps.values()) > 10 * GRAD_TOL, mutation
 

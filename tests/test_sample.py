@@ -7,7 +7,7 @@ import torch
 
 import common
 import sampling
-from common import PRESETS
+from prompts import PRESETS
 
 
 @pytest.fixture(scope="module")

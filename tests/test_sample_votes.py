@@ -26,6 +26,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402
+import prompts  # noqa: E402
 import sampling  # noqa: E402
 import sample_votes  # noqa: E402
 
@@ -135,8 +136,8 @@ def test_identity_mapping_abstentions_and_batching(demo_pool):
     _, names = common.list_images(demo_pool)
     pairs = [(names[i], names[j]) for i, j in sample_votes.sample_pairs(len(names), 15, 0)]
     images = {x: common.load_image(demo_pool / x) for x in names}
-    prompt = common.get_preset("evoquality").prompt("compare", True)
-    parse = common.parse_compare
+    prompt = prompts.get_preset("evoquality").prompt("compare", True)
+    parse = prompts.parse_compare
     for k in (8, 5):
         calls = []
         records = sample_votes.vote_pairs(pairs, images, scripted(calls), prompt, parse, k, 0, batch_size=12)
@@ -194,8 +195,8 @@ def test_run_meta_and_summary(pool, tmp_path, monkeypatch, capsys):
     meta = json.loads(Path(f"{out}.meta.json").read_text())
     settings = meta["settings"]
     assert settings["model"] == "scripted" and settings["votes_per_pair"] == 8 and settings["mode"] == "compare"
-    assert settings["prompt"] == "evoquality" and settings["prompt_hash"] == common.get_preset("evoquality").hash()
-    assert len({p.hash() for p in common.PRESETS.values()}) == len(common.PRESETS)  # the hash tells presets apart
+    assert settings["prompt"] == "evoquality" and settings["prompt_hash"] == prompts.get_preset("evoquality").hash()
+    assert len({p.hash() for p in prompts.PRESETS.values()}) == len(prompts.PRESETS)  # the hash tells presets apart
     assert meta["args"]["batch_size"] == 16 and meta["package_versions"]["torch"] != "missing"
     assert meta["started"] and meta["finished"]
     pool_stats = json.loads(Path(f"{out}.pool.json").read_text())
@@ -273,7 +274,7 @@ def test_refuses_each_changed_setting(pool, tmp_path, monkeypatch, capsys):
     before, _ = out.read_bytes(), capsys.readouterr()
     for change, named in ((["--model", "other"], "model: 'scripted' -> 'other'"),
                           (["--prompt", "visualquality_r1"], "prompt: 'evoquality' -> 'visualquality_r1'; prompt_hash: "
-                           f"'{common.PRESETS['evoquality'].hash()}' -> '{common.PRESETS['visualquality_r1'].hash()}'"),
+                           f"'{prompts.PRESETS['evoquality'].hash()}' -> '{prompts.PRESETS['visualquality_r1'].hash()}'"),
                           (["--no-reasoning"], "reasoning: True -> False"),
                           (["--mode", "score"], "mode: 'compare' -> 'score'"),
                           (["--votes-per-pair", "6"], "votes_per_pair: 8 -> 6"),
@@ -289,11 +290,11 @@ def test_refuses_each_changed_setting(pool, tmp_path, monkeypatch, capsys):
     err = refused(monkeypatch, capsys, [*base_argv(pool, out), "--seed", "1", "--votes-per-pair", "6"])
     assert "votes_per_pair: 8 -> 6; seed: 0 -> 1" in err
     # the preset's text edited under the same name: its hash changes
-    edited = dataclasses.replace(common.PRESETS["evoquality"], compare=common.PRESETS["evoquality"].compare + " ")
+    edited = dataclasses.replace(prompts.PRESETS["evoquality"], compare=prompts.PRESETS["evoquality"].compare + " ")
     with monkeypatch.context() as m:
-        m.setitem(common.PRESETS, "evoquality", edited)
+        m.setitem(prompts.PRESETS, "evoquality", edited)
         err = refused(monkeypatch, capsys, base_argv(pool, out))
-    assert f"prompt_hash: '{common.PRESETS['evoquality'].hash()}' -> '{edited.hash()}'" in err
+    assert f"prompt_hash: '{prompts.PRESETS['evoquality'].hash()}' -> '{edited.hash()}'" in err
     # another pool listing (one image more): the pair draw's input changed
     shutil.copy(pool / "pool_00000.png", pool / "pool_00012.png")
     assert "pool_names: " in refused(monkeypatch, capsys, base_argv(pool, out))
@@ -500,7 +501,7 @@ def test_same_reference_pairs_run(pool, tmp_path, monkeypatch, capsys):
     assert len({frozenset((r["a"], r["b"])) for r in records}) == 25  # no pair twice, none repeating a random one
     settings = json.loads(Path(f"{out}.meta.json").read_text())["settings"]
     assert settings["same_reference_pairs"] == 5 and settings["pool_manifest"] == common.file_sha256(manifest)
-    stats = build_pseudolabels.main(build_pseudolabels.Args(votes=str(out), out=str(tmp_path / "pl.jsonl")))
+    stats = build_pseudolabels.main(["--votes", str(out), "--out", str(tmp_path / "pl.jsonl")])
     assert stats["by_kind"]["same_reference"]["pairs_in"] == 5 and stats["by_kind"]["random"]["pairs_in"] == 20
     assert [r["kind"] for r in common.read_jsonl(tmp_path / "pl.jsonl")] == [r["kind"] for r in records]
     # other values refused, naming the setting; the same command resumes with nothing to vote
@@ -548,6 +549,18 @@ def test_bad_manifest_lines_name_file_and_line(pool, tmp_path, monkeypatch, caps
     assert groups == [[0, 1, 2]]
 
 
+
+def test_same_reference_pairs_with_none_to_draw_are_refused_naming_why(pool, tmp_path, monkeypatch, capsys):
+    manifest, out = tmp_path / "manifest.jsonl", tmp_path / "votes.jsonl"
+    write_manifest(manifest, {f"pool_{i:05d}.png": [i] for i in range(12)})  # every reference has one version
+    err = refused(monkeypatch, capsys, base_argv(pool, out, "--same-reference-pairs", 3, "--pool-manifest", manifest))
+    assert f"--same-reference-pairs 3: nothing to draw from {manifest}: no reference holds two versions" in err
+    write_manifest(manifest)  # two-version references, but all 66 pairs of the 12 images are random pairs already
+    err = refused(monkeypatch, capsys, base_argv(pool, out, "--same-reference-pairs", 3, "--pool-manifest", manifest,
+                                                 "--num-pairs", 66))
+    assert "every pair of two versions of one reference is already among the random pairs" in err
+    assert not out.exists() and not Path(f"{out}.meta.json").exists()
+
 def cut_off_every_other(prompt, images, n):
     """The right boxed answer in every sample, but samples 1, 3, ... were cut off by the token budget."""
     return [[sampling.Completion(scripted_completion(imgs, 2).text, j % 2 == 1) for j in range(n)] for imgs in images]
@@ -560,7 +573,7 @@ def test_truncated_boxed_answers_are_abstentions_and_counted(pool, tmp_path, mon
     out = tmp_path / "votes.jsonl"
     run(monkeypatch, cut_off_every_other, *base_argv(pool, out, "--mode", mode, "--num-pairs", 6, "--no-text"))
     meta = json.loads(Path(f"{out}.meta.json").read_text())["counts"]
-    stats = build_pseudolabels.main(build_pseudolabels.Args(votes=str(out), out=str(tmp_path / "pl.jsonl")))
+    stats = build_pseudolabels.main(["--votes", str(out), "--out", str(tmp_path / "pl.jsonl")])
     assert stats["truncation_rate"] == 0.5 and stats["truncation_flags"] == "every answer"
     assert meta["truncation_rate"] == 0.5
     if mode == "compare":
@@ -599,7 +612,7 @@ def test_two_processes_equal_one(pool, tmp_path, monkeypatch):
 def test_generate_fn_rows_and_truncation(tiny_model_dir, demo_pool):
     model, processor = common.load_model(tiny_model_dir), common.load_processor(tiny_model_dir)
     a, b = (common.load_image(demo_pool / f"pool_0000{i}.png") for i in (1, 2))
-    prompt = common.get_preset("evoquality").prompt("compare", False)
+    prompt = prompts.get_preset("evoquality").prompt("compare", False)
     # near-greedy: the n samples of one prompt agree, so rows i*n .. i*n+n-1 must all belong to prompt i
     generate = sample_votes.make_generate_fn(model, processor, True, max_new_tokens=8, temperature=1e-4)
     out = generate(prompt, [[a, b], [b, a], [a, a]], 3)
@@ -632,7 +645,7 @@ def test_real_tiny_model_end_to_end(tiny_model_dir, demo_pool, tmp_path):
         assert r["votes_a"] + r["votes_b"] + r["abstain"] == 4 == len(r["answers"])
         assert [x["order"] for x in r["answers"]] == ["ab", "ab", "ba", "ba"]
         for x in r["answers"]:  # cut off -> abstention; else the parsed index, mapped through the order shown
-            index = None if x["truncated"] else common.parse_compare(x["text"])
+            index = None if x["truncated"] else prompts.parse_compare(x["text"])
             assert x["choice"] == (None if index is None else "ab"[index] if x["order"] == "ab" else "ba"[index])
         assert sum(x["truncated"] for x in r["answers"]) >= 2  # a random tiny model rarely emits EOS in 8 tokens
     meta = json.loads(Path(f"{out}.meta.json").read_text())

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import common
+import prompts
 from demo import warmstart as W
 from demo.synthetic import make_image
 from demo.tiny_models import build_model, build_processor, build_tokenizer
@@ -67,18 +68,18 @@ def test_training_prompt_is_exactly_the_stages_prompt(built_base, tiny):
     _, processor = tiny
     out, _ = built_base
     stage_processor = common.load_processor(str(out), max_pixels=112 * 112)  # what every stage loads
-    preset = common.get_preset("evoquality")
+    preset = prompts.get_preset("evoquality")
     img = [make_image(k)[0] for k in range(3)]
     images, tasks, answers = [[img[0]], [img[1], img[2]]], ["score", "compare"], ["\\boxed{3.50}", "\\boxed{1}"]
     batch = W.training_batch(processor, preset, images, tasks, answers)
-    prompts = [preset.prompt(t, reasoning=False) for t in tasks]
-    stage = common.encode_batch(stage_processor, prompts, images, add_vision_id=preset.add_vision_id)
+    texts = [preset.prompt(t, reasoning=False) for t in tasks]
+    stage = common.encode_batch(stage_processor, texts, images, add_vision_id=preset.add_vision_id)
     width = stage["input_ids"].shape[1]
     assert torch.equal(batch["input_ids"][:, :width], stage["input_ids"])
     assert torch.equal(batch["attention_mask"][:, :width], stage["attention_mask"])
     assert torch.equal(batch["pixel_values"], stage["pixel_values"])
-    text = common.chat_text(stage_processor, prompts[1], 2, add_vision_id=True)
-    assert text.endswith(f"{preset.compare} {common.BOXED_ANSWER_SUFFIX}<|im_end|>\n<|im_start|>assistant\n")
+    text = common.chat_text(stage_processor, texts[1], 2, add_vision_id=True)
+    assert text.endswith(f"{preset.compare} {prompts.BOXED_ANSWER_SUFFIX}<|im_end|>\n<|im_start|>assistant\n")
     assert text.count("<|image_pad|>") == 2 and "Picture 2: " in text
     # the loss sees the answer and <|im_end|>, nothing of the prompt, nothing of the padding
     for row, answer in enumerate(answers):
@@ -92,7 +93,7 @@ def test_training_prompt_is_exactly_the_stages_prompt(built_base, tiny):
 def test_answer_loss_matches_transformers_token_mean(tiny):
     """Equal-length answers: the mean of per-example means equals HF's own token-mean loss on the same labels."""
     model, processor = tiny
-    preset = common.get_preset("evoquality")
+    preset = prompts.get_preset("evoquality")
     images = [[make_image(k)[0]] for k in range(3)]
     answers = ["\\boxed{1.00}", "\\boxed{4.50}", "\\boxed{2.25}"]
     batch = W.training_batch(processor, preset, images, ["score"] * 3, answers)
@@ -108,7 +109,7 @@ def test_loss_goes_down_on_a_fixed_batch(tiny):
     torch.manual_seed(0)
     model = build_model("qwen2_5_vl", processor.tokenizer, text_hidden=32, text_layers=1, vision_hidden=32,
                         vision_depth=1)
-    preset = common.get_preset("evoquality")
+    preset = prompts.get_preset("evoquality")
     rng = np.random.default_rng(0)
     images, quality, _ = W.warmstart_set(8, 112)
     pairs = [W.compare_example(rng, images, quality, 0.0, W.Args()) for _ in range(4)]
@@ -186,7 +187,7 @@ def test_readout_loss_is_the_mse_of_every_image_token_the_language_model_reads(t
     """Independent computation: the merger's output captured by a hook during a FULL forward of the stages' prompt
     (the embeddings the language model reads), a hand-written linear readout and MSE in numpy."""
     model, processor = tiny
-    preset = common.get_preset("evoquality")
+    preset = prompts.get_preset("evoquality")
     images, quality, _ = W.warmstart_set(3, 56, "noise")
     head = torch.nn.Linear(32, 1)
     captured = []
