@@ -130,6 +130,96 @@ def read_text(path: str | os.PathLike) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# Files a run makes (locks, temporaries, shards): never written through a link or onto anything planted at their name
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class PlantedFile(OSError):
+    """Something other than a regular file (a symlink, a folder, a FIFO) where a run writes a file of its own: refused,
+    never followed; run_main makes it one line."""
+
+
+def _planted(path: str | os.PathLike) -> Optional[str]:
+    """What stands at `path` if it is not a regular file ("a symlink", "a folder", ...); None for a file or nothing."""
+    import stat
+
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return None
+    kinds = {stat.S_IFLNK: "a symlink", stat.S_IFDIR: "a folder", stat.S_IFIFO: "a FIFO", stat.S_IFSOCK: "a socket"}
+    return None if stat.S_ISREG(mode) else kinds.get(stat.S_IFMT(mode), "a device file")
+
+
+def _refuse(path: str | os.PathLike, kind: Optional[str]) -> None:
+    if kind:
+        raise PlantedFile(f"{path}: {kind} stands where this run writes a file of its own; it was not followed or "
+                          "overwritten: remove it, or choose another output, and rerun")
+
+
+def open_own(path: str | os.PathLike, append: bool = False):
+    """`path` opened for reading and writing, created if missing (a lock, a JSONL file appended to across runs):
+    O_NOFOLLOW, then checks on the open descriptor, so a link, folder, FIFO or second name of another file (a hard
+    link) planted at the name is refused (PlantedFile), never followed or blocked on."""
+    import stat
+
+    flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | (os.O_APPEND if append else 0)
+    try:
+        fd = os.open(path, flags, 0o666)
+    except OSError:
+        _refuse(path, _planted(path))
+        raise
+    opened = os.fstat(fd)
+    if not stat.S_ISREG(opened.st_mode) or opened.st_nlink > 1:
+        os.close(fd)
+        _refuse(path, _planted(path) or ("a hard link to another file" if opened.st_nlink > 1 else "not a file"))
+    return os.fdopen(fd, "rb+")
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[Any]:
+    """`path` written whole or not at all: the bytes go to `<path>.tmp`, created exclusively (O_EXCL: nothing at that
+    name is ever followed; a regular file a killed run left there is removed first, anything else refused), then
+    fsync and a rename onto `path`. A folder at `path` is refused too."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _refuse(path, "a folder" if _planted(path) == "a folder" else None)
+    _refuse(tmp, _planted(tmp))
+    tmp.unlink(missing_ok=True)
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+    except FileExistsError:  # planted between the check and the open
+        _refuse(tmp, _planted(tmp) or "a file made meanwhile")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def fresh_folder(path: str | os.PathLike) -> Path:
+    """An empty folder at `path` made by this run (mkdir never goes through a link): a folder left there (a killed
+    save) is removed first; a symlink or anything else at the name is refused (PlantedFile)."""
+    import shutil
+
+    path = Path(path)
+    if _planted(path) == "a folder":
+        shutil.rmtree(path)
+    elif os.path.lexists(path):
+        _refuse(path, _planted(path) or "a file")
+    try:
+        os.mkdir(path)
+    except FileExistsError:
+        _refuse(path, _planted(path) or "a file")
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # JSONL that survives a kill
 # ---------------------------------------------------------------------------------------------------------------------
 
@@ -170,17 +260,17 @@ class JsonlWriter:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if self.path.exists() and self.path.stat().st_size:
-            data = self.path.read_bytes()
-            if not data.endswith(b"\n"):
-                keep = data.rfind(b"\n") + 1
-                warnings.warn(f"{self.path}: cutting a partial last line of {len(data) - keep} bytes")
-                with open(self.path, "r+b") as f:
-                    f.truncate(keep)
-        self.file = open(self.path, "a", encoding="utf-8")
+        self.file = open_own(self.path, append=True)
+        size = os.fstat(self.file.fileno()).st_size
+        self.file.seek(max(size - 1, 0))
+        if size and self.file.read(1) != b"\n":
+            self.file.seek(0)
+            keep = self.file.read().rfind(b"\n") + 1
+            warnings.warn(f"{self.path}: cutting a partial last line of {size - keep} bytes")
+            self.file.truncate(keep)
 
     def write(self, record: dict) -> None:
-        self.file.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self.file.write((json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
         self.file.flush()
 
     def close(self) -> None:
@@ -196,15 +286,9 @@ class JsonlWriter:
 
 
 def write_lines_atomic(path: str | os.PathLike, lines: Iterable[str]) -> None:
-    """A text file written through a temporary file, fsync and a rename: a reader never sees half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.writelines(lines)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """A UTF-8 text file written whole or not at all (atomic_file): a reader never sees half a file."""
+    with atomic_file(path) as f:
+        f.writelines(line.encode("utf-8") for line in lines)
 
 
 def write_jsonl_atomic(path: str | os.PathLike, records: Iterable[dict]) -> None:
@@ -338,14 +422,18 @@ def record_settings(path: str | os.PathLike, settings: dict, **extra: Any) -> No
     write_json_atomic(path, {"settings": settings, **extra})
 
 
-def read_json(path: str | os.PathLike) -> Any:
-    """A JSON file a run wrote (settings, meta, trainer state); an empty or cut-off one is a one-line error naming
-    it, not a JSONDecodeError."""
+def read_json(path: str | os.PathLike) -> dict:
+    """A JSON object a run wrote (settings, meta, trainer state, summaries); an empty, cut-off or non-object file is a
+    one-line error naming it, not a JSONDecodeError or an AttributeError later."""
     try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
+        value = json.loads(Path(path).read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as e:
         die(f"{path} is empty or not valid JSON ({e}); it was cut off or edited: delete it, or the whole output, "
             "and rerun")
+    if not isinstance(value, dict):
+        die(f"{path} holds {json.dumps(value)[:40]}, not a JSON object; it was edited or is not this program's file: "
+            "delete it, or the whole output, and rerun")
+    return value
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -365,16 +453,17 @@ def _process_start(pid: int) -> Optional[str]:
 def output_lock(path: str | os.PathLike) -> Iterator[None]:
     """Hold `<path>.lock` exclusively for the run (flock: the kernel releases it when the process dies, even by
     SIGKILL). The file names the owner (pid, host, start); a second run into the same output fails at once naming
-    it. A lock file left by a dead owner is taken over, and said so. In a multi-process run only the main process
-    takes it: its processes share one lock."""
+    it (the file's first 4 KB, as one printable line). A lock file left by a dead owner is taken over, and said so; a
+    link or anything but a regular file at its name is refused (open_own). In a multi-process run only the main
+    process takes it: its processes share one lock."""
     import fcntl
     import socket
 
     lock = Path(f"{path}.lock")
     lock.parent.mkdir(parents=True, exist_ok=True)
-    handle = open(lock, "a+", encoding="utf-8")
-    handle.seek(0)
-    owner = handle.read().strip()
+    handle = open_own(lock)
+    owner = " ".join("".join(c if c.isprintable() else " " for c in handle.read(4096).decode("utf-8", "replace"))
+                     .split())[:300]  # bounded, one line: whatever the file holds
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
@@ -385,8 +474,8 @@ def output_lock(path: str | os.PathLike) -> Iterator[None]:
         print(f"warning: taking over {lock} from a run that ended without releasing it ({owner})", file=sys.stderr)
     handle.seek(0)
     handle.truncate()
-    handle.write(f"pid {os.getpid()} on host {socket.gethostname()}, started "
-                 f"{time.strftime('%Y-%m-%d %H:%M:%S')} (process start {_process_start(os.getpid())})\n")
+    handle.write(f"pid {os.getpid()} on host {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')} "
+                 f"(process start {_process_start(os.getpid())})\n".encode())
     handle.flush()
     try:
         yield
@@ -399,12 +488,13 @@ def output_lock(path: str | os.PathLike) -> Iterator[None]:
 
 def check_writable(folder: str | os.PathLike) -> None:
     """Die, before any model is loaded, if `folder` cannot be created or written (read-only, no permission)."""
+    import tempfile
+
     folder = Path(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
+        with tempfile.TemporaryFile(dir=folder):  # nameless or a random name: nothing planted is followed
+            pass
     except OSError as e:
         die(f"cannot write to {folder} ({e.strerror}); choose a writable output")
 
@@ -428,10 +518,13 @@ def merge_shards(path: str | os.PathLike, records: Iterable[dict]) -> None:
 
 
 def run_main(main: Callable[[], Any]) -> None:
-    """A stage's entry point: an output that fails mid-run (disk full, read-only, no permission) is one line naming
-    the file and what to do, exit 2, not a traceback; the stage resumes from what it wrote when rerun."""
+    """A stage's entry point: an output that fails mid-run (disk full, read-only, no permission) or something planted
+    where the run writes its own file is one line naming the file and what to do, exit 2, not a traceback; the stage
+    resumes from what it wrote when rerun."""
     try:
         main()
+    except PlantedFile as e:
+        die(str(e))
     except OSError as e:
         if e.errno not in (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT, errno.EPERM):
             raise

@@ -21,7 +21,9 @@ Each variant draws a (type, level) with `distortions.draw` (--draw type: uniform
 12 groups first), no (type, level) twice for one reference, and a seed; all of it comes from (--seed, the reference's
 name) alone, so neither the number of workers nor the order of the work changes a pixel. The manifest's type and
 level serve only to pair versions of one reference and to report: no stage reads them.
-Settings (a rerun with another value is refused, naming it): --variants, --seed, --draw and the distortion table.
+Settings (a rerun with another value is refused, naming it): --variants, --seed, --draw, the distortion table, and the
+inputs (--images and the names it holds). --out may not lie inside --images, nor an input inside --out; image names
+must fit on one line of a list (no control characters or line separators).
 Rerun the same command to resume after a kill: a variant is written through a temporary file and a rename, a
 reference is entered in the manifest only once all its files exist, and the manifest is rewritten sorted and without
 duplicates at the end, so the finished pool is the same file for file. A skipped image is tried again on a rerun.
@@ -42,6 +44,7 @@ import json  # noqa: E402
 import multiprocessing  # noqa: E402
 import shutil  # noqa: E402
 import sys  # noqa: E402
+import unicodedata  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from pathlib import Path, PurePosixPath  # noqa: E402
 
@@ -97,16 +100,18 @@ def manifest_records(name: str, plan: list[tuple[str, int, int]]) -> list[dict]:
 # ---------------------------------------------------------------------------------------------------------------------
 
 def place_reference(source: Path, target: Path) -> None:
-    """`target` the same file as `source`: a hard link, or a copy (through a temporary file) across filesystems."""
+    """`target` the same file as `source` (a symlinked input: its real file): a hard link, or a copy (written whole or
+    not at all) across filesystems."""
     if target.exists():
         return
     target.parent.mkdir(parents=True, exist_ok=True)
+    source = Path(os.path.realpath(source))  # a hard link of a symlink would be the link itself, dangling if relative
     try:
         os.link(source, target)
     except OSError:
-        tmp = target.with_name(target.name + ".tmp")
-        shutil.copy2(source, tmp)
-        os.replace(tmp, target)
+        with open(source, "rb") as f, common.atomic_file(target) as copy:
+            shutil.copyfileobj(f, copy)
+        shutil.copystat(source, target)
 
 
 def build_reference(job: tuple) -> tuple[str, str | None]:
@@ -118,12 +123,10 @@ def build_reference(job: tuple) -> tuple[str, str | None]:
         return name, str(e)
     for k, (kind, level, seed) in enumerate(plan):
         path = out / variant_name(name, k)
-        if path.exists():  # written whole by an earlier run (the rename below is atomic)
+        if path.exists():  # written whole by an earlier run (atomic_file renames a finished file)
             continue
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        distortions.distort(image, kind, level, seed).save(tmp, "PNG", compress_level=png_level)
-        os.replace(tmp, path)
+        with common.atomic_file(path) as f:
+            distortions.distort(image, kind, level, seed).save(f, "PNG", compress_level=png_level)
     place_reference(Path(source), out / "references" / name)
     return name, None
 
@@ -132,10 +135,14 @@ def build_reference(job: tuple) -> tuple[str, str | None]:
 # TRY NOT TO MODIFY: inputs, resume, settings, the pool of processes
 # ---------------------------------------------------------------------------------------------------------------------
 
-def settings_of(args: Args) -> dict:
+def settings_of(args: Args, names: list[str]) -> dict:
+    """What defines the pool: the flags, the distortion table, and the inputs (their folder or list, and their names:
+    a rerun on other images into the same --out would mix two pools)."""
     table = {kind: params for kind, (_, _, params) in distortions.TABLE.items()}
+    listed = hashlib.sha256("\n".join(names).encode()).hexdigest()[:16]
     return {"variants": args.variants, "seed": args.seed, "draw": args.draw,
-            "distortions": hashlib.sha256(json.dumps(table).encode()).hexdigest()[:16]}
+            "distortions": hashlib.sha256(json.dumps(table).encode()).hexdigest()[:16],
+            "images": os.path.abspath(args.images), "inputs": f"{len(names)} images, names sha256 {listed}"}
 
 
 def finished_references(manifest: Path, plans: dict[str, list]) -> set[str]:
@@ -156,12 +163,28 @@ def read_inputs(args: Args) -> tuple[Path, list[str]]:
         common.die(f"no images in {args.images}")
     stems: dict[str, str] = {}
     for name in names:
+        if any(unicodedata.category(c) in ("Cc", "Zl", "Zp") for c in name):  # control characters, line breaks
+            common.die(f"{args.images}: the image name {name!r} holds a control character or a line separator, which "
+                       "a line-based list (references.txt) cannot hold; rename it")
         stem = PurePosixPath(name).with_suffix("").as_posix()
         if stem in stems:
             common.die(f"{args.images}: {stems[stem]} and {name} would share the variant names {stem}_NN.png; "
                        "rename one")
         stems[stem] = name
     return root, names
+
+
+def refuse_overlap(images: str, root: Path, names: list[str], out: Path) -> None:
+    """Die if the pool and its inputs overlap: a pool inside its input folder would be scanned as new inputs on every
+    rerun, and an input inside the pool would be one of its own files."""
+    root_real, out_real = root.resolve(), out.resolve()
+    if out_real.is_relative_to(root_real) and Path(images).is_dir():
+        common.die(f"--out {out} is inside --images {images}: every rerun would take the pool's own files as new "
+                   "inputs; choose an --out outside it")
+    inside = next((name for name in names if (root_real / name).resolve().is_relative_to(out_real)), None)
+    if inside is not None:
+        common.die(f"--images {images}: {inside} is inside --out {out}, the pool being made; take the inputs from "
+                   "outside it")
 
 
 def main() -> None:
@@ -172,13 +195,14 @@ def main() -> None:
         common.die(f"--variants {args.variants}: there are only {len(distortions.TABLE) * 5} (type, level) pairs")
     root, names = read_inputs(args)
     out = Path(args.out)
+    refuse_overlap(args.images, root, names, out)
     common.check_writable(out)
-    manifest, settings = out / "manifest.jsonl", settings_of(args)
+    manifest, settings = out / "manifest.jsonl", settings_of(args, names)
     plans = {name: variant_plan(name, args.variants, args.seed, args.draw) for name in names}
     with common.output_lock(manifest):
         common.refuse_changed_settings(out / "settings.json", settings, f"the pool in {out}",
                                        "rerun with the same flags, or use another --out")
-        common.record_settings(out / "settings.json", settings, images=str(args.images))
+        common.record_settings(out / "settings.json", settings)
         done = finished_references(manifest, plans)
         write_manifest(out, done, plans)  # what a kill left: only whole references, each once
         jobs = [(name, (root / name).as_posix(), out, plans[name], args.png_level) for name in names

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pickle
 import random
 import shutil
 from datetime import timedelta
@@ -236,6 +237,67 @@ def clip_grad_norm(model, max_norm: float) -> float:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+# What a checkpoint's .metadata is made of (listed from this program's checkpoints, sharded and not): the unpickler
+# below builds these and torch dtypes, and nothing else, whatever the file asks for
+METADATA_GLOBALS = {
+    "torch.distributed.checkpoint.metadata": {"Metadata", "MetadataIndex", "StorageMeta", "TensorProperties",
+                                              "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata",
+                                              "_MEM_FORMAT_ENCODING"},
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch.serialization": {"_get_layout"},
+    "torch": {"Size"},
+    "pathlib": {"PosixPath"},
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if name in METADATA_GLOBALS.get(module, ()) or (module == "torch" and isinstance(getattr(torch, name, None),
+                                                                                           torch.dtype)):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not part of a checkpoint's metadata")
+
+
+def _reader(checkpoint: Path):
+    """torch.distributed.checkpoint's file reader without its two unpicklings of what the files supply: the metadata
+    goes through _MetadataUnpickler (and may name no file outside the checkpoint), byte items (the optimizer's
+    hyper-parameters) through torch.load(weights_only=True); tensors already load that way."""
+    from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
+    from torch.distributed.checkpoint._traverse import set_element
+    from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+
+    class Reader(FileSystemReader):
+        def read_metadata(self, *args, **kwargs) -> Metadata:
+            with open(self._get_metadata_path(kwargs.get("rank")), "rb") as f:
+                metadata = _MetadataUnpickler(f).load()
+            if not isinstance(metadata, Metadata) or not isinstance(metadata.storage_data, dict):
+                raise pickle.UnpicklingError("not a checkpoint's metadata")
+            for info in metadata.storage_data.values():
+                name = getattr(info, "relative_path", None)
+                if not isinstance(name, str) or os.path.basename(name) != name or name in ("", ".", ".."):
+                    raise pickle.UnpicklingError(f"it names the data file {name!r}, not one inside the checkpoint")
+            metadata.storage_meta = metadata.storage_meta or StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    class Planner(DefaultLoadPlanner):
+        def load_bytes(self, read_item, value) -> None:
+            loaded = torch.load(value, weights_only=True)
+            if self.flatten_state_dict:
+                set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], loaded)
+            else:
+                self.state_dict[read_item.dest_index.fqn] = loaded
+
+    return Reader(checkpoint), Planner()
+
+
+def _first_failure(e: BaseException) -> BaseException:
+    """The first process's error inside a CheckpointException (DCP gathers every process's failures into one)."""
+    while getattr(e, "failures", None):
+        e = next(iter(e.failures.values()))[0]
+    return e
+
+
 def _step_of(path: Path) -> Optional[int]:
     number = path.name.split("-", 1)[1] if path.name.startswith("step-") else ""
     return int(number) if number.isdigit() else None
@@ -257,14 +319,23 @@ def save_checkpoint(out: Path, step: int, keep: int, model, optimizer, scheduler
     tensors once), the scheduler and RNG per process, the data position (the step): written to step-N.tmp and renamed,
     so a kill mid-save leaves no step-N folder that --resume would trust."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     final, tmp = out / "checkpoints" / f"step-{step}", out / "checkpoints" / f"step-{step}.tmp"
     if is_main():
-        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        common.fresh_folder(tmp)  # made by this run: a link planted at the name is refused, not written through
     barrier()
     model_state, optim_state = get_state_dict(model, optimizer)
-    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(tmp))
+    try:
+        dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(tmp))
+    except CheckpointException as e:  # every process gets it; step-N.tmp is removed by the next run
+        failure = _first_failure(e)
+        if not isinstance(failure, OSError):
+            raise
+        common.die(f"cannot write the checkpoint {tmp} ({failure.strerror or failure}); the previous checkpoint is "
+                   "kept: free space or fix permissions, then rerun the same command with --resume")
     # tensors and plain values only: checkpoint_state reads it back with weights_only=True
     torch.save({"scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(),
                 "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
@@ -283,9 +354,8 @@ def save_checkpoint(out: Path, step: int, keep: int, model, optimizer, scheduler
 def checkpoint_state(checkpoint: Path) -> dict:
     """The small part of a checkpoint, read before any model loads: its step (trainer_state.json) and this process's
     scheduler and RNG state. Loaded with weights_only=True: a file holding anything but tensors and plain values (a
-    planted pickle) is refused, never run."""
-    import pickle
-
+    planted pickle) is refused, never run; so is a distributed checkpoint's .metadata holding anything but its own
+    classes (_reader)."""
     trainer = common.read_json(checkpoint / "trainer_state.json")
     if not isinstance(trainer, dict) or not isinstance(trainer.get("step"), int):
         common.die(f"{checkpoint / 'trainer_state.json'}: no step recorded; delete {checkpoint} and rerun")
@@ -299,6 +369,12 @@ def checkpoint_state(checkpoint: Path) -> dict:
                    f"{checkpoint} to resume from an earlier checkpoint")
     if not isinstance(state, dict) or not {"scheduler", "torch_rng", "cuda_rng", "python_rng"} <= set(state):
         common.die(f"{path}: not a training state this program wrote; delete {checkpoint} and rerun")
+    reader, _ = _reader(checkpoint)
+    try:
+        reader.read_metadata()
+    except Exception as e:  # anything a hostile or broken pickle raises, from a file that was not unpickled freely
+        common.die(f"{checkpoint / '.metadata'}: not a checkpoint this program wrote ({type(e).__name__}: "
+                   f"{str(e)[:200]}); it was not unpickled: delete {checkpoint} to resume from an earlier checkpoint")
     return {**state, "step": trainer["step"]}
 
 
@@ -306,11 +382,20 @@ def load_checkpoint(checkpoint: Path, state: dict, model, optimizer, scheduler) 
     """The model and optimizer state save_checkpoint wrote, into this run's (sharded or replicated) model and
     optimizer, and `state` (checkpoint_state) into the scheduler and RNGs; the checkpoint's step."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     model_state, optim_state = get_state_dict(model, optimizer)
     tensors = {"model": model_state, "optim": optim_state}
-    dcp.load(tensors, checkpoint_id=str(checkpoint))
+    reader, planner = _reader(checkpoint)
+    try:
+        dcp.load(tensors, storage_reader=reader, planner=planner)
+    except CheckpointException as e:
+        failure = _first_failure(e)
+        if not isinstance(failure, pickle.UnpicklingError):
+            raise
+        common.die(f"{checkpoint}: a data file holds more than tensors and plain values ({str(failure)[:200]}); it "
+                   f"was not unpickled: delete {checkpoint} to resume from an earlier checkpoint")
     set_state_dict(model, optimizer, model_state_dict=tensors["model"], optim_state_dict=tensors["optim"])
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["torch_rng"])
@@ -330,8 +415,7 @@ def save_final(out: Path, model, generator, processor, bf16: bool) -> None:
     if is_main():
         if bf16:
             state_dict = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in state_dict.items()}
-        tmp = out / ".final.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
+        tmp = common.fresh_folder(out / ".final.tmp")  # made by this run: nothing planted there is written through
         generator.save_pretrained(tmp, state_dict=state_dict)
         if bf16:  # save_pretrained writes the dtype of the fp32 master weights into config.json
             config = generator.config

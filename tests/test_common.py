@@ -202,6 +202,107 @@ def test_shards_are_merged_once_and_a_killed_merge_is_redone(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# Files a run makes (locks, temporaries, shards): never written through a link or onto anything planted at their name
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def one_error_line(err: str) -> str:
+    assert "Traceback" not in err, err
+    (line,) = [line for line in err.splitlines() if line.startswith("error: ")]
+    return line
+
+
+def plant(kind: str, path: Path, target: Path) -> None:
+    if kind == "symlink":
+        path.symlink_to(target)
+    elif kind == "hard link":
+        os.link(target, path)
+    elif kind == "folder":
+        path.mkdir()
+    else:
+        os.mkfifo(path)
+
+
+def remove_planted(path: Path) -> None:
+    path.rmdir() if path.is_dir() and not path.is_symlink() else path.unlink()
+
+
+@pytest.mark.parametrize("kind", ["symlink", "hard link", "folder", "fifo"])
+def test_a_link_or_other_file_planted_at_a_lock_or_a_jsonl_is_refused_not_followed(tmp_path, capsys, kind):
+    target = tmp_path / "precious.txt"
+    target.write_text("keep me\n")
+    out = tmp_path / "votes.jsonl"
+    uses = [(Path(f"{out}.lock"), lambda: common.output_lock(out).__enter__()),
+            (common.shard_file(out, 0), lambda: common.JsonlWriter(common.shard_file(out, 0))),
+            (out, lambda: common.JsonlWriter(out))]
+    for path, use in uses:
+        plant(kind, path, target)
+        with pytest.raises(SystemExit) as exit:
+            common.run_main(use)
+        line = one_error_line(capsys.readouterr().err)
+        assert exit.value.code == 2 and str(path) in line, line
+        remove_planted(path)
+    assert target.read_text() == "keep me\n"
+
+
+def test_temporaries_never_follow_a_planted_link(tmp_path, capsys):
+    target = tmp_path / "precious.txt"
+    target.write_text("keep me\n")
+    meta = tmp_path / "votes.jsonl.meta.json"
+    Path(f"{meta}.tmp").symlink_to(target)
+    with pytest.raises(SystemExit):
+        common.run_main(lambda: common.write_json_atomic(meta, {"a": 1}))
+    assert f"{meta}.tmp" in one_error_line(capsys.readouterr().err)
+    assert target.read_text() == "keep me\n" and not meta.exists()
+    Path(f"{meta}.tmp").unlink()
+    Path(f"{meta}.tmp").write_text("left by a killed run")  # a regular leftover is simply replaced
+    common.write_json_atomic(meta, {"a": 1})
+    assert common.read_json(meta) == {"a": 1} and not Path(f"{meta}.tmp").exists()
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert meta.stat().st_mode & 0o777 == 0o666 & ~umask  # the mode of any file the user's umask allows
+    (tmp_path / "summary.json").mkdir()  # a folder where a file is rewritten: one line
+    with pytest.raises(SystemExit):
+        common.run_main(lambda: common.write_json_atomic(tmp_path / "summary.json", {}))
+    assert str(tmp_path / "summary.json") in one_error_line(capsys.readouterr().err)
+    probe = tmp_path / f".write-test-{os.getpid()}"  # the writability probe's name was predictable
+    probe.symlink_to(target)
+    common.check_writable(tmp_path)
+    assert target.read_text() == "keep me\n"
+
+
+def test_a_lock_file_is_read_bounded_and_as_bytes(tmp_path, capsys):
+    import fcntl
+
+    out = tmp_path / "votes.jsonl"
+    lock = Path(f"{out}.lock")
+    junk = b"\xff\xfe owner \x1b[31m red\nsecond line " + b"x" * (8 << 20)  # not UTF-8, an escape, 8 MB
+    lock.write_bytes(junk)
+    with open(lock, "rb") as held:  # another run holds it (flock is per open file)
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(SystemExit) as exit:
+            with common.output_lock(out):
+                pass
+    line = one_error_line(capsys.readouterr().err)
+    assert exit.value.code == 2 and "in use by another run" in line and len(line) < 1000 and "\x1b" not in line
+    with common.output_lock(out):  # left by a dead run: taken over, said in one bounded line
+        err = capsys.readouterr().err
+        assert "taking over" in err and err.count("\n") == 1 and len(err) < 1000 and "\x1b" not in err
+    assert lock.read_bytes() == b""
+
+
+@pytest.mark.parametrize("text", ["[]", "null", '"x"', "3"])
+def test_a_sidecar_that_is_json_but_not_an_object_is_a_one_line_error(tmp_path, capsys, text):
+    (tmp_path / "meta.json").write_text(text)
+    with pytest.raises(SystemExit) as exit:
+        common.read_json(tmp_path / "meta.json")
+    assert exit.value.code == 2 and str(tmp_path / "meta.json") in one_error_line(capsys.readouterr().err)
+    with pytest.raises(SystemExit):
+        common.refuse_changed_settings(tmp_path / "meta.json", {"a": 1}, "votes", "use another --out")
+    assert str(tmp_path / "meta.json") in one_error_line(capsys.readouterr().err)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # JSONL
 # ---------------------------------------------------------------------------------------------------------------------
 

@@ -631,7 +631,20 @@ def plant_checkpoint(out: Path, state, trainer_state: str = '{"step": 1, "world_
     step.mkdir(parents=True)
     (step / "trainer_state.json").write_text(trainer_state)
     torch.save(state, step / "process-0.pt")
+    (step / ".metadata").write_bytes(dcp_metadata())  # a distributed checkpoint's own metadata (of another model)
     return step
+
+
+def dcp_metadata() -> bytes:
+    import tempfile
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+
+    with tempfile.TemporaryDirectory() as folder, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # one process, no process group: DCP says so
+        dcp.save({"model": {"w": torch.zeros(2)}, "optim": {"lr": 0.1}}, checkpoint_id=folder)
+        return (Path(folder) / ".metadata").read_bytes()
 
 
 class Payload:
@@ -659,6 +672,24 @@ def test_a_planted_pickle_in_a_checkpoint_is_refused_not_run(setup, monkeypatch,
     assert str(step / "process-0.pt") in line and "not unpickled" in line
     assert not marker.exists()
     torch.load(step / "process-0.pt", weights_only=False)  # the planted file is live: a plain load runs it
+    assert marker.exists()
+
+
+def test_a_planted_pickle_in_the_distributed_checkpoint_metadata_is_refused_not_run(setup, monkeypatch, capsys,
+                                                                                     tmp_path):
+    import pickle
+
+    s = setup
+    out, marker = tmp_path / "out", tmp_path / "it_ran"
+    state = {"scheduler": {}, "torch_rng": torch.get_rng_state(), "cuda_rng": None, "python_rng": (3, (1, 2), None)}
+    step = plant_checkpoint(out, state)
+    (step / ".metadata").write_bytes(pickle.dumps(Payload(marker)))
+    assert run_main(monkeypatch, base_args(s, out, "--resume")) == 2  # refused before any model loads
+    line = error_line(capsys.readouterr().err)
+    assert str(step / ".metadata") in line and "not unpickled" in line
+    assert not marker.exists()
+    with open(step / ".metadata", "rb") as f:  # torch's own reader does exactly this
+        pickle.load(f)
     assert marker.exists()
 
 

@@ -1,5 +1,6 @@
 """make_pool.py: the manifest and the files it names, resume after SIGKILL, refused setting changes, unreadable images
-skipped with the reason."""
+skipped with the reason; nothing that would mix two pools (an output inside the inputs, other inputs on a rerun,
+names a line-based list cannot hold), symlinked inputs linked by their real file, no write through a planted link."""
 
 import io
 import os
@@ -35,7 +36,7 @@ def run(images: Path, out: Path, *extra: str, workers: int = 1) -> subprocess.Co
     code = 0
     with patch.object(sys, "argv", argv), redirect_stdout(stdout), redirect_stderr(stderr):
         try:
-            make_pool.main()
+            common.run_main(make_pool.main)  # as the script runs it
         except SystemExit as e:
             code = e.code
     return subprocess.CompletedProcess(argv, code, stdout.getvalue(), stderr.getvalue())
@@ -147,3 +148,62 @@ def test_two_inputs_with_one_stem_are_refused(tmp_path):
     natural_image(32).save(images / "img00.png")
     refused = run(images, tmp_path / "pool", "--variants", "1")
     assert refused.returncode == 2 and "img00.jpg and img00.png" in refused.stderr
+
+
+def test_an_out_inside_the_images_or_the_reverse_is_refused(tmp_path):
+    images = make_inputs(tmp_path / "in", 2)
+    refused = run(images, images / "pool", "--variants", "1")  # each rerun would take its own files as inputs
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1, refused.stderr
+    assert str(images / "pool") in refused.stderr and not (images / "pool").exists()
+    refused = run(images, tmp_path, "--variants", "1")
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1 and str(images) in refused.stderr
+    assert not (tmp_path / "manifest.jsonl").exists()
+
+
+def test_a_rerun_with_other_inputs_is_refused_naming_what_changed(tmp_path):
+    images = make_inputs(tmp_path / "in", 2)
+    out = tmp_path / "pool"
+    assert run(images, out, "--variants", "1").returncode == 0
+    other = make_inputs(tmp_path / "other", 2)  # the same names, another folder
+    refused = run(other, out, "--variants", "1")
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1 and str(other) in refused.stderr
+    natural_image(64, 5).save(images / "new.jpg")  # the same folder, another file
+    refused = run(images, out, "--variants", "1")
+    assert refused.returncode == 2 and "2 images" in refused.stderr and "3 images" in refused.stderr
+    (images / "new.jpg").unlink()
+    assert run(images, out, "--variants", "1").returncode == 0  # the same inputs again: resumes
+    assert len(common.read_jsonl(out / "manifest.jsonl")) == 2 * 2
+
+
+def test_a_symlinked_input_is_linked_by_its_real_file(tmp_path):
+    real = make_inputs(tmp_path / "real", 1)
+    images = tmp_path / "in"
+    images.mkdir()
+    (images / "linked.jpg").symlink_to(Path("..") / "real" / "img00.jpg")  # relative: dangles if copied as a link
+    out = tmp_path / "pool"
+    done = run(images, out, "--variants", "1")
+    assert done.returncode == 0 and common.read_jsonl(out / "skipped.jsonl") == [], done.stderr
+    reference = out / "references" / "linked.jpg"
+    assert not reference.is_symlink() and reference.read_bytes() == (real / "img00.jpg").read_bytes()
+
+
+def test_names_a_line_based_list_cannot_hold_are_refused_naming_them(tmp_path):
+    for name in ["a\nb.jpg", "a\rb.jpg", "a\u2028b.jpg", "a\u2029b.jpg", "a\x85b.jpg", "a\x1bb.jpg"]:
+        images = tmp_path / f"in{ord(name[1])}"
+        make_inputs(images, 1)
+        natural_image(32).save(images / name, format="JPEG")
+        refused = run(images, tmp_path / f"pool{ord(name[1])}", "--variants", "1")
+        assert refused.returncode == 2 and refused.stderr.count("\n") == 1, (name, refused.stderr)
+        assert repr(name)[1:-1] in refused.stderr
+
+
+def test_a_link_planted_at_a_temporary_is_refused_not_followed(tmp_path):
+    images = make_inputs(tmp_path / "in", 1)
+    target = tmp_path / "precious.txt"
+    target.write_text("keep me")
+    out = tmp_path / "pool"
+    (out / "variants").mkdir(parents=True)
+    (out / "variants" / "img00_00.png.tmp").symlink_to(target)
+    refused = run(images, out, "--variants", "1")
+    assert refused.returncode == 2 and "img00_00.png.tmp" in refused.stderr and "Traceback" not in refused.stderr
+    assert target.read_text() == "keep me"
