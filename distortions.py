@@ -27,6 +27,9 @@ from PIL import Image, ImageEnhance
 from scipy import ndimage, signal, special
 
 Array = np.ndarray
+# The definitions' version: make_pool.py records it, so a pool is never extended with variants of other definitions
+# (the table's parameters alone would not tell). Bump it whenever a function's output changes.
+VERSION = 2
 
 
 # ---------------------------------------------------------------------------------------------------------------------

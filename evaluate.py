@@ -288,7 +288,7 @@ def write_image_summary(out: Path, setup: dict, records: list[dict]) -> dict:
     lines = [f"{len(records)} images: {scored} scored, {len(records) - scored - len(unreadable)} without a valid "
              f"answer, {len(unreadable)} unreadable; truncated answers {images['truncation_rate']:.3f}"]
     lines += [f"unreadable: {u['image']}: {u['error']}" for u in unreadable]
-    (out / "summary.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    common.write_lines_atomic(out / "summary.md", ["\n".join(lines) + "\n"])
     print("\n".join(lines))
     return summary
 

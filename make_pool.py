@@ -142,6 +142,7 @@ def settings_of(args: Args, names: list[str]) -> dict:
     listed = hashlib.sha256("\n".join(names).encode()).hexdigest()[:16]
     return {"variants": args.variants, "seed": args.seed, "draw": args.draw,
             "distortions": hashlib.sha256(json.dumps(table).encode()).hexdigest()[:16],
+            "distortions_version": distortions.VERSION,
             "images": os.path.abspath(args.images), "inputs": f"{len(names)} images, names sha256 {listed}"}
 
 

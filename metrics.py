@@ -248,6 +248,6 @@ def write_summary(out: Path, setup: dict, predictions: dict[str, list[dict]], lo
     header = f"model: {setup.get('model')}, prompt: {setup.get('prompt')} ({setup.get('prompt_hash')})"
     if resamples:
         header += f"; [95 % bootstrap interval over images, {resamples} resamples, seed {seed}]"
-    (out / "summary.md").write_text(header + "\n\n" + table, encoding="utf-8")
+    common.write_lines_atomic(out / "summary.md", [header + "\n\n" + table])
     print(table, end="")
     return summary

@@ -3,6 +3,7 @@ skipped with the reason; nothing that would mix two pools (an output inside the 
 names a line-based list cannot hold), symlinked inputs linked by their real file, no write through a planted link."""
 
 import io
+import json
 import os
 import signal
 import subprocess
@@ -124,6 +125,17 @@ def test_changed_settings_are_refused_naming_the_flag(tmp_path):
         refused = run(images, out, *flags)
         assert refused.returncode == 2 and change in refused.stderr and refused.stderr.count("\n") == 1
     assert run(images, out, "--variants", "2", "--seed", "1", "--png-level", "6").returncode == 0  # not a setting
+
+
+def test_a_pool_built_with_other_distortion_definitions_is_not_extended(tmp_path):
+    images = make_inputs(tmp_path / "in", 1)
+    out = tmp_path / "pool"
+    assert run(images, out, "--variants", "2").returncode == 0
+    settings = json.loads((out / "settings.json").read_text())
+    settings["settings"]["distortions_version"] -= 1  # as a pool written by an older library records it
+    (out / "settings.json").write_text(json.dumps(settings))
+    refused = run(images, out, "--variants", "2")
+    assert refused.returncode == 2 and "distortions_version" in refused.stderr, refused.stderr
 
 
 def test_unreadable_image_is_skipped_with_the_reason_and_tried_again(tmp_path):

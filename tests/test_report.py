@@ -184,5 +184,5 @@ def test_runaway_bootstrap_and_misused_flags_are_refused(tmp_path, capsys):
     assert "give one evaluation folder, or two" in refused(capsys, [str(a), str(b), str(a)])
     assert "no predictions_*.jsonl files" in refused(capsys, [str(tmp_path)])
     (a / "eval_config.json").write_text("[]")
-    assert "eval_config.json: expected a JSON object, got list" in refused(capsys, [str(a)])
+    assert "eval_config.json holds [], not a JSON object" in refused(capsys, [str(a)])
     assert report.main([str(b), "--bootstrap", str(metrics.MAX_RESAMPLES // 1000)])["bootstrap"]["resamples"] == 100
