@@ -53,7 +53,7 @@ sys.path.insert(0, str(ROOT))
 import common  # noqa: E402
 import distortions  # noqa: E402
 from demo.oracle import true_p_star, write_pseudolabels  # noqa: E402
-from demo.synthetic import write_pool_world, write_set  # noqa: E402
+from fixtures.synthetic import write_pool_world, write_set  # noqa: E402
 
 CACHE = ROOT / "demo" / "cache"
 

@@ -74,7 +74,7 @@ def test_pseudolabel_accuracy_by_kind_of_pair(tmp_path):
 
 
 def test_pool_world_quality_is_the_reference_minus_the_level(tmp_path):
-    from demo.synthetic import make_image, write_pool_world
+    from fixtures.synthetic import make_image, write_pool_world
 
     out = write_pool_world(tmp_path / "pool", "pool", 3, size=56, world="noise", variants=2)
     labels = common.read_jsonl(out / "labels.jsonl")
