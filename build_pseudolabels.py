@@ -30,6 +30,8 @@ Rankings (--rankings): one line per image, best first, over the kept pairs: wins
   (P(i beats j) = sigmoid(theta_i - theta_j)) fitted to the vote counts, MAP with a tiny prior (--bt-prior):
   every image also plays that many virtual games against a reference of theta = 0, half won, half lost. It keeps
   undefeated images finite and anchors each connected component; an image never compared gets theta = 0.
+Control (--oracle FILE, {"image", "mos"} per line): p* = 1, 0 or 0.5 as mos_a >, < or = mos_b for every pair in
+  the votes file, the ceiling of what perfect voting could teach; rankings and vote statistics still describe the votes.
 Image names are normalised ('./x.png' and 'x.png' are one image); an absolute or escaping one is refused.
 Exit code 2 with one line on stderr for a malformed input (file:line), an unknown record shape, or nothing kept.
 Outputs are written through a temporary file and a rename, and are byte-identical when the command is rerun;
@@ -38,6 +40,7 @@ Outputs are written through a temporary file and a rename, and are byte-identica
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import time
@@ -68,6 +71,8 @@ class Args:
     min_valid_votes: int = common.arg(1, help="drop pairs with fewer valid (non-abstaining) votes than this")
     drop_ties: bool = common.arg(False, help="drop pairs whose votes are tied (the paper keeps them as 0.5)")
     bt_prior: float = common.arg(0.1, help="Bradley-Terry prior: virtual games per image vs a theta=0 reference")
+    oracle: str = common.arg("", help="control: p* of every voted pair from this JSONL of {image, mos} (true "
+                             "quality) instead of the votes: the ceiling of what perfect voting could teach")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -275,6 +280,34 @@ def pseudo_labels(votes_a: np.ndarray, votes_b: np.ndarray, label: str = "hard",
     return p_star, keep, dropped
 
 
+def oracle_labels(mos: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """The control: p* = 1 if mos_a > mos_b, 0 if lower, 0.5 if equal (what unanimous, correct votes would give)."""
+    return np.where(mos[a] > mos[b], 1.0, np.where(mos[a] < mos[b], 0.0, 0.5))
+
+
+def read_oracle(path: Path, names: list[str], pairs: dict[str, np.ndarray]) -> np.ndarray:
+    """The true quality of each image (NaN for images in no pair), from {"image", "mos"} lines; names resolved as
+    the votes' names. A voted image without one is an error naming it."""
+    index = {name: i for i, name in enumerate(names)}
+    mos, seen = np.full(len(names), np.nan), set()
+    for lineno, r in common.iter_jsonl(path):
+        image, value = r.get("image"), r.get("mos")
+        if type(value) not in (int, float) or not np.isfinite(value):
+            raise ValueError(f"{path}:{lineno}: expected {{\"image\": name, \"mos\": a finite number}}")
+        name = common.safe_name(".", image, f"{path}:{lineno}")
+        if name in seen:
+            raise ValueError(f"{path}:{lineno}: image {image!r} is listed twice")
+        seen.add(name)
+        if name in index:
+            mos[index[name]] = value
+    voted = np.unique(np.concatenate([pairs["a"], pairs["b"]]))
+    missing = voted[np.isnan(mos[voted])]
+    if len(missing):
+        raise ValueError(f"{path}: no mos for the voted image {names[missing[0]]!r} ({len(missing)} voted image(s) "
+                         "missing)")
+    return mos
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # ALGO LOGIC: votes -> rankings (Bradley-Terry MAP by Newton-CG; the penalised likelihood is written out below)
 # ---------------------------------------------------------------------------------------------------------------------
@@ -433,6 +466,11 @@ def main(args: Optional[Args] = None) -> dict:
         common.die("--min-valid-votes must be at least 1 (a pair without a valid vote has no label)")
     if not 0 <= args.min_margin <= 1 or not args.bt_prior > 0:
         common.die("--min-margin must be in [0, 1] and --bt-prior positive")
+    if args.oracle and (args.label != "hard" or args.min_margin or args.drop_ties or args.min_valid_votes != 1):
+        common.die("--oracle labels every voted pair from the true quality: --label, --min-margin, --drop-ties and "
+                   "--min-valid-votes apply to votes")
+    if args.oracle and not Path(args.oracle).is_file():
+        common.die(f"oracle file {args.oracle} not found")
     if not Path(args.votes).is_file():
         common.die(f"votes file {args.votes} not found")
     for path in filter(None, (args.out, args.rankings, args.stats)):
@@ -452,6 +490,15 @@ def build(args: Args) -> dict:
 
     p_star, keep, dropped = pseudo_labels(pairs["votes_a"], pairs["votes_b"], args.label, args.min_margin,
                                           args.min_valid_votes, args.drop_ties)
+    ranked = keep  # the rankings describe the votes, also under --oracle
+    if args.oracle:
+        try:
+            mos = read_oracle(Path(args.oracle), names, pairs)
+        except ValueError as e:
+            common.die(str(e))
+        votes_p_star = p_star
+        p_star = oracle_labels(mos, pairs["a"], pairs["b"])
+        keep, dropped = np.ones(len(keep), bool), dict.fromkeys(dropped, 0)
     n_kept = int(keep.sum())
     if n_kept == 0:
         common.die(f"no pair kept out of {len(keep)} from {votes_path} (dropped: {dropped}); "
@@ -463,17 +510,23 @@ def build(args: Args) -> dict:
     t_rank = 0.0
     if args.rankings:
         t0 = time.perf_counter()
-        theta = bradley_terry(kept["a"], kept["b"], kept["votes_a"], kept["votes_b"], len(names), args.bt_prior)
-        ranked = rankings(names, kept["a"], kept["b"], kept["votes_a"], kept["votes_b"], theta)
-        common.write_lines_atomic(args.rankings, (json.dumps(r, ensure_ascii=False) + "\n" for r in ranked))
+        voted = {k: v[ranked] for k, v in pairs.items()}
+        theta = bradley_terry(voted["a"], voted["b"], voted["votes_a"], voted["votes_b"], len(names), args.bt_prior)
+        ranks = rankings(names, voted["a"], voted["b"], voted["votes_a"], voted["votes_b"], theta)
+        common.write_lines_atomic(args.rankings, (json.dumps(r, ensure_ascii=False) + "\n" for r in ranks))
         t_rank = time.perf_counter() - t0
     stats = label_stats(mode, len(names), pairs, keep, dropped, info)
     stats["votes_file"] = str(votes_path)
     stats["settings"] = {k: getattr(args, k) for k in ("label", "min_margin", "min_valid_votes", "drop_ties",
                                                         "bt_prior")}
+    if args.oracle:  # a control, not the method: say where the labels came from
+        stats["labels"] = {"source": "oracle", "oracle_file": str(args.oracle), "oracle_sha256": hashlib.sha256(
+            Path(args.oracle).read_bytes()).hexdigest(), "votes_agree_with_oracle": ratio(
+            (votes_p_star == p_star)[ranked].sum(), ranked.sum())}
     if args.stats:
         common.write_json_atomic(args.stats, stats)
     print(f"build_pseudolabels: {mode} mode, {stats['pairs_in']} pairs over {len(names)} images -> {n_kept} kept "
+          f"{'with p* from the oracle file ' if args.oracle else ''}"
           f"(dropped {dropped}); tie rate {stats['tie_rate']}, abstention rate {stats['abstention_rate']}, "
           f"truncation rate {stats['truncation_rate']}; "
           f"read {t_read:.1f}s, write {t_write:.1f}s, rankings {t_rank:.1f}s")

@@ -481,3 +481,31 @@ def test_score_mode_warnings_for_inconsistent_files(tmp_path):
     assert "1 image(s) in the pairs have no score record" in messages
     assert out == [{"a": "x.png", "b": "y.png", "kind": "random", "p_star": 0.5, "votes_a": 1, "votes_b": 1, "abstain": 0}]
     assert stats["pairs_dropped"]["min_valid_votes"] == 1 and len(ranks) == 3
+
+
+def test_oracle_labels_every_voted_pair_from_the_mos(tmp_path, capsys):
+    import hashlib
+    mos = {"x.png": 3.0, "y.png": 1.5, "z.png": 3.0, "w.png": 3.0, "p.png": 2.0, "q.png": 2.5, "u.png": 0.0,
+           "v.png": 1.0, "unvoted.png": 9.0}
+    oracle = write_jsonl(tmp_path / "mos.jsonl", [{"image": ("./" if i % 2 else "") + name, "mos": m}
+                                                   for i, (name, m) in enumerate(mos.items())])
+    out, ranks, stats = run(tmp_path, CRAFTED, oracle=str(oracle))
+    expected = []  # every pair of the file, abstentions or not, labelled by comparing the two numbers
+    for r in CRAFTED:
+        ma, mb = mos[r["a"]], mos[r["b"]]
+        expected.append(((r["a"], r["b"]), 1.0 if ma > mb else 0.0 if ma < mb else 0.5))
+    assert [((r["a"], r["b"]), r["p_star"]) for r in out] == expected
+    assert [r["votes_a"] for r in out] == [r["votes_a"] for r in CRAFTED]  # the vote counts pass through
+    assert stats["pairs_kept"] == 6 and stats["labels"]["source"] == "oracle"
+    assert stats["labels"]["oracle_file"] == str(oracle)
+    assert stats["labels"]["oracle_sha256"] == hashlib.sha256(oracle.read_bytes()).hexdigest()
+    assert [p for _, p in expected] == [1.0, 0.0, 0.5, 0.5, 0.0, 0.0]  # the crafted mos hold every case
+    # the four pairs with a valid vote: majority x>y, y<z, z=w, p>q against the mos x>y, y<z, z=w, p<q
+    assert stats["labels"]["votes_agree_with_oracle"] == 0.75
+    (tmp_path / "votes").mkdir()
+    assert ranks == run(tmp_path / "votes", CRAFTED)[1]  # the rankings still describe the votes
+    missing = write_jsonl(tmp_path / "missing.jsonl", [{"image": n, "mos": m} for n, m in mos.items() if n != "q.png"])
+    assert "no mos for the voted image 'q.png'" in run_error(tmp_path, capsys, CRAFTED, oracle=str(missing))
+    twice = write_jsonl(tmp_path / "twice.jsonl", [{"image": "x.png", "mos": 1}, {"image": "./x.png", "mos": 2}])
+    assert f"{twice}:2: image './x.png' is listed twice" in run_error(tmp_path, capsys, CRAFTED, oracle=str(twice))
+    assert "apply to votes" in run_error(tmp_path, capsys, CRAFTED, oracle=str(oracle), drop_ties=True)
