@@ -65,7 +65,8 @@ meant() {  # meant NAME: the setting NAME looks like (MISSPELT, another case, on
   done
   return 0
 }
-for name in $(compgen -e); do
+mapfile -t exported < <(compgen -e)
+for name in "${exported[@]}"; do
   if ! is_setting "$name" && [[ -n $(meant "$name") ]]; then
     die "$name is set, but the loop has no setting $name: did you mean $(meant "$name")? (unset $name; settings:" \
       "${SETTINGS[*]})"
@@ -103,9 +104,9 @@ else  # the paper's run (Qwen2.5-VL-7B-Instruct, 8 GPUs)
   OUT=${OUT:-runs/$(basename "${MODEL%/}")}
   ROUNDS=${ROUNDS:-2} PAIRS=${PAIRS:-20000} K=${K:-32} GROUP_SIZE=${GROUP_SIZE:-32}
 fi
-SYNTH_PAIRS=${SYNTH_PAIRS:-$(( PAIRS / 4 ))} SEED=${SEED:-0} REF=${REF:-base} NPROC=${NPROC:-1} FSDP=${FSDP:-0} BENCH=${BENCH:-} IMAGES=${IMAGES:-} POOL=${POOL:-}
-VARIANTS=${VARIANTS:-10} VOTES_ARGS=${VOTES_ARGS:-} LABEL_ARGS=${LABEL_ARGS:-} TRAIN_ARGS=${TRAIN_ARGS:-}
-EVAL_ARGS=${EVAL_ARGS:-}
+SYNTH_PAIRS=${SYNTH_PAIRS:-$(( PAIRS / 4 ))} SEED=${SEED:-0} REF=${REF:-base} NPROC=${NPROC:-1} FSDP=${FSDP:-0}
+BENCH=${BENCH:-} IMAGES=${IMAGES:-} POOL=${POOL:-} VARIANTS=${VARIANTS:-10}
+VOTES_ARGS=${VOTES_ARGS:-} LABEL_ARGS=${LABEL_ARGS:-} TRAIN_ARGS=${TRAIN_ARGS:-} EVAL_ARGS=${EVAL_ARGS:-}
 [[ "$REF" == base || "$REF" == round ]] || die "REF must be 'base' or 'round', not '$REF'"
 [[ "$FSDP" == 0 || "$FSDP" == 1 ]] || die "FSDP must be 0 or 1, not '$FSDP'"
 if [[ -n $POOL && -z $IMAGES && ! ( -f $POOL/manifest.jsonl && -f $POOL/references.txt ) ]]; then
