@@ -1,20 +1,27 @@
-"""Figures of one run of run_evolution.sh, written to OUT/figures/ (matplotlib: the only file that needs it).
+"""The results of one run of run_evolution.sh: its table and its figures.
 
     python plot_run.py runs/demo
 
+The table (SRCC and PLCC per benchmark and WAVG, one row per round, from OUT/round_t/eval/summary.json) is printed
+and written to OUT/results.md (with links to the figures) and OUT/results.json (every round's summary). The figures
+go to OUT/figures/ when matplotlib is installed (the only file that needs it; without it a one-line hint, exit 0):
 - training.png: per round, the GRPO curves against the step (OUT/round_t/model/train_log.jsonl);
 - correlations.png: SRCC and PLCC per benchmark and WAVG across rounds, with their 95 % bootstrap intervals where
   summary.json has them (OUT/round_t/eval/summary.json);
 - votes.png: per round, how the K votes agreed (OUT/round_t/stats.json, written by build_pseudolabels.py).
-A figure whose files are all absent is not written. Round t has the same colour in every figure.
-Without matplotlib it prints a one-line hint and exits 0: the figures are a view of the run, not part of it.
+A figure whose files are all absent is not written. Round t has the same colour in every figure. A summary, stats
+file or log line that is not what the stages write, or an output that cannot be written, is one line naming the file
+(exit 2); the table is still written when only the figures fail.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import math
+import os
 import re
+import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
@@ -66,28 +73,64 @@ def round_dirs(out: Path) -> dict[int, Path]:
 def load_train_logs(out: Path) -> dict[int, list[dict]]:
     """{t: the records of OUT/round_t/model/train_log.jsonl} for the rounds that have one."""
     logs = {}
+    keys = [k for k, _, _ in TRAINING_PANELS] + [k for k, _, _ in TIME_KEYS]
     for t, d in round_dirs(out).items():
+        path = d / "model" / "train_log.jsonl"
         try:
-            records = common.read_jsonl(d / "model" / "train_log.jsonl")
+            records = common.read_jsonl(path, with_lineno=True)
         except ValueError as e:
             common.die(str(e))
-        keys = [k for k, _, _ in TRAINING_PANELS] + [k for k, _, _ in TIME_KEYS]
+        for lineno, r in records:
+            if not (isinstance(r.get("step"), int) and not isinstance(r["step"], bool)):
+                common.die(f"{path}:{lineno}: no integer 'step' (every line grpo_train.py writes has one)")
+        records = [r for _, r in records]
         if records and not any(k in r for r in records for k in keys):
-            print(f"plot_run.py: skipping {d / 'model' / 'train_log.jsonl'}: none of the plotted keys ({keys[0]}, ...)")
+            print(f"plot_run.py: skipping {path}: none of the plotted keys ({keys[0]}, ...)")
         elif records:
             logs[t] = records
     return logs
 
 
+def objects(path: Path, value: Any, where: str = "") -> dict:
+    """`value` if it is a JSON object; else a one-line error naming the file (and the key where it is nested)."""
+    if not isinstance(value, dict):
+        common.die(f"{path}: {where or 'the file'} is not a JSON object ({type(value).__name__}); it was not "
+                   "written by the stages: delete it, or rerun the stage that writes it")
+    return value
+
+
 def load_summaries(out: Path) -> dict[int, dict]:
-    """{t: OUT/round_t/eval/summary.json} for the rounds that have one."""
-    return {t: common.read_json(d / "eval" / "summary.json") for t, d in round_dirs(out).items()
-            if (d / "eval" / "summary.json").exists()}
+    """{t: OUT/round_t/eval/summary.json} for the rounds that have one, checked to hold the objects read here."""
+    summaries = {}
+    for t, d in round_dirs(out).items():
+        path = d / "eval" / "summary.json"
+        if path.exists():
+            summary = objects(path, common.read_json(path))
+            parts = {**objects(path, summary.get("benchmarks", {}), "'benchmarks'"),
+                     "wavg": objects(path, summary.get("wavg", {}), "'wavg'")}
+            for name, values in parts.items():
+                objects(path, values, f"'{name}'")
+                objects(path, values.get("ci95") or {}, f"'{name}' 'ci95'")
+            summaries[t] = summary
+    return summaries
 
 
 def load_vote_stats(out: Path) -> dict[int, dict]:
-    """{t: OUT/round_t/stats.json} (build_pseudolabels.py --stats) for the rounds that have one."""
-    return {t: common.read_json(d / "stats.json") for t, d in round_dirs(out).items() if (d / "stats.json").exists()}
+    """{t: OUT/round_t/stats.json} (build_pseudolabels.py --stats) for the rounds that have one, checked likewise."""
+    stats = {}
+    for t, d in round_dirs(out).items():
+        path = d / "stats.json"
+        if path.exists():
+            s = objects(path, common.read_json(path))
+            for kind, part in objects(path, s.get("by_kind") or {}, "'by_kind'").items():
+                objects(path, part, f"'by_kind' '{kind}'")
+            for part in [s, *(s.get("by_kind") or {}).values()]:
+                hist = objects(path, part.get("majority_agreement_histogram") or {}, "'majority_agreement_histogram'")
+                if hist and not all(isinstance(hist.get(k), list) and all(map(finite, hist[k]))
+                                    for k in ("counts", "edges")):
+                    common.die(f"{path}: 'majority_agreement_histogram' needs number lists 'counts' and 'edges'")
+            stats[t] = s
+    return stats
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -200,34 +243,89 @@ def plot_votes(stats: dict[int, dict]):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# TRY NOT TO MODIFY: main
+# TRY NOT TO MODIFY: the results table, writing, main
 # ---------------------------------------------------------------------------------------------------------------------
+
+
+def results_table(summaries: dict[int, dict]) -> str:
+    """The markdown table: one row per round, SRCC and PLCC per benchmark and WAVG ("-" where undefined)."""
+    names = sorted({n for s in summaries.values() for n in s.get("benchmarks", {})})
+    fmt = lambda v: f"{v:.3f}" if finite(v) else "-"  # noqa: E731
+    rows = ["| round | " + " | ".join(f"{n} SRCC | {n} PLCC" for n in names + ["WAVG"]) + " |",
+            "|" + "---|" * (1 + 2 * (len(names) + 1))]
+    for t, s in summaries.items():
+        parts = [s.get("benchmarks", {}).get(n, {}) for n in names] + [s.get("wavg", {})]
+        cells = [f"{fmt(v.get('srcc'))} | {fmt(v.get('plcc'))}" for v in parts]
+        rows.append(f"| round_{t} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def write_results(out: Path, summaries: dict[int, dict]) -> None:
+    """OUT/results.md (the table, then links to the figures there are) and OUT/results.json; the table printed."""
+    table = results_table(summaries)
+    links = [f"![{name}](figures/{name}.png)" for name in ("correlations", "training", "votes")
+             if (out / "figures" / f"{name}.png").is_file()]
+    try:
+        common.write_lines_atomic(out / "results.md", [table + "\n" + "".join(f"\n{link}\n" for link in links)])
+        common.write_json_atomic(out / "results.json", {f"round_{t}": s for t, s in summaries.items()})
+    except OSError as e:
+        print(table)
+        common.die(f"{e.filename or out}: {e.strerror}; the table above was not written: fix the folder, then rerun "
+                   f"plot_run.py")
+    print(table)
+    print(f"written: {out / 'results.md'}, {out / 'results.json'}")
+
+
+def draw_figures(out: Path, summaries: dict[int, dict]) -> list[Path]:
+    """OUT/figures/NAME.png for every figure that has data; each written to a new temporary file, then renamed."""
+    figures = {"training": (plot_training, load_train_logs(out)), "correlations": (plot_correlations, summaries),
+               "votes": (plot_votes, load_vote_stats(out))}
+    folder = out / "figures"
+    if folder.exists() and not folder.is_dir() or folder.is_symlink():
+        raise NotADirectoryError(errno.ENOTDIR, "not a folder (a file or link is in its place)", str(folder))
+    folder.mkdir(exist_ok=True)
+    written = []
+    for name, (plot, data) in figures.items():
+        if data:
+            fig = plot(data)
+            with tempfile.NamedTemporaryFile(dir=folder, prefix=f".{name}.", suffix=".png", delete=False) as f:
+                try:
+                    fig.savefig(f, format="png", dpi=80)
+                except OSError:
+                    os.unlink(f.name)
+                    raise
+            plt.close(fig)
+            os.chmod(f.name, 0o644)  # readable like any output (a temporary file starts private)
+            Path(f.name).replace(folder / f"{name}.png")
+            written.append(folder / f"{name}.png")
+    return written
 
 
 def main(argv: Optional[list[str]] = None) -> list[Path]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out", help="the run's folder (run_evolution.sh's OUT)")
     out = Path(parser.parse_args(argv).out)
-    if plt is None:
-        print("plot_run.py: matplotlib is not installed, so no figures were written (pip install matplotlib)")
-        return []
     if not out.is_dir():
         common.die(f"{out}: no such run folder")
-    figures = {"training": (plot_training, load_train_logs(out)), "correlations": (plot_correlations,
-               load_summaries(out)), "votes": (plot_votes, load_vote_stats(out))}
-    (out / "figures").mkdir(exist_ok=True)
-    written = []
-    for name, (plot, data) in figures.items():
-        if data:
-            fig = plot(data)
-            path = out / "figures" / f"{name}.png"
-            fig.savefig(f"{path}.tmp.png", dpi=80)
-            Path(f"{path}.tmp.png").replace(path)
-            plt.close(fig)
-            written.append(path)
-    print("figures: " + (", ".join(map(str, written)) or f"none (no training logs, summaries or vote stats in {out})"))
+    try:
+        summaries, written, failed = load_summaries(out), [], None
+        if plt is None:
+            print("plot_run.py: matplotlib is not installed, so no figures were written (pip install matplotlib)")
+        else:
+            try:
+                written = draw_figures(out, summaries)
+                print("figures: " + (", ".join(map(str, written))
+                                     or f"none (no training logs, summaries or vote stats in {out})"))
+            except OSError as e:  # the table is still written
+                failed = f"{e.filename or out / 'figures'}: {e.strerror}"
+    except OSError as e:  # reading: a file the stages write is a folder, unreadable, ...
+        common.die(f"{e.filename or out}: {e.strerror}")
+    if summaries:
+        write_results(out, summaries)
+    if failed:
+        common.die(f"figures not written ({failed}); fix the folder, then rerun plot_run.py")
     return written
 
 
 if __name__ == "__main__":
-    main()
+    common.run_main(main)

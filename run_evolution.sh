@@ -4,14 +4,19 @@
 # with the previous round's checkpoint as the voter and the policy. Outputs go to OUT/round_t/.
 #
 #   bash run_evolution.sh                                   # CPU demo on the test bed's tiny base (README)
-#   MODEL=Qwen/Qwen2.5-VL-7B-Instruct IMAGES=/data/koniq10k/1024x768 POOL=/data/koniq_pool NPROC=8 FSDP=1 \
-#     BENCH="koniq=/data/koniq10k spaq=/data/SPAQ" EVAL_ARGS="--split set=test" bash run_evolution.sh   # the paper's
+#   bash run_evolution.sh MODEL=Qwen/Qwen2.5-VL-7B-Instruct POOL=/data/koniq_pool NPROC=8 FSDP=1 \
+#     BENCH="koniq=/data/koniq10k spaq=/data/SPAQ" EVAL_ARGS="--split set=test"     # the paper's (README)
 #
-# Settings (environment variables; echoed at start, forwarded as explicit flags; no stage reads the environment):
-#   MODEL   base model path or hub id           IMAGES  unlabeled pool: folder or list file (IMAGES_ROOT: its root)
-#   BENCH   space-separated NAME=FOLDER|FILE[@ROOT] (evaluate.py --bench)  ROUNDS 2  PAIRS 20000  K 32
-#   GROUP_SIZE 32 (G: rollouts per image in grpo_train.py; the paper's equal K)
-#   OUT     runs/NAME                           NPROC   1 = plain python, N > 1 = accelerate launch (torchrun on CPU)
+# Settings are NAME=VALUE arguments or environment variables of the same names (an argument wins). An argument
+# that names no setting is refused, and so is an environment variable that looks like a misspelt setting (G,
+# K_VOTES, NUM_PAIRS, FSDP_CONFIG, a lower-case or singular/plural form, ...: the table MISSPELT below), naming the
+# setting meant. Settings are echoed at start and forwarded as explicit flags; no stage reads the environment.
+#   MODEL   base model path or hub id (none: the demo)  IMAGES  unlabeled pool: folder or list file (IMAGES_ROOT: its
+#           root)                                       OUT     runs/NAME (the demo: runs/demo)
+#   BENCH   benchmarks of evaluate.py --bench, NAME=FOLDER|FILE[@ROOT] each: separated by spaces, or one per line
+#           (a BENCH holding a newline is split at newlines only: the way to give a path with spaces)
+#   ROUNDS 2   PAIRS 20000   K 32 (votes per pair)   GROUP_SIZE 32 (G: rollouts per image in grpo_train.py)
+#   NPROC   1 = plain python, N > 1 = accelerate launch (torchrun on CPU)
 #   SEED    0 (round t draws its pairs with SEED + t)
 #   REF     base: the KL reference is the base model in every round | round: the round's starting model
 #   FSDP    0 | 1: train with grpo_train.py --fsdp (FSDP2 sharding, for 7B)
@@ -21,8 +26,8 @@
 #           pairs are drawn over the whole pool (an assumption) and SYNTH_PAIRS same-reference pairs (two versions of
 #           one image) join them, as in the paper's round 2
 #   SYNTH_PAIRS  PAIRS / 4: 5000 beside the paper's 20000 (an assumption: the paper does not publish it)
-#   VOTES_ARGS, LABEL_ARGS, TRAIN_ARGS, EVAL_ARGS   extra flags appended to each stage
-#   The paper's run is these defaults with a POOL. The demo's: PAIRS 128, K 8, GROUP_SIZE 8 (SYNTH_PAIRS 32).
+#   VOTES_ARGS, LABEL_ARGS, TRAIN_ARGS, EVAL_ARGS   extra flags appended to each stage (split at spaces)
+# The paper's run is these defaults with a POOL; the demo's settings are the block "the demo" below.
 # Rerunning the same command skips finished stages and resumes a partial one; a finished run only prints the table
 # and draws the figures.
 # A finished stage's marker, OUT/round_t/.done_STAGE, records the settings it ran with: its command line from the .py
@@ -36,25 +41,57 @@
 #   - --batch-size, --micro-batch-size, --gradient-checkpointing, --save-every, --save-total-limit, --text/--no-text.
 # Paths are recorded as written: OUT moved or given another way (relative/absolute) is a changed setting.
 # One run at a time per OUT: the loop holds an exclusive lock on OUT/.lock (flock; it names the holder's pid and host).
-# At the end, plot_run.py draws OUT/figures/*.png (needs matplotlib; without it a hint, and the run still succeeds).
+# At the end, plot_run.py prints the results table (OUT/results.md, OUT/results.json) and draws OUT/figures/*.png
+# (with matplotlib; without it a hint, and the run still succeeds).
 set -euo pipefail
 cd "$(dirname "$0")"
 
 # TRY NOT TO MODIFY: settings ---------------------------------------------------------------------------------------
+SETTINGS=(MODEL IMAGES IMAGES_ROOT POOL BENCH ROUNDS PAIRS K GROUP_SIZE OUT NPROC SEED REF FSDP VARIANTS SYNTH_PAIRS
+          VOTES_ARGS LABEL_ARGS TRAIN_ARGS EVAL_ARGS)
+declare -A MISSPELT=(  # names another loop or a habit would use -> the setting meant
+  [G]=GROUP_SIZE [GROUP]=GROUP_SIZE [GROUPSIZE]=GROUP_SIZE [NUM_GENERATIONS]=GROUP_SIZE [ROLLOUTS]=GROUP_SIZE
+  [K_VOTES]=K [VOTES]=K [NUM_VOTES]=K [VOTES_PER_PAIR]=K [NUM_PAIRS]=PAIRS [N_PAIRS]=PAIRS [NUM_ROUNDS]=ROUNDS
+  [FSDP_CONFIG]=FSDP [SEEDS]=SEED [REF_MODEL]=REF [OUT_DIR]=OUT [OUTPUT_DIR]=OUT [MODEL_PATH]=MODEL
+  [BENCHMARK]=BENCH [BENCHMARKS]=BENCH [IMAGE_DIR]=IMAGES [IMAGES_DIR]=IMAGES [POOL_DIR]=POOL [NUM_PROCESSES]=NPROC
+  [SAME_REFERENCE_PAIRS]=SYNTH_PAIRS [VOTE_ARGS]=VOTES_ARGS [LABELS_ARGS]=LABEL_ARGS [EVALUATE_ARGS]=EVAL_ARGS)
+die() { echo "error: $*" >&2; exit 2; }
+is_setting() { [[ " ${SETTINGS[*]} " == *" $1 "* ]]; }
+meant() {  # meant NAME: the setting NAME looks like (MISSPELT, another case, one S more or less), or nothing
+  local upper=${1^^} candidate
+  [[ -n ${MISSPELT[$upper]:-} ]] && { echo "${MISSPELT[$upper]}"; return; }
+  for candidate in "$upper" "${upper%S}" "${upper}S"; do
+    is_setting "$candidate" && { echo "$candidate"; return; }
+  done
+  return 0
+}
+mapfile -t exported < <(compgen -e)
+for name in "${exported[@]}"; do
+  if ! is_setting "$name" && [[ -n $(meant "$name") ]]; then
+    die "$name is set, but the loop has no setting $name: did you mean $(meant "$name")? (unset $name; settings:" \
+      "${SETTINGS[*]})"
+  fi
+done
+for word in "$@"; do
+  name=${word%%=*} hint=
+  [[ $word == *=* && $name =~ ^[A-Za-z_][A-Za-z0-9_]*$ ]] || die "argument '$word' is not NAME=VALUE (a setting)"
+  if ! is_setting "$name"; then
+    hint=$(meant "$name")
+    die "argument $name=...: the loop has no setting $name${hint:+: did you mean $hint?} (settings: ${SETTINGS[*]})"
+  fi
+  printf -v "$name" '%s' "${word#*=}"
+done
+
 if [[ -n "${MODEL:-}" && -z "${IMAGES:-}" && -z "${POOL:-}" ]]; then
-  echo "error: MODEL is set but IMAGES is not: say which unlabeled images the model should vote on (or give POOL)" >&2
-  exit 2
+  die "MODEL is set but IMAGES is not: say which unlabeled images the model should vote on (or give POOL)"
 fi
 if [[ -z "${MODEL:-}" && -n "${IMAGES:-}${POOL:-}" ]]; then
-  echo "error: IMAGES or POOL is set but MODEL is not: say which model should vote (unset them for the demo)" >&2
-  exit 2
+  die "IMAGES or POOL is set but MODEL is not: say which model should vote (unset them for the demo)"
 fi
-DEMO=0
-if [[ -z "${MODEL:-}" ]]; then
+if [[ -z "${MODEL:-}" ]]; then  # the demo: the shipped tiny base on the synthetic world (demo/make_demo.py)
   DEMO=1
-  OUT=${OUT:-runs/demo}
-  ASSETS=$OUT/assets
-  MODEL=$ASSETS/base IMAGES=$ASSETS/pool BENCH=${BENCH:-synthetic=$ASSETS/bench/labels.jsonl}
+  OUT=${OUT:-runs/demo} ASSETS=$OUT/assets
+  MODEL=$ASSETS/base IMAGES=$ASSETS/pool BENCH=${BENCH:-"synthetic=$ASSETS/bench/labels.jsonl"$'\n'}  # one spec
   ROUNDS=${ROUNDS:-2} PAIRS=${PAIRS:-128} K=${K:-8} GROUP_SIZE=${GROUP_SIZE:-8}
   DEMO_FLAGS="--no-reasoning --max-new-tokens 10 --max-pixels 3136"
   DEMO_PPS=$(( PAIRS >= 24 ? 8 : (PAIRS >= 3 ? PAIRS / 3 : 1) ))  # tiny PAIRS (tests) still give >= 1 GRPO step
@@ -62,33 +99,50 @@ if [[ -z "${MODEL:-}" ]]; then
   LABEL_ARGS="${LABEL_ARGS:-}"
   TRAIN_ARGS="$DEMO_FLAGS --pairs-per-step $DEMO_PPS --lr 1e-4 --warmup-steps 1 --beta 0.02 --micro-batch-size 256 --save-every 5 ${TRAIN_ARGS:-}"
   EVAL_ARGS="$DEMO_FLAGS --batch-size 64 --samples 8 --no-text ${EVAL_ARGS:-}"
+else  # the paper's run (Qwen2.5-VL-7B-Instruct, 8 GPUs)
+  DEMO=0
+  OUT=${OUT:-runs/$(basename "${MODEL%/}")}
+  ROUNDS=${ROUNDS:-2} PAIRS=${PAIRS:-20000} K=${K:-32} GROUP_SIZE=${GROUP_SIZE:-32}
 fi
-ROUNDS=${ROUNDS:-2} PAIRS=${PAIRS:-20000} K=${K:-32} GROUP_SIZE=${GROUP_SIZE:-32} SEED=${SEED:-0} REF=${REF:-base}
-NPROC=${NPROC:-1} OUT=${OUT:-runs/$(basename "${MODEL%/}")} BENCH=${BENCH:-} FSDP=${FSDP:-0}
-IMAGES=${IMAGES:-} POOL=${POOL:-} VARIANTS=${VARIANTS:-10} SYNTH_PAIRS=${SYNTH_PAIRS:-$(( PAIRS / 4 ))}
+SYNTH_PAIRS=${SYNTH_PAIRS:-$(( PAIRS / 4 ))} SEED=${SEED:-0} REF=${REF:-base} NPROC=${NPROC:-1} FSDP=${FSDP:-0}
+BENCH=${BENCH:-} IMAGES=${IMAGES:-} POOL=${POOL:-} VARIANTS=${VARIANTS:-10}
 VOTES_ARGS=${VOTES_ARGS:-} LABEL_ARGS=${LABEL_ARGS:-} TRAIN_ARGS=${TRAIN_ARGS:-} EVAL_ARGS=${EVAL_ARGS:-}
-[[ "$REF" == base || "$REF" == round ]] || { echo "error: REF must be 'base' or 'round', not '$REF'" >&2; exit 2; }
-[[ "$FSDP" == 0 || "$FSDP" == 1 ]] || { echo "error: FSDP must be 0 or 1, not '$FSDP'" >&2; exit 2; }
+[[ "$REF" == base || "$REF" == round ]] || die "REF must be 'base' or 'round', not '$REF'"
+[[ "$FSDP" == 0 || "$FSDP" == 1 ]] || die "FSDP must be 0 or 1, not '$FSDP'"
 if [[ -n $POOL && -z $IMAGES && ! ( -f $POOL/manifest.jsonl && -f $POOL/references.txt ) ]]; then
-  echo "error: POOL $POOL holds no manifest.jsonl and references.txt: build it with make_pool.py, or set IMAGES to" \
-    "build it here" >&2
-  exit 2
+  die "POOL $POOL holds no manifest.jsonl and references.txt: build it with make_pool.py, or set IMAGES to build it" \
+    "here"
 fi
+if [[ $BENCH == *$'\n'* ]]; then mapfile -t bench_specs <<< "$BENCH"; else read -ra bench_specs <<< "$BENCH"; fi
+benches=() bench_flags=()
+for spec in "${bench_specs[@]}"; do
+  spec=${spec#"${spec%%[![:space:]]*}"} spec=${spec%"${spec##*[![:space:]]}"}  # blanks around a line's spec
+  [[ -z $spec ]] && continue
+  [[ $spec =~ ^[^=/[:space:]]+=. ]] || die "BENCH: '$spec' is not NAME=FOLDER|FILE[@ROOT] (a path with spaces: one" \
+    "spec per line)"
+  benches+=("$spec") bench_flags+=(--bench "$spec")
+done
 
-# one run per OUT: the lock lives as long as this shell and the stages it started (they inherit the descriptor)
-command -v flock > /dev/null || { echo "error: run_evolution.sh needs flock (util-linux) to lock OUT" >&2; exit 2; }
+# one run per OUT: the lock lives as long as this shell and the stages it started (they inherit the descriptor).
+# OUT/.lock must be a plain file: a link, folder or FIFO planted there is refused, never opened for writing through;
+# the note it holds is read bounded, as bytes, and written through the locked descriptor itself.
+command -v flock > /dev/null || die "run_evolution.sh needs flock (util-linux) to lock OUT"
 mkdir -p "$OUT"
-exec 9<>"$OUT/.lock"
+LOCK=$OUT/.lock
+plain_file() { [[ ! -L $1 && ( ! -e $1 || -f $1 ) ]]; }
+plain_file "$LOCK" || die "$LOCK is not a plain file (a link, folder or device): remove it, then rerun"
+exec 9<>"$LOCK"
+[[ ! -L $LOCK && $(stat -L -c %d:%i -- "$LOCK") == $(stat -L -c %d:%i /proc/$$/fd/9) ]] ||
+  die "$LOCK changed while it was opened: remove it, then rerun"
+lock_note() { head -c 200 "/proc/$$/fd/9" | tr -d '\n' | LC_ALL=C tr -c '[:print:]' '?'; }
 if ! flock -n 9; then
-  owner=$(<"$OUT/.lock")
-  echo "error: $OUT is in use by another run_evolution.sh or a stage it started (${owner:-its pid and host not yet" \
-    "written}); wait for it to end, or use another OUT" >&2
-  exit 2
+  die "$OUT is in use by another run_evolution.sh or a stage it started ($(lock_note | grep . ||
+    echo its pid and host not yet written)); wait for it to end, or use another OUT"
 fi
-owner=$(<"$OUT/.lock")
-[[ -n $owner ]] && echo "note: taking over $OUT/.lock, left by a run that ended without releasing it ($owner)"
-printf 'pid %s on host %s\n' "$$" "${HOSTNAME:-$(uname -n)}" > "$OUT/.lock"
-trap ': > "$OUT/.lock"' EXIT  # released by the kernel in any case; emptied so that the next run knows it ended well
+owner=$(lock_note)
+[[ -n $owner ]] && echo "note: taking over $LOCK, left by a run that ended without releasing it ($owner)"
+printf 'pid %s on host %s\n' "$$" "${HOSTNAME:-$(uname -n)}" > "/proc/$$/fd/9"
+trap ': > "/proc/$$/fd/9"' EXIT  # released by the kernel in any case; emptied so that the next run knows it ended well
 
 if [[ $DEMO == 1 ]]; then
   echo "== DEMO: the real loop on the CPU test bed's shipped base (demo/base, a 0.71 M-parameter Qwen2.5-VL warm-started"
@@ -103,9 +157,10 @@ if [[ $DEMO == 1 ]]; then
 fi
 if [[ -z $IMAGES ]]; then IMAGES_ROOT=; elif [[ -d "$IMAGES" ]]; then IMAGES_ROOT=${IMAGES_ROOT:-$IMAGES}
 else IMAGES_ROOT=${IMAGES_ROOT:-$(dirname "$IMAGES")}; fi
-for name in MODEL IMAGES IMAGES_ROOT POOL BENCH ROUNDS PAIRS K GROUP_SIZE OUT NPROC SEED REF FSDP VARIANTS SYNTH_PAIRS \
-    VOTES_ARGS LABEL_ARGS TRAIN_ARGS EVAL_ARGS; do
-  printf '%-12s %s\n' "$name" "${!name}"
+for name in "${SETTINGS[@]}"; do
+  if [[ $name != BENCH ]]; then printf '%-12s %s\n' "$name" "${!name}"; continue; fi
+  printf '%-12s %s\n' BENCH "${benches[0]:-}"
+  for spec in "${benches[@]:1}"; do printf '%-12s %s\n' "" "$spec"; done  # one benchmark a line
 done
 
 # launcher: several processes through accelerate on GPUs; on CPU accelerate starts only one, so torchrun there
@@ -118,9 +173,6 @@ if (( NPROC > 1 )); then
   fi
 fi
 (( FSDP )) && TRAIN_ARGS="--fsdp $TRAIN_ARGS"  # grpo_train.py shards the policy itself (same launcher)
-
-bench_flags=()
-for spec in $BENCH; do bench_flags+=(--bench "$spec"); done
 
 # stage_settings NAME CMD...: the words that define what a stage computes, one per line (see the header)
 stage_settings() {
@@ -138,42 +190,53 @@ stage_settings() {
   done
 }
 
+# read_flags MAP ORDER < WORDS: MAP[flag] = the value words after it, each ended by \x1f (a NAME=VALUE word is flag
+# NAME with one value; the words before the first flag are "script"); ORDER: the flags as first seen
+read_flags() {
+  local -n map=$1 order=$2
+  local word key=script
+  while IFS= read -r word; do
+    [[ -z $word ]] && continue
+    if [[ $word =~ ^[A-Z_]+= ]]; then
+      [[ -n ${map[${word%%=*}]+set} ]] || order+=("${word%%=*}")
+      map[${word%%=*}]=${word#*=}$'\x1f'
+      continue
+    fi
+    [[ $word == --* ]] && key=${word%%=*}
+    [[ -n ${map[$key]+set} ]] || { map[$key]=; order+=("$key"); }
+    if [[ $word != --* ]]; then map[$key]+=$word$'\x1f'; elif [[ $word == *=?* ]]; then map[$key]+=${word#*=}$'\x1f'; fi
+  done
+}
+
 # changed_flags MARKER SETTINGS: "FLAG: OLD -> NEW" for each flag whose values differ ("; "-separated; empty if none)
 changed_flags() {
-  python - "$1" "$2" <<'PY'
-import re, sys
-
-def flags(words):  # flag (or NAME of a NAME=VALUE word, or "script" before the first flag) -> its value words
-    out, key = {}, "script"
-    for word in filter(None, words):
-        if word.startswith("--"):
-            key, _, value = word.partition("=")
-            out.setdefault(key, []).extend([value] if value else [])
-        elif re.fullmatch(r"[A-Z_]+=.*", word):
-            name, _, value = word.partition("=")
-            out[name] = [value]
-        else:
-            out.setdefault(key, []).append(word)
-    return out
-
-old, new = flags(open(sys.argv[1]).read().split("\n")), flags(sys.argv[2].split("\n"))
-show = lambda v: "(absent)" if v is None else " ".join(v) or "(set)"
-print("; ".join(f"{k}: {show(old.get(k))} -> {show(new.get(k))}" for k in dict.fromkeys([*old, *new])
-                if old.get(k) != new.get(k)))
-PY
+  local -A old=() new=() seen=()
+  local -a keys=()
+  local key show_old show_new joined=
+  read_flags old keys < "$1"
+  read_flags new keys <<< "$2"
+  for key in "${keys[@]}"; do
+    [[ -n ${seen[$key]+set} ]] && continue
+    seen[$key]=1
+    [[ ${old[$key]+set} == "${new[$key]+set}" && ${old[$key]-} == "${new[$key]-}" ]] && continue
+    show_old=${old[$key]-(absent)} show_new=${new[$key]-(absent)}
+    show_old=${show_old:-(set)} show_new=${show_new:-(set)}
+    show_old=${show_old//$'\x1f'/ } show_new=${show_new//$'\x1f'/ }
+    joined+="${joined:+; }$key: ${show_old% } -> ${show_new% }"
+  done
+  echo "$joined"
 }
 
 # run_stage NAME DIR CMD...: skip when DIR/.done_NAME records the same settings, refuse when it records others;
 # else run with a log, and write the marker only at the end
 run_stage() {
   local name=$1 dir=$2; shift 2
-  local log=$dir/logs/$name.log marker=$dir/.done_$name settings changes
+  local log=$dir/logs/$name.log marker=$dir/.done_$name settings changes tmp
   settings=$(stage_settings "$name" "$@")
   if [[ -f $marker ]]; then
     changes=$([[ $(<"$marker") == "$settings" ]] || changed_flags "$marker" "$settings")
     if [[ -n $changes ]]; then
-      echo "error: stage '$name' in $dir finished with other settings ($changes); restore them, or use another OUT" >&2
-      exit 2
+      die "stage '$name' in $dir finished with other settings ($changes); restore them, or use another OUT"
     fi
     echo "  [skip] $name (done)"; return
   fi
@@ -185,12 +248,13 @@ run_stage() {
     tail -n 5 "$log" >&2
     exit 1
   fi
-  printf '%s\n' "$settings" > "$marker.tmp" && mv "$marker.tmp" "$marker"
+  tmp=$(mktemp "$marker.XXXXXX")  # a new file of its own: never one planted at a fixed temporary name
+  printf '%s\n' "$settings" > "$tmp" && mv "$tmp" "$marker"
   echo "  [done] $name  $((SECONDS - start)) s"
 }
 
 # ALGO LOGIC: the evolution loop ------------------------------------------------------------------------------------
-if [[ -n "$BENCH" ]]; then
+if (( ${#bench_flags[@]} )); then
   echo "round 0: evaluate the base model"
   run_stage evaluate "$OUT/round_0" "${launch[@]}" evaluate.py --model "$MODEL" "${bench_flags[@]}" \
     --out "$OUT/round_0/eval" $EVAL_ARGS
@@ -228,47 +292,21 @@ for (( t = 1; t <= ROUNDS; t++ )); do
     --pseudolabels "$R/pseudolabels.jsonl" --images-root "$root" --out "$R/model" --group-size "$GROUP_SIZE" \
     --seed $((SEED + t)) --resume $TRAIN_ARGS
   rm -rf "$R/model/checkpoints"  # the round is finished: keep its model, drop the optimizer states
-  if [[ -n "$BENCH" ]]; then
+  if (( ${#bench_flags[@]} )); then
     run_stage evaluate "$R" "${launch[@]}" evaluate.py --model "$R/model" "${bench_flags[@]}" --out "$R/eval" $EVAL_ARGS
   fi
   current=$R/model
 done
 
-# TRY NOT TO MODIFY: figures and the results table -------------------------------------------------------------------
-python plot_run.py "$OUT" || echo "warning: plot_run.py failed (see above), so OUT/figures may be stale; the run" \
-  "itself is complete" >&2
-[[ -n "$BENCH" ]] && python - "$OUT" "$ROUNDS" <<'PY'
-import json, math, sys
-from pathlib import Path
-
-out, rounds = Path(sys.argv[1]), int(sys.argv[2])
-results, rows = {}, []
-for t in range(rounds + 1):
-    summary = out / f"round_{t}" / "eval" / "summary.json"
-    if summary.exists():
-        results[f"round_{t}"] = json.loads(summary.read_text())
-names = sorted({name for s in results.values() for name in s["benchmarks"]})
-fmt = lambda v: "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
-header = "| round | " + " | ".join(f"{n} SRCC | {n} PLCC" for n in names + ["WAVG"]) + " |"
-rows = [header, "|" + "---|" * (1 + 2 * (len(names) + 1))]
-for key, s in results.items():
-    cells = [f"{fmt(s['benchmarks'].get(n, {}).get('srcc'))} | {fmt(s['benchmarks'].get(n, {}).get('plcc'))}" for n in names]
-    cells.append(f"{fmt(s['wavg'].get('srcc'))} | {fmt(s['wavg'].get('plcc'))}")
-    rows.append(f"| {key} | " + " | ".join(cells) + " |")
-table = "\n".join(rows)
-figures = [f"![{name}](figures/{name}.png)" for name in ("correlations", "training", "votes")
-           if (out / "figures" / f"{name}.png").exists()]
-(out / "results.md").write_text(table + "\n" + "".join(f"\n{link}\n" for link in figures))
-(out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-print(table)
-print(f"written: {out / 'results.md'}, {out / 'results.json'}")
-PY
+# TRY NOT TO MODIFY: the results table and the figures (plot_run.py reads every round's summary, log and stats) ------
+python plot_run.py "$OUT" || echo "warning: plot_run.py failed (see above), so OUT/results.md or OUT/figures may be" \
+  "stale; the run itself is complete" >&2
 if [[ $DEMO == 1 ]]; then
   echo "== DEMO finished: the real loop ran end to end on a SYNTHETIC world (image quality = noise level of procedural"
   echo "== images), not KonIQ. The shipped base (demo/base/REPRODUCE.md) was built so that the paper's premise holds:"
   echo "== one of its sampled votes is right on ~.64 of held-out pairs, the majority of 16 on ~.83, while its absolute"
   echo "== scores carry a content bias (as a VLM's do; SRCC ~.47). GRPO toward the K-vote majority then lifts its"
   echo "== scores: SRCC rising round over round is the method's mechanism at work, not evidence about the size of the"
-  echo "== paper's gains on real images. Controls (K = 1, oracle labels, 3 seeds): demo/README.md."
+  echo "== paper's gains on real images. Controls (K = 1, oracle labels, 3 seeds): experiments/README.md."
 fi
 exit 0

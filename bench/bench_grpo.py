@@ -169,8 +169,8 @@ def main() -> None:
     parser.add_argument("--against", default=None, help="a commit whose grpo_train.py runs first, on the same steps")
     parser.add_argument("--size", choices=sorted(SIZES), default="tiny", help="model: the tiny one or a 30 M one")
     a = parser.parse_args()
-    from demo.synthetic import write_set
-    from demo.tiny_models import build_tiny_checkpoint
+    from fixtures.synthetic import write_set
+    from fixtures.tiny_models import build_tiny_checkpoint
 
     import torch
 

@@ -10,7 +10,7 @@ repeats alternate generate/sample and the medians are printed. Beside seconds an
 PREFILLED per generated sequence (padding included: it is computed) and vision patches ENCODED per image shown,
 counted by forward pre-hooks on the language model and the vision tower.
 
-Model sizes (random Qwen2.5-VL weights built from config like demo/tiny_models.py, cached under demo/cache/):
+Model sizes (random Qwen2.5-VL weights built from config like fixtures/tiny_models.py, cached in runs/bench_cache/):
   tiny  the tests' default model (text 64 x 2, images capped at 56 px: 4 tokens each): overhead-dominated;
   30m   text 512 x 8 layers, vision 256 x 4, 448 px images (256 tokens each): compute-dominated on a CPU, a stand-in
         for 7B's prefill-heavy regime on a GPU (24 M parameters with the tiny tokenizer's vocabulary). With other
@@ -32,7 +32,7 @@ import common  # noqa: E402
 import prompts  # noqa: E402
 import sampling  # noqa: E402
 
-SIZES = {  # name: (checkpoint dims for demo.tiny_models.build_tiny_checkpoint, synthetic image side in pixels)
+SIZES = {  # name: (checkpoint dims for fixtures.tiny_models.build_tiny_checkpoint, synthetic image side in pixels)
     "tiny": ({}, 112),
     "30m": (dict(text_hidden=512, text_layers=8, vision_hidden=256, vision_depth=4, max_pixels=448 * 448), 448),
 }
@@ -42,11 +42,11 @@ def load_size(size: str, n_images: int):
     """(model, processor, images, description) for a model size; the checkpoint and images are built once."""
     import torch
 
-    from demo.synthetic import write_set
-    from demo.tiny_models import build_tiny_checkpoint
+    from fixtures.synthetic import write_set
+    from fixtures.tiny_models import build_tiny_checkpoint
 
     dims, side = SIZES[size]
-    cache = ROOT / "demo" / "cache" / f"bench_{size}"
+    cache = ROOT / "runs" / "bench_cache" / f"bench_{size}"
     if not (cache / "model" / "config.json").exists():
         build_tiny_checkpoint(cache / "model", "qwen2_5_vl", **dims)
     if len(list((cache / "images").glob("*.png"))) < n_images:

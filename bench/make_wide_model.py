@@ -1,6 +1,6 @@
 """make_wide_model: the inputs of bench/gpu_check.sh. A random Qwen2.5-VL with Qwen2.5-VL-7B's widths (hidden 3584,
 vocabulary 152064, vision 1280) but few layers, so that a full fine-tune fits one GPU; the tokenizer and processor of
-demo/tiny_models.py (max_pixels of the real Qwen2.5-VL, so a 1024 x 768 image gives the real 999 image tokens);
+fixtures/tiny_models.py (max_pixels of the real Qwen2.5-VL, so a 1024 x 768 image gives the real 999 image tokens);
 KonIQ-sized synthetic JPEGs and a pseudolabels.jsonl whose pairs are disjoint (every step rolls out 2 x pairs images).
 
     python bench/make_wide_model.py OUT [--text-layers 4] [--vision-depth 4] [--pairs 12] [--device cuda]
@@ -27,9 +27,9 @@ sys.path.insert(0, str(ROOT / "bench"))
 import common  # noqa: E402
 import prompts  # noqa: E402
 import memory_plan  # noqa: E402
-from demo.tiny_models import build_processor, build_tokenizer  # noqa: E402
+from fixtures.tiny_models import build_processor, build_tokenizer  # noqa: E402
 
-CONFIG_7B = ROOT / "configs" / "qwen2_5_vl_7b_config.json"
+CONFIG_7B = ROOT / "bench" / "qwen2_5_vl_7b_config.json"
 
 
 def wide_config(tokenizer, text_layers: int, vision_depth: int, source: Path = CONFIG_7B):

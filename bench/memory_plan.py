@@ -1,6 +1,6 @@
 """memory_plan: the per-GPU and host memory plan of grpo_train.py's FSDP2 path, from a model's config.json alone.
 
-    python bench/memory_plan.py --config configs/qwen2_5_vl_7b_config.json --gpus 8 --gpu-gib 80 \\
+    python bench/memory_plan.py --config bench/qwen2_5_vl_7b_config.json --gpus 8 --gpu-gib 80 \\
         --micro-batch-size 4 --group-size 8 --pairs-per-step 4 --max-new-tokens 512 --gradient-checkpointing
 
 Parameters are counted exactly from the config (every weight and bias of a Qwen2.5-VL, by its HF name and shape) and

@@ -1,8 +1,8 @@
 """Assets of the CPU demo that `bash run_evolution.sh` runs with no settings.
 
 The base is the test bed's SHIPPED base, demo/base/ (a 0.71 M-parameter Qwen2.5-VL of the real architecture,
-warm-started on the synthetic "noise" world by demo/warmstart.py; demo/base/REPRODUCE.md holds the command, settings
-and sha256), copied to OUT/base. Plus a pool of unlabeled synthetic images (their true quality goes to
+warm-started on the synthetic "noise" world by experiments/warmstart.py; demo/base/REPRODUCE.md holds the command,
+settings and sha256), copied to OUT/base. Plus a pool of unlabeled synthetic images (their true quality goes to
 OUT/pool.labels.jsonl, OUTSIDE the pool folder: no stage reads it) and a held-out synthetic benchmark with a known
 quality (OUT/bench/labels.jsonl, read only by evaluate.py).
 
@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from demo.synthetic import write_set  # noqa: E402
+from fixtures.synthetic import write_set  # noqa: E402
 
 SHIPPED_BASE = Path(__file__).resolve().parent / "base"
 WORLD, SIZE = "noise", 56  # the world and image side the shipped base was warm-started on

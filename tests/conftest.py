@@ -16,7 +16,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> str:
     """A tiny random Qwen2.5-VL checkpoint folder (the real classes, saved with save_pretrained)."""
-    from demo.tiny_models import build_tiny_checkpoint
+    from fixtures.tiny_models import build_tiny_checkpoint
 
     return str(build_tiny_checkpoint(tmp_path_factory.mktemp("tiny_qwen2_5_vl"), "qwen2_5_vl"))
 
@@ -24,7 +24,7 @@ def tiny_model_dir(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def demo_pool(tmp_path_factory) -> Path:
     """12 synthetic unlabeled-pool images (112 px PNGs) and their labels.jsonl."""
-    from demo.synthetic import write_set
+    from fixtures.synthetic import write_set
 
     return write_set(tmp_path_factory.mktemp("pool"), "pool", 12)
 
@@ -32,6 +32,6 @@ def demo_pool(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def demo_bench(tmp_path_factory) -> Path:
     """12 synthetic benchmark images with a known MOS in labels.jsonl ({"image", "mos"} lines)."""
-    from demo.synthetic import write_set
+    from fixtures.synthetic import write_set
 
     return write_set(tmp_path_factory.mktemp("bench"), "bench", 12)

@@ -21,7 +21,7 @@ import common
 import sampling
 import benchmarks
 import evaluate
-from demo.synthetic import make_image
+from fixtures.synthetic import make_image
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -386,7 +386,7 @@ def test_parse_args():
 def test_tiny_checkpoint_round_trip(tmp_path, arch):
     import torch
 
-    from demo.tiny_models import build_model, build_tiny_checkpoint, build_tokenizer
+    from fixtures.tiny_models import build_model, build_tiny_checkpoint, build_tokenizer
 
     path = build_tiny_checkpoint(tmp_path / arch, arch)
     model, processor = common.load_model(str(path)), common.load_processor(str(path))

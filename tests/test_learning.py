@@ -5,10 +5,11 @@ the SRCC of the model's scores on a HELD-OUT benchmark by a clear margin, and th
 sign or a log-prob of the wrong token; this test does: each of them erases the gap between the two arms.
 
 The shipped base perceives the noise world (held-out compare accuracy .95 greedy) but its absolute scores were
-warm-started with content-biased labels (demo/warmstart.py score_label), so the SRCC of its scores is only ~.47 here:
-there is room both ways, and the fidelity reward on pairs must move the absolute scores of images it never trained on.
-Images: the noise world at 56 px (4 image tokens); the pool's true quality stays outside the pool folder, which is
-all grpo_train.py sees. Evaluation: SRCC of the mean of 8 sampled scores per bench image, mean of 2 sampling seeds."""
+warm-started with content-biased labels (experiments/warmstart.py score_label), so the SRCC of its scores is only ~.47
+here: there is room both ways, and the fidelity reward on pairs must move the absolute scores of images it never
+trained on. Images: the noise world at 56 px (4 image tokens); the pool's true quality stays outside the pool folder,
+which is all grpo_train.py sees. Evaluation: SRCC of the mean of 8 sampled scores per bench image, mean of 2 sampling
+seeds."""
 
 import os
 import subprocess
@@ -22,8 +23,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import common  # noqa: E402
-from demo import oracle as O  # noqa: E402
-from demo.synthetic import write_set  # noqa: E402
+from fixtures import ground_truth as truth  # noqa: E402
+from fixtures.synthetic import write_set  # noqa: E402
 
 BASE = ROOT / "demo" / "base"
 POOL, BENCH, PER_STEP, STEPS, G, LR, BETA = 64, 128, 8, 12, 8, 2e-4, 0.02
@@ -65,15 +66,15 @@ def test_oracle_labels_raise_heldout_srcc_and_reversed_labels_lower_it(tmp_path,
     os.replace(pool / "labels.jsonl", tmp_path / "pool_labels.jsonl")  # grpo_train.py sees the images only
     write_set(bench, "bench", BENCH, 56, "noise")
     quality = {r["image"]: r["mos"] for r in common.read_jsonl(tmp_path / "pool_labels.jsonl")}
-    pairs = O.oracle_pairs(quality, PER_STEP * STEPS, seed=SEED)  # one epoch of exactly STEPS steps
+    pairs = truth.oracle_pairs(quality, PER_STEP * STEPS, seed=SEED)  # one epoch of exactly STEPS steps
     assert sum(p != 0.5 for _, _, p in pairs) >= 0.7 * len(pairs)
-    sets = {"bench": O.load_set(bench, common.read_jsonl(bench / "labels.jsonl"))}
-    srcc = {"base": O.srcc_table(str(BASE), sets, 8, 2, 3136, 10)["bench"]["srcc"]}
+    sets = {"bench": truth.load_set(bench, common.read_jsonl(bench / "labels.jsonl"))}
+    srcc = {"base": truth.srcc_table(str(BASE), sets, 8, 2, 3136, 10)["bench"]["srcc"]}
     for arm in ("oracle", "reversed"):
-        O.write_pseudolabels(tmp_path / f"{arm}.jsonl", pairs, reverse=arm == "reversed")
+        truth.write_pseudolabels(tmp_path / f"{arm}.jsonl", pairs, reverse=arm == "reversed")
         grpo(tmp_path / arm, tmp_path / f"{arm}.jsonl", pool)
         assert len(common.read_jsonl(tmp_path / arm / "train_log.jsonl")) == STEPS
-        srcc[arm] = O.srcc_table(str(tmp_path / arm), sets, 8, 2, 3136, 10)["bench"]["srcc"]
+        srcc[arm] = truth.srcc_table(str(tmp_path / arm), sets, 8, 2, 3136, 10)["bench"]["srcc"]
     print(srcc)
     assert np.isfinite(list(srcc.values())).all()
     assert srcc["oracle"] > srcc["base"] + GAIN, srcc

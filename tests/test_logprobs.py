@@ -17,7 +17,7 @@ GRAD_TOL = 1e-5  # relative to the parameter gradient's largest entry
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory) -> dict:
-    from demo.tiny_models import build_tiny_checkpoint
+    from fixtures.tiny_models import build_tiny_checkpoint
 
     return {arch: str(build_tiny_checkpoint(tmp_path_factory.mktemp(arch), arch)) for arch in ARCHS}
 

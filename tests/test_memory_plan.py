@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 import memory_plan as mp  # noqa: E402
 
-CONFIG_7B = ROOT / "configs" / "qwen2_5_vl_7b_config.json"
+CONFIG_7B = ROOT / "bench" / "qwen2_5_vl_7b_config.json"
 
 
 def settings(**kw) -> mp.Settings:
@@ -121,7 +121,7 @@ def test_activation_estimates_equal_saved_tensors_of_a_real_layer_and_block(tiny
 def test_image_patches_equal_the_real_processor(tiny):
     from PIL import Image
 
-    from demo.tiny_models import build_processor, build_tokenizer
+    from fixtures.tiny_models import build_processor, build_tokenizer
 
     cfg = tiny[0]
     s = settings(image_width=1024, image_height=768)

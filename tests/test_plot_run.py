@@ -1,4 +1,5 @@
-"""plot_run.py: every plotted point equals its log line, one colour per round, a run without matplotlib succeeds."""
+"""plot_run.py: the results table equals the summaries, every plotted point equals its log line, one colour per round;
+a run without matplotlib still gets its table; bad inputs and unwritable outputs are one line, never a traceback."""
 
 import json
 import subprocess
@@ -77,7 +78,8 @@ def test_training_curves_equal_the_log(run):
         for key in KEYS:
             line = lines[f"round_{t}:{key}"]
             expected = [(r["step"], r[key]) for r in records if r[key] is not None]
-            assert list(zip(line.get_xdata(), line.get_ydata())) == pytest.approx(expected)
+            assert list(line.get_xdata()) == [step for step, _ in expected]
+            assert list(line.get_ydata()) == pytest.approx([value for _, value in expected])
             assert to_rgba(line.get_color()) == to_rgba(f"C{t}")
     assert len(lines["round_1:reward/std"].get_xdata()) == 4  # the null step is left out
     titles = [ax.get_title() for ax in fig.axes]
@@ -150,11 +152,106 @@ def test_corrupt_summary_is_one_line_naming_the_file(run):
     assert len(result.stderr.strip().splitlines()) == 1
 
 
-def test_without_matplotlib_prints_a_hint_and_succeeds(run):
+def test_without_matplotlib_prints_a_hint_and_the_table(run):
     script = ("import sys, runpy; sys.modules['matplotlib'] = None; sys.argv = ['plot_run.py', sys.argv[1]]; "
               "runpy.run_path('plot_run.py', run_name='__main__')")
     result = subprocess.run([sys.executable, "-c", script, str(run)], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+    table = (run / "results.md").read_text().strip()
     assert result.stdout.splitlines() == ["plot_run.py: matplotlib is not installed, so no figures were written "
-                                          "(pip install matplotlib)"]
-    assert not (run / "figures").exists()
+                                          "(pip install matplotlib)", *table.splitlines(),
+                                          f"written: {run / 'results.md'}, {run / 'results.json'}"]
+    assert not (run / "figures").exists() and "figures/" not in table
+
+
+def test_results_table_equals_the_summaries(run):
+    plot_run.main([str(run)])
+    summaries = {f"round_{t}": json.loads((run / f"round_{t}" / "eval" / "summary.json").read_text()) for t in range(3)}
+    assert json.loads((run / "results.json").read_text()) == summaries
+    lines = (run / "results.md").read_text().splitlines()
+    assert lines[:2] == ["| round | koniq SRCC | koniq PLCC | spaq SRCC | spaq PLCC | WAVG SRCC | WAVG PLCC |",
+                         "|---|---|---|---|---|---|---|"]
+    for line, (key, s) in zip(lines[2:5], summaries.items()):
+        parts = [s["benchmarks"]["koniq"], s["benchmarks"]["spaq"], s["wavg"]]
+        cells = [f"{v[m]:.3f}" if v[m] is not None else "-" for v in parts for m in ("srcc", "plcc")]
+        assert line == f"| {key} | " + " | ".join(cells) + " |"
+    assert lines[5:] == ["", "![correlations](figures/correlations.png)", "", "![training](figures/training.png)",
+                         "", "![votes](figures/votes.png)"]
+
+
+def plot(out: Path, read_only: Path | None = None) -> subprocess.CompletedProcess:
+    """python plot_run.py OUT, with every write under `read_only` failing as on a read-only file system (an audit
+    hook: a root user, as in CI containers, writes through any permission bit)."""
+    script = (
+        "import errno, os, runpy, sys\n"
+        "folder = sys.argv.pop(2)\n"
+        "def inside(path):\n"
+        "    path = os.path.abspath(os.fsdecode(path))\n"
+        "    return path == folder or path.startswith(folder + os.sep)\n"
+        "def hook(event, args):\n"
+        "    writes = args[2] & (os.O_WRONLY | os.O_RDWR | os.O_CREAT) if event == 'open' else True\n"
+        "    paths = args[:2] if event == 'os.rename' else args[:1]\n"
+        "    if event in ('open', 'os.mkdir', 'os.rename', 'os.remove', 'os.chmod') and writes and any(\n"
+        "            isinstance(p, (str, bytes, os.PathLike)) and inside(p) for p in paths):\n"
+        "        raise OSError(errno.EROFS, os.strerror(errno.EROFS), os.fsdecode(paths[0]))\n"
+        "if folder:\n"
+        "    sys.addaudithook(hook)\n"
+        "sys.argv = ['plot_run.py', sys.argv[1]]\n"
+        "runpy.run_path('plot_run.py', run_name='__main__')\n")
+    return subprocess.run([sys.executable, "-c", script, str(out), str(read_only or "")], cwd=ROOT,
+                          capture_output=True, text=True)
+
+
+def one_error_line(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert len(result.stderr.splitlines()) == 1 and result.stderr.startswith("error: "), result.stderr
+    return result.stderr.strip()
+
+
+def test_read_only_run_folder_is_one_line(run):
+    result = plot(run, read_only=run)
+    line = one_error_line(result)
+    assert f"{run / 'results.md'}" in line and "Read-only file system" in line
+    assert "| round_2 |" in result.stdout  # the table is shown even though it could not be written
+    assert not (run / "figures").exists() and not (run / "results.md").exists()
+
+
+def test_unwritable_figures_folder_still_writes_the_table(run):
+    (run / "figures").mkdir()
+    line = one_error_line(plot(run, read_only=run / "figures"))
+    assert line.startswith(f"error: figures not written ({run / 'figures'}") and "Read-only file system" in line
+    assert "| round_2 |" in (run / "results.md").read_text() and list((run / "figures").iterdir()) == []
+
+
+def test_figures_being_a_file_still_writes_the_table(run):
+    (run / "figures").write_text("not a folder")
+    line = one_error_line(plot(run))
+    assert line.startswith(f"error: figures not written ({run / 'figures'}: not a folder")
+    assert (run / "figures").read_text() == "not a folder" and "| round_2 |" in (run / "results.md").read_text()
+
+
+def test_train_log_line_without_step_is_one_line_naming_it(run):
+    log = run / "round_2" / "model" / "train_log.jsonl"
+    lines = log.read_text().splitlines()
+    lines[1] = json.dumps({k: v for k, v in json.loads(lines[1]).items() if k != "step"})
+    log.write_text("\n".join(lines) + "\n")
+    assert one_error_line(plot(run)) == f"error: {log}:2: no integer 'step' (every line grpo_train.py writes has one)"
+
+
+@pytest.mark.parametrize("content, where", [("[]", "the file"), ("null", "the file"), ('"x"', "the file"),
+                                            ('{"benchmarks": []}', "'benchmarks'"),
+                                            ('{"benchmarks": {"koniq": 0.5}}', "'koniq'"),
+                                            ('{"wavg": {"srcc": 0.5, "ci95": [0, 1]}}', "'wavg' 'ci95'")])
+def test_summary_not_of_objects_is_one_line_naming_it(run, content, where):
+    bad = run / "round_1" / "eval" / "summary.json"
+    bad.write_text(content)
+    assert one_error_line(plot(run)).startswith(f"error: {bad}: {where} is not a JSON object")
+    assert not (run / "results.md").exists()
+
+
+@pytest.mark.parametrize("content", ["[]", '{"by_kind": {"random": []}}',
+                                     '{"majority_agreement_histogram": {"counts": "3", "edges": [0, 1]}}'])
+def test_vote_stats_not_as_written_are_one_line_naming_them(run, content):
+    bad = run / "round_2" / "stats.json"
+    bad.write_text(content)
+    assert one_error_line(plot(run)).startswith(f"error: {bad}: ")

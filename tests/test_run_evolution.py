@@ -1,5 +1,6 @@
-"""run_evolution.sh: the demo end to end with its figures, resume after a kill during training, settings errors, one
-run per OUT, two processes."""
+"""run_evolution.sh: the demo end to end with its figures, resume after a kill during training, settings errors and
+misspelt settings, one run per OUT and a lock file that cannot be abused, two processes; every path here holds a space
+and shell-special characters."""
 
 import fcntl
 import json
@@ -19,12 +20,13 @@ STAGES = ["sample_votes", "build_pseudolabels", "grpo_train", "evaluate"]
 SMALL = {"ROUNDS": "1", "PAIRS": "6", "K": "2", "GROUP_SIZE": "2"}
 FIGURES = ["correlations", "training", "votes"]
 NO_FIGURES = "plot_run.py: matplotlib is not installed, so no figures were written (pip install matplotlib)"
+SPECIAL = "a b'c\"$d*&;e"  # a folder name with a space, quotes and shell-special characters
 
 
-def run_loop(env: dict, timeout: int = 600) -> subprocess.CompletedProcess:
+def run_loop(env: dict, args: list[str] = (), timeout: int = 600) -> subprocess.CompletedProcess:
     full = {k: v for k, v in os.environ.items() if k not in ("MODEL", "IMAGES", "BENCH", "OUT")}
     full.update(env, OMP_NUM_THREADS="1")
-    return subprocess.run(["bash", "run_evolution.sh"], cwd=ROOT, env=full, capture_output=True, text=True,
+    return subprocess.run(["bash", "run_evolution.sh", *args], cwd=ROOT, env=full, capture_output=True, text=True,
                           timeout=timeout)
 
 
@@ -44,8 +46,9 @@ def wait_until_released(out: Path, timeout: float = 60) -> None:
 
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory) -> Path:
-    """The default demo (no MODEL), with the smallest budgets: builds its assets, runs round 0 and round 1."""
-    out = tmp_path_factory.mktemp("demo") / "run"
+    """The default demo (no MODEL), with the smallest budgets: builds its assets, runs round 0 and round 1. Its OUT,
+    and so its MODEL, IMAGES and BENCH, holds a space and shell-special characters."""
+    out = tmp_path_factory.mktemp("demo") / SPECIAL / "run"
     result = run_loop({"OUT": str(out), **SMALL})
     assert result.returncode == 0, result.stdout + result.stderr
     return out
@@ -85,7 +88,8 @@ def test_rerun_of_finished_run_only_prints_the_table_and_draws_the_figures(demo_
     figures = demo_run / "figures"
     for png in figures.glob("*.png"):
         png.unlink()
-    result = run_loop({"OUT": str(demo_run), **SMALL})
+    # the same settings as NAME=VALUE arguments: the same run, all skipped
+    result = run_loop({}, [f"OUT={demo_run}", *(f"{k}={v}" for k, v in SMALL.items())])
     assert result.returncode == 0, result.stderr
     assert "[run ]" not in result.stdout and result.stdout.count("[skip]") == 1 + len(STAGES)
     assert "round_1" in result.stdout  # the table
@@ -148,6 +152,9 @@ def test_finished_stage_refuses_changed_settings(demo_run):
 
 
 def test_settings_errors():
+    result = run_loop({"MODEL": "m", "IMAGES": "/tmp", "OUT": "/nonexistent/run", "BENCH": "koniq=/data/with space"})
+    assert result.returncode == 2 and result.stderr == ("error: BENCH: 'space' is not NAME=FOLDER|FILE[@ROOT] (a path "
+                                                        "with spaces: one spec per line)\n")
     result = run_loop({"MODEL": "some/model"})
     assert result.returncode == 2 and "IMAGES" in result.stderr
     result = run_loop({"IMAGES": "/tmp"})
@@ -163,12 +170,72 @@ def test_settings_errors():
                                                         "build it here\n")
 
 
+def test_misspelt_settings_are_refused_naming_the_setting(tmp_path):
+    """A setting the loop does not know is refused before anything runs, never ignored: as an environment variable
+    that looks like one of the loop's (another loop's name, another case, one S more or less) or as an argument."""
+    env = {"MODEL": str(tmp_path / "model"), "IMAGES": str(tmp_path), "OUT": str(tmp_path / "run")}
+    cases = [({"G": "8"}, [], "error: G is set, but the loop has no setting G: did you mean GROUP_SIZE? (unset G;"),
+             ({"FSDP_CONFIG": "fsdp.yaml"}, [], "no setting FSDP_CONFIG: did you mean FSDP?"),
+             ({"group_size": "8"}, [], "no setting group_size: did you mean GROUP_SIZE?"),
+             ({"ROUND": "1"}, [], "no setting ROUND: did you mean ROUNDS?"),
+             ({"K_VOTES": "8"}, [], "no setting K_VOTES: did you mean K?"),
+             ({}, ["GROUP_SIZE=2", "NUM_PAIRS=4"], "error: argument NUM_PAIRS=...: the loop has no setting NUM_PAIRS: "
+                                                   "did you mean PAIRS? (settings: MODEL IMAGES"),
+             ({}, ["SEEDS=1"], "the loop has no setting SEEDS: did you mean SEED?"),
+             ({}, ["XYZ=1"], "error: argument XYZ=...: the loop has no setting XYZ (settings: MODEL IMAGES"),
+             ({}, ["K"], "error: argument 'K' is not NAME=VALUE (a setting)")]
+    for extra, args, message in cases:
+        result = run_loop({**env, **extra}, args, timeout=60)
+        assert result.returncode == 2 and result.stdout == "", result.stdout + result.stderr
+        assert len(result.stderr.splitlines()) == 1 and message in result.stderr, result.stderr
+    assert not (tmp_path / "run").exists()  # refused before anything was made
+
+
+def failing_loop(tmp_path: Path) -> dict:
+    """Settings of a loop that gets past its lock and fails at its first stage (no such model)."""
+    return {"MODEL": str(tmp_path / "no_model"), "IMAGES": str(tmp_path), "OUT": str(tmp_path / "run")}
+
+
+@pytest.mark.parametrize("kind", ["symlink", "folder", "fifo"])
+def test_lock_that_is_not_a_plain_file_is_refused(tmp_path, kind):
+    """OUT/.lock planted as a link (to a file of the user's), a folder or a FIFO: refused, nothing written through."""
+    (tmp_path / "run").mkdir()
+    lock, target = tmp_path / "run" / ".lock", tmp_path / "precious.txt"
+    target.write_text("the user's file\n")
+    {"symlink": lambda: lock.symlink_to(target), "folder": lock.mkdir, "fifo": lambda: os.mkfifo(lock)}[kind]()
+    result = run_loop(failing_loop(tmp_path), timeout=60)
+    assert result.returncode == 2 and result.stdout == "", result.stdout + result.stderr
+    assert result.stderr == f"error: {lock} is not a plain file (a link, folder or device): remove it, then rerun\n"
+    assert target.read_text() == "the user's file\n"
+
+
+def test_lock_note_is_read_bounded_and_as_bytes(tmp_path):
+    """A 100 MB lock file with bytes that are not UTF-8: its note is shown as at most 200 printable characters, both
+    when another process holds the lock and when a rerun takes it over."""
+    (tmp_path / "run").mkdir()
+    lock = tmp_path / "run" / ".lock"
+    lock.write_bytes(b"pid 12 on host \xff\xfe\x00x" + b"y" * 100_000_000)
+    shown = "pid 12 on host ???x" + "y" * 181
+    with open(lock, "rb") as held:  # another run holds the lock
+        fcntl.flock(held, fcntl.LOCK_EX)
+        result = run_loop(failing_loop(tmp_path), timeout=60)
+    assert result.returncode == 2 and result.stdout == "", result.stdout[:1000] + result.stderr[:1000]
+    assert result.stderr == (f"error: {tmp_path / 'run'} is in use by another run_evolution.sh or a stage it started "
+                             f"({shown}); wait for it to end, or use another OUT\n")
+    result = run_loop(failing_loop(tmp_path), timeout=120)  # nobody holds it: taken over, then the first stage fails
+    assert result.returncode == 1 and len(result.stdout) < 10_000, result.stderr[:1000]
+    assert f"note: taking over {lock}, left by a run that ended without releasing it ({shown})" in \
+        result.stdout.splitlines()
+    assert lock.read_bytes() == b""  # released
+
+
 def test_one_loop_per_out(demo_run, tmp_path):
     """A second loop into a running loop's OUT refuses before doing anything; a lock left by a killed loop is taken
     over, and said so."""
     assets, out = demo_run / "assets", tmp_path / "run"
     env = {"MODEL": str(assets / "base"), "IMAGES": str(assets / "pool"), "OUT": str(out), **SMALL,
-           "BENCH": f"synthetic={assets / 'bench' / 'labels.jsonl'}", "EVAL_ARGS": "--no-reasoning --max-new-tokens 8"}
+           "BENCH": f"synthetic={assets / 'bench' / 'labels.jsonl'}\n",  # one spec a line: the path has a space
+           "EVAL_ARGS": "--no-reasoning --max-new-tokens 8"}
     full = {k: v for k, v in os.environ.items() if k not in ("MODEL", "IMAGES", "BENCH", "OUT")}
     first = subprocess.Popen(["bash", "run_evolution.sh"], cwd=ROOT, env={**full, **env, "OMP_NUM_THREADS": "1"},
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -238,10 +305,18 @@ def test_kill_during_training_then_resume(demo_run, tmp_path):
 
 
 def test_two_processes(demo_run, tmp_path):
-    assets, out = demo_run / "assets", tmp_path / "run"
+    """The paper's configuration (MODEL, IMAGES, two benchmarks in BENCH, one per line) with 2 processes; every path
+    holds a space and shell-special characters."""
+    assets, out = demo_run / "assets", tmp_path / SPECIAL / "run"
+    small = tmp_path / SPECIAL / "small bench"  # a second benchmark: 6 of the demo's images
+    small.mkdir(parents=True)
+    lines = (assets / "bench" / "labels.jsonl").read_text().splitlines()[:6]
+    for line in lines:
+        shutil.copy(assets / "bench" / json.loads(line)["image"], small)
+    (small / "labels.jsonl").write_text("\n".join(lines) + "\n")
     env = {"MODEL": str(assets / "base"), "IMAGES": str(assets / "pool"), "OUT": str(out), "NPROC": "2",
-           "BENCH": f"synthetic={assets / 'bench' / 'labels.jsonl'}", "ROUNDS": "1", "PAIRS": "8", "K": "2",
-           "GROUP_SIZE": "2",
+           "BENCH": f"synthetic={assets / 'bench' / 'labels.jsonl'}\n  small={small / 'labels.jsonl'}\n",
+           "ROUNDS": "1", "PAIRS": "8", "K": "2", "GROUP_SIZE": "2",
            "VOTES_ARGS": "--no-reasoning --max-new-tokens 8",
            "EVAL_ARGS": "--no-reasoning --max-new-tokens 8 --samples 2",
            "TRAIN_ARGS": "--no-reasoning --max-new-tokens 8 --pairs-per-step 2 --lr 1e-4"}
@@ -254,23 +329,25 @@ def test_two_processes(demo_run, tmp_path):
     total = json.loads((out / "round_1" / "model" / "args.json").read_text())["total_steps"]
     assert total >= 1 and len(train) == total, log
     assert all(len(r["pairs"]) == 4 for r in train)  # 2 processes x 2 pairs per step
-    assert json.loads((out / "round_1" / "eval" / "summary.json").read_text())["num_processes"] == 2
-    assert (out / "results.md").exists()
+    summary = json.loads((out / "round_1" / "eval" / "summary.json").read_text())
+    assert summary["num_processes"] == 2 and summary["benchmarks"]["small"]["n"] == 6
+    assert "| round | small SRCC | small PLCC | synthetic SRCC |" in (out / "results.md").read_text()
 
 
 def test_pool_round_2_adds_same_reference_pairs(demo_run, tmp_path):
     """With IMAGES and POOL, the loop builds the pool (make_pool.py); round 1 votes on its references alone, round 2
     draws its random pairs over the whole pool and adds SYNTH_PAIRS pairs of two versions of one reference, a setting
     in its marker. A rerun naming only the built POOL (no IMAGES) finds everything done."""
-    assets, out, pool = demo_run / "assets", tmp_path / "run", tmp_path / "pool"
-    (tmp_path / "images").mkdir()
+    assets, out, pool = demo_run / "assets", tmp_path / "run", tmp_path / SPECIAL / "pool"
+    images = tmp_path / "my images"
+    images.mkdir()
     for path in sorted((assets / "pool").glob("*.png"))[:6]:
-        shutil.copy(path, tmp_path / "images" / path.name)
+        shutil.copy(path, images / path.name)
     flags = "--no-reasoning --max-new-tokens 8"
     env = {"MODEL": str(assets / "base"), "POOL": str(pool), "OUT": str(out), "ROUNDS": "2", "VARIANTS": "2",
            "PAIRS": "4", "SYNTH_PAIRS": "3", "K": "2", "GROUP_SIZE": "2", "VOTES_ARGS": flags,
            "TRAIN_ARGS": f"{flags} --pairs-per-step 4 --lr 1e-4"}
-    result = run_loop({**env, "IMAGES": str(tmp_path / "images")})
+    result = run_loop({**env, "IMAGES": str(images)})
     assert result.returncode == 0, result.stdout + result.stderr
     assert "[done] make_pool" in result.stdout
     reference_of = {r["image"]: r["reference"] for r in map(json.loads, (pool / "manifest.jsonl").open())}

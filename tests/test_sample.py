@@ -12,7 +12,7 @@ from prompts import PRESETS
 
 @pytest.fixture(scope="module")
 def checkpoints(tiny_model_dir, tmp_path_factory):
-    from demo.tiny_models import build_tiny_checkpoint
+    from fixtures.tiny_models import build_tiny_checkpoint
 
     dirs = {"qwen2_5_vl": tiny_model_dir}
     for arch in ("qwen2_vl", "qwen3_vl"):

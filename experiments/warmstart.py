@@ -1,21 +1,24 @@
 """The CPU test bed's "base model": a tiny Qwen2.5-VL of the real architecture, given WEAK image-quality perception
 by a supervised warm-start. It plays the role the pre-trained VLM plays in the paper.
 
-It trains on the warm-start content set of demo/synthetic.py only (never the pool or benchmark seeds), in two phases:
-an optional vision pre-training (`--vision-pretrain-steps`: a discarded linear readout of every image token regresses
-the quality, as a real VLM's vision tower is pre-trained before it meets the language model), then both tasks in the
-no-reasoning answer format of the `evoquality` preset (`\\boxed{0|1}`, `\\boxed{x.xx}`), with the prompts built by
-`common.encode_batch` exactly as the stages build them. The compare task gets its own curriculum: easy same-content
-pairs with large quality gaps first. With `--score-bias` the absolute score labels are miscalibrated by content while
-the compare labels stay true (the premise of the paper). The shipped base's command: demo/base/REPRODUCE.md.
+It trains on the warm-start content set of fixtures/synthetic.py only (never the pool or benchmark seeds), in two
+phases: an optional vision pre-training (`--vision-pretrain-steps`: a discarded linear readout of every image token
+regresses the quality, as a real VLM's vision tower is pre-trained before it meets the language model), then both
+tasks in the no-reasoning answer format of the `evoquality` preset (`\\boxed{0|1}`, `\\boxed{x.xx}`), with the prompts
+built by `common.encode_batch` exactly as the stages build them. The compare task gets its own curriculum: easy
+same-content pairs with large quality gaps first. With `--score-bias` the absolute score labels are miscalibrated by
+content while the compare labels stay true (the premise of the paper). The shipped base's command:
+demo/base/REPRODUCE.md.
 
 The folder (model, processor, generation config, warmstart.json, heldout.json) is built once, under
-demo/cache/base-<hash of the training settings>/ unless --out says otherwise, and reused when present.
+runs/experiments/warmstart/base-<hash of the training settings>/ unless --out says otherwise, and reused when present.
+Every build appends its settings and results to --tried-log (default: beside the bases; the record of the bases tried
+for the shipped one is experiments/warmstart_tried.jsonl).
 
-    python demo/warmstart.py                                  # build (or reuse) the base; prints its folder last
+    python experiments/warmstart.py                           # build (or reuse) the base; prints its folder last
                                                               # (1500 steps: ~19 min at 0.75 s/step, 1 CPU thread)
-    python demo/warmstart.py --steps 40 --out /tmp/base --n-bench 24 --bench-pairs 24   # a quick try
-    python demo/warmstart.py --out DIR --measure-only         # (re)measure an existing folder on the held-out bench
+    python experiments/warmstart.py --steps 40 --out /tmp/base --n-bench 24 --bench-pairs 24   # a quick try
+    python experiments/warmstart.py --out DIR --measure-only  # (re)measure an existing folder on the held-out bench
 """
 
 from __future__ import annotations
@@ -33,22 +36,22 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from scipy.stats import spearmanr
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402
 import prompts  # noqa: E402
-import sampling  # noqa: E402
-from demo.synthetic import CONTENTS, DISTORTIONS, SEED_BASE, WORLDS, distort, make_content, make_image  # noqa: E402
-from demo.tiny_models import build_model, build_processor, build_tokenizer  # noqa: E402
+from experiments import records  # noqa: E402
+from fixtures.ground_truth import answers, srcc  # noqa: E402
+from fixtures.synthetic import CONTENTS, DISTORTIONS, SEED_BASE, WORLDS, distort, make_content, make_image  # noqa: E402
+from fixtures.tiny_models import build_model, build_processor, build_tokenizer  # noqa: E402
 
-CACHE = Path(__file__).resolve().parent / "cache"
+CACHE = records.RUNS / "warmstart"
 RECIPE_VERSION = 1  # bump when the training logic changes, so that old cached bases are not reused by mistake
 
 
 @dataclass
 class Args:
-    out: str = common.arg("", help="checkpoint folder; default demo/cache/base-<hash of the training settings>")
+    out: str = common.arg("", help="checkpoint folder; default runs/experiments/warmstart/base-<settings hash>")
     steps: int = common.arg(1500, help="optimisation steps: the base is made weak by this budget, not by label noise")
     score_batch: int = common.arg(16, help="score examples (one image) per step")
     compare_batch: int = common.arg(16, help="compare examples (two images) per step")
@@ -67,7 +70,7 @@ class Args:
     vision_depth: int = common.arg(2, help="vision tower layers")
     vocab_size: int = common.arg(600, help="BPE vocabulary size (before the special tokens)")
     seed: int = common.arg(0, help="seed of the weights, the batches and the curriculum")
-    world: str = common.arg("mixed", choices=list(WORLDS), help="synthetic world (demo.synthetic): mixed or noise")
+    world: str = common.arg("mixed", choices=list(WORLDS), help="synthetic world (fixtures.synthetic): mixed or noise")
     score_scale: float = common.arg(1.0, help="score label = 1 + score_scale * (quality - 1) + content bias, in [1, 5]")
     vision_scale: float = common.arg(1.0, help="multiply the merger's output layer at init (image tokens are 4-16 "
                                                "of a ~115-token prompt: a louder image signal)")
@@ -109,7 +112,7 @@ def settings_hash(args: Args) -> str:
 
 # ALGO LOGIC: the warm-start data (warm-start seeds only) and the compare curriculum
 def warmstart_set(n: int, size: int, world: str = "mixed") -> tuple[list[Image.Image], np.ndarray, list[str]]:
-    """The first n images of the warm-start content set (the same ones demo.synthetic.write_set writes), their
+    """The first n images of the warm-start content set (the same ones fixtures.synthetic.write_set writes), their
     quality and their content kind."""
     images, quality, contents = [], [], []
     for i in range(n):
@@ -130,7 +133,7 @@ def score_label(quality: float, content: str, args: Args) -> float:
 
 def same_content_variant(seed: int, kind: str, level: int, size: int, world: str = "mixed") -> Image.Image:
     """The content of warm-start image `seed` (the same random draws as make_image) with one distortion at `level`:
-    its quality is 5 - level, the same rule as demo.synthetic with a single distortion."""
+    its quality is 5 - level, the same rule as fixtures.synthetic with a single distortion."""
     rng = np.random.default_rng(seed)
     img = make_content(rng, size, CONTENTS[rng.integers(len(CONTENTS))])
     if world == "noise":
@@ -206,7 +209,7 @@ def readout_loss(model, head: torch.nn.Linear, processor, images: list[Image.Ima
     """Vision pre-training, as a real VLM's vision tower is pre-trained before it meets the language model: a linear
     readout of EVERY image token (the merger's output, what the language model reads) regresses the image's quality
     (MSE on (quality - 3) / 2). Without it the tiny language model learns the answer format and the label marginal in
-    ~60 steps and then ignores the image tokens (warmstart_tried.jsonl, diagnostic-compare-only-gap4)."""
+    ~60 steps and then ignores the image tokens (experiments/warmstart_tried.jsonl, diagnostic-compare-only-gap4)."""
     vision = processor.image_processor(images=images, return_tensors="pt")
     grid = vision["image_grid_thw"].to(model.device)
     tokens = model.model.get_image_features(vision["pixel_values"].to(model.device), grid).pooler_output
@@ -222,30 +225,6 @@ def lr_factor(step: int, steps: int, warmup: int) -> float:
 
 
 # ALGO LOGIC: held-out measurement (benchmark seeds; used only to REPORT)
-@torch.no_grad()
-def answers(model, processor, preset: prompts.Preset, task: str, images: list[list[Image.Image]], do_sample: bool,
-            n: int = 1, batch_size: int = 32, max_new_tokens: int = 16) -> list[list[str]]:
-    """n completions per prompt (greedy or sampled at temperature 1), through the stages' own calls."""
-    config = sampling.sampling_config(model, max_new_tokens, 1.0, do_sample, n)
-    prompt = preset.prompt(task, reasoning=False)
-    out = []
-    for start in range(0, len(images), batch_size):
-        chunk = images[start:start + batch_size]
-        batch = common.encode_batch(processor, [prompt] * len(chunk), chunk, add_vision_id=preset.add_vision_id)
-        batch = batch.to(model.device)
-        sequences = model.generate(**batch, generation_config=config)
-        texts = sampling.completion_texts(processor, sequences, batch["input_ids"].shape[1])
-        out += [texts[k * n:(k + 1) * n] for k in range(len(chunk))]
-    return out
-
-
-def srcc(pred: list, mos: np.ndarray) -> float:
-    keep = [k for k, p in enumerate(pred) if p is not None]
-    if len(keep) < 3 or len({pred[k] for k in keep}) < 2:
-        return 0.0  # a constant prediction ranks nothing
-    return float(spearmanr([pred[k] for k in keep], mos[keep]).statistic)
-
-
 def measure(model, processor, preset: prompts.Preset, n_bench: int, n_pairs: int, samples: int, size: int = 112,
             seed: int = 0, world: str = "mixed") -> dict:
     """Score SRCC (greedy, one sampled answer, mean of `samples` sampled answers) on held-out benchmark images, and

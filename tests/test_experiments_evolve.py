@@ -1,5 +1,6 @@
-"""demo/evolve.py: the test bed driver. The accuracy measure against hand-worked numbers, and a smoke run of the
-real loop (tiny base, one round, tiny budgets) that must append a complete record to the results JSON."""
+"""experiments/evolve.py: the test bed's experiment. The accuracy measure against hand-worked numbers, and smoke runs
+through the real loop (tiny base, tiny budgets): every arm trains with the group size asked for, the oracle arm on the
+main run's pairs with p* from the true order, and the record is complete and appended only where asked."""
 
 import json
 import subprocess
@@ -11,7 +12,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import common  # noqa: E402
-from demo import evolve as E  # noqa: E402
+from experiments import evolve as E  # noqa: E402
 
 
 def answers(ab: list, ba: list) -> list[dict]:
@@ -74,7 +75,7 @@ def test_pseudolabel_accuracy_by_kind_of_pair(tmp_path):
 
 
 def test_pool_world_quality_is_the_reference_minus_the_level(tmp_path):
-    from demo.synthetic import make_image, write_pool_world
+    from fixtures.synthetic import make_image, write_pool_world
 
     out = write_pool_world(tmp_path / "pool", "pool", 3, size=56, world="noise", variants=2)
     labels = common.read_jsonl(out / "labels.jsonl")
@@ -116,7 +117,7 @@ def tiny_base(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("evolve") / "base"
     # 100 steps (~15 s): the fewest after which sampled answers are mostly parseable (3 steps: every vote abstains,
     # every pair is dropped and GRPO has nothing to train on)
-    subprocess.run([sys.executable, "demo/warmstart.py", "--steps", "100", "--warmup-steps", "5", "--lr", "3e-3",
+    subprocess.run([sys.executable, "experiments/warmstart.py", "--steps", "100", "--warmup-steps", "5", "--lr", "3e-3",
                     "--score-batch", "8", "--compare-batch", "8", "--text-hidden", "64", "--text-layers", "2",
                     "--vision-hidden", "32", "--max-pixels", "3136", "--n-images", "40", "--n-bench", "8",
                     "--bench-pairs", "8", "--eval-samples", "0", "--tried-log", "", "--out", str(out)],
@@ -124,12 +125,16 @@ def tiny_base(tmp_path_factory) -> Path:
     return out
 
 
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
 def test_smoke_one_round_appends_a_complete_record(tiny_base, tmp_path):
     results = tmp_path / "results.json"
     results.write_text(json.dumps([{"earlier": "record"}]))  # append-only: an earlier record must survive
-    cmd = [sys.executable, "demo/evolve.py", "--base", str(tiny_base), "--work", str(tmp_path / "work"),
-           "--results", str(results), "--ks", "2", "--acc-ks", "1", "2", "--rounds", "1", "--pool", "6",
-           "--bench", "6", "--pairs", "4", "--group-size", "2", "--pairs-per-step", "2", "--eval-samples", "2",
+    cmd = [sys.executable, "experiments/evolve.py", "--base", str(tiny_base), "--work", str(tmp_path / "work"),
+           "--record", str(results), "--ks", "2", "--acc-ks", "1", "2", "--rounds", "1", "--pool", "6",
+           "--bench", "6", "--pairs", "4", "--group-size", "3", "--pairs-per-step", "2", "--eval-samples", "2",
            "--max-pixels", "3136", "--note", "smoke"]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
@@ -137,16 +142,21 @@ def test_smoke_one_round_appends_a_complete_record(tiny_base, tmp_path):
     assert len(history) == 2 and history[0] == {"earlier": "record"}
     record = history[1]
     assert record["note"] == "smoke" and record["settings"]["pairs"] == 4 and record["ks"] == [2]
+    assert record["settings"]["group_size"] == 3 and record["commit"]
     assert set(record["runs"]) == {"K2", "oracle"}
-    oracle = record["runs"].pop("oracle")  # the positive control: same pairs as K2, p* from the true order
-    assert {"sampled", "greedy"} <= set(oracle["rounds"]["round_1"]) and "grpo" in oracle["rounds"]["round_1"]
-    assert oracle["rounds"]["round_0"]["sampled"] == record["runs"]["K2"]["rounds"]["round_0"]["sampled"]
     work = next((tmp_path / "work").glob("compare-*"))
-    quality = {r["image"]: r["mos"] for r in map(json.loads, (tmp_path / "work" / "noise56_pool_6.labels.jsonl")
-                                                 .read_text().splitlines())}
-    voted = [json.loads(x) for x in (work / "K2" / "round_1" / "pseudolabels.jsonl").read_text().splitlines()]
-    truth = [json.loads(x) for x in (work / "oracle" / "round_1" / "pseudolabels.jsonl").read_text().splitlines()]
-    assert [(r["a"], r["b"]) for r in truth] == [(r["a"], r["b"]) for r in voted]
+    for arm in ("K2", "oracle"):  # the group size each arm TRAINED with, as grpo_train.py recorded it
+        args = json.loads((work / arm / "round_1" / "model" / "args.json").read_text())["args"]
+        assert args["group_size"] == 3 and record["runs"][arm]["rounds"]["round_1"]["grpo"]["group_size"] == 3
+        assert ["GROUP_SIZE", "3"] in [line.split() for line in (work / arm / "evolution.log").open()]  # as echoed
+    oracle = record["runs"].pop("oracle")  # the positive control: same pairs as K2, p* from the true order
+    assert {"sampled", "greedy", "grpo", "labels"} <= set(oracle["rounds"]["round_1"])
+    assert oracle["rounds"]["round_1"]["labels"]["source"] == "oracle"
+    assert oracle["rounds"]["round_0"]["sampled"] == record["runs"]["K2"]["rounds"]["round_0"]["sampled"]
+    quality = {r["image"]: r["mos"] for r in read_jsonl(tmp_path / "work" / "noise56_pool_6.labels.jsonl")}
+    voted = read_jsonl(work / "K2" / "round_1" / "votes.jsonl")
+    truth = read_jsonl(work / "oracle" / "round_1" / "pseudolabels.jsonl")
+    assert sorted((r["a"], r["b"]) for r in truth) == sorted((r["a"], r["b"]) for r in voted) and len(truth) == 4
     assert all(r["p_star"] == (1.0 if quality[r["a"]] > quality[r["b"]] else 0.0 if quality[r["a"]] < quality[r["b"]]
                                else 0.5) for r in truth)
     own = record["own_score_accuracy_round1"]
@@ -166,3 +176,10 @@ def test_smoke_one_round_appends_a_complete_record(tiny_base, tmp_path):
     pool = tmp_path / "work" / "noise56_pool_6"
     assert sorted(p.suffix for p in pool.iterdir()) == [".png"] * 6
     assert (tmp_path / "work" / "noise56_pool_6.labels.jsonl").exists()
+    # the same command without --record: every stage skipped, the record written to the run's folder, nothing appended
+    logs = {arm: len((work / arm / "evolution.log").read_text()) for arm in ("K2", "oracle")}
+    done = subprocess.run(cmd[:6] + cmd[8:], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert all("[run ]" not in (work / arm / "evolution.log").read_text()[n:] for arm, n in logs.items())
+    assert len(json.loads(results.read_text())) == 2
+    assert json.loads((work / "record.json").read_text())["runs"]["K2"] == history[1]["runs"]["K2"]

@@ -7,7 +7,7 @@ Ground truth is used twice here and nowhere else: to write the oracle pseudo-lab
 measure. Evaluation: SRCC of the mean of --samples sampled scores, on the held-out benchmark AND on the training pool,
 repeated over --eval-seeds sampling seeds (their spread is the evaluation noise).
 
-    python demo/oracle.py --base demo/base --labels oracle reversed     # one record appended to --results
+    python experiments/oracle.py --labels oracle reversed     # the record: in --work, or appended to --record FILE
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import random
 import subprocess
 import sys
 import time
@@ -28,17 +27,15 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import common  # noqa: E402
-import prompts  # noqa: E402
-from demo import warmstart  # noqa: E402
-from demo.synthetic import write_set  # noqa: E402
-
-CACHE = ROOT / "demo" / "cache"
+from fixtures.ground_truth import load_set, oracle_pairs, srcc_table, write_pseudolabels  # noqa: E402
+from experiments import records  # noqa: E402
+from fixtures.synthetic import write_set  # noqa: E402
 
 
 @dataclass
 class Args:
     base: str = common.arg(str(ROOT / "demo" / "base"), help="base checkpoint folder")
-    world: str = common.arg("noise", help="synthetic world of the pool and bench (demo.synthetic)")
+    world: str = common.arg("noise", help="synthetic world of the pool and bench (fixtures.synthetic)")
     image_size: int = common.arg(56, help="side of the synthetic images")
     labels: list[str] = common.arg(["oracle", "reversed"], help="arms: oracle (true order) and/or reversed")
     pool: int = common.arg(64, help="pool images (the GRPO training images)")
@@ -57,61 +54,9 @@ class Args:
     eval_seeds: int = common.arg(5, help="evaluation seeds (their spread is the evaluation noise)")
     seed: int = common.arg(0, help="seed of the pair draw and of GRPO")
     threads: int = common.arg(1, help="torch threads of every process")
-    work: str = common.arg(str(CACHE / "oracle"), help="data and runs (reused: a finished run is not redone)")
-    results: str = common.arg(str(ROOT / "demo" / "evolve_results.json"), help="results JSON (a list; appended)")
+    work: str = common.arg(str(records.RUNS / "oracle"), help="data and runs (reused: a finished run is not redone)")
+    record: str = common.arg("", help="append the record to this JSON list (e.g. experiments/evolve_results.json)")
     note: str = common.arg("", help="why this setting was tried")
-
-
-def true_p_star(quality: dict[str, float], a: str, b: str) -> float:
-    """p* from the true quality: 1 (a better), 0 (b better), .5 (equal)."""
-    return 1.0 if quality[a] > quality[b] else 0.0 if quality[a] < quality[b] else 0.5
-
-
-def oracle_pairs(quality: dict[str, float], n: int, seed: int) -> list[tuple[str, str, float]]:
-    """n distinct unordered pool pairs with p* from the true quality (true_p_star)."""
-    names = sorted(quality)
-    rng = random.Random(seed)
-    every = [(a, b) for i, a in enumerate(names) for b in names[i + 1:]]
-    chosen = rng.sample(every, min(n, len(every)))
-    return [(a, b, true_p_star(quality, a, b)) for a, b in chosen]
-
-
-def write_pseudolabels(path: Path, pairs: list[tuple[str, str, float]], reverse: bool) -> None:
-    path.write_text("".join(json.dumps({"a": a, "b": b, "p_star": 1.0 - p if reverse else p}) + "\n"
-                            for a, b, p in pairs))
-
-
-@torch.no_grad()
-def srcc_table(model_dir: str, sets: dict[str, tuple[list, np.ndarray]], samples: int, seeds: int,
-               max_pixels: int, max_new_tokens: int) -> dict:
-    """Per set: SRCC of the mean of `samples` sampled scores for each of `seeds` seeds (mean, std, values), SRCC of
-    one sample, mean within-image std, coverage. Sampling goes through sampling.sampling_config like the stages."""
-    preset = prompts.get_preset("evoquality")
-    model = common.load_model(model_dir, dtype=torch.float32).eval()
-    processor = common.load_processor(model_dir, max_pixels=max_pixels)
-    out = {}
-    for name, (images, mos) in sets.items():
-        per_seed, single, spread, coverage = [], [], [], []
-        for s in range(seeds):
-            torch.manual_seed(1000 + s)
-            texts = warmstart.answers(model, processor, preset, "score", [[im] for im in images], True, samples,
-                                      batch_size=64, max_new_tokens=max_new_tokens)
-            scores = [[prompts.parse_score(t, preset) for t in row] for row in texts]
-            means = [float(np.mean(v)) if (v := [x for x in row if x is not None]) else None for row in scores]
-            per_seed.append(warmstart.srcc(means, mos))
-            single.append(warmstart.srcc([row[0] for row in scores], mos))
-            spread.append(float(np.mean([np.std(v) for row in scores if len(v := [x for x in row if x is not None]) > 1]
-                                        or [0])))
-            coverage.append(float(np.mean([x is not None for row in scores for x in row])))
-        out[name] = {"srcc": float(np.mean(per_seed)), "srcc_std": float(np.std(per_seed)),
-                     "srcc_seeds": [round(v, 4) for v in per_seed], "srcc_single": float(np.mean(single)),
-                     "within_image_std": float(np.mean(spread)), "coverage": float(np.mean(coverage))}
-    return out
-
-
-def load_set(folder: Path, records: list[dict]) -> tuple[list, np.ndarray]:
-    """(images, true quality) of labels records ({"image": name in folder, "mos"})."""
-    return [common.load_image(folder / r["image"]) for r in records], np.array([r["mos"] for r in records])
 
 
 def main() -> None:
@@ -132,11 +77,11 @@ def main() -> None:
     evaluate = lambda model: srcc_table(model, sets, args.samples, args.eval_seeds, args.max_pixels,  # noqa: E731
                                         args.max_new_tokens)
 
-    settings = {k: v for k, v in asdict(args).items() if k not in ("labels", "work", "results", "note", "threads")}
+    settings = {k: v for k, v in asdict(args).items() if k not in ("labels", "work", "record", "note", "threads")}
     settings["base_sha256"] = common.file_sha256(Path(args.base) / "model.safetensors")
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
     record = {"kind": "oracle_probe", "time": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-              "command": " ".join(["python", "demo/oracle.py", *sys.argv[1:]]), "note": args.note, "probe": settings,
+              "command": " ".join(["python", "experiments/oracle.py", *sys.argv[1:]]), "note": args.note, "probe": settings,
               "pairs_with_a_winner": sum(p != 0.5 for _, _, p in pairs), "arms": {}}
     start = time.time()
     record["base"] = evaluate(args.base)
@@ -176,10 +121,7 @@ def main() -> None:
     for name, row in [("base", record["base"]), *record["arms"].items()]:
         print(f"{name:10s} {row['bench']['srcc']:8.3f} +- {row['bench']['srcc_std']:.3f}  "
               f"{row['pool']['srcc']:8.3f} +- {row['pool']['srcc_std']:.3f}")
-    results = Path(args.results)
-    history = json.loads(results.read_text()) if results.exists() else []
-    common.write_json_atomic(results, history + [record])
-    print(f"appended to {results}")
+    records.save(record, args.record, work / f"{digest}-record.json")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""demo/warmstart.py: the base-model maker of the CPU test bed."""
+"""experiments/warmstart.py: the base-model maker of the CPU test bed."""
 
 import json
 import subprocess
@@ -11,9 +11,9 @@ import torch
 
 import common
 import prompts
-from demo import warmstart as W
-from demo.synthetic import make_image
-from demo.tiny_models import build_model, build_processor, build_tokenizer
+from experiments import warmstart as W
+from fixtures.synthetic import make_image
+from fixtures.tiny_models import build_model, build_processor, build_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--text-hidden", "32", "--text-layers", "1", "--vision-hidden", "32", "--vision-depth", "1"]
@@ -28,7 +28,7 @@ def built_base(tmp_path_factory) -> tuple[Path, str]:
 
 
 def build_command(out: Path, *extra: str) -> list[str]:
-    return [sys.executable, "demo/warmstart.py", "--out", str(out), "--steps", "3", "--warmup-steps", "1",
+    return [sys.executable, "experiments/warmstart.py", "--out", str(out), "--steps", "3", "--warmup-steps", "1",
             "--score-batch", "2", "--compare-batch", "2", "--n-images", "8", "--n-bench", "6", "--bench-pairs", "4",
             "--eval-samples", "2", "--tried-log", "", *TINY, *extra]
 

@@ -1,33 +1,41 @@
-"""Does it evolve? The CPU test bed: the REAL loop (run_evolution.sh: sample_votes -> build_pseudolabels
--> grpo_train -> evaluate, `--no-reasoning`) on the shipped base (demo/base), for K = 32 and for the K = 1 control
-(same seed, same pool, same pairs), then the ORACLE arm (the K = 32 run's pairs of each round, p* from the true order,
-the same grpo_train.py / evaluate.py flags), then a report that uses ground truth only AFTER the fact.
+"""Does it evolve? The CPU test bed: the REAL loop, `bash run_evolution.sh` (sample_votes -> build_pseudolabels ->
+grpo_train -> evaluate, `--no-reasoning`), on the shipped base (demo/base), for K = 32 and for the K = 1 control
+(same seed, same pool, same pairs), and the ORACLE arm: the loop again with K = 1 and `build_pseudolabels.py
+--oracle`, so that every round trains on the same pairs as the K = 32 run's (the pairs depend only on SEED and the
+pool) with p* from the true order; then a report that uses ground truth only AFTER the fact. Every arm runs through
+run_evolution.sh with its settings given as NAME=VALUE arguments, so a setting the loop does not know is refused.
 
-The evolution never sees a label: the pool is written by demo.synthetic.write_set and its labels.jsonl is moved out
-of the pool folder (to <pool>.labels.jsonl) before any stage runs. Only the held-out benchmark carries labels, and
-only evaluate.py reads them, as it would read KonIQ's.
+The evolution never sees a label: the pool is written by fixtures.synthetic.write_set and its labels.jsonl is moved
+out of the pool folder (to <pool>.labels.jsonl) before any stage runs. Only the held-out benchmark carries labels,
+and only evaluate.py reads them, as it would read KonIQ's (and build_pseudolabels.py --oracle, in the oracle arm).
 
 Reported per run (K) and round: benchmark SRCC/PLCC of the mean of --eval-samples sampled scores (each round's
-eval/summary.json), of one sampled score (the first valid one) and of the greedy answer (eval_greedy/); vote
-statistics (abstention, first-slot win rate, ties); the accuracy of the round's votes against the true order; GRPO
-statistics from train_log.jsonl (reward mean/std, zero_std_fraction, within-group score std, kl); stage wall times.
-Plus pseudo-label accuracy vs K (1, 4, 8, 32) on the SAME round-1 pairs, subsampled from the largest-K votes file,
-beside the premise's other side: how often the base's OWN scores rank those pairs right (evaluate.py --images).
-Every invocation appends one record (all settings + results) to --results, so every tried setting is kept.
+eval/summary.json), of one sampled score (the first valid one) and of the greedy answer (eval_greedy/: evaluate.py
+once more per round model, a measurement); vote statistics (abstention, first-slot win rate, ties); the accuracy of
+the round's votes against the true order; GRPO statistics from train_log.jsonl (reward mean/std, zero_std_fraction,
+within-group score std, kl) and the group size G the round trained with (its args.json); stage wall times. Plus
+pseudo-label accuracy vs K (1, 4, 8, 32) on the SAME round-1 pairs, subsampled from the largest-K votes file, beside
+the premise's other side: how often the base's OWN scores rank those pairs right (evaluate.py --images).
 
-    python demo/evolve.py --seed 0                              # K=32, K=1, oracle, 2 rounds (~6 min, 2 cores)
-    python demo/evolve.py --mode score --seed 1                 # votes from sampled scores instead
-    python demo/evolve.py --summarize                           # mean +- std over seeds of every recorded setting
-    python demo/evolve.py --report-only                         # re-measure finished runs, append nothing new
-    python demo/evolve.py --pool-variants 2 --seed 0            # the pool experiment (one record in --pool-results)
+    python experiments/evolve.py --seed 0                   # K=32, K=1, oracle, 2 rounds (~6 min, 2 cores)
+    python experiments/evolve.py --mode score --seed 1      # votes from sampled scores instead
+    python experiments/evolve.py --seed 0 --record experiments/evolve_results.json   # append the record there
+    python experiments/evolve.py --summarize                # mean +- std over seeds of every recorded setting
+    python experiments/evolve.py --report-only              # re-measure finished runs, record nothing
+    python experiments/evolve.py --pool-variants 2 --seed 0 # the pool experiment
 
-The pool experiment: pool and benchmark get distorted variants (demo.synthetic.write_pool_world: make_pool.py's
-layout; a variant's true quality is its reference's minus its level). Round 1 (K = ks[0]) votes on random pairs of
-the references; round 2 votes ONCE on --pairs random pairs of the whole pool plus --same-reference-pairs pairs of two
-versions of one reference (sample_votes.py draws the random pairs on a stream of their own, so they are the same
-with or without the others). Arm "random" trains round 2 on the random pairs' pseudo-labels only, arm
-"same_reference" on all of them; both from the round-1 model, same flags. Reported: SRCC on the references of the
-held-out benchmark ("synthetic") and on all its images ("distorted"), and pseudo-label accuracy per kind of pair.
+Runs and data go to --work (under runs/, git-ignored; finished stages are skipped when rerun); the record goes to
+the run's folder, or is appended to --record FILE when given (experiments/evolve_results.json and pool_results.json
+are the records the write-up, experiments/README.md, cites).
+
+The pool experiment: pool and benchmark get distorted variants (fixtures.synthetic.write_pool_world: make_pool.py's
+layout; a variant's true quality is its reference's minus its level). Two loop runs with the same SEED and POOL:
+SYNTH_PAIRS=0 (arm "random": round 2 on --pairs random pairs of the whole pool) and SYNTH_PAIRS=
+--same-reference-pairs (arm "same_reference": the same random pairs, as sample_votes.py draws them on a stream of
+their own, plus pairs of two versions of one reference). Round 1 (K = ks[0], random pairs of the references) is the
+same in both: recomputed by each run, and the record says whether the two agree byte for byte. Reported: SRCC on
+the references of the held-out benchmark ("synthetic") and on all its images ("distorted"), and pseudo-label
+accuracy per kind of pair.
 """
 
 from __future__ import annotations
@@ -52,10 +60,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import common  # noqa: E402
 import distortions  # noqa: E402
-from demo.oracle import true_p_star, write_pseudolabels  # noqa: E402
-from demo.synthetic import write_pool_world, write_set  # noqa: E402
+from experiments import records  # noqa: E402
+from fixtures.synthetic import write_pool_world, write_set  # noqa: E402
 
-CACHE = ROOT / "demo" / "cache"
+LOOP_SETTINGS = ("MODEL", "IMAGES", "IMAGES_ROOT", "POOL", "BENCH", "ROUNDS", "PAIRS", "K", "GROUP_SIZE", "OUT",
+                 "NPROC", "SEED", "REF", "FSDP", "VARIANTS", "SYNTH_PAIRS", "VOTES_ARGS", "LABEL_ARGS", "TRAIN_ARGS",
+                 "EVAL_ARGS")  # run_evolution.sh's; given as arguments, and kept out of its environment
 
 
 @dataclass
@@ -67,10 +77,10 @@ class Args:
     ks: list[int] = common.arg([32, 1], help="votes per pair K of each run (the first, largest, is the main run)")
     acc_ks: list[int] = common.arg([1, 4, 8, 32], help="K values of the pseudo-label accuracy table")
     rounds: int = common.arg(2, help="evolution rounds")
-    pool: int = common.arg(300, help="unlabeled pool images (demo.synthetic 'pool' seeds)")
-    bench: int = common.arg(200, help="held-out benchmark images (demo.synthetic 'bench' seeds)")
+    pool: int = common.arg(300, help="unlabeled pool images (fixtures.synthetic 'pool' seeds)")
+    bench: int = common.arg(200, help="held-out benchmark images (fixtures.synthetic 'bench' seeds)")
     pairs: int = common.arg(128, help="pairs drawn per round")
-    group_size: int = common.arg(8, help="G: GRPO rollouts per image")
+    group_size: int = common.arg(8, help="G: GRPO rollouts per image (GROUP_SIZE of run_evolution.sh)")
     pairs_per_step: int = common.arg(8, help="pseudo-labelled pairs per GRPO step")
     lr: float = common.arg(1e-4, help="GRPO learning rate (the paper's 3e-7 is for 7B parameters)")
     beta: float = common.arg(0.02, help="KL weight")
@@ -81,18 +91,19 @@ class Args:
     greedy: bool = common.arg(True, help="also evaluate every round's model greedily (one answer per image)")
     max_pixels: int = common.arg(56 * 56, help="processor max_pixels (the shipped base: 56 x 56, 4 tokens per image)")
     max_new_tokens: int = common.arg(10, help="answer budget (\\boxed{3.25} is 8 tokens in the demo tokenizer)")
-    label_args: str = common.arg("", help="extra flags for build_pseudolabels.py (LABEL_ARGS)")
+    label_args: str = common.arg("", help="extra flags for build_pseudolabels.py (LABEL_ARGS; not the oracle arm's)")
     seed: int = common.arg(0, help="SEED of run_evolution.sh (round t draws its pairs with SEED + t)")
-    jobs: int = common.arg(2, help="runs (K values) at the same time, one CPU thread each")
-    work: str = common.arg(str(CACHE / "evo"), help="folder for the data and the runs (reused: finished stages skip)")
-    results: str = common.arg(str(ROOT / "demo" / "evolve_results.json"), help="results JSON (a list; appended)")
+    jobs: int = common.arg(2, help="loop runs at the same time, one CPU thread each")
+    work: str = common.arg(str(records.RUNS / "evolve"), help="folder for the data and the runs (reused: finished "
+                           "stages skip)")
+    record: str = common.arg("", help="append the record to this JSON list (e.g. experiments/evolve_results.json); "
+                             "--summarize reads it (default: experiments/evolve_results.json)")
     note: str = common.arg("", help="free text stored with the record (why this setting was tried)")
     oracle: bool = common.arg(True, help="also run the oracle arm: the main run's pairs, p* from the TRUE order")
     report_only: bool = common.arg(False, help="do not run anything: measure and print the existing runs")
-    summarize: bool = common.arg(False, help="only print mean +- std over seeds of every setting in --results")
+    summarize: bool = common.arg(False, help="only print mean +- std over seeds of every setting in --record")
     pool_variants: int = common.arg(0, help="> 0: the pool experiment (below) with this many variants per image")
-    same_reference_pairs: int = common.arg(64, help="pool experiment: same-reference pairs of round 2's second arm")
-    pool_results: str = common.arg(str(ROOT / "demo" / "pool_results.json"), help="pool experiment's results JSON")
+    same_reference_pairs: int = common.arg(64, help="pool experiment: SYNTH_PAIRS of round 2's second arm")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -206,6 +217,13 @@ def stage_seconds(log_path: Path) -> dict:
     return times
 
 
+def trained_group_size(model: Path) -> Optional[int]:
+    """G as grpo_train.py recorded it for the round's model (args.json): what the round trained with, whatever the
+    command said."""
+    path = model / "args.json"
+    return common.read_json(path)["args"]["group_size"] if path.exists() else None
+
+
 def measure_run(run: Path, args: Args, mos: dict, quality: dict) -> dict:
     rounds = {}
     for t in range(args.rounds + 1):
@@ -215,29 +233,25 @@ def measure_run(run: Path, args: Args, mos: dict, quality: dict) -> dict:
         if (R / "eval_greedy" / "summary.json").exists():
             g = bench_correlations(R / "eval_greedy", mos)
             row["greedy"] = {k: g[k] for k in ("srcc", "plcc", "coverage", "distinct_scores")}
-        if (R / "stats.json").exists():
+        if (R / "stats.json").exists() and run.name == "oracle":  # its K = 1 votes only supplied the pairs
+            row["labels"] = json.loads((R / "stats.json").read_text()).get("labels")
+        elif (R / "stats.json").exists():
             s = json.loads((R / "stats.json").read_text())
             row["votes"] = {k: s.get(k) for k in ("pairs_in", "pairs_kept", "tie_rate", "abstention_rate",
                                                   "first_slot_win_rate", "votes_per_pair_mean")}
             k_run = int(run.name[1:])
             row["votes"]["accuracy"] = pseudolabel_accuracy(R / "votes.jsonl", quality, [k_run], args.mode)[f"K{k_run}"]
         if (R / "model" / "train_log.jsonl").exists():
-            row["grpo"] = train_stats(R / "model" / "train_log.jsonl")
+            row["grpo"] = {**train_stats(R / "model" / "train_log.jsonl"),
+                           "group_size": trained_group_size(R / "model")}
         rounds[f"round_{t}"] = row
     seconds = stage_seconds(run / "evolution.log")
     return {"rounds": rounds, "stage_seconds": seconds, "wall_seconds": sum(seconds.values())}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# TRY NOT TO MODIFY: data, runs, the record
+# TRY NOT TO MODIFY: data, the loop runs, the record
 # ---------------------------------------------------------------------------------------------------------------------
-
-
-def default_base() -> str:
-    bases = sorted(CACHE.glob("base-*/heldout.json"), key=lambda p: p.stat().st_mtime)
-    if not bases:
-        common.die("no cached base under demo/cache/: build one with `python demo/warmstart.py`")
-    return str(bases[-1].parent)
 
 
 def make_data(work: Path, which: str, n: int, keep_labels: bool, world: str = "mixed", size: int = 112
@@ -253,37 +267,54 @@ def make_data(work: Path, which: str, n: int, keep_labels: bool, world: str = "m
 
 
 def settings_key(args: Args) -> dict:
-    skip = {"jobs", "work", "results", "note", "report_only", "summarize", "ks", "greedy", "acc_ks", "oracle"}
+    skip = {"jobs", "work", "record", "note", "report_only", "summarize", "ks", "greedy", "acc_ks", "oracle"}
     return {k: v for k, v in asdict(args).items() if k not in skip}
 
 
-def run_one(args: Args, run: Path, k: int, base: str, pool: Path, bench_labels: Path) -> Optional[str]:
-    """The loop for one K, then the greedy evaluations; an error message, or None."""
-    common_flags = f"--no-reasoning --max-pixels {args.max_pixels} --max-new-tokens {args.max_new_tokens}"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
-           "MODEL": base, "IMAGES": str(pool), "BENCH": f"synthetic={bench_labels}", "OUT": str(run),
-           "ROUNDS": str(args.rounds), "PAIRS": str(args.pairs), "K": str(k), "G": str(args.group_size),
-           "SEED": str(args.seed), "REF": args.ref, "NPROC": "1", "FSDP_CONFIG": "",
-           "VOTES_ARGS": f"{common_flags} --mode {args.mode} --batch-size 64 --no-text",
-           "LABEL_ARGS": args.label_args,
-           "TRAIN_ARGS": f"{common_flags} --lr {args.lr} --beta {args.beta} --pairs-per-step {args.pairs_per_step} "
-                         f"--epochs {args.epochs} --warmup-steps {args.warmup_steps} --micro-batch-size 64 "
-                         "--save-every 1000",
-           "EVAL_ARGS": f"{common_flags} --samples {args.eval_samples} --batch-size 32 --seed {args.seed}"}
+def stage_flags(args: Args) -> str:
+    return f"--no-reasoning --max-pixels {args.max_pixels} --max-new-tokens {args.max_new_tokens}"
+
+
+def loop_settings(args: Args, base: str, k: int, bench: str, images: Path | str = "", pool: Path | str = "",
+                  label_args: Optional[str] = None) -> dict[str, str]:
+    """run_evolution.sh's settings of one arm: every flag of every stage, one thread per process."""
+    flags = stage_flags(args)
+    return {"MODEL": base, "IMAGES": str(images), "POOL": str(pool), "BENCH": bench, "ROUNDS": str(args.rounds),
+            "PAIRS": str(args.pairs), "K": str(k), "GROUP_SIZE": str(args.group_size), "SEED": str(args.seed),
+            "REF": args.ref, "NPROC": "1", "VOTES_ARGS": f"{flags} --mode {args.mode} --batch-size 64 --no-text",
+            "LABEL_ARGS": args.label_args if label_args is None else label_args,
+            "TRAIN_ARGS": f"{flags} --lr {args.lr} --beta {args.beta} --pairs-per-step {args.pairs_per_step} "
+                          f"--epochs {args.epochs} --warmup-steps {args.warmup_steps} --micro-batch-size 64 "
+                          "--save-every 1000",
+            "EVAL_ARGS": f"{flags} --samples {args.eval_samples} --batch-size 32 --seed {args.seed} --no-text"}
+
+
+def run_loop(run: Path, settings: dict[str, str]) -> Optional[str]:
+    """`bash run_evolution.sh NAME=VALUE ...` with OUT=run, its output appended to run/evolution.log; an error
+    message, or None."""
     run.mkdir(parents=True, exist_ok=True)
-    print(f"K={k}: bash run_evolution.sh -> {run} (log: {run / 'evolution.log'})", flush=True)
+    env = {k: v for k, v in os.environ.items() if k not in LOOP_SETTINGS}
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    words = [f"{name}={value}" for name, value in {**settings, "OUT": str(run)}.items()]
+    print(f"{run.name}: bash run_evolution.sh -> {run} (log: {run / 'evolution.log'})", flush=True)
     with open(run / "evolution.log", "a") as log:
-        done = subprocess.run(["bash", str(ROOT / "run_evolution.sh")], cwd=ROOT, env=env, stdout=log,
+        done = subprocess.run(["bash", str(ROOT / "run_evolution.sh"), *words], cwd=ROOT, env=env, stdout=log,
                               stderr=subprocess.STDOUT)
-    if done.returncode:
-        return f"K={k}: run_evolution.sh failed (exit {done.returncode}); see {run / 'evolution.log'}"
-    if args.greedy:
-        greedy_evals(args, run, base, bench_labels)
-    return None
+    return f"{run.name}: run_evolution.sh failed (exit {done.returncode}); see {run / 'evolution.log'}" \
+        if done.returncode else None
+
+
+def run_loops(loops: dict[Path, dict[str, str]], jobs: int) -> None:
+    """Several loop runs, `jobs` at a time (threads only wait on the subprocesses); one error line if any failed."""
+    with ThreadPoolExecutor(max(1, jobs)) as executor:
+        errors = list(executor.map(lambda item: run_loop(*item), loops.items()))
+    if any(errors):
+        common.die("; ".join(e for e in errors if e))
 
 
 def run_logged(cmd: list[str], run: Path, label: str, name: str = "") -> None:
-    """A stage command with the log lines run_evolution.sh writes ("round t:", "[done] NAME N s"), one thread."""
+    """A measurement (evaluate.py, not a round) with the log lines run_evolution.sh writes ("round t:",
+    "[done] NAME N s"), one thread."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     with open(run / "evolution.log", "a") as log:
         start = time.time()
@@ -299,44 +330,8 @@ def greedy_evals(args: Args, run: Path, base: str, bench_labels: Path) -> None:
         if (out / "summary.json").exists() or not Path(model).exists():
             continue
         run_logged([sys.executable, "evaluate.py", "--model", model, "--bench", f"synthetic={bench_labels}", "--out",
-                    str(out), "--no-reasoning", "--max-pixels", str(args.max_pixels), "--max-new-tokens",
-                    str(args.max_new_tokens), "--samples", "1", "--batch-size", "32", "--no-text"],
+                    str(out), *stage_flags(args).split(), "--samples", "1", "--batch-size", "32", "--no-text"],
                    run, f"round {t}: greedy evaluation", "evaluate_greedy")
-
-
-def run_oracle(args: Args, run: Path, main_run: Path, base: str, pool: Path, quality: dict[str, float],
-               bench_labels: Path) -> None:
-    """The oracle arm: round t trains on the main run's round-t pairs with p* from the TRUE order (1, 0 or .5), with
-    the same grpo_train.py / evaluate.py flags as the loop; only the votes are replaced by the truth. A positive
-    control: the ceiling of what perfect voting could teach at this budget."""
-    common_flags = ["--no-reasoning", "--max-pixels", str(args.max_pixels),
-                    "--max-new-tokens", str(args.max_new_tokens)]
-    for name in ("eval", "eval_greedy"):  # round 0 is the base: the main run measured it
-        if (main_run / "round_0" / name).exists() and not (run / "round_0" / name).exists():
-            shutil.copytree(main_run / "round_0" / name, run / "round_0" / name)
-    current = base
-    for t in range(1, args.rounds + 1):
-        R = run / f"round_{t}"
-        R.mkdir(parents=True, exist_ok=True)
-        if not (R / "model" / "config.json").exists():
-            voted = common.read_jsonl(main_run / f"round_{t}" / "pseudolabels.jsonl")
-            write_pseudolabels(R / "pseudolabels.jsonl", [(r["a"], r["b"], true_p_star(quality, r["a"], r["b"]))
-                                                          for r in voted], reverse=False)
-            run_logged([sys.executable, "grpo_train.py", "--model", current, "--ref-model", base, "--pseudolabels",
-                        str(R / "pseudolabels.jsonl"), "--images-root", str(pool), "--out", str(R / "model"),
-                        "--group-size", str(args.group_size), "--seed", str(args.seed + t), "--resume", *common_flags,
-                        "--lr", str(args.lr), "--beta", str(args.beta), "--pairs-per-step", str(args.pairs_per_step),
-                        "--epochs", str(args.epochs), "--warmup-steps", str(args.warmup_steps),
-                        "--micro-batch-size", "64", "--save-every", "1000"],
-                       run, f"round {t}: oracle labels")
-        if not (R / "eval" / "summary.json").exists():
-            run_logged([sys.executable, "evaluate.py", "--model", str(R / "model"), "--bench",
-                        f"synthetic={bench_labels}", "--out", str(R / "eval"), *common_flags, "--samples",
-                        str(args.eval_samples), "--batch-size", "32", "--seed", str(args.seed), "--no-text"],
-                       run, f"round {t}: evaluation")
-        current = str(R / "model")
-    if args.greedy:
-        greedy_evals(args, run, base, bench_labels)
 
 
 def base_pool_scores(args: Args, base: str, pool: Path, out: Path) -> Path:
@@ -344,10 +339,16 @@ def base_pool_scores(args: Args, base: str, pool: Path, out: Path) -> Path:
     if not (out / "predictions.jsonl").exists():
         out.mkdir(parents=True, exist_ok=True)
         run_logged([sys.executable, "evaluate.py", "--model", base, "--images", str(pool), "--out", str(out),
-                    "--no-reasoning", "--max-pixels", str(args.max_pixels), "--max-new-tokens",
-                    str(args.max_new_tokens), "--samples", str(args.eval_samples), "--batch-size", "32", "--seed",
+                    *stage_flags(args).split(), "--samples", str(args.eval_samples), "--batch-size", "32", "--seed",
                     str(args.seed), "--no-text"], out, "base scores of the pool")
     return out / "predictions.jsonl"
+
+
+def provenance() -> dict:
+    """What produced a record: the commit of this checkout and whether it had changes, the package versions."""
+    git = lambda *a: subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()  # noqa: E731
+    return {"commit": git("rev-parse", "HEAD") or None, "uncommitted_changes": bool(git("status", "--porcelain")),
+            "versions": common.package_versions()}
 
 
 def print_table(record: dict) -> None:
@@ -355,14 +356,15 @@ def print_table(record: dict) -> None:
     print(f"\n{record['settings']['mode']} mode, lr {record['settings']['lr']}, pairs {record['settings']['pairs']}, "
           f"pool {record['settings']['pool']}, bench {record['settings']['bench']}, seed {record['settings']['seed']}")
     print("run  round   SRCC8  PLCC8  SRCC1  SRCCgr | vote_acc abstain first_slot | reward  r_std  zero_std  "
-          "wg_std   kl")
+          "wg_std   kl     G")
     for name, run in record["runs"].items():
         for key, row in run["rounds"].items():
             s, g, v, r = row.get("sampled", {}), row.get("greedy", {}), row.get("votes", {}), row.get("grpo", {})
             print(f"{name:4s} {key[6:]:5s} {fmt(s.get('srcc'))} {fmt(s.get('plcc'))} {fmt(s.get('srcc_single'))} "
                   f"{fmt(g.get('srcc'))} | {fmt(v.get('accuracy', {}).get('accuracy'))}  {fmt(v.get('abstention_rate'))} "
                   f"{fmt(v.get('first_slot_win_rate'))}    | {fmt(r.get('reward_mean'))} {fmt(r.get('reward_std'))} "
-                  f"{fmt(r.get('zero_std_fraction'))}  {fmt(r.get('score_within_group_std'))} {fmt(r.get('kl_last'))}")
+                  f"{fmt(r.get('zero_std_fraction'))}  {fmt(r.get('score_within_group_std'))} {fmt(r.get('kl_last'))} "
+                  f"{r.get('group_size') or '-':>3}")
         print(f"{name:4s} wall {run['wall_seconds']} s")
     acc = record.get("pseudolabel_accuracy_round1") or {}
     print("pseudo-label accuracy on the same round-1 pairs (" + str(acc.get("pairs")) + " pairs of unequal quality): "
@@ -438,83 +440,50 @@ def pool_data(args: Args, work: Path) -> tuple[Path, Path, Path]:
     return pool, pool_labels, bench
 
 
-def stage_flags(args: Args) -> list[str]:
-    return ["--no-reasoning", "--max-pixels", str(args.max_pixels), "--max-new-tokens", str(args.max_new_tokens)]
-
-
-def vote_round(args: Args, R: Path, model: str, images: Path, root: Path, seed: int, *extra: str) -> None:
-    """sample_votes.py (K = ks[0], compare mode) then build_pseudolabels.py, each skipped once its output exists."""
-    R.mkdir(parents=True, exist_ok=True)
-    if not (R / "votes.jsonl").exists():
-        run_logged([sys.executable, "sample_votes.py", "--model", model, "--images", str(images), "--images-root",
-                    str(root), "--out", str(R / "votes.jsonl"), "--num-pairs", str(args.pairs), "--votes-per-pair",
-                    str(args.ks[0]), "--seed", str(seed), "--batch-size", "64", "--no-text", *stage_flags(args),
-                    *extra], R, f"{R.name}: votes")
-    if not (R / "pseudolabels.jsonl").exists():
-        run_logged([sys.executable, "build_pseudolabels.py", "--votes", str(R / "votes.jsonl"), "--out",
-                    str(R / "pseudolabels.jsonl"), "--stats", str(R / "stats.json"), *args.label_args.split()],
-                   R, f"{R.name}: pseudo-labels")
-
-
-def train_round(args: Args, R: Path, model: str, base: str, pseudolabels: Path, root: Path, seed: int,
-                bench: Path) -> None:
-    """grpo_train.py from `model` (KL reference: the base), then evaluate.py on both benchmarks."""
-    if not (R / "model" / "config.json").exists():
-        run_logged([sys.executable, "grpo_train.py", "--model", model, "--ref-model", base, "--pseudolabels",
-                    str(pseudolabels), "--images-root", str(root), "--out", str(R / "model"), "--group-size",
-                    str(args.group_size), "--seed", str(seed), "--resume", *stage_flags(args), "--lr", str(args.lr),
-                    "--beta", str(args.beta), "--pairs-per-step", str(args.pairs_per_step), "--epochs",
-                    str(args.epochs), "--warmup-steps", str(args.warmup_steps), "--micro-batch-size", "64",
-                    "--save-every", "1000"], R, f"{R.name}: grpo_train")
-    evaluate_round(args, R, str(R / "model"), bench)
-
-
-def evaluate_round(args: Args, R: Path, model: str, bench: Path) -> None:
-    R.mkdir(parents=True, exist_ok=True)
-    if not (R / "eval" / "summary.json").exists():
-        run_logged([sys.executable, "evaluate.py", "--model", model, "--bench",
-                    f"synthetic={bench / 'references.labels.jsonl'}", "--bench", f"distorted={bench / 'labels.jsonl'}",
-                    "--out", str(R / "eval"), *stage_flags(args), "--samples", str(args.eval_samples),
-                    "--batch-size", "32", "--seed", str(args.seed), "--no-text"], R, f"{R.name}: evaluation")
+def same_round(a: Path, b: Path) -> bool:
+    """Whether two round folders hold the same votes, pseudo-labels, weights and benchmark scores, byte for byte (the
+    summaries differ only in the paths they name)."""
+    names = ["votes.jsonl", "pseudolabels.jsonl", "model/model.safetensors",
+             *(p.relative_to(a) for p in sorted((a / "eval").glob("predictions_*.jsonl")))]
+    return all((a / n).read_bytes() == (b / n).read_bytes() for n in names)
 
 
 def pool_experiment(args: Args, base: str, work: Path) -> dict:
-    """Round 1 on the references, then round 2 in two arms; returns the measured record."""
+    """Two loop runs with the same SEED and POOL, SYNTH_PAIRS = 0 and --same-reference-pairs; the measured record."""
     pool, pool_labels, bench = pool_data(args, work)
     settings = {**settings_key(args), "base": base}
     exp = work / ("pool-" + hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10])
-    evaluate_round(args, exp / "round_0", base, bench)
-    R1 = exp / "round_1"
-    vote_round(args, R1, base, pool / "references.txt", pool, args.seed + 1)
-    train_round(args, R1, base, base, R1 / "pseudolabels.jsonl", pool, args.seed + 1, bench)
-    votes2 = exp / "round_2_votes"
-    vote_round(args, votes2, str(R1 / "model"), pool / "manifest.jsonl", pool, args.seed + 2, "--same-reference-pairs",
-               str(args.same_reference_pairs), "--pool-manifest", str(pool / "manifest.jsonl"))
-    labels = common.read_jsonl(votes2 / "pseudolabels.jsonl")
-    for arm in ("random", "same_reference"):
-        R = exp / f"round_2_{arm}"
-        R.mkdir(parents=True, exist_ok=True)
-        kept = labels if arm == "same_reference" else [r for r in labels if r.get("kind") == "random"]
-        common.write_jsonl_atomic(R / "pseudolabels.jsonl", kept)
-        train_round(args, R, str(R1 / "model"), base, R / "pseudolabels.jsonl", pool, args.seed + 2, bench)
+    benches = f"synthetic={bench / 'references.labels.jsonl'}\ndistorted={bench / 'labels.jsonl'}\n"
+    arms = {"random": 0, "same_reference": args.same_reference_pairs}
+    if not args.report_only:
+        run_loops({exp / arm: {**loop_settings(args, base, args.ks[0], benches, pool=pool), "SYNTH_PAIRS": str(n)}
+                   for arm, n in arms.items()}, args.jobs)
+    random, same = exp / "random", exp / "same_reference"
     quality = {r["image"]: r["mos"] for r in common.read_jsonl(pool_labels)}
     mos = {name: {r["image"]: r["mos"] for r in common.read_jsonl(bench / f)}
            for name, f in (("synthetic", "references.labels.jsonl"), ("distorted", "labels.jsonl"))}
+    rounds = {"round_0": random / "round_0", "round_1": random / "round_1", "round_2_random": random / "round_2",
+              "round_2_same_reference": same / "round_2"}
     rows = {}
-    for name in ("round_0", "round_1", "round_2_random", "round_2_same_reference"):
-        rows[name] = {b: bench_correlations(exp / name / "eval", mos[b], b) for b in mos}
-        if (exp / name / "pseudolabels.jsonl").exists():
-            rows[name]["pairs_trained"] = len(common.read_jsonl(exp / name / "pseudolabels.jsonl"))
-    accuracy = {"round_1_random": pseudolabel_accuracy(R1 / "votes.jsonl", quality, args.acc_ks, kind="random"),
-                **{f"round_2_{kind}": pseudolabel_accuracy(votes2 / "votes.jsonl", quality, args.acc_ks, kind=kind)
+    for name, R in rounds.items():
+        rows[name] = {b: bench_correlations(R / "eval", mos[b], b) for b in mos}
+        if (R / "pseudolabels.jsonl").exists():
+            rows[name]["pairs_trained"] = len(common.read_jsonl(R / "pseudolabels.jsonl"))
+            rows[name]["group_size"] = trained_group_size(R / "model")
+    votes2 = same / "round_2" / "votes.jsonl"
+    accuracy = {"round_1_random": pseudolabel_accuracy(random / "round_1" / "votes.jsonl", quality, args.acc_ks,
+                                                       kind="random"),
+                **{f"round_2_{kind}": pseudolabel_accuracy(votes2, quality, args.acc_ks, kind=kind)
                    for kind in ("random", "same_reference")}}
-    by_group = accuracy_by_group(votes2 / "votes.jsonl", quality, pool / "manifest.jsonl", args.ks[0])
     return {"time": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-            "command": " ".join(["python", "demo/evolve.py", *sys.argv[1:]]), "note": args.note,
+            "command": " ".join(["python", "experiments/evolve.py", *sys.argv[1:]]), "note": args.note,
             "settings": settings, "work": str(exp), "rounds": rows, "pseudolabel_accuracy": accuracy,
-            "same_reference_accuracy_by_group": by_group,
-            "stage_seconds": {k: v for R in sorted(exp.iterdir()) if R.is_dir()
-                              for k, v in stage_seconds(R / "evolution.log").items()}}
+            "same_reference_accuracy_by_group": accuracy_by_group(votes2, quality, pool / "manifest.jsonl",
+                                                                  args.ks[0]),
+            "round_1_identical_in_both_runs": same_round(random / "round_1", same / "round_1"),
+            "stage_seconds": {f"{arm}/{k}": v for arm in arms for k, v in stage_seconds(exp / arm /
+                                                                                        "evolution.log").items()},
+            **provenance()}
 
 
 def accuracy_by_group(votes: Path, quality: dict[str, float], manifest: Path, k: int) -> dict:
@@ -547,68 +516,70 @@ def print_pool_record(record: dict) -> None:
         f"{g} {v['accuracy']:.2f} ({v['pairs']})" for g, v in record["same_reference_accuracy_by_group"].items()))
 
 
-def main() -> None:
-    args = common.parse_args(Args)
-    if args.summarize:
-        return summarize(json.loads(Path(args.results).read_text()) if Path(args.results).exists() else [])
-    base = str(Path(args.base or default_base()).resolve())
-    work = Path(args.work).resolve()
-    work.mkdir(parents=True, exist_ok=True)
-    if args.pool_variants:
-        record = pool_experiment(args, base, work)
-        print_pool_record(record)
-        results = Path(args.pool_results)
-        history = (json.loads(results.read_text()) if results.exists() else []) + [record]
-        common.write_json_atomic(results, history)
-        return print(f"appended to {results} ({len(history)} records)")
+# ---------------------------------------------------------------------------------------------------------------------
+# TRY NOT TO MODIFY: main
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def main_experiment(args: Args, base: str, work: Path) -> dict:
+    """The K runs and the oracle arm through the loop, then the measured record."""
     pool, pool_labels = make_data(work, "pool", args.pool, False, args.world, args.image_size)
-    bench, bench_labels = make_data(work, "bench", args.bench, True, args.world, args.image_size)
+    bench, _ = make_data(work, "bench", args.bench, True, args.world, args.image_size)
     bench_labels = bench / "labels.jsonl"  # evaluate.py resolves image paths relative to the labels file's folder
     settings = {**settings_key(args), "base": base}
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
-    runs = {k: work / f"{args.mode}-{digest}" / f"K{k}" for k in args.ks}
-    oracle_run = work / f"{args.mode}-{digest}" / "oracle"
-
-    quality = {r["image"]: r["mos"] for r in common.read_jsonl(pool_labels)}
+    runs = {f"K{k}": work / f"{args.mode}-{digest}" / f"K{k}" for k in args.ks}
+    loops = {runs[f"K{k}"]: loop_settings(args, base, k, f"synthetic={bench_labels}\n", images=pool) for k in args.ks}
+    if args.oracle:  # K = 1: its votes only supply the pairs, which depend on SEED and the pool alone
+        runs["oracle"] = work / f"{args.mode}-{digest}" / "oracle"
+        loops[runs["oracle"]] = loop_settings(args, base, 1, f"synthetic={bench_labels}\n", images=pool,
+                                              label_args=f"--oracle {pool_labels}")
     start = time.time()
     if not args.report_only:
-        with ThreadPoolExecutor(max(1, args.jobs)) as pool_of_runs:  # threads only wait on the subprocesses
-            errors = list(pool_of_runs.map(lambda kr: run_one(args, kr[1], kr[0], base, pool, bench_labels),
-                                           runs.items()))
-        if any(errors):
-            common.die("; ".join(e for e in errors if e))
-        if args.oracle:
-            oracle_run.mkdir(parents=True, exist_ok=True)
-            run_oracle(args, oracle_run, runs[args.ks[0]], base, pool, quality, bench_labels)
+        run_loops(loops, args.jobs)
+        if args.greedy:
+            for run in runs.values():
+                greedy_evals(args, run, base, bench_labels)
 
+    quality = {r["image"]: r["mos"] for r in common.read_jsonl(pool_labels)}
     mos = {r["image"]: r["mos"] for r in common.read_jsonl(bench_labels)}
-    main_votes = runs[args.ks[0]] / "round_1" / "votes.jsonl"
-    record = {
+    main_votes = runs[f"K{args.ks[0]}"] / "round_1" / "votes.jsonl"
+    return {
         "time": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-        "command": " ".join(["python", "demo/evolve.py", *sys.argv[1:]]),
+        "command": " ".join(["python", "experiments/evolve.py", *sys.argv[1:]]),
         "note": args.note, "settings_hash": digest, "settings": settings, "ks": args.ks,
         "base_sha256": common.file_sha256(Path(base) / "model.safetensors")
         if (Path(base) / "model.safetensors").exists() else None,
         "base_heldout": json.loads((Path(base) / "heldout.json").read_text()) if (Path(base) / "heldout.json").exists()
         else None,
         "invocation_seconds": round(time.time() - start, 1),
-        "runs": {**{f"K{k}": measure_run(run, args, mos, quality) for k, run in runs.items()},
-                 **({"oracle": measure_run(oracle_run, args, mos, quality)} if oracle_run.exists() else {})},
+        "runs": {name: measure_run(run, args, mos, quality) for name, run in runs.items() if run.exists()},
         "pseudolabel_accuracy_round1": pseudolabel_accuracy(main_votes, quality, args.acc_ks, args.mode)
         if main_votes.exists() else None,
         "own_score_accuracy_round1": own_score_accuracy(
             base_pool_scores(args, base, pool, work / f"{args.mode}-{digest}" / "base_pool_scores"), main_votes,
             quality) if main_votes.exists() and not args.report_only else None,
-        "versions": common.package_versions(),
+        **provenance(),
     }
-    print_table(record)
-    if args.report_only:
-        return
-    results = Path(args.results)
-    history = json.loads(results.read_text()) if results.exists() else []
-    history.append(record)
-    common.write_json_atomic(results, history)
-    print(f"appended to {results} ({len(history)} records)")
+
+
+def main() -> None:
+    args = common.parse_args(Args)
+    if args.summarize:
+        path = Path(args.record or ROOT / "experiments" / "evolve_results.json")
+        return summarize(json.loads(path.read_text()) if path.exists() else [])
+    base = str(Path(args.base).resolve())
+    work = Path(args.work).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    if args.pool_variants:
+        record = pool_experiment(args, base, work)
+        print_pool_record(record)
+    else:
+        record = main_experiment(args, base, work)
+        print_table(record)
+    if not args.report_only:
+        records.save(record, args.record, Path(record["work"] if args.pool_variants else
+                                               work / f"{args.mode}-{record['settings_hash']}") / "record.json")
 
 
 if __name__ == "__main__":
