@@ -91,10 +91,11 @@ def load_train_logs(out: Path) -> dict[int, list[dict]]:
     return logs
 
 
-def objects(path: Path, value: Any, where: str = "") -> dict:
-    """`value` if it is a JSON object; else a one-line error naming the file (and the key where it is nested)."""
+def objects(path: Path, value: Any, where: str) -> dict:
+    """`value` if it is a JSON object; else a one-line error naming the file and the key where it is nested (a whole
+    file that is not an object is common.read_json's error)."""
     if not isinstance(value, dict):
-        common.die(f"{path}: {where or 'the file'} is not a JSON object ({type(value).__name__}); it was not "
+        common.die(f"{path}: {where} is not a JSON object ({type(value).__name__}); it was not "
                    "written by the stages: delete it, or rerun the stage that writes it")
     return value
 
@@ -105,7 +106,7 @@ def load_summaries(out: Path) -> dict[int, dict]:
     for t, d in round_dirs(out).items():
         path = d / "eval" / "summary.json"
         if path.exists():
-            summary = objects(path, common.read_json(path))
+            summary = common.read_json(path)
             parts = {**objects(path, summary.get("benchmarks", {}), "'benchmarks'"),
                      "wavg": objects(path, summary.get("wavg", {}), "'wavg'")}
             for name, values in parts.items():
@@ -121,7 +122,7 @@ def load_vote_stats(out: Path) -> dict[int, dict]:
     for t, d in round_dirs(out).items():
         path = d / "stats.json"
         if path.exists():
-            s = objects(path, common.read_json(path))
+            s = common.read_json(path)
             for kind, part in objects(path, s.get("by_kind") or {}, "'by_kind'").items():
                 objects(path, part, f"'by_kind' '{kind}'")
             for part in [s, *(s.get("by_kind") or {}).values()]:
