@@ -20,6 +20,7 @@ cache instead, with a warning; that path is also the reference the tests hold th
 from __future__ import annotations
 
 import hashlib
+import math
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, NamedTuple
@@ -27,6 +28,7 @@ from typing import Any, Callable, NamedTuple
 import common
 
 KV_ROOM_STEP = 32  # generated-token buffers grow by this many tokens (never past max_new_tokens)
+NOISE_BLOCK = 256  # tokens per block of the two-level draw (Qwen's 152k vocabulary: 594 blocks)
 MASK32 = 0xFFFFFFFF
 
 
@@ -190,27 +192,47 @@ def _mix32(x):
     return x ^ (x >> 16)
 
 
-def gumbel_noise(seed: int, words, index, step: int, vocab: int):
-    """Gumbel(0, 1) noise [rows, vocab] (float64) that depends on (seed, key, index, step, token) only:
-    each row's 32-bit words (seed low and high, key low and high `words` [rows, 2], completion index, step) are chained
-    through _mix32 in two lanes started from different constants (a 64-bit row state); token v gets the 32 bits
-    b = _mix32(lane_a ^ v) ^ lane_b, the uniform u = (b + 1/2) / 2^32 in (0, 1) and the noise -log(-log u).
-    argmax(logits / T + noise) is then a draw of softmax(logits / T) (the Gumbel-max trick). Unlike a multinomial
-    draw on the batch, each row's draw changes little when its logits move by rounding: it flips only if the top two
-    perturbed scores are that close."""
+def noise_lanes(seed: int, words, index, step: int):
+    """Each row's 64-bit noise state, two 32-bit lanes [rows]: the row's words (seed low and high, its prompt's key low
+    and high `words` [rows, 2], its completion index, the step; 32 bits each) chained through _mix32 from two
+    different start constants."""
     import torch
 
     lane_a, lane_b = torch.full_like(index, 0x243F6A88), torch.full_like(index, 0x85A308D3)  # digits of pi
     for word in (seed & MASK32, (seed >> 32) & MASK32, words[:, 0], words[:, 1], index, step):
         lane_a, lane_b = _mix32(lane_a ^ word), _mix32(lane_b ^ word)
-    bits = _mix32(lane_a[:, None] ^ torch.arange(vocab, device=index.device)) ^ lane_b[:, None]
-    u = (bits.double() + 0.5) / 2 ** 32
+    return lane_a, lane_b
+
+
+def gumbel(lane_a, lane_b, ids):
+    """Gumbel(0, 1) noise (float64) of `ids` under the states (lane_a, lane_b), broadcast together: id v's 32 bits
+    b = _mix32(lane_a ^ v) ^ lane_b (distinct ids of a row get distinct bits), the uniform u = (b + 1/2) / 2^32 in
+    (0, 1), the noise -log(-log u)."""
+    import torch
+
+    u = ((_mix32(lane_a ^ ids) ^ lane_b).double() + 0.5) / 2 ** 32
     return -torch.log(-torch.log(u))
 
 
 def gumbel_argmax(logits, temperature: float, seed: int, words, index, step: int):
-    """One draw of softmax(logits / temperature) per row [rows]: argmax(logits / T + Gumbel noise), in float64."""
-    return (logits.double() / temperature + gumbel_noise(seed, words, index, step, logits.shape[-1])).argmax(-1)
+    """One draw of softmax(logits / T) per row [rows], by the Gumbel-max trick (argmax(scores + Gumbel noise) is a
+    draw of softmax(scores)) applied twice: a block of NOISE_BLOCK tokens, drawn with its share of the softmax (the
+    block's logsumexp of scores, plus the noise of id vocab + block), then a token of that block, drawn with its share
+    of the block (its score, plus the noise of its own id): P(block) P(token | block) = softmax(logits / T)[token].
+    Noise for vocab / NOISE_BLOCK + NOISE_BLOCK ids per row instead of vocab. Unlike a multinomial draw on the batch, a
+    row's draw flips under a rounding-size change of its logits only if two perturbed scores are that close."""
+    import torch
+
+    R, V = logits.shape
+    blocks = -(-V // NOISE_BLOCK)
+    scores = torch.nn.functional.pad(logits.float() / temperature, (0, blocks * NOISE_BLOCK - V), value=-math.inf)
+    scores = scores.view(R, blocks, NOISE_BLOCK)  # the padding's -inf is never drawn
+    lane_a, lane_b = (lane[:, None] for lane in noise_lanes(seed, words, index, step))
+    ids = torch.arange(max(blocks, NOISE_BLOCK), device=logits.device)
+    block = (scores.logsumexp(-1).double() + gumbel(lane_a, lane_b, V + ids[:blocks])).argmax(-1)  # [R]
+    tokens = block[:, None] * NOISE_BLOCK + ids[:NOISE_BLOCK]  # [R, NOISE_BLOCK]
+    within = scores[torch.arange(R, device=logits.device), block].double() + gumbel(lane_a, lane_b, tokens)
+    return tokens.gather(1, within.argmax(-1, keepdim=True)).squeeze(1)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

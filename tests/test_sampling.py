@@ -171,14 +171,16 @@ def test_a_prompt_whose_rows_all_end_at_the_first_token(checkpoints, images, mon
 
 def test_mask_padding_truncation_and_texts_from_their_definition(checkpoints, images):
     model, processor = checkpoints["qwen2_5_vl"]
-    got, _ = run(model, processor, mixed_batch(processor, images), 4, 10, end_every=7, keys=KEYS)
+    got, _ = run(model, processor, mixed_batch(processor, images), 4, 6, end_every=7, keys=KEYS)
     eos = sampling.eos_token_ids(sampling.sampling_config(model, 1))
     ended = [any(t in eos for t in row) for row in got.ids.tolist()]
     assert any(ended) and not all(ended)
+    placeholders = sampling.placeholder_token_ids(model)
     for row, mask, truncated, text in zip(got.ids.tolist(), got.mask.tolist(), got.truncated, got.texts):
-        stops = [i for i, t in enumerate(row) if t in eos]
+        stops = [i for i, t in enumerate(row) if t in eos + placeholders]
         end = stops[0] + 1 if stops else len(row)
-        assert mask == [1] * end + [0] * (len(row) - end) and truncated == (not stops)
+        assert mask == [1] * end + [0] * (len(row) - end)
+        assert truncated == (not stops or row[stops[0]] in placeholders)  # a placeholder is an abnormal end
         assert all(t == model.generation_config.pad_token_id for t in row[end:])
         assert text == processor.decode(row[:end], skip_special_tokens=True)
 
@@ -300,9 +302,9 @@ def test_a_prompts_tokens_do_not_depend_on_its_batch_position_split_or_compactio
 def test_mutation_noise_keyed_to_the_batch_row_fails_invariance(checkpoints, images, monkeypatch):
     """Mutation: each row's noise from its row in the current batch instead of its completion index."""
     model, processor = checkpoints["qwen2_5_vl"]
-    noise = sampling.gumbel_noise
-    monkeypatch.setattr(sampling, "gumbel_noise", lambda seed, words, index, step, vocab: noise(
-        seed, words, torch.arange(len(index)), step, vocab))
+    lanes = sampling.noise_lanes
+    monkeypatch.setattr(sampling, "noise_lanes", lambda seed, words, index, step: lanes(
+        seed, words, torch.arange(len(index)), step))
     with pytest.raises(AssertionError):
         assert_a_prompts_tokens_do_not_depend_on_its_batch(model, processor, images, monkeypatch)
 
@@ -326,11 +328,13 @@ def test_mix32_and_the_noise_equal_their_definition_in_python_integers():
     xs = [0, 1, 2 ** 31 - 1, 2 ** 31, 2 ** 32 - 1] + [rng.randrange(2 ** 32) for _ in range(2000)]
     assert sampling._mix32(torch.tensor(xs)).tolist() == [lowbias32(x) for x in xs]
     seed, key, index, step = -3, 2 ** 64 - 7, 12345, 511
-    words = torch.tensor([[key & sampling.MASK32, key >> 32]])
-    got = sampling.gumbel_noise(seed, words, torch.tensor([index]), step, 40)[0]
+    lane_a, lane_b = sampling.noise_lanes(seed, torch.tensor([[key & sampling.MASK32, key >> 32]]),
+                                          torch.tensor([index]), step)
+    got = sampling.gumbel(lane_a[:, None], lane_b[:, None], torch.arange(40))[0]
     lanes = [0x243F6A88, 0x85A308D3]
     for word in (seed % 2 ** 32, (seed % 2 ** 64) >> 32, key % 2 ** 32, key >> 32, index, step):
         lanes = [lowbias32(lane ^ word) for lane in lanes]
+    assert [lane_a.item(), lane_b.item()] == lanes
     want = [-math.log(-math.log((lowbias32(lanes[0] ^ v) ^ lanes[1]) / 2 ** 32 + 2 ** -33)) for v in range(40)]
     torch.testing.assert_close(got, torch.tensor(want, dtype=torch.float64), rtol=1e-12, atol=0)
 
@@ -361,34 +365,35 @@ def independence(tokens, vocab) -> float:
     return chi2_contingency(table.numpy()).pvalue
 
 
-LOGITS = torch.tensor([2.0, 1.0, 0.5, -1.0, 0.0, 1.5])
+LOGITS = torch.tensor([2.0, 1.0, 0.5, -1.0, 0.0, 1.5, 0.3, -0.5, 1.2, 0.8])
 
 
-def test_gumbel_draws_follow_the_softmax_and_are_independent():
-    """6,000 draws (fixed keys and seed): chi-square p-values well above 1e-3 for softmax(logits / T) at two
-    temperatures and for independence across steps; the biased samplers below fail the same tests."""
+@pytest.mark.parametrize("block", [sampling.NOISE_BLOCK, 4])
+def test_gumbel_draws_follow_the_softmax_and_are_independent(block, monkeypatch):
+    """6,000 draws (fixed keys and seed) of 10 tokens, in one block, or in blocks of 4 (the last one padded): chi-square
+    p-values above 1e-3 for softmax(logits / T) at two temperatures and for independence across steps."""
+    monkeypatch.setattr(sampling, "NOISE_BLOCK", block)
     for temperature in (1.0, 0.6):
         tokens = draws(LOGITS, temperature)
         assert goodness_of_fit(tokens, LOGITS, temperature) > 1e-3
     assert independence(draws(LOGITS, 1.0), len(LOGITS)) > 1e-3
 
 
-def test_mutations_of_the_sampler_fail_the_goodness_of_fit():
+def test_mutations_of_the_sampler_fail_the_goodness_of_fit(monkeypatch):
     """Exponential noise instead of Gumbel; the temperature multiplied instead of divided; noise that ignores the step
-    (every step of a completion draws the same noise: dependent steps)."""
-    def exponential(logits, temperature, seed, words, index, step):
-        u = torch.exp(-sampling.gumbel_noise(seed, words, index, step, logits.shape[-1]).neg().exp())  # the uniforms
-        return (logits.double() / temperature - torch.log(u)).argmax(-1)
-
+    (every step of a completion draws the same noise: dependent steps). p-values below 1e-6."""
     def times_t(logits, temperature, seed, words, index, step):
         return sampling.gumbel_argmax(logits * temperature ** 2, temperature, seed, words, index, step)
 
     def stepless(logits, temperature, seed, words, index, step):
         return sampling.gumbel_argmax(logits, temperature, seed, words, index, 0)
 
-    assert goodness_of_fit(draws(LOGITS, 1.0, exponential), LOGITS, 1.0) < 1e-6
     assert goodness_of_fit(draws(LOGITS, 0.6, times_t), LOGITS, 0.6) < 1e-6
     assert independence(draws(LOGITS, 1.0, stepless), len(LOGITS)) < 1e-6
+    gumbel = sampling.gumbel
+    monkeypatch.setattr(sampling, "NOISE_BLOCK", 4)
+    monkeypatch.setattr(sampling, "gumbel", lambda a, b, ids: gumbel(a, b, ids).neg().exp())  # -log u: exponential
+    assert goodness_of_fit(draws(LOGITS, 1.0), LOGITS, 1.0) < 1e-6
 
 
 def merge_reference(q, k_a, v_a, k_b, v_b):
