@@ -254,12 +254,14 @@ def merge_attention(out_a, lse_a, out_b, lse_b):
 
 def softmax_attention(q, k, v, scaling: float, bias=None):
     """(softmax(q k^T * scaling + bias) v, logsumexp of the scores): q [..., Q, D], k and v [..., K, D]. Matmuls in the
-    inputs' dtype, softmax in fp32 (as transformers' eager attention)."""
-    scores = (q @ k.transpose(-1, -2)).float() * scaling
+    inputs' dtype, the softmax in fp32 as e = exp(scores - max): output (e v) / sum(e), logsumexp max + log sum(e)."""
+    scores = ((q * scaling) @ k.transpose(-1, -2)).float()
     if bias is not None:
-        scores = scores + bias
-    lse = scores.logsumexp(-1, keepdim=True)
-    return ((scores - lse).exp().to(v.dtype) @ v).float(), lse
+        scores += bias
+    top = scores.amax(-1, keepdim=True)
+    e = scores.sub_(top).exp_()
+    total = e.sum(-1, keepdim=True)
+    return (e.to(v.dtype) @ v).float() / total, top + total.log()
 
 
 def shared_prefix_attention(module, query, key, value, attention_mask=None, scaling=None, shared_prefix=None,
@@ -267,10 +269,12 @@ def shared_prefix_attention(module, query, key, value, attention_mask=None, scal
     """Attention of one decode step (an AttentionInterface function, for the text layers only). query [B, Hq, 1, D],
     key/value [B, Hkv, 1, D]: this step's token of each running row, appended to the row's generated keys first.
     The query heads sharing a KV head (GQA: head h * g + r reads KV head h) are folded into the query axis, so the
-    prompt part is one matmul per layer: the rows of each prompt gathered into a [P, m] grid (m = most running rows of
-    one prompt), [P, Hkv, m * g, D] @ [P, Hkv, D, L]."""
+    prompt part is one matmul per layer: the rows of each prompt scattered into a [P, m] grid (m = most running rows
+    of one prompt), [P, Hkv, m * g, D] @ [P, Hkv, D, L]. The generated part: the rows scattered into their rows of the
+    generated buffers, [Bbuf, Hkv, g, D] @ [Bbuf, Hkv, D, t] (a finished row's buffer row gets a zero query until the
+    buffers are rebuilt without it)."""
     state = shared_prefix
-    keys_g, values_g = state.append(module.layer_idx, key, value)  # [B, Hkv, t, D]
+    keys_g, values_g = state.append(module.layer_idx, key, value)  # [Bbuf, Hkv, t, D]
     keys_p, values_p = state.prompt_keys[module.layer_idx], state.prompt_values[module.layer_idx]  # [P, Hkv, L, D]
     B, Hq, _, D = query.shape
     P, Hkv, m = keys_p.shape[0], keys_p.shape[1], state.m
@@ -284,16 +288,21 @@ def shared_prefix_attention(module, query, key, value, attention_mask=None, scal
     def rows(x):  # [P, Hkv, m * g, E] -> each running row's [B, Hkv, g, E]
         return x.view(P, Hkv, m, g, -1).transpose(1, 2).reshape(P * m, Hkv, g, -1)[state.slot]
 
-    out_g, lse_g = softmax_attention(q, keys_g, values_g, scaling)  # [B, Hkv, g, D | 1]
-    out = merge_attention(rows(out_p), rows(lse_p), out_g, lse_g)
+    own = q.new_zeros(len(keys_g), Hkv, g, D)
+    own[state.buffer_row] = q
+    out_g, lse_g = softmax_attention(own, keys_g, values_g, scaling)  # [Bbuf, Hkv, g, D | 1]
+    out = merge_attention(rows(out_p), rows(lse_p), out_g[state.buffer_row], lse_g[state.buffer_row])
     return out.to(query.dtype).reshape(B, 1, Hq, D), None
 
 
 class SharedPrefix:
     """The keys and values a decode reads. Per layer: the prompts' [P, Hkv, L, D], the prefill's own tensors (each
-    prompt once; left padding masked by `pad_bias` [P, 1, 1, L], -inf on pads), and the running rows' generated ones
-    [B, Hkv, room, D], `length` of them filled (every running row is at the same step). `prompt_of` [B]: the prompt
-    of each running row (rows stay prompt-major); `slot` [B]: the row's place in the [P, m] grid of queries."""
+    prompt once; left padding masked by `pad_bias` [P, 1, 1, L], -inf on pads, None without padding), and the
+    generated ones [Bbuf, Hkv, room, D], `length` of them filled (every running row is at the same step). Per running
+    row [B]:
+    `prompt_of`, its prompt (rows stay prompt-major); `slot`, its place in the [P, m] grid of queries; `buffer_row`,
+    its row of the generated buffers. A finished row leaves the batch at once; its buffer row is dropped when the
+    buffers are next rebuilt (they grow by KV_ROOM_STEP tokens), so that compaction copies nothing per step."""
 
     def __init__(self, cache, attention_mask, n: int, max_new_tokens: int):
         import torch
@@ -301,9 +310,11 @@ class SharedPrefix:
         self.prompt_keys = [layer.keys for layer in cache.layers]
         self.prompt_values = [layer.values for layer in cache.layers]
         P = attention_mask.shape[0]
-        self.pad_bias = torch.zeros(attention_mask.shape, device=attention_mask.device).masked_fill(
-            attention_mask == 0, float("-inf"))[:, None, None]
+        self.pad_bias = None if attention_mask.all() else torch.zeros(
+            attention_mask.shape, device=attention_mask.device).masked_fill(attention_mask == 0, float("-inf"))[:, None,
+                                                                                                             None]
         self.prompt_of = torch.arange(P, device=attention_mask.device).repeat_interleave(n)
+        self.buffer_row = torch.arange(P * n, device=attention_mask.device)
         self.length, self.max_new_tokens = 0, max_new_tokens
         self.keys = [k.new_empty(P * n, k.shape[1], 0, k.shape[3]) for k in self.prompt_keys]
         self.values = [v.new_empty(P * n, v.shape[1], 0, v.shape[3]) for v in self.prompt_values]
@@ -312,39 +323,39 @@ class SharedPrefix:
 
     def append(self, layer: int, key, value):
         """Writes this step's key/value of every running row; returns the generated keys/values so far."""
-        self.keys[layer][:, :, self.length] = key[:, :, 0]
-        self.values[layer][:, :, self.length] = value[:, :, 0]
+        self.keys[layer][self.buffer_row, :, self.length] = key[:, :, 0]
+        self.values[layer][self.buffer_row, :, self.length] = value[:, :, 0]
         return self.keys[layer][:, :, :self.length + 1], self.values[layer][:, :, :self.length + 1]
 
     def make_room(self) -> None:
-        """Before a forward: room for one more generated token (buffers grow by KV_ROOM_STEP tokens)."""
-        if self.length == self.keys[0].shape[2]:
-            self._rebuild(None, min(self.max_new_tokens, self.length + KV_ROOM_STEP))
-
-    def keep(self, keep) -> None:
-        """Only the rows `keep` (indices into the running rows, in order) go on: their generated keys and values are
-        copied out, and a prompt with no running row left leaves the prompt part."""
+        """Before a forward: room for one more generated token. Full buffers are rebuilt KV_ROOM_STEP tokens longer,
+        with the running rows' filled part only."""
         import torch
 
-        self._rebuild(keep, self.keys[0].shape[2])
-        prompt_of = self.prompt_of[keep]
+        if self.length < self.keys[0].shape[2]:
+            return
+        room, t = min(self.max_new_tokens, self.length + KV_ROOM_STEP), self.length
+        for buffers in (self.keys, self.values):
+            for i, old in enumerate(buffers):
+                buffers[i] = old.new_empty(len(self.buffer_row), old.shape[1], room, old.shape[3])
+                buffers[i][:, :, :t] = old[self.buffer_row, :, :t]
+        self.buffer_row = torch.arange(len(self.buffer_row), device=self.buffer_row.device)
+        self.peak_bytes = max(self.peak_bytes, self.bytes())
+
+    def keep(self, keep) -> None:
+        """Only the running rows `keep` (indices, in order) go on; a prompt with no running row left leaves the prompt
+        part (its keys and values are dropped)."""
+        import torch
+
+        self.buffer_row, prompt_of = self.buffer_row[keep], self.prompt_of[keep]
         alive = torch.unique_consecutive(prompt_of)
         if len(alive) < self.prompt_keys[0].shape[0]:
             self.prompt_keys = [k[alive] for k in self.prompt_keys]
             self.prompt_values = [v[alive] for v in self.prompt_values]
-            self.pad_bias = self.pad_bias[alive]
+            self.pad_bias = None if self.pad_bias is None else self.pad_bias[alive]
             prompt_of = torch.searchsorted(alive, prompt_of)  # renumbered 0 .. len(alive) - 1
         self.prompt_of = prompt_of
         self._layout()
-
-    def _rebuild(self, keep, room: int) -> None:
-        t = self.length
-        for buffers in (self.keys, self.values):
-            for i, old in enumerate(buffers):
-                filled = old[:, :, :t] if keep is None else old[keep, :, :t]
-                buffers[i] = old.new_empty(filled.shape[0], old.shape[1], room, old.shape[3])
-                buffers[i][:, :, :t] = filled
-        self.peak_bytes = max(self.peak_bytes, self.bytes())
 
     def _layout(self) -> None:
         import torch

@@ -102,6 +102,7 @@ def assert_same(got: sampling.Samples, want: sampling.Samples):
 
 def assert_engine_equals_copies(model, processor, inputs, n, do_sample, monkeypatch, first_call=None, budget=16):
     kwargs = dict(do_sample=do_sample, keys=KEYS[:len(inputs["input_ids"])], seed=3, temperature=0.8)
+    monkeypatch.setattr(sampling, "KV_ROOM_STEP", 5)  # the generated buffers rebuilt (grown, compacted) 3 times
     got, logits = run(model, processor, inputs, n, budget, 7, first_call, **kwargs)
     with monkeypatch.context() as m:
         copies_engine(m)
@@ -199,13 +200,21 @@ def test_mutation_a_row_reading_another_prompts_keys_fails_parity(checkpoints, i
         assert_engine_equals_copies(model, processor, mixed_batch(processor, images), 2, False, monkeypatch)
 
 
-def test_mutation_a_finished_row_left_in_the_generated_part_fails_parity(checkpoints, images, monkeypatch):
-    """Mutation: on compaction the generated keys/values of the FIRST rows are kept instead of the running ones, so
-    finished rows' tokens stay in the generated part of others."""
+@pytest.mark.parametrize("when", ["compaction", "rebuild"])
+def test_mutation_a_finished_row_left_in_the_generated_part_fails_parity(checkpoints, images, when, monkeypatch):
+    """Mutation: the running rows taken as the FIRST rows of the generated buffers, so that finished rows' keys and
+    values are read by running ones: right after a compaction, or when the buffers are rebuilt."""
     model, processor = checkpoints["qwen2_5_vl"]
-    rebuild = sampling.SharedPrefix._rebuild
-    monkeypatch.setattr(sampling.SharedPrefix, "_rebuild", lambda self, keep, room: rebuild(
-        self, None if keep is None else torch.arange(len(keep)), room))
+    keep, make_room = sampling.SharedPrefix.keep, sampling.SharedPrefix.make_room
+
+    def first_rows(self):
+        self.buffer_row = torch.arange(len(self.buffer_row))
+
+    if when == "compaction":
+        monkeypatch.setattr(sampling.SharedPrefix, "keep", lambda self, rows: (keep(self, rows), first_rows(self)))
+    else:
+        monkeypatch.setattr(sampling.SharedPrefix, "make_room", lambda self: (
+            first_rows(self) if self.length == self.keys[0].shape[2] else None, make_room(self)))
     with pytest.raises(AssertionError):
         assert_engine_equals_copies(model, processor, mixed_batch(processor, images), 4, True, monkeypatch)
 
