@@ -3,8 +3,9 @@
 - `sample`: n completions per prompt with the explicit sampling config (no shipped top_k=1 leaks in);
   `sample_prompts`: the same from prompts and images (encode, then sample);
 - `prompt_key`: a prompt's identity as a 64-bit key. Completion k of a prompt with key `key` draws its sampling noise
-  from (seed, key, k, step) alone, so its tokens are the same whatever batch, position in the batch, split of its n
-  completions over calls, process count or resume it is sampled in;
+  from (seed, key, k, step) alone, whatever batch, position in the batch, split of its n completions over calls,
+  process count or resume it is sampled in; so are its tokens wherever its logits do not depend on the batch (fp32 on
+  CPU in the tests; kernels whose rounding follows the batch shape can flip a draw between two near-equal scores);
 - `completion_mask` and `answer`: where a completion ends, and the truncation rule every stage applies;
 - `encode_images_once`: each distinct image of a batch through the vision tower once.
 
@@ -368,7 +369,8 @@ class SharedPrefix:
         self.peak_bytes = max(self.peak_bytes, self.bytes())
 
     def bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.prompt_keys + self.prompt_values + self.keys + self.values)
+        tensors = self.prompt_keys + self.prompt_values + self.keys + self.values
+        return sum(t.numel() * t.element_size() for t in tensors)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -10,10 +10,11 @@ K votes per pair with the compare prompt and its reasoning suffix, K/2 per order
 `--pairs-per-call` pairs (2 x pairs prompts x K/2 completions), as sample_votes.py batches them. Completion lengths are
 made uneven the same way for both samplers: an lm_head hook sets the end-of-sequence logit so that, at step t of a
 budget of T new tokens, P(EOS) = 1 / (T - t) under softmax at temperature 1 (lengths uniform on 1..T: a random model
-would otherwise never stop). After one warm-up call each, the repeats alternate the two samplers (load on a shared
-machine hits both alike) and the medians are printed. Per sampler: seconds and votes/s of the call (prefill, vision
-and decode), the prefill forward's seconds, the decode phase (from the end of the prefill to the end of the call) and
-its seconds per decode step, row-steps (completions summed over decode forwards), the KV cache's bytes (the most held
+would otherwise never stop; an image placeholder it samples ends a completion earlier, in both samplers, as "cut
+off"). After one warm-up call each, the repeats alternate the two samplers (load on a shared machine hits both alike)
+and the medians are printed. Per sampler: seconds and sequences (votes) per second of the call (prefill, vision and
+decode), the prefill forward's seconds, the decode phase (from the end of the prefill to the end of the call) and its
+milliseconds per decode step, row-steps (completions summed over decode forwards), the KV cache's bytes (the most held
 at once; for generate, not measured), prompt tokens PREFILLED per completion and vision patches per image shown.
 
 Model sizes (random Qwen2.5-VL weights built from config like demo/tiny_models.py, cached under demo/cache/):
@@ -253,7 +254,7 @@ def compare(model, fns: dict, repeats: int) -> dict:
 
 def report(results: dict, sequences: int, image_slots: int) -> None:
     """The table: one line per sampler, then the first/last ratios."""
-    head = (f"  {'':32s} {'seconds':>8s} {'votes/s':>8s} {'prefill s':>9s} {'decode s':>9s} {'ms/step':>8s} "
+    head = (f"  {'':32s} {'seconds':>8s} {'seq/s':>8s} {'prefill s':>9s} {'decode s':>9s} {'ms/step':>8s} "
             f"{'row-steps':>9s} {'KV MiB':>8s} {'prefilled/seq':>13s} {'patches/img':>11s} {'cut off':>7s}")
     print(head)
     rows = {}
@@ -269,7 +270,7 @@ def report(results: dict, sequences: int, image_slots: int) -> None:
     ratio = [o / n if n else float("nan") for o, n in zip(old, new)]
     print(f"  {'ratio (first / last)':32s} {ratio[0]:7.2f}x {1 / ratio[1]:7.2f}x {ratio[2]:8.2f}x {ratio[3]:8.2f}x "
           f"{ratio[4]:7.2f}x {ratio[5]:8.2f}x {ratio[6]:7.2f}x {ratio[7]:12.2f}x {ratio[8]:10.2f}x   "
-          "(votes/s: last / first)")
+          "(seq/s: last / first)")
 
 
 def load() -> str:
