@@ -7,7 +7,8 @@
 # bench/memory_plan.py's prediction for the same model and settings. Then voting: sample_votes.py on 8 pairs of
 # 1024 x 768 images, K = 32 votes each (256 sequences in one call), answers of uneven length (uniform on 1..512 tokens)
 # with the shared-prefix engine and with each prompt's KV copied per vote: generated tokens/s, KV bytes and peak
-# memory of both. About 5-7 minutes, at most 9, on one H100/H200.
+# memory of both; then the two decode paths' tokens and logits side by side in bf16 on the GPU. About 5-7 minutes, at
+# most 10, on one H100/H200.
 #
 #   bash bench/gpu_check.sh [WORK]             # WORK (default /tmp/gpu_check) holds the model, images and the run
 #   bash bench/gpu_check.sh --dry-run [WORK]   # CPU, seconds: builder (no weights), inputs and the plan only
@@ -55,7 +56,7 @@ rm -rf "$WORK"; mkdir -p "$WORK"
 keep() {  # the small outputs to $OUT (the device machine's return folder), whatever happened
   [[ -n "${OUT:-}" ]] || return 0
   mkdir -p "$OUT/gpu_check"
-  for f in report.txt plan.txt voting_plan.txt train.log votes_shared.log votes_copies.log inputs.json peak.json \
+  for f in report.txt plan.txt voting_plan.txt parity.txt train.log votes_shared.log votes_copies.log inputs.json peak.json \
            votes_peak_shared.json votes_peak_copies.json smi.csv run/train_log.jsonl; do
     [[ -f "$WORK/$f" ]] && cp "$WORK/$f" "$OUT/gpu_check/" || true
   done
@@ -116,9 +117,14 @@ done
 
 # 5. The plan for this model and these settings, the report; then drop the large files (the last step's full
 # training state, the final weights).
+set +e
+timeout "$VOTE_LIMIT" python bench/gpu_check_report.py "$WORK" --engine-parity > "$WORK/parity.txt" 2>&1 \
+  || echo "gpu_check: warning: the engine parity check failed; log: $WORK/parity.txt"
+set -e
 python bench/memory_plan.py --config "$WORK/model" "${PLAN_ARGS[@]}" --no-check-meta > "$WORK/plan.txt"
 python bench/memory_plan.py --config "$WORK/model" --gpus 1 --voting --votes-per-pair "$VOTES" \
   --vote-tokens "$VOTE_TOKENS" > "$WORK/voting_plan.txt"
 python bench/gpu_check_report.py "$WORK" --group-size $G --pairs-per-step $PAIRS --micro-batch-size $MICRO \
   --max-new-tokens "$NEW_TOKENS" | tee "$WORK/report.txt"
+tail -1 "$WORK/parity.txt" | tee -a "$WORK/report.txt"
 rm -rf "$WORK/run/checkpoints" "$WORK/run"/*.safetensors "$WORK/model"/*.safetensors

@@ -7,6 +7,7 @@ by the voting wrappers).
     python bench/gpu_check_report.py WORK --group-size 8 --pairs-per-step 4 --micro-batch-size 4 --max-new-tokens 256
     python bench/gpu_check_report.py WORK --write-wrapper grpo_train.py      # the torchrun wrapper
     python bench/gpu_check_report.py WORK --write-vote-wrapper sample_votes.py   # one wrapper per engine
+    python bench/gpu_check_report.py WORK --engine-parity    # the two decode paths on WORK's model, on this device
 """
 
 from __future__ import annotations
@@ -132,6 +133,60 @@ def votes_report(work: Path) -> None:
               f"{copies['peak'] / max(shared['peak'], 1):.2f}x smaller")
 
 
+def engine_parity(work: Path, pairs: int = 2, n: int = 8, max_new_tokens: int = 96) -> None:
+    """The shared-prefix engine against the copies path on the wide model, in its dtype, on this device: `pairs`
+    pairs in both orders x n samples (keyed, lengths uneven as in the voting runs). Per row, the logits each token was
+    drawn from are compared up to the first token where the two paths part (a near-tie under rounding)."""
+    import torch
+
+    root = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root))
+    import common
+    import sampling
+    from bench_votes import EndHazard
+
+    device = "cuda" if torch.cuda.is_available() else None
+    model = common.load_model(str(work / "model"), device=device).eval()
+    processor = common.load_processor(str(work / "model"))
+    names = sorted((work / "images").glob("*.jpg"))[:2 * pairs]
+    images = [common.load_image(p) for p in names]
+    shown = [[images[2 * p], images[2 * p + 1]][::order] for p in range(pairs) for order in (1, -1)]
+    preset = common.get_preset("evoquality")
+    inputs = common.encode_batch(processor, [preset.prompt("compare", True)] * len(shown), shown,
+                                 preset.add_vision_id).to(model.device)
+    runs = {}
+    for engine in ("shared_prefix", "copies"):
+        steps = []
+        hazard = EndHazard(model, max_new_tokens)
+        capture = model.lm_head.register_forward_hook(lambda m, a, out: steps.append(out[:, -1].float().cpu()))
+        original = sampling._why_not_shared
+        if engine == "copies":
+            sampling._why_not_shared = lambda model, cache: "gpu_check: the copies path"
+        try:
+            s = sampling.sample(model, processor, inputs, n, max_new_tokens, keys=list(range(len(shown))), seed=1)
+        finally:
+            sampling._why_not_shared = original
+            capture.remove()
+            hazard.handle.remove()
+        ids, mask = s.ids.cpu(), s.mask.cpu().bool()
+        logits = torch.full((*ids.shape, steps[0].shape[-1]), float("nan"))
+        logits[:, 0] = steps[0].repeat_interleave(n, 0)
+        for t, step in enumerate(steps[1:ids.shape[1]], start=1):
+            logits[mask[:, t], t] = step if len(step) == int(mask[:, t].sum()) else step[mask[:, t]]
+        runs[engine] = (ids, mask, logits, s.decode["engine"])
+    (ids, mask, logits, got), (ids_c, mask_c, logits_c, want) = runs["shared_prefix"], runs["copies"]
+    T = min(ids.shape[1], ids_c.shape[1])
+    same, gap = 0, 0.0
+    for r in range(len(ids)):
+        differ = (ids[r, :T] != ids_c[r, :T]).nonzero()
+        upto = int(differ[0]) + 1 if len(differ) else int(min(mask[r].sum(), mask_c[r].sum()))
+        same += not len(differ) and torch.equal(mask[r], mask_c[r])
+        gap = max(gap, (logits[r, :upto] - logits_c[r, :upto]).abs().max().item())
+    print(f"engine parity ({got} vs {want}, {model.dtype}, {model.device}; {len(ids)} rows of up to {max_new_tokens} "
+          f"tokens): {same}/{len(ids)} rows identical; max |logit difference| until the paths part {gap:.3g} "
+          f"(largest |logit| {logits_c[mask_c].abs().max().item():.3g})")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("work", help="bench/gpu_check.sh's work folder")
@@ -143,8 +198,11 @@ def main() -> None:
     parser.add_argument("--write-wrapper", metavar="SCRIPT", help="only write the torchrun wrapper for SCRIPT")
     parser.add_argument("--write-vote-wrapper", metavar="SCRIPT", help="only write the voting wrappers for SCRIPT "
                                                                        "(one per engine)")
+    parser.add_argument("--engine-parity", action="store_true", help="only compare the two decode paths on WORK's model")
     a = parser.parse_args()
     work = Path(a.work)
+    if a.engine_parity:
+        return engine_parity(work)
     if a.write_wrapper:
         (work / "wrapper.py").write_text(WRAPPER.format(root=str(Path(a.write_wrapper).resolve().parent),
                                                         script=str(Path(a.write_wrapper).resolve()),
