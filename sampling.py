@@ -300,20 +300,18 @@ class SharedPrefix:
     """The keys and values a decode reads. Per layer: the prompts' [P, Hkv, L, D], the prefill's own tensors (each
     prompt once; left padding masked by `pad_bias` [P, 1, 1, L], -inf on pads, None without padding), and the
     generated ones [Bbuf, Hkv, room, D], `length` of them filled (every running row is at the same step). Per running
-    row [B]:
-    `prompt_of`, its prompt (rows stay prompt-major); `slot`, its place in the [P, m] grid of queries; `buffer_row`,
-    its row of the generated buffers. A finished row leaves the batch at once; its buffer row is dropped when the
-    buffers are next rebuilt (they grow by KV_ROOM_STEP tokens), so that compaction copies nothing per step."""
+    row [B]: `prompt_of`, its prompt (rows stay prompt-major); `slot`, its place in the [P, m] grid of queries;
+    `buffer_row`, its row of the generated buffers. A finished row leaves the batch at once; its buffer row is dropped
+    when the buffers are next rebuilt (they grow by KV_ROOM_STEP tokens), so that compaction copies nothing per step."""
 
     def __init__(self, cache, attention_mask, n: int, max_new_tokens: int):
         import torch
 
         self.prompt_keys = [layer.keys for layer in cache.layers]
         self.prompt_values = [layer.values for layer in cache.layers]
-        P = attention_mask.shape[0]
-        self.pad_bias = None if attention_mask.all() else torch.zeros(
-            attention_mask.shape, device=attention_mask.device).masked_fill(attention_mask == 0, float("-inf"))[:, None,
-                                                                                                             None]
+        P, pad = attention_mask.shape[0], attention_mask == 0
+        self.pad_bias = torch.zeros(pad.shape, device=pad.device).masked_fill(pad, -math.inf)[:, None, None] \
+            if pad.any() else None
         self.prompt_of = torch.arange(P, device=attention_mask.device).repeat_interleave(n)
         self.buffer_row = torch.arange(P * n, device=attention_mask.device)
         self.length, self.max_new_tokens = 0, max_new_tokens
@@ -403,6 +401,7 @@ def _decode_shared(model, logits, cache, attention_mask, position, n: int, confi
     import torch
 
     state = SharedPrefix(cache, attention_mask, n, config.max_new_tokens)
+    cache.layers = []  # the state holds the prompts' keys now: a prompt it drops is freed
     rows = torch.arange(len(logits) * n, device=logits.device)  # the call's row (p * n + k) of each running row
     logits, position = logits.repeat_interleave(n, 0), position.repeat_interleave(n, 0)
     ids = torch.full((len(rows), config.max_new_tokens), config.pad_token_id, device=logits.device)
