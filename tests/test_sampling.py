@@ -428,19 +428,16 @@ def test_merge_equals_softmax_over_the_union_of_keys(scale):
     torch.testing.assert_close(got.double(), want, atol=tolerance, rtol=tolerance)
 
 
-def test_mutation_the_merge_without_the_max_shift_fails():
+def test_mutation_the_merge_without_the_max_shift_fails(monkeypatch):
+    """(On the decode's fp32 scores of the tiny models, within a few units, the unshifted merge passes the parity
+    tests: overflow needs scores near 89, hence this test.)"""
     def unshifted(out_a, lse_a, out_b, lse_b):
         return (lse_a.exp() * out_a + lse_b.exp() * out_b) / (lse_a.exp() + lse_b.exp())
 
-    original = sampling.merge_attention
-    sampling.merge_attention = unshifted
-    try:
+    monkeypatch.setattr(sampling, "merge_attention", unshifted)
+    for scale in (300.0, -300.0):
         with pytest.raises(AssertionError):
-            test_merge_equals_softmax_over_the_union_of_keys(300.0)
-        with pytest.raises(AssertionError):
-            test_merge_equals_softmax_over_the_union_of_keys(-300.0)
-    finally:
-        sampling.merge_attention = original
+            test_merge_equals_softmax_over_the_union_of_keys(scale)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
