@@ -6,6 +6,8 @@ log-probs, policy forward + backward + AdamW, and generated tokens/s, for G = 8 
     python bench/bench_grpo.py --against COMMIT --size 30m --group-sizes 8,32   # that commit, then today's, per G
     python bench/bench_grpo.py --against COMMIT --size 30m --group-sizes 8,32 --pairs-per-step 1 --steps 2 \
         --max-new-tokens 16                                   # the same with fewer tokens, for 2 shared cores
+    python bench/bench_grpo.py --rollouts-against 39d38c1 --size 30m --group-sizes 32 --max-new-tokens 192
+                                                              # the rollout phase alone: that commit's sampler, today's
 
 With --against, each run also counts, per phase, the tokens the language model forwards per rollout (generation:
 the prefill, calls over more than one position; reference and policy: every position of every log-prob forward) and
@@ -16,6 +18,10 @@ It runs the real script (a stand-in parser makes the random tiny model's answers
 gradient) and reads the per-step timings from train_log.jsonl; the first step (warm-up) is left out of the means.
 --parity also prints the largest gap between generate's scores and the recomputed log-probs (fp32, and bf16 autocast
 on a GPU), the number the test checks on CPU.
+
+--rollouts-against COMMIT times the rollout phase alone, side by side in one process: G samples of the score prompt
+(with reasoning) for --rollout-batch images per call, as grpo_train.py's rollout makes them, through that commit's
+sampling.py and today's, completion lengths made uneven the same way for both (bench_votes.py's timing and table).
 """
 
 import argparse
@@ -156,6 +162,22 @@ def against(a, tmp: Path, setting: str, train) -> None:
                                        for _, old, now in table))
 
 
+def rollouts_against(a) -> None:
+    """The rollout phase alone: the commit's sampler and today's on the same sampling calls (bench_votes.py)."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import bench_votes
+    import prompts
+
+    model, processor, images, description = bench_votes.load_size(a.size, a.rollout_batch)
+    prompt = prompts.get_preset("evoquality").prompt("score", True)
+    for G in map(int, a.group_sizes.split(",")):
+        header = (f"== GRPO rollouts, {description}: {a.rollout_batch} images x G={G} in one call "
+                  f"({a.rollout_batch * G} sequences), score prompt with reasoning")
+        bench_votes.bench_calls(model, processor, bench_votes.samplers_for(a.rollouts_against),
+                                [prompt] * a.rollout_batch, [[image] for image in images], G, a.max_new_tokens, 1,
+                                prompts.parse_score, header)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=4)
@@ -168,7 +190,12 @@ def main() -> None:
     parser.add_argument("--ddp-vs-fsdp", action="store_true", help="2 processes: DDP and --fsdp on the same steps")
     parser.add_argument("--against", default=None, help="a commit whose grpo_train.py runs first, on the same steps")
     parser.add_argument("--size", choices=sorted(SIZES), default="tiny", help="model: the tiny one or a 30 M one")
+    parser.add_argument("--rollouts-against", default=None, help="a commit whose sampler runs the rollout phase beside "
+                                                                 "today's (no training)")
+    parser.add_argument("--rollout-batch", type=int, default=4, help="images per sampling call (--rollouts-against)")
     a = parser.parse_args()
+    if a.rollouts_against:
+        return rollouts_against(a)
     from fixtures.synthetic import write_set
     from fixtures.tiny_models import build_tiny_checkpoint
 

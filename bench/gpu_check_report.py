@@ -1,11 +1,13 @@
 """gpu_check_report: what bench/gpu_check.sh prints. The step-time split and generated tokens/s from the run's
 train_log.jsonl, and the measured peak GPU memory (torch's allocator, inside and outside sampling, and nvidia-smi's
-samples) beside bench/memory_plan.py's prediction for the same model and settings; then the voting run's generated
-tokens/s and peak memory (WORK/votes_peak.json, written by the voting wrapper).
+samples) beside bench/memory_plan.py's prediction for the same model and settings; then the voting runs' generated
+tokens/s and peak memory with the shared-prefix engine and with the copies path (WORK/votes_peak_ENGINE.json, written
+by the voting wrappers).
 
     python bench/gpu_check_report.py WORK --group-size 8 --pairs-per-step 4 --micro-batch-size 4 --max-new-tokens 256
     python bench/gpu_check_report.py WORK --write-wrapper grpo_train.py      # the torchrun wrapper
-    python bench/gpu_check_report.py WORK --write-vote-wrapper sample_votes.py
+    python bench/gpu_check_report.py WORK --write-vote-wrapper sample_votes.py   # one wrapper per engine
+    python bench/gpu_check_report.py WORK --engine-parity    # the two decode paths on WORK's model, on this device
 """
 
 from __future__ import annotations
@@ -60,24 +62,37 @@ runpy.run_path({script!r}, run_name="__main__")
 
 
 # Run in place of sample_votes.py: every sampling call timed, its generated tokens counted, the peak memory recorded.
+# Completion lengths are made uneven (bench_votes.EndHazard: uniform on 1..--max-new-tokens; a random model would
+# run every vote to the budget); engine "copies" forces the path that copies each prompt's KV per vote.
 VOTE_WRAPPER = """
 import atexit, json, runpy, sys, time
 import torch
 sys.path.insert(0, {root!r})
+sys.path.insert(0, {bench!r})
 import sampling
-stats = {{"seconds": 0.0, "generated_tokens": 0, "sequences": 0, "peak": 0}}
+from bench_votes import EndHazard
+stats = {{"engine": {engine!r}, "seconds": 0.0, "generated_tokens": 0, "sequences": 0, "row_steps": 0,
+          "kv_bytes": 0, "peak": 0}}
 sample = sampling.sample
+{force_copies}
 
-def timed(*args, **kwargs):
+def timed(model, *args, **kwargs):
+    hazard = EndHazard(model, kwargs.get("max_new_tokens", args[3] if len(args) > 3 else None))
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     t0 = time.perf_counter()
-    s = sample(*args, **kwargs)
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+    try:
+        s = sample(model, *args, **kwargs)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+    finally:
+        hazard.handle.remove()
     stats["seconds"] += time.perf_counter() - t0
     stats["generated_tokens"] += int(s.mask.sum())
     stats["sequences"] += int(s.mask.shape[0])
+    stats["row_steps"] += s.decode["row_steps"]
+    stats["kv_bytes"] = max(stats["kv_bytes"], s.decode["kv_bytes"])
+    stats["engine"] = s.decode["engine"]
     return s
 
 def dump():
@@ -92,15 +107,85 @@ runpy.run_path({script!r}, run_name="__main__")
 
 
 def votes_report(work: Path) -> None:
-    path = work / "votes_peak.json"
-    if not path.exists():
-        print("\nvoting: no votes_peak.json (the voting run did not finish)")
+    """Voting with the shared-prefix engine and with the copies path, side by side."""
+    runs = {}
+    for engine in ("shared", "copies"):
+        path = work / f"votes_peak_{engine}.json"
+        if not path.exists():
+            print(f"\nvoting ({engine}): no {path.name} (the voting run did not finish)")
+            continue
+        runs[engine] = v = json.loads(path.read_text())
+        v["tokens_per_s"] = v["generated_tokens"] / max(v["seconds"], 1e-9)
+    if not runs:
         return
-    v = json.loads(path.read_text())
-    print(f"\nvoting (sample_votes.py, one pair of 1024x768 images, {v['sequences']} votes): "
-          f"{v['generated_tokens']} generated tokens in {v['seconds']:.1f} s = "
-          f"{v['generated_tokens'] / max(v['seconds'], 1e-9):.0f} tokens/s; peak GPU memory {v['peak'] / GiB:.1f} GiB "
-          "(torch max_memory_allocated)")
+    v = next(iter(runs.values()))
+    print(f"\nvoting (sample_votes.py, {v['sequences']} votes on 1024x768 pairs, lengths uniform on 1..budget)")
+    print(f"  {'engine':14s} {'seconds':>8s} {'tokens':>8s} {'tokens/s':>9s} {'row-steps':>10s} {'KV GiB':>7s} "
+          f"{'peak GiB':>9s}")
+    for engine, v in runs.items():
+        print(f"  {v['engine']:14s} {v['seconds']:8.1f} {v['generated_tokens']:8d} {v['tokens_per_s']:9.0f} "
+              f"{v['row_steps']:10d} {v['kv_bytes'] / GiB:7.2f} {v['peak'] / GiB:9.1f}   (peak: torch "
+              "max_memory_allocated)")
+    if len(runs) == 2:
+        shared, copies = runs["shared"], runs["copies"]
+        print(f"  shared / copies: tokens/s {shared['tokens_per_s'] / copies['tokens_per_s']:.2f}x, KV "
+              f"{copies['kv_bytes'] / max(shared['kv_bytes'], 1):.1f}x smaller, peak "
+              f"{copies['peak'] / max(shared['peak'], 1):.2f}x smaller")
+
+
+def engine_parity(work: Path, pairs: int = 2, n: int = 8, max_new_tokens: int = 96) -> None:
+    """The shared-prefix engine against the copies path on the wide model, in its dtype, on this device: `pairs`
+    pairs in both orders x n samples (keyed, lengths uneven as in the voting runs). Per row, the logits each token was
+    drawn from are compared up to the first token where the two paths part (a near-tie under rounding)."""
+    import torch
+
+    root = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root))
+    import common
+    import prompts
+    import sampling
+    from bench_votes import EndHazard
+
+    device = "cuda" if torch.cuda.is_available() else None
+    model = common.load_model(str(work / "model"), device=device).eval()
+    processor = common.load_processor(str(work / "model"))
+    names = sorted((work / "images").glob("*.jpg"))[:2 * pairs]
+    images = [common.load_image(p) for p in names]
+    shown = [[images[2 * p], images[2 * p + 1]][::order] for p in range(pairs) for order in (1, -1)]
+    preset = prompts.get_preset("evoquality")
+    inputs = common.encode_batch(processor, [preset.prompt("compare", True)] * len(shown), shown,
+                                 preset.add_vision_id).to(model.device)
+    runs = {}
+    for engine in ("shared_prefix", "copies"):
+        steps = []
+        hazard = EndHazard(model, max_new_tokens)
+        capture = model.lm_head.register_forward_hook(lambda m, a, out: steps.append(out[:, -1].float().cpu()))
+        original = sampling._why_not_shared
+        if engine == "copies":
+            sampling._why_not_shared = lambda model, cache: "gpu_check: the copies path"
+        try:
+            s = sampling.sample(model, processor, inputs, n, max_new_tokens, keys=list(range(len(shown))), seed=1)
+        finally:
+            sampling._why_not_shared = original
+            capture.remove()
+            hazard.handle.remove()
+        ids, mask = s.ids.cpu(), s.mask.cpu().bool()
+        logits = torch.full((*ids.shape, steps[0].shape[-1]), float("nan"))
+        logits[:, 0] = steps[0].repeat_interleave(n, 0)
+        for t, step in enumerate(steps[1:ids.shape[1]], start=1):
+            logits[mask[:, t], t] = step if len(step) == int(mask[:, t].sum()) else step[mask[:, t]]
+        runs[engine] = (ids, mask, logits, s.decode["engine"])
+    (ids, mask, logits, got), (ids_c, mask_c, logits_c, want) = runs["shared_prefix"], runs["copies"]
+    T = min(ids.shape[1], ids_c.shape[1])
+    same, gap = 0, 0.0
+    for r in range(len(ids)):
+        differ = (ids[r, :T] != ids_c[r, :T]).nonzero()
+        upto = int(differ[0]) + 1 if len(differ) else int(min(mask[r].sum(), mask_c[r].sum()))
+        same += not len(differ) and torch.equal(mask[r], mask_c[r])
+        gap = max(gap, (logits[r, :upto] - logits_c[r, :upto]).abs().max().item())
+    print(f"engine parity ({got} vs {want}, {model.dtype}, {model.device}; {len(ids)} rows of up to {max_new_tokens} "
+          f"tokens): {same}/{len(ids)} rows identical; max |logit difference| until the paths part {gap:.3g} "
+          f"(largest |logit| {logits_c[mask_c].abs().max().item():.3g})")
 
 
 def main() -> None:
@@ -112,18 +197,26 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--rollout-batch", type=int, default=4)
     parser.add_argument("--write-wrapper", metavar="SCRIPT", help="only write the torchrun wrapper for SCRIPT")
-    parser.add_argument("--write-vote-wrapper", metavar="SCRIPT", help="only write the voting wrapper for SCRIPT")
+    parser.add_argument("--write-vote-wrapper", metavar="SCRIPT", help="only write the voting wrappers for SCRIPT "
+                                                                       "(one per engine)")
+    parser.add_argument("--engine-parity", action="store_true", help="only compare the two decode paths on WORK's model")
     a = parser.parse_args()
     work = Path(a.work)
+    if a.engine_parity:
+        return engine_parity(work)
     if a.write_wrapper:
         (work / "wrapper.py").write_text(WRAPPER.format(root=str(Path(a.write_wrapper).resolve().parent),
                                                         script=str(Path(a.write_wrapper).resolve()),
                                                         peak=str(work / "peak.json")))
         return
     if a.write_vote_wrapper:
-        (work / "vote_wrapper.py").write_text(VOTE_WRAPPER.format(
-            root=str(Path(a.write_vote_wrapper).resolve().parent), script=str(Path(a.write_vote_wrapper).resolve()),
-            out=str(work / "votes_peak.json")))
+        for engine in ("shared", "copies"):
+            (work / f"vote_wrapper_{engine}.py").write_text(VOTE_WRAPPER.format(
+                root=str(Path(a.write_vote_wrapper).resolve().parent), bench=str(Path(__file__).resolve().parent),
+                script=str(Path(a.write_vote_wrapper).resolve()), engine=engine,
+                force_copies='sampling._why_not_shared = lambda model, cache: "gpu_check: the copies path"'
+                if engine == "copies" else "",
+                out=str(work / f"votes_peak_{engine}.json")))
         return
 
     inputs = json.loads((work / "inputs.json").read_text())

@@ -2,12 +2,15 @@
 
     python bench/memory_plan.py --config bench/qwen2_5_vl_7b_config.json --gpus 8 --gpu-gib 80 \\
         --micro-batch-size 4 --group-size 8 --pairs-per-step 4 --max-new-tokens 512 --gradient-checkpointing
+    python bench/memory_plan.py --config bench/qwen2_5_vl_7b_config.json --gpu-gib 80 --voting   # sample_votes.py
 
 Parameters are counted exactly from the config (every weight and bias of a Qwen2.5-VL, by its HF name and shape) and
 checked against the model built on the meta device (no memory, no download). Every other row is arithmetic over
 those shapes and the settings; the assumptions behind each are printed with the plan. A step goes through four
 phases (rollout, reference log-probs, policy update, optimizer step); the peak of each is what is resident in every
 phase (the fp32 shards, the AdamW state, the reference) plus that phase's own buffers, plus a CUDA/NCCL allowance.
+--voting prints instead the largest sample_votes.py batch on one GPU, with the shared-prefix sampler and with each
+prompt's KV cache copied per vote.
 tests/test_memory_plan.py checks the counted rows against measured tensors on the tiny model; bench/gpu_check.sh
 sets the plan's peak beside a measured one on one GPU.
 """
@@ -46,8 +49,15 @@ class Settings:
     bf16: bool = common.arg(True, help="grpo_train.py --bf16: bf16 compute and all-gathers, bf16 reference")
     shard_reference: bool = common.arg(False, help="grpo_train.py --shard-reference: the reference sharded too")
     rollout_batch: int = common.arg(4, help="grpo_train.py --rollout-batch: images per sampling call (x G rows)")
-    prefill_once: bool = common.arg(True, help="sampling.sample prefills each prompt once and copies its KV cache G "
-                                               "times (--no-prefill-once: generate prefills all G rows)")
+    prefill_once: bool = common.arg(True, help="sampling.sample prefills each prompt once (--no-prefill-once: "
+                                               "generate prefills all G rows)")
+    shared_prefix: bool = common.arg(True, help="sampling.sample keeps each prompt's KV once and each completion's own "
+                                                "tokens (--no-shared-prefix: the prompt's KV copied per completion)")
+    voting: bool = common.arg(False, help="print the largest sample_votes.py batch on ONE GPU instead (both samplers)")
+    votes_per_pair: int = common.arg(32, help="--voting: sample_votes.py --votes-per-pair K (K/2 per prompt)")
+    vote_tokens: int = common.arg(512, help="--voting: sample_votes.py --max-new-tokens; every vote runs to it")
+    compare_text_tokens: int = common.arg(130, help="--voting: text tokens of the two-image compare prompt with its "
+                                                    "reasoning suffix (an estimate for Qwen's tokenizer)")
     logprob_chunk: int = common.arg(64, help="completion positions per fp32 chunk of the gather-minus-logsumexp "
                                              "log-probs (logprobs.py's LOGPROB_CHUNK), recomputed in backward")
     overhead_gib: float = common.arg(3.0, help="per-GPU allowance: CUDA context, cuBLAS workspaces, NCCL buffers, "
@@ -180,6 +190,44 @@ def inference_per_token(width: int, intermediate: int, cb: int) -> int:
     return 4 * width + cb * (6 * width + 3 * intermediate)
 
 
+def sampler_kv_bytes(cfg: dict, prompts: int, n: int, prompt: int, new: int, cb: int, shared: bool) -> int:
+    """KV bytes one sampling call holds for `prompts` prompts x n completions, each run to `new` tokens. Shared prefix
+    (sampling.sample): each prompt's tokens once and each completion's own tokens. Copies: prompt + new tokens for
+    every completion."""
+    if shared:
+        return kv_cache_bytes(cfg, prompts, prompt, cb) + kv_cache_bytes(cfg, prompts * n, new, cb)
+    return kv_cache_bytes(cfg, prompts * n, prompt + new, cb)
+
+
+def sampler_rows(cfg: dict, prompts: int, n: int, prompt: int, new: int, cb: int, shared: bool, prefill_rows: int,
+                 images: int, patches: int, image_tokens: int) -> list[Row]:
+    """What one sampling call holds beside the weights: KV cache, prefill transient, decode attention, logits."""
+    t, v = text_config(cfg), cfg["vision_config"]
+    h, V, heads = t["hidden_size"], t["vocab_size"], t["num_attention_heads"]
+    rows = prompts * n
+    kv_note = (f"{prompts} prompts x {prompt} tokens once + {rows} rows x {new} new tokens" if shared else
+               f"{rows} rows ({prompts} prompts x {n}) x {prompt + new} tokens ({prompt} prompt + {new} new)")
+    layers = t["num_hidden_layers"]
+    out = [
+        Row("KV cache" + (", shared prefix" if shared else ", copied per completion"),
+            sampler_kv_bytes(cfg, prompts, n, prompt, new, cb, shared), kv_note),
+        Row("KV while " + ("a layer's buffers are rebuilt" if shared else "the prefill's cache is copied"),
+            kv_cache_bytes(cfg, rows, new, cb) // layers if shared else kv_cache_bytes(cfg, prompts, prompt, cb),
+            "one layer's generated part twice (growth, compaction)" if shared else "the prompts' cache beside its "
+            "copies"),
+        Row("prefill transient (one layer at a time)",
+            max(prefill_rows * prompt * inference_per_token(h, t["intermediate_size"], cb),
+                images * patches * inference_per_token(v["hidden_size"], v["intermediate_size"], cb))
+            + images * image_tokens * h * cb,
+            f"{prefill_rows} prompt rows, or the vision tower on {images} images; plus the image embeddings"),
+        Row("sampling logits", rows * V * (cb + 8), "one step's logits, their fp32 scores and exp (the block draw)"),
+    ]
+    if shared:
+        out.append(Row("decode attention scores (one layer)", prompts * heads * n * prompt * 8,
+                       f"fp32 scores and their exp over each prompt's keys: [{prompts}, {heads} heads, {n}, {prompt}]"))
+    return out
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # The plan: rows per phase, then totals
 # ---------------------------------------------------------------------------------------------------------------------
@@ -233,16 +281,7 @@ def plan(cfg: dict, s: Settings) -> dict:
     # rollout: the whole policy gathered once (no collective per token), one sampling call's KV cache
     rollout = [
         Row("policy unsharded for generate", cb * P, "all-gathered once per rollout phase, resharded after"),
-        Row("KV cache", kv_cache_bytes(cfg, rollouts, S, cb),
-            f"{rollouts} rows ({images} images of one sampling call x G {s.group_size}) x {S} tokens "
-            f"({prompt} prompt + {T} new)"),
-        Row("prefill transient (one layer at a time)",
-            max(prefill_rows * prompt * inference_per_token(h, t["intermediate_size"], cb),
-                images * patches * inference_per_token(hv, v["intermediate_size"], cb))
-            + images * image_tokens * h * cb,
-            f"{prefill_rows} prompt rows{' (each prompt once)' if s.prefill_once else ' (every rollout row)'}, "
-            f"or the vision tower on {images} images; plus the image embeddings"),
-        Row("sampling logits", 2 * rollouts * V * 4, "fp32 logits and probabilities of one decode step"),
+        *sampler_rows(cfg, images, G, prompt, T, cb, s.shared_prefix, prefill_rows, images, patches, image_tokens),
     ]
     # reference log-probs: a no-grad forward per micro-batch, one layer's buffers at a time
     reference_rows = [
@@ -365,8 +404,9 @@ def report(cfg: dict, s: Settings, config_name: str, meta_count: int | None) -> 
         "FSDP gathers one layer at a time with one prefetched, and keeps the root gathered from forward to backward.",
         f"every completion runs to --max-new-tokens ({s.max_new_tokens}); the KV cache holds the G rows of one "
         f"sampling call ({p['images']} images, --rollout-batch {s.rollout_batch}) in the compute dtype; "
-        + ("each prompt prefilled once, its cache copied G times (sampling.sample)." if s.prefill_once else
-           "generate prefills all G rows of each prompt."),
+        + ("each prompt prefilled once" if s.prefill_once else "generate prefills all G rows of each prompt")
+        + ("; its KV kept once, each rollout keeps only its own tokens (sampling.sample's shared prefix)."
+           if s.shared_prefix else "; its KV copied G times."),
         "the vision tower runs once per image in a sampling call and in each log-prob pass (logprobs.shared_prompt: "
         "each prompt once, its G completions packed behind it under a [S, S] boolean mask).",
         f"prompt = {p['image_tokens']} image tokens + {s.text_tokens} text tokens (chat template + prompt; an "
@@ -384,12 +424,70 @@ def report(cfg: dict, s: Settings, config_name: str, meta_count: int | None) -> 
     return "\n".join(lines)
 
 
+def voting_plan(cfg: dict, s: Settings) -> dict:
+    """sample_votes.py on ONE GPU: bf16 weights, then per call P prompts (a pair in one order) x K/2 votes, every vote
+    to --vote-tokens; for each sampler (shared prefix, copies) the largest P whose peak fits --gpu-gib. A call peaks
+    either in its prefill (the prompts' KV and one layer's activations) or in its decode (the whole KV cache, the
+    logits of a step, the attention scores of a layer): the prefill's activations are freed before the decode's
+    buffers grow."""
+    cb = 2 if s.bf16 else 4
+    v = cfg["vision_config"]
+    patches = image_patches(cfg, s)
+    image_tokens = patches // v["spatial_merge_size"] ** 2
+    prompt, n = 2 * image_tokens + s.compare_text_tokens, s.votes_per_pair // 2
+    weights = cb * sum(numel(sh) for _, _, sh in param_shapes(cfg))
+    overhead = int(s.overhead_gib * GiB)
+
+    def call(prompts: int, shared: bool) -> dict:  # a pair's two orders share its 2 images: P images per call
+        rows = sampler_rows(cfg, prompts, n, prompt, s.vote_tokens, cb, shared, prompts, prompts, patches,
+                            image_tokens)
+        activations = next(r.bytes for r in rows if r.name.startswith("prefill transient"))
+        prefill = kv_cache_bytes(cfg, prompts, prompt, cb) + activations
+        decode = sum(r.bytes for r in rows) - activations
+        return {"rows": rows, "prefill": prefill, "decode": decode,
+                "peak": weights + overhead + max(prefill, decode)}
+
+    plans = {}
+    for shared in (True, False):
+        fits = 0
+        while call(fits + 1, shared)["peak"] <= s.gpu_gib * GiB:
+            fits += 1
+        plans[shared] = {"prompts": fits, **call(max(fits, 1), shared)}
+    return {"prompt": prompt, "n": n, "weights": weights, "overhead": overhead, "image_tokens": image_tokens,
+            "plans": plans}
+
+
+def voting_report(cfg: dict, s: Settings, config_name: str) -> str:
+    p = voting_plan(cfg, s)
+    n = p["n"]
+    lines = [f"Voting plan of sample_votes.py on ONE GPU of {s.gpu_gib:g} GiB for {config_name}",
+             f"{'bf16' if s.bf16 else 'fp32'} weights {p['weights'] / GiB:.1f} GiB, CUDA allowance "
+             f"{p['overhead'] / GiB:g} GiB; a prompt: 2 x {p['image_tokens']} image tokens ({s.image_width}x"
+             f"{s.image_height}) + {s.compare_text_tokens} text = {p['prompt']} tokens; K {s.votes_per_pair} = "
+             f"{n} votes per prompt (one order of a pair); every vote runs to {s.vote_tokens} new tokens", ""]
+    for shared, name in ((False, "each prompt's KV copied per vote"), (True, "shared prefix (sampling.sample)")):
+        plan = p["plans"][shared]
+        P = plan["prompts"]
+        lines.append(f"{name}: at most {P} prompts per call = --batch-size {P * n} sequences")
+        lines += [f"  {r.name:56s} {gib(r.bytes)}  {r.note}" for r in plan["rows"]]
+        lines.append(f"  {'in the prefill (prompts KV + activations)':56s} {gib(plan['prefill'])}")
+        lines.append(f"  {'in the decode (the rest)':56s} {gib(plan['decode'])}")
+        lines.append(f"  {'peak, with the weights and the allowance':56s} {gib(plan['peak'])}")
+    before, after = (p["plans"][x]["prompts"] * n for x in (False, True))
+    lines += ["", f"=> largest voting batch: {before} -> {after} sequences per call "
+              f"({after / max(before, 1):.1f}x), every vote run to the budget; answers of uneven length leave the "
+              "shared batch early and free their rows"]
+    return "\n".join(lines)
+
+
 def main() -> None:
     s = common.parse_args(Settings)
     path = Path(s.config) / "config.json" if Path(s.config).is_dir() else Path(s.config)
     if not path.is_file():
         common.die(f"--config {s.config}: no such config.json")
     cfg = json.loads(path.read_text())
+    if s.voting:
+        return print(voting_report(cfg, s, str(path)))
     meta = meta_param_count(str(path))[0] if s.check_meta else None
     print(report(cfg, s, str(path), meta))
     if meta is not None and meta != sum(numel(sh) for _, _, sh in param_shapes(cfg)):

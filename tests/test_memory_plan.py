@@ -227,13 +227,58 @@ def test_gpu_check_dry_run_builds_inputs_and_plan_and_the_report_reads_a_run(tmp
     rest = max(peaks["reference log-probs"], peaks["policy update"], peaks["optimizer step"]) - 3 * mp.GiB
     assert f"{20 * mp.GiB / rest:7.2f}" in report.stdout  # measured / planned, outside sampling
     assert "step 20.0 s = generation 6.0 s (30%)" in report.stdout  # the mean leaves out the warm-up step
-    assert "voting: no votes_peak.json" in report.stdout
-    (work / "votes_peak.json").write_text(json.dumps({"seconds": 4.0, "generated_tokens": 16384, "sequences": 32,
-                                                      "peak": 30 * mp.GiB}))
+    assert "voting (shared): no votes_peak_shared.json" in report.stdout
+    for engine, name, seconds, kv in (("shared", "shared_prefix", 4.0, 2), ("copies", "copies", 10.0, 16)):
+        (work / f"votes_peak_{engine}.json").write_text(json.dumps({
+            "engine": name, "seconds": seconds, "generated_tokens": 16384, "sequences": 256, "row_steps": 16128,
+            "kv_bytes": kv * mp.GiB, "peak": 30 * mp.GiB}))
     report = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_check_report.py"), str(work)],
                             capture_output=True, text=True, timeout=120)
-    assert "32 votes): 16384 generated tokens in 4.0 s = 4096 tokens/s; peak GPU memory 30.0 GiB" in report.stdout
-    assert (work / "vote_wrapper.py").exists() and "sample_votes.py" in (work / "vote_wrapper.py").read_text()
+    assert "voting (sample_votes.py, 256 votes" in report.stdout
+    assert "  shared_prefix       4.0    16384      4096" in report.stdout
+    assert "shared / copies: tokens/s 2.50x, KV 8.0x smaller, peak 1.00x smaller" in report.stdout
+    for engine in ("shared", "copies"):
+        wrapper = (work / f"vote_wrapper_{engine}.py").read_text()
+        assert "sample_votes.py" in wrapper and ("_why_not_shared" in wrapper) == (engine == "copies")
+    assert "=> largest voting batch" in run.stdout  # the voting plan of the wide model
+
+
+def test_sampler_kv_bytes_equal_what_each_decode_path_holds(tiny_model_dir, demo_pool, monkeypatch):
+    """sampler_kv_bytes against the most KV bytes sampling.sample held (Samples.decode), for the shared-prefix engine
+    and the copies path, with a budget of one buffer-growth step (so every buffer is allocated at once)."""
+    import common
+    import sampling
+
+    model, processor = common.load_model(tiny_model_dir, dtype=torch.float32).eval(), common.load_processor(
+        tiny_model_dir)
+    cfg = json.loads((Path(tiny_model_dir) / "config.json").read_text())
+    images = [common.load_image(p) for p in sorted(demo_pool.glob("*.png"))[:2]]
+    prompt = common.get_preset("evoquality").prompt("compare", True)
+    inputs = common.encode_batch(processor, [prompt] * 2, [images, images[::-1]])
+    L, n, T = inputs["input_ids"].shape[1], 5, sampling.KV_ROOM_STEP
+    stops = sampling.eos_token_ids(sampling.sampling_config(model, 1)) + sampling.placeholder_token_ids(model)
+    never_stop = model.lm_head.register_forward_hook(lambda m, args, out: out.index_fill(-1, torch.tensor(stops),
+                                                                                         float("-inf")))
+    shared = sampling.sample(model, processor, inputs, n, T, keys=[1, 2])
+    assert shared.decode["kv_bytes"] == mp.sampler_kv_bytes(cfg, 2, n, L, T, 4, shared=True)
+    monkeypatch.setattr(sampling, "_why_not_shared", lambda model, cache: "the copies path")
+    monkeypatch.setattr(sampling, "_warn_once", lambda reason: None)
+    copies = sampling.sample(model, processor, inputs, n, T, keys=[1, 2])
+    never_stop.remove()
+    assert copies.decode["kv_bytes"] == mp.sampler_kv_bytes(cfg, 2, n, L, T, 4, shared=False)
+    assert shared.ids.shape == copies.ids.shape == (2 * n, T)
+
+
+def test_the_voting_plan_fits_more_votes_with_the_shared_prefix():
+    cfg = json.loads(CONFIG_7B.read_text())
+    p = mp.voting_plan(cfg, settings(gpus=1))
+    shared, copies = p["plans"][True], p["plans"][False]
+    assert p["prompt"] == 2 * 999 + 130 and p["n"] == 16
+    assert shared["prompts"] > 2 * copies["prompts"] > 0
+    for plan in (shared, copies):  # the largest that fits, and one more prompt would not
+        assert plan["peak"] <= 80 * mp.GiB
+    more = mp.voting_plan(cfg, settings(gpus=1, gpu_gib=80 + 0.6))  # 0.6 GiB more: about one shared prompt more
+    assert more["plans"][True]["prompts"] >= shared["prompts"]
 
 
 def test_log_prob_rows_count_the_packed_rows_of_logprobs(tiny):
