@@ -247,13 +247,14 @@ def test_sampler_kv_bytes_equal_what_each_decode_path_holds(tiny_model_dir, demo
     """sampler_kv_bytes against the most KV bytes sampling.sample held (Samples.decode), for the shared-prefix engine
     and the copies path, with a budget of one buffer-growth step (so every buffer is allocated at once)."""
     import common
+    import prompts
     import sampling
 
     model, processor = common.load_model(tiny_model_dir, dtype=torch.float32).eval(), common.load_processor(
         tiny_model_dir)
     cfg = json.loads((Path(tiny_model_dir) / "config.json").read_text())
     images = [common.load_image(p) for p in sorted(demo_pool.glob("*.png"))[:2]]
-    prompt = common.get_preset("evoquality").prompt("compare", True)
+    prompt = prompts.get_preset("evoquality").prompt("compare", True)
     inputs = common.encode_batch(processor, [prompt] * 2, [images, images[::-1]])
     L, n, T = inputs["input_ids"].shape[1], 5, sampling.KV_ROOM_STEP
     stops = sampling.eos_token_ids(sampling.sampling_config(model, 1)) + sampling.placeholder_token_ids(model)

@@ -13,7 +13,7 @@ import torch
 
 import common
 import sampling
-from common import PRESETS
+from prompts import PRESETS
 
 ARCHS = ["qwen2_5_vl", "qwen2_vl", "qwen3_vl"]
 
