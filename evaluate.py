@@ -51,16 +51,20 @@ class Args:
     samples: int = common.arg(1, help="answers per image: 1 = greedy; N > 1 = sampled, valid ones averaged")
     temperature: float = common.arg(1.0, help="sampling temperature (used only when --samples > 1)")
     max_new_tokens: int = common.arg(512, help="generation budget per answer; an answer cut off here is unparseable")
-    batch_size: int = common.arg(32, help="images per sampling call, per process; 32 fits one 80 GB GPU at 7B up to "
-                                          "--samples 16 (KV 56 KiB/token x ~1.5k tokens x 512 sequences ~ 44 GB "
-                                          "+ 16.6 GB bf16 weights)")
+    # bench/memory_plan.py --evaluation at 7B, 1024x768 images, every answer run to 512 tokens: greedy, each sequence
+    # its own prompt, at most 253 fit one 80 GiB GPU (the prefill of 253 prompts is the peak); 128 peak at 50 GiB
+    batch_size: int = common.arg(128, help="sequences per sampling call and process (images x --samples, an image's "
+                                           "samples split over calls if more); 128 fits 7B on one 80 GB GPU with 30 "
+                                           "GiB to spare (bench/memory_plan.py --evaluation). Scores do not depend "
+                                           "on it")
     max_pixels: Optional[int] = common.arg(None, help="cap on image pixels for the processor (default: the model's)")
     lower_better: list[str] = common.arg([], help="names of --bench files (not known releases) whose labels are "
                                                   "lower-is-better")
     split: str = common.arg("", help="COLUMN=VALUE: keep only benchmark rows whose COLUMN equals VALUE, e.g. set=test")
     text: bool = common.arg(True, help="keep the answer texts in the predictions (--no-text drops them)")
     strict: bool = common.arg(False, help="stop on a missing or unreadable image instead of counting it")
-    seed: int = common.arg(0, help="sampling seed (process i uses seed + i)")
+    seed: int = common.arg(0, help="seed of the sampling noise (--samples > 1): sample k of an image draws from (seed, "
+                                   "image name, k) alone")
     bootstrap: int = common.arg(1000, help="resamples of the images for the 95 %% intervals (0: no intervals; at most "
                                           f"{metrics.MAX_RESAMPLES:,})")
     bootstrap_seed: int = common.arg(0, help="seed of the bootstrap resamples")
@@ -72,15 +76,19 @@ class Args:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def sample_answers(model, processor, images: list, prompt: str, preset: prompts.Preset, args: Args
-                   ) -> list[list[sampling.Completion]]:
-    """`args.samples` completions for each image, from one batched call of the shared sampling routine (greedy for
-    --samples 1), each with its truncation flag."""
-    inputs = common.encode_batch(processor, [prompt] * len(images), [[image] for image in images],
-                                 add_vision_id=preset.add_vision_id).to(model.device)
-    samples = sampling.sample(model, processor, inputs, n=args.samples, max_new_tokens=args.max_new_tokens,
-                            temperature=args.temperature, do_sample=args.samples > 1)
-    return samples.completions()
+def sample_answers(model, processor, images: list, names: list[str], prompt: str, preset: prompts.Preset,
+                   args: Args) -> list[list[sampling.Completion]]:
+    """`args.samples` completions for each image (greedy for --samples 1), each with its truncation flag, in calls of
+    at most --batch-size sequences. Sample k of an image is keyed to (--seed, its name, k): the same whatever batch,
+    process or resume it is drawn in."""
+    def sample_call(idx: list[int], n: int, firsts: list[int]) -> list[list[sampling.Completion]]:
+        inputs = common.encode_batch(processor, [prompt] * len(idx), [[images[i]] for i in idx],
+                                     add_vision_id=preset.add_vision_id).to(model.device)
+        return sampling.sample(model, processor, inputs, n, args.max_new_tokens, args.temperature,
+                               do_sample=args.samples > 1, keys=[sampling.prompt_key(names[i]) for i in idx],
+                               seed=args.seed, first_index=firsts).completions()
+
+    return sampling.sample_in_calls([args.samples] * len(images), args.batch_size, sample_call)
 
 
 def image_score(completions: list[sampling.Completion], preset: prompts.Preset
@@ -94,14 +102,15 @@ def image_score(completions: list[sampling.Completion], preset: prompts.Preset
 
 def score_entries(model, processor, preset: prompts.Preset, prompt: str, args: Args, root: Path, entries: list[dict],
                   part: Path, show_progress: bool) -> None:
-    """Score `entries` (this process's shard) in batches, one flushed line per image in `part`, with the image's
-    [size, mtime] as it was read (`file`): an image changed in place since is scored again."""
+    """Score `entries` (this process's shard) in batches of --batch-size sequences, one flushed line per image in
+    `part`, with the image's [size, mtime] as it was read (`file`): an image changed in place since is scored again."""
     from tqdm import tqdm
 
-    batches = [entries[i:i + args.batch_size] for i in range(0, len(entries), args.batch_size)]
+    per_batch = max(1, args.batch_size // args.samples)
+    batches = [entries[i:i + per_batch] for i in range(0, len(entries), per_batch)]
     with common.JsonlWriter(part) as writer:
         for batch in tqdm(batches, desc=part.name, disable=not show_progress):
-            images, loaded = [], []
+            images, names, loaded = [], [], []
             for entry in batch:
                 base = {"image": entry["image"], **({"mos": entry["mos"]} if "mos" in entry else {}), "score": None,
                         "n_valid": 0, "file": file_stat(root / entry["image"])}
@@ -110,6 +119,7 @@ def score_entries(model, processor, preset: prompts.Preset, prompt: str, args: A
                     continue
                 try:
                     images.append(common.load_image(root / entry["image"]))
+                    names.append(entry["image"])
                     loaded.append(base)
                 except ValueError as e:
                     if args.strict:
@@ -117,7 +127,8 @@ def score_entries(model, processor, preset: prompts.Preset, prompt: str, args: A
                     writer.write({**base, "error": str(e)})
             if not images:
                 continue
-            for base, completions in zip(loaded, sample_answers(model, processor, images, prompt, preset, args)):
+            for base, completions in zip(loaded, sample_answers(model, processor, images, names, prompt, preset,
+                                                                args)):
                 score, scores = image_score(completions, preset)
                 writer.write({**base, "score": score, "n_valid": sum(s is not None for s in scores), "scores": scores,
                               "truncated": [c.truncated for c in completions],
@@ -300,14 +311,11 @@ def write_image_summary(out: Path, setup: dict, records: list[dict]) -> dict:
 
 def run(args: Args, state, out: Path) -> Optional[dict]:
     """The run: inputs checked, the model loaded, only then the settings recorded; score, merge, report."""
-    import torch
-
     jobs = (load_benchmarks(args.bench, parse_split(args.split), args.lower_better, args.strict,
                             state.is_main_process, args.allow_outside_root) if args.bench
             else {IMAGES: load_images(args.images, args.allow_outside_root)})
     preset = prompts.get_preset(args.prompt)
     config = merged_config(out, run_settings(args, preset, jobs), run_setup(args, preset, jobs, state.num_processes))
-    torch.manual_seed(args.seed + state.process_index)
     model, processor = load_model(args, state.device)
     if state.is_main_process:
         common.record_settings(out / "eval_config.json", **config)

@@ -29,8 +29,7 @@ import contextlib
 import math
 import random
 import time
-import zlib
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -63,14 +62,16 @@ class Args:
     reasoning: bool = common.arg(True, help="ask for reasoning before the boxed answer")
     prompt: str = common.arg("evoquality", help="prompt preset", choices=sorted(prompts.PRESETS))
     gamma: float = common.arg(1e-6, help="variance floor in the fidelity reward's Phi")
-    rollout_batch: int = common.arg(4, help="images per sampling call (x G rows); seeded per call, not per process")
+    rollout_batch: int = common.arg(8, help="images per sampling call (x G rows); 8 = a process's step at "
+                                           "--pairs-per-step 4: at 7B, G 32 the rollout phase then peaks below the "
+                                           "update (bench/memory_plan.py). Rollouts do not depend on it")
     micro_batch_size: int = common.arg(4, help="rollouts per forward/backward, in whole groups (at least one); "
                                        "does not change the gradient")
     max_grad_norm: float = common.arg(1.0, help="gradient clipping norm")
     warmup_steps: int = common.arg(0, help="linear warmup optimizer steps before the linear decay")
     weight_decay: float = common.arg(0.0, help="AdamW weight decay")
     max_steps: int = common.arg(0, help="stop after N steps (0: all epochs); the schedule still spans all epochs")
-    seed: int = common.arg(0, help="seed of the pair order and of the rollouts")
+    seed: int = common.arg(0, help="seed of the pair order and of the rollouts' sampling noise")
     bf16: Optional[bool] = common.arg(None, help="bf16 compute, fp32 master weights and AdamW; bf16 reference and "
                                                  "checkpoint (default: on with CUDA, off on CPU)")
     gradient_checkpointing: Optional[bool] = common.arg(None, help="recompute activations in backward "
@@ -87,8 +88,8 @@ class Args:
 
 # settings that change the result: a --resume with any of them different is refused (common.refuse_changed_settings)
 METHOD_SETTINGS = ("group_size", "epochs", "lr", "beta", "clip_eps", "ppo_epochs", "temperature", "max_new_tokens",
-                   "reasoning", "prompt", "gamma", "rollout_batch", "max_grad_norm", "warmup_steps", "weight_decay",
-                   "seed", "bf16", "max_pixels", "skip_missing", "images_root")
+                   "reasoning", "prompt", "gamma", "max_grad_norm", "warmup_steps", "weight_decay", "seed", "bf16",
+                   "max_pixels", "skip_missing", "images_root")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -183,8 +184,8 @@ def step_pairs(pairs: list, seed: int, step: int, steps_per_epoch: int, per_step
 
 def sampling_calls(n_images: int, rollout_batch: int, rank: int, world: int) -> list[tuple[int, list[int]]]:
     """(k, image indices) of the sampling calls this process runs: call k samples the step's images
-    [k * rollout_batch, (k + 1) * rollout_batch) and runs on process k mod world. Seeded by k (see rollout), the
-    rollouts are the same with any number of processes."""
+    [k * rollout_batch, (k + 1) * rollout_batch) and runs on process k mod world. An image's rollouts are keyed to
+    the step and the image (see rollout): which call or process samples them changes none of them."""
     calls = [list(range(s, min(s + rollout_batch, n_images))) for s in range(0, n_images, rollout_batch)]
     return [(k, images) for k, images in enumerate(calls) if k % world == rank]
 
@@ -198,6 +199,7 @@ class Call:
     ids: torch.Tensor  # [rows, T] completion tokens
     mask: torch.Tensor  # [rows, T] completion mask (sampling.completion_mask)
     completions: list[list[sampling.Completion]]  # per image, its G (text, truncated)
+    decode: dict = field(default_factory=dict)  # what the call's decode cost (sampling.Samples.decode)
 
     def micro_batch(self, rows: list[int], vision_start_id: int) -> tuple[dict, torch.Tensor, torch.Tensor]:
         """The prompts of the whole groups `rows`, each once, and their completions (logprobs.shared_prompt)."""
@@ -240,18 +242,18 @@ class Run:
 
 def rollout(run: Run, images: list[str], step: int) -> list[Call]:
     """This process's sampling calls: each distinct image prompt encoded once, G samples of it (sampling.sample),
-    seeded by (seed, step, call) so that the rollouts do not depend on the number of processes. Under FSDP the
-    weights are gathered once for the whole phase."""
+    rollout g of an image keyed to (seed, step, image, g) alone, so that the rollouts do not depend on the number of
+    processes, --rollout-batch or a resume. Under FSDP the weights are gathered once for the whole phase."""
     G, calls = run.args.group_size, []
     run.model.eval()
     with parallel.full_weights(run.model), run.accelerator.autocast():
         for k, idx in sampling_calls(len(images), run.args.rollout_batch, parallel.rank(), parallel.world_size()):
             encoded = run.encode([images[i] for i in idx])
-            torch.manual_seed(zlib.crc32(f"{run.args.seed}-{step}-{k}".encode()))
+            keys = [sampling.prompt_key(step, images[i]) for i in idx]
             s = sampling.sample(run.generator, run.processor, encoded, G, run.args.max_new_tokens,
-                                run.args.temperature, do_sample=True)
+                                run.args.temperature, do_sample=True, keys=keys, seed=run.args.seed)
             # clone: tensors made under inference mode cannot enter autograd
-            calls.append(Call(idx, encoded, s.ids.clone(), s.mask.clone(), s.completions()))
+            calls.append(Call(idx, encoded, s.ids.clone(), s.mask.clone(), s.completions(), s.decode))
     return calls
 
 
@@ -336,8 +338,8 @@ def policy_update(run: Run, passes: list, ref_logps: list[torch.Tensor], advanta
     return {"loss/total": loss, "kl/mean": kl, "loss/clip_fraction": clip_fraction, "optim/grad_norm": grad_norm}
 
 
-def log_record(run: Run, step: int, steps_per_epoch: int, pairs_now: list, r: dict, update: dict, passes: list,
-               seconds: list[float]) -> dict:
+def log_record(run: Run, step: int, steps_per_epoch: int, pairs_now: list, r: dict, update: dict, calls: list[Call],
+               passes: list, seconds: list[float]) -> dict:
     """One train_log.jsonl line: the step's metrics over all processes (null for an undefined statistic)."""
     reward_matrix = r["rewards"]
     valid = reward_matrix[torch.isfinite(reward_matrix)]
@@ -348,6 +350,9 @@ def log_record(run: Run, step: int, steps_per_epoch: int, pairs_now: list, r: di
     parsed = [q for qs in r["scores"].values() for q in qs]
     stand_ins, = parallel.all_reduce([sum(not real for _, real in passes)], "sum", run.device)
     t_generation, t_reference, t_update, t_step = parallel.all_reduce(seconds, "max", run.device)  # the slowest
+    row_steps, = parallel.all_reduce([sum(c.decode.get("row_steps", 0) for c in calls)], "sum", run.device)
+    kv_bytes, = parallel.all_reduce([max([c.decode.get("kv_bytes", 0) for c in calls], default=0)], "max",
+                                    run.device)  # the most one sampling call held
     tokens = sum(r["lengths"])
     record = {"step": step + 1, "epoch": step // steps_per_epoch, "optim/lr": run.scheduler.get_last_lr()[0],
               **update, "reward/mean": valid.mean().item() if len(valid) else None,
@@ -360,7 +365,8 @@ def log_record(run: Run, step: int, steps_per_epoch: int, pairs_now: list, r: di
               if any(score_groups) else None,
               "rollout/score_within_group_std": sum(score_std) / len(score_std) if score_std else None,
               "rollout/completion_length": tokens / len(r["lengths"]), "rollout/generated_tokens": tokens,
-              "rollout/tokens_per_s": tokens / t_generation, "rollout/stand_in_micro_batches": int(stand_ins),
+              "rollout/tokens_per_s": tokens / t_generation, "rollout/row_steps": int(row_steps),
+              "rollout/kv_bytes": int(kv_bytes), "rollout/stand_in_micro_batches": int(stand_ins),
               "time/step": t_step, "time/generation": t_generation, "time/reference": t_reference,
               "time/update": t_update, "pairs": [[a, b] for a, b, _ in pairs_now]}
     return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
@@ -378,7 +384,8 @@ def train_step(run: Run, pairs_now: list, step: int, steps_per_epoch: int) -> di
     t2 = time.perf_counter()
     update = policy_update(run, passes, ref_logps, r["advantages"], len(images) * run.args.group_size)
     t3 = time.perf_counter()
-    return log_record(run, step, steps_per_epoch, pairs_now, r, update, passes, [t1 - t0, t2 - t1, t3 - t2, t3 - t0])
+    return log_record(run, step, steps_per_epoch, pairs_now, r, update, calls, passes,
+                      [t1 - t0, t2 - t1, t3 - t2, t3 - t0])
 
 
 # ---------------------------------------------------------------------------------------------------------------------

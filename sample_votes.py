@@ -29,6 +29,7 @@ import hashlib
 import json
 import math
 import random
+import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -57,26 +58,28 @@ class Args:
     same_reference_pairs: int = common.arg(0, help="also this many pairs of two versions of one reference image")
     pool_manifest: Optional[str] = common.arg(None, help="make_pool.py's manifest.jsonl: each pool image's reference")
     votes_per_pair: int = common.arg(32, help="K: votes per pair, K/2 in each order (per image with --mode score)")
-    seed: int = common.arg(0, help="seed of the pair draw, of odd-K vote orders and of sampling")
+    seed: int = common.arg(0, help="seed of the pair draw, of odd-K vote orders and of the sampling noise")
     temperature: float = common.arg(1.0, help="sampling temperature (> 0: K greedy votes would all be the same)")
     max_new_tokens: int = common.arg(512, help="completion budget; an answer cut off by it is an abstention")
     reasoning: bool = common.arg(True, help="ask for reasoning before the final answer (the preset's reasoning suffix)")
     prompt: str = common.arg("evoquality", help="prompt preset (prompts.PRESETS)", choices=sorted(prompts.PRESETS))
     mode: str = common.arg("compare", choices=["compare", "score"],
                            help="compare: the paper's pairwise votes; score: K scores per image (cheaper, not paper)")
-    # 7B: 28 layers x 2 (K, V) x 4 KV heads x 128 dims x 2 bytes = 56 KiB/token x (2,000 prompt + 512 new tokens);
-    # 54 GB of 80 leaves room for the prefill of 16 prompts (K = 32) and the vision tower. CPU: use 8-16.
-    batch_size: int = common.arg(256, help="sequences sampled per call, in whole prompts; 256 fits 7B on one 80 GB GPU "
-                                           "(KV 144 MB/sequence x 256 = 37 GB + 16.6 GB weights)")
+    # bench/memory_plan.py --voting at 7B, 1024x768 images, every vote run to 512 tokens: at most 1,648 sequences fit
+    # one 80 GiB GPU; 1,024 (64 prompts at K = 32) peak at 57 GiB, leaving room for larger images and longer prompts
+    batch_size: int = common.arg(1024, help="sequences sampled per call, in whole prompts (a prompt's K/2 split over "
+                                            "calls if larger); 1024 fits 7B on one 80 GB GPU with 23 GiB to spare "
+                                            "(bench/memory_plan.py --voting: 1,648 at most). Votes do not depend on it")
     max_pixels: Optional[int] = common.arg(None, help="downscale images above this many pixels (default: processor's)")
     text: bool = common.arg(True, help="keep each answer's raw text (--no-text keeps only the parsed answers)")
     strict: bool = common.arg(False, help="stop at the first unreadable image instead of skipping its pairs")
     overwrite: bool = common.arg(False, help="discard an existing --out (and its shards, meta, skipped); start over")
 
 
-# generate_fn(prompt, images_per_prompt, n) -> n sampling.Completion(text, truncated) per prompt: the only place the
-# model is touched, so tests can plug in a scripted model whose answers are known.
-GenerateFn = Callable[[str, list[list[Image.Image]], int], list[list[sampling.Completion]]]
+# generate_fn(prompt, images_per_prompt, n, keys, first_index) -> n sampling.Completion(text, truncated) per prompt:
+# completions first_index[j] .. first_index[j] + n - 1 of prompt j, whose identity is keys[j] (sampling.sample). The
+# only place the model is touched, so tests can plug in a scripted model whose answers are known.
+GenerateFn = Callable[[str, list[list[Image.Image]], int, list[int], list[int]], list[list[sampling.Completion]]]
 # the Args fields that define the votes (see the module docstring); settings_of adds the model, prompt and pool identity
 SETTINGS = ("prompt", "reasoning", "mode", "votes_per_pair", "temperature", "max_new_tokens", "max_pixels", "num_pairs",
             "same_reference_pairs", "seed")
@@ -133,19 +136,12 @@ def vote_orders(a: str, b: str, k: int, seed: int) -> dict[str, int]:
     return {order: k // 2 + (order == extra) for order in ("ab", "ba")}
 
 
-def sample_batched(generate_fn: GenerateFn, prompt: str, jobs: list[tuple[list[Image.Image], int]],
+def sample_batched(generate_fn: GenerateFn, prompt: str, jobs: list[tuple[list[Image.Image], int, int]],
                    batch_size: int) -> list[list[sampling.Completion]]:
-    """n completions for each job (images, n). Many prompts share one call (about batch_size sequences), each
-    prompt sampled n times, so jobs are grouped by n."""
-    results: list[list[sampling.Completion]] = [[] for _ in jobs]
-    for n in sorted({n for _, n in jobs if n > 0}):
-        todo = [i for i, (_, m) in enumerate(jobs) if m == n]
-        step = max(1, batch_size // n)
-        for s in range(0, len(todo), step):
-            chunk = todo[s:s + step]
-            for i, completions in zip(chunk, generate_fn(prompt, [jobs[i][0] for i in chunk], n)):
-                results[i] = completions
-    return results
+    """n completions for each job (images, n, key), in calls of at most batch_size sequences (sampling.split_calls).
+    Each completion's noise is keyed to (seed, key, its index), so the grouping into calls changes no vote."""
+    return sampling.sample_in_calls([n for _, n, _ in jobs], batch_size, lambda idx, n, firsts: generate_fn(
+        prompt, [jobs[i][0] for i in idx], n, [jobs[i][2] for i in idx], firsts))
 
 
 def compare_record(a: str, b: str, answers: list[dict]) -> dict:
@@ -163,12 +159,13 @@ def compare_record(a: str, b: str, answers: list[dict]) -> dict:
 def vote_pairs(pairs: list[tuple[str, str]], images: dict[str, Image.Image], generate_fn: GenerateFn, prompt: str,
                parse: Callable[[str], Optional[int]], k: int, seed: int, batch_size: int,
                keep_text: bool = True) -> list[dict]:
-    """K votes for each pair, K/2 per order, each answer mapped back to image identity."""
+    """K votes for each pair, K/2 per order, each answer mapped back to image identity. The prompt of an order is
+    keyed by the two image names in the order shown: its votes are votes 0 .. K/2 - 1 of that key."""
     jobs = []
     for a, b in pairs:
         for order, n in vote_orders(a, b, k, seed).items():
             first, second = (a, b) if order == "ab" else (b, a)
-            jobs.append(([images[first], images[second]], n))
+            jobs.append(([images[first], images[second]], n, sampling.prompt_key(first, second)))
     completions = sample_batched(generate_fn, prompt, jobs, batch_size)
     records = []
     for p, (a, b) in enumerate(pairs):
@@ -187,7 +184,8 @@ def score_images(names: list[str], images: dict[str, Image.Image], generate_fn: 
                  parse: Callable[[str], Optional[float]], k: int, batch_size: int,
                  keep_text: bool = True) -> list[dict]:
     """--mode score: K sampled scores per image (None where unparseable or cut off), and which were cut off."""
-    completions = sample_batched(generate_fn, prompt, [([images[x]], k) for x in names], batch_size)
+    completions = sample_batched(generate_fn, prompt, [([images[x]], k, sampling.prompt_key(x)) for x in names],
+                                 batch_size)
     return [{"image": x, "scores": [sampling.answer(c, parse) for c in per_image],
              "truncated": [c.truncated for c in per_image]}
             | ({"answers": [c.text for c in per_image]} if keep_text else {})
@@ -275,11 +273,21 @@ def draw_pairs(args: Args, root: Path, names: list[str]) -> dict[tuple[str, str]
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def make_generate_fn(model, processor, add_vision_id: bool, max_new_tokens: int, temperature: float) -> GenerateFn:
-    def generate(prompt: str, images: list[list[Image.Image]], n: int) -> list[list[sampling.Completion]]:
-        return sampling.sample_prompts(model, processor, [prompt] * len(images), images, n, max_new_tokens, temperature,
-                                       add_vision_id).completions()
+def make_generate_fn(model, processor, add_vision_id: bool, max_new_tokens: int, temperature: float,
+                     seed: int) -> GenerateFn:
+    """sampling.sample_prompts with the run's settings; `generate.decode` sums what the decodes cost (calls, decode
+    steps, row-steps) and keeps the most KV bytes one call held."""
+    def generate(prompt: str, images: list[list[Image.Image]], n: int, keys: list[int],
+                 first_index: list[int]) -> list[list[sampling.Completion]]:
+        samples = sampling.sample_prompts(model, processor, [prompt] * len(images), images, n, max_new_tokens,
+                                          temperature, add_vision_id, keys=keys, seed=seed, first_index=first_index)
+        totals = generate.decode
+        totals.update(calls=totals["calls"] + 1, steps=totals["steps"] + samples.decode["steps"],
+                      row_steps=totals["row_steps"] + samples.decode["row_steps"],
+                      kv_bytes=max(totals["kv_bytes"], samples.decode["kv_bytes"]))
+        return samples.completions()
 
+    generate.decode = {"calls": 0, "steps": 0, "row_steps": 0, "kv_bytes": 0}
     return generate
 
 
@@ -290,7 +298,7 @@ def load_generate_fn(args: Args, device) -> GenerateFn:
     except (OSError, ValueError) as e:  # FileNotFoundError, hub errors, a folder that holds no checkpoint
         common.die(f"cannot load model {args.model}: {str(e).splitlines()[0]}")
     add_vision_id = prompts.get_preset(args.prompt).add_vision_id
-    return make_generate_fn(model, processor, add_vision_id, args.max_new_tokens, args.temperature)
+    return make_generate_fn(model, processor, add_vision_id, args.max_new_tokens, args.temperature, args.seed)
 
 
 def load_images(names: list[str], root: Path, strict: bool) -> tuple[dict[str, Image.Image], dict[str, str]]:
@@ -432,15 +440,14 @@ def finish(args: Args, out: Path, pairs: dict, keys: list, seconds: float) -> No
 
 
 def vote(args: Args, out: Path, root: Path, rank: int, mine: list, generate_fn: GenerateFn, pairs: dict) -> None:
-    """This process's share of the units of work, appended to its shard as they are voted."""
-    import torch
+    """This process's share of the units of work, appended to its shard as they are voted; then what its decodes
+    cost."""
     from tqdm import tqdm
 
     pairs_of: dict[str, list] = {}  # image -> its pairs, for skipping
     for pair in pairs:
         for x in pair:
             pairs_of.setdefault(x, []).append(pair)
-    torch.manual_seed(args.seed * 1000 + rank)
     step = max(1, args.batch_size // args.votes_per_pair)
     with common.JsonlWriter(common.shard_file(out, rank)) as writer, \
             tqdm(total=len(mine) * args.votes_per_pair, unit="vote", desc=f"votes [{rank}]", position=rank,
@@ -449,6 +456,11 @@ def vote(args: Args, out: Path, root: Path, rank: int, mine: list, generate_fn: 
             for record in process_chunk(mine[s:s + step], args, root, generate_fn, pairs_of, pairs):
                 writer.write(record)
             bar.update(len(mine[s:s + step]) * args.votes_per_pair)
+    decode = getattr(generate_fn, "decode", None)
+    if decode:
+        print(f"decode [{rank}]: {decode['calls']} calls, {decode['steps']} steps, {decode['row_steps']} row-steps "
+              f"(completions x steps computed), KV at most {decode['kv_bytes'] / 2 ** 20:.1f} MiB per call",
+              file=sys.stderr)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -6,6 +6,8 @@
   from (seed, key, k, step) alone, whatever batch, position in the batch, split of its n completions over calls,
   process count or resume it is sampled in; so are its tokens wherever its logits do not depend on the batch (fp32 on
   CPU in the tests; kernels whose rounding follows the batch shape can flip a draw between two near-equal scores);
+- `split_calls` and `sample_in_calls`: a stage's prompts and their completion counts cut into calls of at most
+  --batch-size rows, a prompt's completions split over calls where it asks for more;
 - `completion_mask` and `answer`: where a completion ends, and the truncation rule every stage applies;
 - `encode_images_once`: each distinct image of a batch through the vision tower once.
 
@@ -167,9 +169,38 @@ def sample_prompts(model, processor, prompts: list[str], images: list[list[Any]]
 
 
 def prompt_key(*parts) -> int:
-    """A 64-bit key from a prompt's identity (strings and ints: two image names and an order, an image and a sample
-    index, a step and an image), the same in every process and run (no Python hash randomisation)."""
+    """A 64-bit key from a prompt's identity (strings and ints: the two image names of a pair in the order shown, an
+    image, a step and an image), the same in every process and run (no Python hash randomisation). The run's seed is
+    not part of it: it goes to `sample(seed=...)`."""
     return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=8).digest(), "little")
+
+
+def split_calls(counts: list[int], batch_size: int) -> list[list[tuple[int, int, int]]]:
+    """The sampling calls that give prompt i its counts[i] completions with at most batch_size rows per call, each a
+    list of (prompt, first, n): completions first .. first + n - 1 of that prompt, one n for all prompts of a call, as
+    many prompts as batch_size // n. A prompt asking for more than batch_size completions is split over calls,
+    batch_size at a time (its first_index), so that memory follows batch_size alone. Pieces of n = batch_size come
+    before the smaller last piece of a prompt: a prompt's pieces are listed in the order of their completions."""
+    pieces = [(i, first, min(batch_size, count - first)) for i, count in enumerate(counts)
+              for first in range(0, count, batch_size)]
+    calls = []
+    for n in sorted({n for _, _, n in pieces}, reverse=True):
+        same = [piece for piece in pieces if piece[2] == n]
+        calls += [same[s:s + batch_size // n] for s in range(0, len(same), batch_size // n)]
+    return calls
+
+
+def sample_in_calls(counts: list[int], batch_size: int,
+                    sample_call: Callable[[list[int], int, list[int]], list[list[Completion]]]
+                    ) -> list[list[Completion]]:
+    """Every prompt's counts[i] completions, from the calls of `split_calls`: `sample_call(prompts, n, first_index)`
+    returns n completions of each prompt in `prompts` (indices), numbered from first_index[j] on."""
+    completions: list[list[Completion]] = [[] for _ in counts]
+    for call in split_calls(counts, batch_size):
+        prompts, n, firsts = [i for i, _, _ in call], call[0][2], [first for _, first, _ in call]
+        for i, got in zip(prompts, sample_call(prompts, n, firsts)):
+            completions[i] += got
+    return completions
 
 
 # ---------------------------------------------------------------------------------------------------------------------

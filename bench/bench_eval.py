@@ -1,12 +1,15 @@
-"""Benchmark: evaluation with --samples 8 through sampling.sample (each prompt prefilled once) against plain
-`generate(num_return_sequences=8)` (which prefills every image's prompt 8 times), side by side.
+"""Benchmark: evaluation with --samples through sampling.sample against another sampler, side by side in one run: the
+plain generate path (`generate(num_return_sequences=samples)`, which prefills every image's prompt once per sample),
+or with --against COMMIT that commit's sampling.py.
 
-    OMP_NUM_THREADS=2 python bench/bench_eval.py                         # both model sizes, 3 repeats each
-    OMP_NUM_THREADS=2 python bench/bench_eval.py --size 30m --samples 8 --repeats 1
+    OMP_NUM_THREADS=1 python bench/bench_eval.py --size 30m --images 8 --samples 8        # against generate
+    OMP_NUM_THREADS=1 python bench/bench_eval.py --size 30m --against 39d38c1
+    OMP_NUM_THREADS=1 python bench/bench_eval.py --size tiny --images 4 --samples 4 --max-new-tokens 16
 
-One image per prompt (the score prompt with reasoning, evaluate.py's default), --batch-size images per call as
-evaluate.py batches them, sampled at temperature 1. The model sizes, the counters (prompt tokens prefilled per
-generated sequence, vision patches encoded per image) and the timing rules (one warm-up each, alternating repeats,
+One image per prompt (the score prompt with its reasoning suffix, evaluate.py's default), all --images in one call of
+--images x --samples sequences (evaluate.py with a --batch-size that large), sampled at temperature 1 and parsed as
+evaluate.py parses. The model sizes, the uneven completion lengths, the counters (prompt tokens prefilled per
+completion, vision patches per image, row-steps, KV bytes) and the timing rules (one warm-up each, alternating repeats,
 medians) are bench_votes.py's.
 
     python bench/bench_eval.py --bootstrap-images 2000            # the cost of the 95 % intervals, no model
@@ -22,38 +25,16 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_votes import prompts, sampling, compare, load, load_size, new_generate, old_generate, report  # noqa: E402
-
-SETTINGS = {  # size: (images, new tokens)
-    "tiny": (32, 64),
-    "30m": (8, 8),
-}
+from bench_votes import SIZES, bench_calls, load, load_size, prompts, samplers_for  # noqa: E402
 
 
-def bench_size(size: str, repeats: int, samples: int, batch_size: int) -> None:
-    import torch
-
-    n_images, max_new_tokens = SETTINGS[size]
-    model, processor, images, description = load_size(size, n_images)
+def bench_evaluation(size: str, samplers: dict, images: int, samples: int, max_new_tokens: int, repeats: int) -> None:
+    model, processor, pictures, description = load_size(size, images)
     prompt = prompts.get_preset("evoquality").prompt("score", True)
-
-    def scores(generate):
-        def fn(warmup: bool = False) -> int:
-            todo = images[:1] if warmup else images
-            for s in range(0, len(todo), batch_size):
-                for per_image in generate(model, processor, prompt, [[im] for im in todo[s:s + batch_size]], samples,
-                                          max_new_tokens):
-                    for text, truncated in per_image:  # parsed as the stage does
-                        sampling.answer(sampling.Completion(text, truncated), prompts.parse_score)
-            return len(todo)
-        return fn
-
-    print(f"== {size}: {description}; {n_images} images x {samples} samples, {max_new_tokens} new tokens, "
-          f"{batch_size} images per call; torch threads {torch.get_num_threads()}; median of {repeats}; {load()}")
-    results = compare(model, {"generate (n copies)": scores(old_generate),
-                              "new (sampling.sample)": scores(new_generate)}, repeats)
-    report(results, "images", n_images * samples, n_images)
-    print(f"  after: {load()}")
+    header = (f"== evaluation, {description}: {images} images x --samples {samples} in one call ({images * samples} "
+              "sequences), score prompt with reasoning")
+    bench_calls(model, processor, samplers, [prompt] * images, [[picture] for picture in pictures], samples,
+                max_new_tokens, repeats, prompts.parse_score, header)
 
 
 def bench_bootstrap(n: int, resamples: int) -> None:
@@ -85,17 +66,20 @@ def bench_bootstrap(n: int, resamples: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--size", choices=["tiny", "30m", "both"], default="both")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--size", choices=sorted(SIZES), default="30m")
+    parser.add_argument("--against", default=None, help="a commit whose sampling.py runs beside today's (default: "
+                                                         "generate)")
+    parser.add_argument("--images", type=int, default=8, help="images in the call, one prompt each")
     parser.add_argument("--samples", type=int, default=8, help="evaluate.py --samples: answers per image")
-    parser.add_argument("--batch-size", type=int, default=8, help="evaluate.py --batch-size: images per call")
+    parser.add_argument("--max-new-tokens", type=int, default=192, help="budget T; lengths uniform on 1..T")
+    parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--bootstrap-images", type=int, default=0, help="time the 95 %% intervals on N images instead")
     parser.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples (with --bootstrap-images)")
     args = parser.parse_args()
     if args.bootstrap_images:
         return bench_bootstrap(args.bootstrap_images, args.resamples)
-    for size in (["tiny", "30m"] if args.size == "both" else [args.size]):
-        bench_size(size, args.repeats, args.samples, args.batch_size)
+    bench_evaluation(args.size, samplers_for(args.against), args.images, args.samples, args.max_new_tokens,
+                     args.repeats)
 
 
 if __name__ == "__main__":

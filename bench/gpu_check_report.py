@@ -195,7 +195,7 @@ def main() -> None:
     parser.add_argument("--pairs-per-step", type=int, default=4)
     parser.add_argument("--micro-batch-size", type=int, default=4)
     parser.add_argument("--max-new-tokens", type=int, default=256)
-    parser.add_argument("--rollout-batch", type=int, default=4)
+    parser.add_argument("--rollout-batch", type=int, default=8)  # grpo_train.py's default
     parser.add_argument("--write-wrapper", metavar="SCRIPT", help="only write the torchrun wrapper for SCRIPT")
     parser.add_argument("--write-vote-wrapper", metavar="SCRIPT", help="only write the voting wrappers for SCRIPT "
                                                                        "(one per engine)")

@@ -3,6 +3,7 @@
     python bench/memory_plan.py --config bench/qwen2_5_vl_7b_config.json --gpus 8 --gpu-gib 80 \\
         --micro-batch-size 4 --group-size 8 --pairs-per-step 4 --max-new-tokens 512 --gradient-checkpointing
     python bench/memory_plan.py --config bench/qwen2_5_vl_7b_config.json --gpu-gib 80 --voting   # sample_votes.py
+    python bench/memory_plan.py --config bench/qwen2_5_vl_7b_config.json --gpu-gib 80 --evaluation   # evaluate.py
 
 Parameters are counted exactly from the config (every weight and bias of a Qwen2.5-VL, by its HF name and shape) and
 checked against the model built on the meta device (no memory, no download). Every other row is arithmetic over
@@ -10,7 +11,7 @@ those shapes and the settings; the assumptions behind each are printed with the 
 phases (rollout, reference log-probs, policy update, optimizer step); the peak of each is what is resident in every
 phase (the fp32 shards, the AdamW state, the reference) plus that phase's own buffers, plus a CUDA/NCCL allowance.
 --voting prints instead the largest sample_votes.py batch on one GPU, with the shared-prefix sampler and with each
-prompt's KV cache copied per vote.
+prompt's KV cache copied per vote, and what its default --batch-size takes; --evaluation the same for evaluate.py.
 tests/test_memory_plan.py checks the counted rows against measured tensors on the tiny model; bench/gpu_check.sh
 sets the plan's peak beside a measured one on one GPU.
 """
@@ -48,16 +49,20 @@ class Settings:
     gradient_checkpointing: bool = common.arg(True, help="grpo_train.py --gradient-checkpointing")
     bf16: bool = common.arg(True, help="grpo_train.py --bf16: bf16 compute and all-gathers, bf16 reference")
     shard_reference: bool = common.arg(False, help="grpo_train.py --shard-reference: the reference sharded too")
-    rollout_batch: int = common.arg(4, help="grpo_train.py --rollout-batch: images per sampling call (x G rows)")
+    rollout_batch: int = common.arg(8, help="grpo_train.py --rollout-batch: images per sampling call (x G rows)")
     prefill_once: bool = common.arg(True, help="sampling.sample prefills each prompt once (--no-prefill-once: "
                                                "generate prefills all G rows)")
     shared_prefix: bool = common.arg(True, help="sampling.sample keeps each prompt's KV once and each completion's own "
                                                 "tokens (--no-shared-prefix: the prompt's KV copied per completion)")
     voting: bool = common.arg(False, help="print the largest sample_votes.py batch on ONE GPU instead (both samplers)")
     votes_per_pair: int = common.arg(32, help="--voting: sample_votes.py --votes-per-pair K (K/2 per prompt)")
-    vote_tokens: int = common.arg(512, help="--voting: sample_votes.py --max-new-tokens; every vote runs to it")
+    vote_tokens: int = common.arg(512, help="--voting/--evaluation: --max-new-tokens; every completion runs to it")
     compare_text_tokens: int = common.arg(130, help="--voting: text tokens of the two-image compare prompt with its "
                                                     "reasoning suffix (an estimate for Qwen's tokenizer)")
+    evaluation: bool = common.arg(False, help="print the largest evaluate.py batch on ONE GPU instead (both samplers; "
+                                              "one image per prompt, --text-tokens of text)")
+    samples: int = common.arg(1, help="--evaluation: evaluate.py --samples per image (1, greedy: the most memory per "
+                                      "sequence, each its own prompt)")
     logprob_chunk: int = common.arg(64, help="completion positions per fp32 chunk of the gather-minus-logsumexp "
                                              "log-probs (logprobs.py's LOGPROB_CHUNK), recomputed in backward")
     overhead_gib: float = common.arg(3.0, help="per-GPU allowance: CUDA context, cuBLAS workspaces, NCCL buffers, "
@@ -425,20 +430,30 @@ def report(cfg: dict, s: Settings, config_name: str, meta_count: int | None) -> 
 
 
 def voting_plan(cfg: dict, s: Settings) -> dict:
-    """sample_votes.py on ONE GPU: bf16 weights, then per call P prompts (a pair in one order) x K/2 votes, every vote
-    to --vote-tokens; for each sampler (shared prefix, copies) the largest P whose peak fits --gpu-gib. A call peaks
-    either in its prefill (the prompts' KV and one layer's activations) or in its decode (the whole KV cache, the
-    logits of a step, the attention scores of a layer): the prefill's activations are freed before the decode's
-    buffers grow."""
+    """sample_votes.py on ONE GPU: per call P prompts (a pair in one order, two images) x K/2 votes."""
+    return sampling_plan(cfg, s, 2, s.compare_text_tokens, s.votes_per_pair // 2)
+
+
+def evaluation_plan(cfg: dict, s: Settings) -> dict:
+    """evaluate.py on ONE GPU: per call P prompts (one image each) x --samples answers."""
+    return sampling_plan(cfg, s, 1, s.text_tokens, s.samples)
+
+
+def sampling_plan(cfg: dict, s: Settings, images_per_prompt: int, text_tokens: int, n: int) -> dict:
+    """A stage that only samples, on ONE GPU: bf16 weights, then per call P prompts x n completions, every completion
+    to --vote-tokens; for each sampler (shared prefix, copies) the largest P whose peak fits --gpu-gib, and `call`,
+    the peak of any P. A call peaks either in its prefill (the prompts' KV and one layer's activations) or in its
+    decode (the whole KV cache, the logits of a step, the attention scores of a layer): the prefill's activations are
+    freed before the decode's buffers grow."""
     cb = 2 if s.bf16 else 4
     v = cfg["vision_config"]
     patches = image_patches(cfg, s)
     image_tokens = patches // v["spatial_merge_size"] ** 2
-    prompt, n = 2 * image_tokens + s.compare_text_tokens, s.votes_per_pair // 2
+    prompt = images_per_prompt * image_tokens + text_tokens
     weights = cb * sum(numel(sh) for _, _, sh in param_shapes(cfg))
     overhead = int(s.overhead_gib * GiB)
 
-    def call(prompts: int, shared: bool) -> dict:  # a pair's two orders share its 2 images: P images per call
+    def call(prompts: int, shared: bool = True) -> dict:  # P images per call (a pair's two orders share its 2)
         rows = sampler_rows(cfg, prompts, n, prompt, s.vote_tokens, cb, shared, prompts, prompts, patches,
                             image_tokens)
         activations = next(r.bytes for r in rows if r.name.startswith("prefill transient"))
@@ -454,18 +469,29 @@ def voting_plan(cfg: dict, s: Settings) -> dict:
             fits += 1
         plans[shared] = {"prompts": fits, **call(max(fits, 1), shared)}
     return {"prompt": prompt, "n": n, "weights": weights, "overhead": overhead, "image_tokens": image_tokens,
-            "plans": plans}
+            "plans": plans, "call": call}
 
 
-def voting_report(cfg: dict, s: Settings, config_name: str) -> str:
-    p = voting_plan(cfg, s)
-    n = p["n"]
-    lines = [f"Voting plan of sample_votes.py on ONE GPU of {s.gpu_gib:g} GiB for {config_name}",
+def default_batch_size(script: str) -> int:
+    """The --batch-size a stage ships with (its Args dataclass), read without running it."""
+    import dataclasses
+    import importlib
+
+    return next(f.default for f in dataclasses.fields(importlib.import_module(script).Args) if f.name == "batch_size")
+
+
+def sampling_report(cfg: dict, s: Settings, config_name: str) -> str:
+    script, p = ("sample_votes", voting_plan(cfg, s)) if s.voting else ("evaluate", evaluation_plan(cfg, s))
+    n, images = p["n"], 2 if s.voting else 1
+    per_prompt = (f"K {s.votes_per_pair} = {n} votes per prompt (one order of a pair)" if s.voting else
+                  f"--samples {n} per prompt")
+    lines = [f"{'Voting' if s.voting else 'Evaluation'} plan of {script}.py on ONE GPU of {s.gpu_gib:g} GiB for "
+             f"{config_name}",
              f"{'bf16' if s.bf16 else 'fp32'} weights {p['weights'] / GiB:.1f} GiB, CUDA allowance "
-             f"{p['overhead'] / GiB:g} GiB; a prompt: 2 x {p['image_tokens']} image tokens ({s.image_width}x"
-             f"{s.image_height}) + {s.compare_text_tokens} text = {p['prompt']} tokens; K {s.votes_per_pair} = "
-             f"{n} votes per prompt (one order of a pair); every vote runs to {s.vote_tokens} new tokens", ""]
-    for shared, name in ((False, "each prompt's KV copied per vote"), (True, "shared prefix (sampling.sample)")):
+             f"{p['overhead'] / GiB:g} GiB; a prompt: {images} x {p['image_tokens']} image tokens ({s.image_width}x"
+             f"{s.image_height}) + {p['prompt'] - images * p['image_tokens']} text = {p['prompt']} tokens; "
+             f"{per_prompt}; every completion runs to {s.vote_tokens} new tokens", ""]
+    for shared, name in ((False, "each prompt's KV copied per completion"), (True, "shared prefix (sampling.sample)")):
         plan = p["plans"][shared]
         P = plan["prompts"]
         lines.append(f"{name}: at most {P} prompts per call = --batch-size {P * n} sequences")
@@ -474,9 +500,13 @@ def voting_report(cfg: dict, s: Settings, config_name: str) -> str:
         lines.append(f"  {'in the decode (the rest)':56s} {gib(plan['decode'])}")
         lines.append(f"  {'peak, with the weights and the allowance':56s} {gib(plan['peak'])}")
     before, after = (p["plans"][x]["prompts"] * n for x in (False, True))
-    lines += ["", f"=> largest voting batch: {before} -> {after} sequences per call "
-              f"({after / max(before, 1):.1f}x), every vote run to the budget; answers of uneven length leave the "
-              "shared batch early and free their rows"]
+    default = default_batch_size(script)
+    peak = p["call"](max(1, default // n))["peak"]
+    lines += ["", f"=> largest {'voting' if s.voting else 'evaluation'} batch: {before} -> {after} sequences per call "
+              f"({after / max(before, 1):.1f}x), every completion run to the budget; answers of uneven length leave "
+              "the shared batch early and free their rows",
+              f"=> {script}.py's default --batch-size {default} ({max(1, default // n)} prompts x {n}): peak "
+              f"{gib(peak).strip()} GiB, {(s.gpu_gib * GiB - peak) / GiB:.1f} GiB to spare"]
     return "\n".join(lines)
 
 
@@ -486,8 +516,8 @@ def main() -> None:
     if not path.is_file():
         common.die(f"--config {s.config}: no such config.json")
     cfg = json.loads(path.read_text())
-    if s.voting:
-        return print(voting_report(cfg, s, str(path)))
+    if s.voting or s.evaluation:
+        return print(sampling_report(cfg, s, str(path)))
     meta = meta_param_count(str(path))[0] if s.check_meta else None
     print(report(cfg, s, str(path), meta))
     if meta is not None and meta != sum(numel(sh) for _, _, sh in param_shapes(cfg)):

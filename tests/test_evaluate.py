@@ -62,7 +62,7 @@ def test_user_errors_exit_2_without_traceback(tmp_path, demo_bench):
 def fake_answers(calls):
     """Answers that depend on the image: a score from its pixel spread; of the 12 demo images, 2 get no answer and
     1 gets a closed box cut off by the token budget (truncated: unparseable)."""
-    def sample_answers(model, processor, images, prompt, preset, args):
+    def sample_answers(model, processor, images, names, prompt, preset, args):
         calls.append(len(images))
         out = []
         for image in images:
@@ -173,6 +173,24 @@ def test_resume_after_truncation_and_after_a_crash(monkeypatch, tmp_path, tiny_m
     with pytest.raises(SystemExit) as e:  # resuming with other decoding settings would mix two setups
         run_eval(monkeypatch, calls, tiny_model_dir, bench_with_a_gap, demo_bench, out, "--samples", "4")
     assert e.value.code == 2
+
+
+def test_default_batch_size_follows_the_evaluation_plan_at_7b_and_says_why():
+    """The default --batch-size against bench/memory_plan.py --evaluation (Qwen2.5-VL-7B, one 80 GiB GPU, greedy: each
+    sequence its own prompt, the most memory per sequence; every answer run to 512 tokens)."""
+    import dataclasses
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    import memory_plan
+
+    field = next(f for f in dataclasses.fields(evaluate.Args) if f.name == "batch_size")
+    cfg = json.loads((ROOT / "bench" / "qwen2_5_vl_7b_config.json").read_text())
+    plan = memory_plan.evaluation_plan(cfg, memory_plan.Settings(config="unused", gpus=1))
+    largest, peak = plan["plans"][True]["prompts"], plan["call"](field.default)["peak"]
+    assert plan["n"] == 1 and plan["prompt"] == 999 + 110 and largest == 253
+    assert peak < 60 * memory_plan.GiB and 2 * field.default > largest  # a margin of 20 GiB, half the largest or more
+    assert f"{field.default} fits 7B on one 80 GB GPU with {int((80 * memory_plan.GiB - peak) / memory_plan.GiB)} " \
+           "GiB to spare" in field.metadata["help"], (field.metadata["help"], peak / memory_plan.GiB)
 
 
 def test_truncated_closed_box_scores_nothing():
@@ -388,34 +406,115 @@ def test_bench_and_images_together_is_refused(tmp_path, demo_bench):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# sampled scores keyed to (seed, image, sample index): the same whatever batch, process or resume
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def sampled_eval(tiny_model_dir, labels, out, *extra) -> dict:
+    """The real tiny model, 3 sampled answers of 6 tokens per image (the random model rarely parses: the answer
+    texts are compared)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return evaluate.main(["--model", tiny_model_dir, "--bench", f"demo={labels}", "--out", str(out), "--samples",
+                              "3", "--max-new-tokens", "6", "--seed", "2", "--bootstrap", "0", *map(str, extra)])
+
+
+@pytest.mark.parametrize("mutation", [None, "batch_row"])
+def test_sampled_scores_do_not_depend_on_the_batch_size(monkeypatch, tmp_path, tiny_model_dir, demo_bench, mutation):
+    """--batch-size 2 (an image's 3 samples split over 2 calls) and 64 (all 12 images in one call): byte-identical
+    predictions, answer texts included; with noise keyed to the call they differ."""
+    from test_sample_votes import plant
+
+    if mutation:
+        plant(monkeypatch, mutation)
+    written = {}
+    for batch_size in (2, 64):
+        sampled_eval(tiny_model_dir, demo_bench / "labels.jsonl", tmp_path / str(batch_size), "--batch-size",
+                     batch_size)
+        written[batch_size] = (tmp_path / str(batch_size) / "predictions_demo.jsonl").read_bytes()
+    answers = [a for r in common.read_jsonl(tmp_path / "64" / "predictions_demo.jsonl") for a in r["answers"]]
+    assert len(answers) == 36 and len(set(answers)) > 18  # sampled answers differ: a changed draw would show
+    assert (written[2] == written[64]) == (mutation is None)
+
+
+def test_sampled_scores_after_a_crash_and_resume_equal_an_uninterrupted_run(monkeypatch, tmp_path, tiny_model_dir,
+                                                                             demo_bench):
+    labels, reference, out = demo_bench / "labels.jsonl", tmp_path / "reference", tmp_path / "o"
+    sampled_eval(tiny_model_dir, labels, reference, "--batch-size", 6)
+    real, batches = evaluate.sample_answers, []
+
+    def crash_after_one_batch(*a, **k):
+        if batches:
+            raise KeyboardInterrupt
+        batches.append(1)
+        return real(*a, **k)
+
+    with monkeypatch.context() as m, pytest.raises(KeyboardInterrupt):
+        m.setattr(evaluate, "sample_answers", crash_after_one_batch)
+        sampled_eval(tiny_model_dir, labels, out, "--batch-size", 6)
+    assert len(common.read_jsonl(common.shard_file(out / "predictions_demo.jsonl", 0))) == 2  # 2 images x 3 samples
+    sampled_eval(tiny_model_dir, labels, out, "--batch-size", 6)  # the same command resumes
+    assert (out / "predictions_demo.jsonl").read_bytes() == (reference / "predictions_demo.jsonl").read_bytes()
+
+
+def test_many_samples_are_drawn_in_calls_of_batch_size_rows(monkeypatch, tmp_path, tiny_model_dir, demo_bench):
+    """--samples far above --batch-size: no sampling call holds more than --batch-size rows; an image's samples are
+    split over calls, every sample index drawn exactly once (recorded where the stage reaches the model)."""
+    seen = []
+
+    def record(model, processor, inputs, n, max_new_tokens, temperature=1.0, do_sample=True, keys=None, seed=0,
+               first_index=0):
+        seen.append((list(keys), n, list(first_index), seed, do_sample))
+        rows = len(keys) * n
+        return sampling.Samples(ids=None, mask=None, truncated=[False] * rows, texts=["\\boxed{3}"] * rows, n=n)
+
+    monkeypatch.setattr(sampling, "sample", record)
+    labels = tmp_path / "labels.jsonl"
+    labels.write_text("".join((demo_bench / "labels.jsonl").read_text().splitlines(keepends=True)[:2]))
+    sampled_eval(tiny_model_dir, f"{labels}@{demo_bench}", tmp_path / "o", "--samples", 1001, "--batch-size", 64,
+                 "--no-text")
+    assert max(len(keys) * n for keys, n, _, _, _ in seen) == 64
+    assert {(seed, do_sample) for _, _, _, seed, do_sample in seen} == {(2, True)}
+    drawn: dict[int, list[int]] = {}
+    for keys, n, firsts, _, _ in seen:
+        for key, first in zip(keys, firsts):
+            drawn.setdefault(key, []).extend(range(first, first + n))
+    records = common.read_jsonl(tmp_path / "o" / "predictions_demo.jsonl")
+    assert {key: sorted(indices) for key, indices in drawn.items()} == \
+        {sampling.prompt_key(r["image"]): list(range(1001)) for r in records}
+    assert [(r["score"], r["n_valid"]) for r in records] == [(3.0, 1001)] * 2
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # end to end on the tiny model: one process, then two under torchrun
 # ---------------------------------------------------------------------------------------------------------------------
 
 
 def test_end_to_end_tiny_model_one_and_two_processes(tmp_path, tiny_model_dir, demo_bench):
-    """One process on the benchmark, then two under torchrun on --images of the same folder: both paths shard,
-    resume and merge through the same code, and greedy answers must come back on the same images."""
-    args = ["--model", tiny_model_dir, "--max-new-tokens", "16", "--batch-size", "4"]
+    """One process on the benchmark, then two under torchrun on --images of the same folder with another
+    --batch-size: both paths shard, resume and merge through the same code, and the same sampled answers must come
+    back on the same images (each keyed to its image and sample index)."""
+    args = ["--model", tiny_model_dir, "--max-new-tokens", "16", "--samples", "2", "--seed", "5"]
     one = subprocess.run([sys.executable, "evaluate.py", *args, "--bench", f"demo={demo_bench / 'labels.jsonl'}",
-                          "--out", str(tmp_path / "one")], cwd=ROOT, env=ENV, capture_output=True, text=True,
-                         timeout=300)
+                          "--out", str(tmp_path / "one"), "--batch-size", "4"], cwd=ROOT, env=ENV,
+                         capture_output=True, text=True, timeout=300)
     assert one.returncode == 0, one.stderr[-3000:]
     assert "| demo | 12 |" in one.stdout and "| WAVG | 12 |" in one.stdout
     records = common.read_jsonl(tmp_path / "one" / "predictions_demo.jsonl")
     assert [r["image"] for r in records] == [f"bench_{i:05d}.png" for i in range(12)]
-    assert all(len(r["answers"]) == 1 and r["answers"][0] for r in records)
+    assert all(len(r["answers"]) == 2 for r in records)
     assert len({r["answers"][0] for r in records}) > 1  # answers differ by image, so a mix-up below would show
     for r in records:  # nothing is invented: the score is what the parser makes of the saved, untruncated text
-        parsed = None if r["truncated"][0] else prompts.parse_score(r["answers"][0])
-        assert r["scores"] == [parsed] and r["n_valid"] == (r["score"] is not None)
+        parsed = [None if cut else prompts.parse_score(text) for text, cut in zip(r["answers"], r["truncated"])]
+        assert r["scores"] == parsed and r["n_valid"] == sum(x is not None for x in parsed)
     summary = json.loads((tmp_path / "one" / "summary.json").read_text())
     demo = summary["benchmarks"]["demo"]
     assert demo["n"] == 12 and summary["num_processes"] == 1 and demo["dataset"] == "generic file"
-    assert demo["truncation_rate"] == pytest.approx(np.mean([r["truncated"][0] for r in records]))
+    assert demo["truncation_rate"] == pytest.approx(np.mean([t for r in records for t in r["truncated"]]))
 
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "evaluate.py", *args,
-                          "--images", str(demo_bench), "--out", str(tmp_path / "two")], cwd=ROOT, env=ENV,
-                         capture_output=True, text=True, timeout=300)
+                          "--images", str(demo_bench), "--out", str(tmp_path / "two"), "--batch-size", "6"], cwd=ROOT,
+                         env=ENV, capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr[-3000:]
     assert json.loads((tmp_path / "two" / "summary.json").read_text())["num_processes"] == 2
     scored = common.read_jsonl(tmp_path / "two" / "predictions.jsonl")
@@ -446,7 +545,7 @@ def test_sampled_answers_are_grouped_per_image(tiny_model_dir, demo_bench):
     assert len(set(reference)) > 1  # the images lead to different answers, so a mix-up would show
 
     def run(**kwargs):
-        return evaluate.sample_answers(model, processor, images, prompt, preset,
+        return evaluate.sample_answers(model, processor, images, ["a.png", "b.png", "c.png"], prompt, preset,
                                        evaluate.Args(max_new_tokens=32, **kwargs))
     greedy = run(samples=1)
     assert [g[0].text for g in greedy] == reference and [g[0].truncated for g in greedy] == [not e for e in ended]

@@ -2,9 +2,9 @@
 one process (and stop doing so when one process weighs its micro-batches wrong); SIGKILL + --resume is exact; a bf16
 run writes a loadable bf16 checkpoint. Every run here has one thread per process (OMP_NUM_THREADS=1).
 
-The invariant tested: a step is defined globally (its pairs, its sampling calls seeded per call, the loss normalised by
-all its rollouts), so 2 FSDP processes with --pairs-per-step 1 compute what 1 plain process with --pairs-per-step 2
-computes, up to the order of floating-point sums."""
+The invariant tested: a step is defined globally (its pairs, its rollouts keyed to the step and the image, the loss
+normalised by all its rollouts), so 2 FSDP processes with --pairs-per-step 1 and a sampling call per image compute what
+1 plain process with --pairs-per-step 2 and one sampling call computes, up to the order of floating-point sums."""
 
 import json
 import os
@@ -121,7 +121,8 @@ def weight_gap(a, b, base) -> tuple[float, float]:
 @pytest.fixture(scope="module")
 def sgd_one(s):
     out = s["tmp"] / "sgd_one"
-    check_sgd(subprocess.run([sys.executable, str(s["sgd_wrapper"]), *args(s, out, "--pairs-per-step", "2", *SGD)],
+    check_sgd(subprocess.run([sys.executable, str(s["sgd_wrapper"]), *args(s, out, "--pairs-per-step", "2", *SGD,
+                                                                           "--rollout-batch", "3")],  # one call
                              cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=TIMEOUT))
     return out
 
@@ -135,8 +136,10 @@ def test_two_fsdp_processes_with_uneven_images_equal_one_process(s, sgd_one):
     # 3 images a step on 2 processes: one process ran a zero-weight stand-in micro-batch every step
     assert all(x["reward/groups"] == 3 and x["rollout/stand_in_micro_batches"] == 1 for x in a)
     assert all(x["rollout/stand_in_micro_batches"] == 0 for x in b)
-    for x, y in zip(a, b):  # the same pairs and rollouts (seeded per sampling call), the same loss and gradient
+    for x, y in zip(a, b):  # the same pairs and rollouts (keyed to step and image), the same loss and gradient
         assert x["pairs"] == y["pairs"] and x["reward/mean"] == y["reward/mean"]
+        assert [x[k] for k in ("rollout/generated_tokens", "rollout/row_steps", "rollout/score_mean")] == \
+            [y[k] for k in ("rollout/generated_tokens", "rollout/row_steps", "rollout/score_mean")]
         for key in ("loss/total", "kl/mean", "optim/grad_norm"):
             assert x[key] == pytest.approx(y[key], rel=1e-5, abs=1e-9), key
     gap, moved = weight_gap(two, sgd_one, s["model"])

@@ -449,10 +449,13 @@ def test_one_real_step_changes_parameters_and_writes_the_log(setup):
                            "reward/groups_skipped", "rollout/parse_failure_rate", "rollout/truncation_rate",
                            "rollout/score_mean", "rollout/score_within_group_std", "rollout/completion_length",
                            "rollout/generated_tokens", "rollout/tokens_per_s", "rollout/stand_in_micro_batches",
-                           "time/step", "time/generation", "time/reference", "time/update"}
+                           "rollout/row_steps", "rollout/kv_bytes", "time/step", "time/generation", "time/reference",
+                           "time/update"}
     assert record["step"] == 1 and record["optim/grad_norm"] > 0 and 0 <= record["reward/mean"] <= 1
     assert 0 < record["rollout/parse_failure_rate"] < 1 and record["loss/clip_fraction"] > 0 and record["kl/mean"] > 0
     assert 0 <= record["rollout/truncation_rate"] <= 1 and record["rollout/stand_in_micro_batches"] == 0
+    # at most 4 images x G 4 rollouts of at most 12 tokens: at most 11 decode forwards each
+    assert 0 < record["rollout/row_steps"] <= 4 * 4 * 11 and record["rollout/kv_bytes"] > 0
     assert json.loads((out / "args.json").read_text())["args"]["group_size"] == 4
     before = common.load_model(s["model"], dtype=torch.float32).state_dict()
     after = common.load_model(str(out), dtype=torch.float32).state_dict()
@@ -486,9 +489,11 @@ def test_kill_and_resume_continues_with_the_same_next_pairs(setup):
     a, b = common.read_jsonl(whole / "train_log.jsonl"), common.read_jsonl(killed / "train_log.jsonl")
     assert [x["step"] for x in b] == list(range(1, 13))  # nothing lost, nothing duplicated
     assert [x["pairs"] for x in a] == [x["pairs"] for x in b]
-    for x, y in zip(a, b):  # same rollouts (seeded per step) and same restored model/optimizer state
+    for x, y in zip(a, b):  # same rollouts (keyed to the step and image) and same restored model/optimizer state
         assert y["reward/mean"] == pytest.approx(x["reward/mean"], abs=1e-6)
         assert y["loss/total"] == pytest.approx(x["loss/total"], abs=1e-5)
+        assert (y["rollout/generated_tokens"], y["rollout/row_steps"]) == (x["rollout/generated_tokens"],
+                                                                           x["rollout/row_steps"])
     assert sorted(p.name for p in (killed / "checkpoints").iterdir()) == ["step-11", "step-12"]
     wa = common.load_model(str(whole), dtype=torch.float32).state_dict()
     wb = common.load_model(str(killed), dtype=torch.float32).state_dict()
@@ -772,10 +777,12 @@ def test_a_scripted_step_through_the_real_parser_puts_each_advantage_on_its_own_
     tokens = {x: [processor.tokenizer(t).input_ids + (eos[:1] if ended else []) for t, ended in rows]
               for x, rows in script.items()}
 
-    def scripted_sample(model_, processor_, inputs, n, max_new_tokens, temperature=1.0, do_sample=True):
+    def scripted_sample(model_, processor_, inputs, n, max_new_tokens, temperature=1.0, do_sample=True, keys=None,
+                        seed=0, first_index=0):
         sizes = inputs["image_grid_thw"].prod(dim=1).tolist()  # one image per prompt: its pixel rows
         names = [min(which, key=lambda x: abs(which[x] - float(chunk.sum())))
                  for chunk in inputs["pixel_values"].split(sizes)]
+        assert keys == [sampling.prompt_key(0, x) for x in names] and seed == 0  # keyed to (step, image), the seed
         rows = [row for x in names for row in tokens[x]]  # prompt-major, as sampling.sample returns them
         width = max(map(len, rows))
         ids = torch.tensor([row + eos[:1] * (width - len(row)) for row in rows])
@@ -806,7 +813,7 @@ def test_a_scripted_step_through_the_real_parser_puts_each_advantage_on_its_own_
         model.zero_grad()
         for k, x in enumerate(script):
             prompt = logprobs.select_rows(encoded[x], [0, 0, 0], model.config.vision_start_token_id)
-            ids = scripted_sample(None, None, encoded[x], 3, 8)
+            ids = scripted_sample(None, None, encoded[x], 3, 8, keys=[sampling.prompt_key(0, x)])
             logp = logprobs.per_row(model, prompt, ids.ids, 1.0)
             mask = ids.mask.double()
             per_seq = (logp.double() * mask).sum(1) / mask.sum(1)

@@ -55,20 +55,22 @@ def scripted_completion(imgs: list, j: int) -> sampling.Completion:
 
 
 def scripted(calls: list | None = None, fail_after: int | None = None, delay: float = 0.0):
-    """A generate_fn; records (prompts, n) per call; raises after `fail_after` calls (a crash mid-run)."""
-    def generate(prompt, images, n):
+    """A generate_fn; records (prompts, n) per call; raises after `fail_after` calls (a crash mid-run). Sample j of a
+    prompt is its completion number first_index + j (a prompt's samples may be split over calls)."""
+    def generate(prompt, images, n, keys, first_index):
         time.sleep(delay)
         if fail_after is not None and calls is not None and len(calls) >= fail_after:
             raise RuntimeError("killed")
         if calls is not None:
             calls.append((len(images), n))
-        return [[scripted_completion(imgs, j) for j in range(n)] for imgs in images]
+        return [[scripted_completion(imgs, first + j) for j in range(n)] for imgs, first in zip(images, first_index)]
     return generate
 
 
 def always(index: int):
     """A maximally position-biased model: always answers `index` (0: the first image shown)."""
-    return lambda prompt, images, n: [[sampling.Completion(f"\\boxed{{{index}}}", False)] * n for _ in images]
+    return lambda prompt, images, n, keys, first_index: [[sampling.Completion(f"\\boxed{{{index}}}", False)] * n
+                                                         for _ in images]
 
 
 def expected_counts(pool: Path, a: str, b: str, k: int, seed: int = 0) -> dict:
@@ -151,9 +153,10 @@ def test_identity_mapping_abstentions_and_batching(demo_pool):
             assert sum(x["truncated"] for x in r["answers"]) == sum(j % 4 == 1 for n in per_order for j in range(n))
         assert all(n_prompts * n <= 12 for n_prompts, n in calls)  # batched within --batch-size sequences
         assert len(calls) < len(pairs)  # many prompts per call
-        # the grouping into generate calls does not change any vote
-        one_by_one = sample_votes.vote_pairs(pairs, images, scripted(), prompt, parse, k, 0, batch_size=1)
-        assert one_by_one == records
+        # the grouping into generate calls does not change any vote, nor a prompt's samples split over calls
+        one_by_one, calls = [], []
+        one_by_one = sample_votes.vote_pairs(pairs, images, scripted(calls), prompt, parse, k, 0, batch_size=1)
+        assert one_by_one == records and set(calls) == {(1, 1)} and len(calls) == k * len(pairs)
     # a model that always picks the first slot: votes split evenly between a and b, all "won" by the first slot
     for index, first_wins in ((0, 8), (1, 0)):
         for r in sample_votes.vote_pairs(pairs, images, always(index), prompt, parse, 8, 0, 64, keep_text=False):
@@ -163,19 +166,22 @@ def test_identity_mapping_abstentions_and_batching(demo_pool):
             assert all(chosen_first) == (index == 0)
 
 
-def test_default_batch_size_fits_7b_on_80gb_and_says_why():
-    """The default --batch-size against the KV-cache arithmetic of Qwen2.5-VL-7B (config values written out here)."""
+def test_default_batch_size_follows_the_voting_plan_at_7b_and_says_why():
+    """The default --batch-size against bench/memory_plan.py --voting (Qwen2.5-VL-7B, one 80 GiB GPU, K = 32, every
+    vote run to 512 tokens): whole prompts, below the largest batch with a margin, not far below it."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import memory_plan
+
     field = next(f for f in dataclasses.fields(sample_votes.Args) if f.name == "batch_size")
-    layers, kv_heads, head_dim, bf16 = 28, 4, 128, 2
-    per_token = layers * 2 * kv_heads * head_dim * bf16  # K and V
-    per_sequence = per_token * (2000 + 512)  # two KonIQ images' prompt + the completion budget
-    weights = 16.6e9
-    used = weights + field.default * per_sequence
-    assert per_token == 56 * 1024 and round(per_sequence / 1e6) == 144
-    assert used < 0.75 * 80e9  # room for the prefill activations and the vision tower
-    assert weights + 2 * field.default * per_sequence > 80e9  # and not far below the limit: twice would not fit
+    cfg = json.loads((ROOT / "bench" / "qwen2_5_vl_7b_config.json").read_text())
+    plan = memory_plan.voting_plan(cfg, memory_plan.Settings(config="unused", gpus=1))
+    largest = plan["plans"][True]["prompts"] * plan["n"]
+    peak = plan["call"](field.default // plan["n"])["peak"]
+    assert field.default % plan["n"] == 0 and largest == 1648  # whole prompts of K/2 = 16 votes
+    assert peak < 60 * memory_plan.GiB and 2 * field.default > largest  # a margin of 20 GiB, half the largest or more
     help_text = field.metadata["help"]
-    assert f"{field.default} fits 7B on one 80 GB GPU" in help_text and "144 MB/sequence" in help_text
+    assert f"{field.default} fits 7B on one 80 GB GPU with {int((80 * memory_plan.GiB - peak) / memory_plan.GiB)} " \
+           f"GiB to spare" in help_text and "1,648 at most" in help_text, (help_text, peak / memory_plan.GiB)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -561,9 +567,10 @@ def test_same_reference_pairs_with_none_to_draw_are_refused_naming_why(pool, tmp
     assert "every pair of two versions of one reference is already among the random pairs" in err
     assert not out.exists() and not Path(f"{out}.meta.json").exists()
 
-def cut_off_every_other(prompt, images, n):
+def cut_off_every_other(prompt, images, n, keys, first_index):
     """The right boxed answer in every sample, but samples 1, 3, ... were cut off by the token budget."""
-    return [[sampling.Completion(scripted_completion(imgs, 2).text, j % 2 == 1) for j in range(n)] for imgs in images]
+    return [[sampling.Completion(scripted_completion(imgs, 2).text, (first + j) % 2 == 1) for j in range(n)]
+            for imgs, first in zip(images, first_index)]
 
 
 @pytest.mark.parametrize("mode", ["compare", "score"])
@@ -614,21 +621,111 @@ def test_generate_fn_rows_and_truncation(tiny_model_dir, demo_pool):
     a, b = (common.load_image(demo_pool / f"pool_0000{i}.png") for i in (1, 2))
     prompt = prompts.get_preset("evoquality").prompt("compare", False)
     # near-greedy: the n samples of one prompt agree, so rows i*n .. i*n+n-1 must all belong to prompt i
-    generate = sample_votes.make_generate_fn(model, processor, True, max_new_tokens=8, temperature=1e-4)
-    out = generate(prompt, [[a, b], [b, a], [a, a]], 3)
+    generate = sample_votes.make_generate_fn(model, processor, True, max_new_tokens=8, temperature=1e-4, seed=0)
+    out = generate(prompt, [[a, b], [b, a], [a, a]], 3, [1, 2, 3], [0, 0, 0])
     assert [len(o) for o in out] == [3, 3, 3]
     assert all(len({text for text, _ in o}) == 1 for o in out) and len({o[0][0] for o in out}) > 1
     assert all(truncated for o in out for _, truncated in o)  # a random tiny model never emits EOS
     # at temperature 1 the samples differ (the shipped top_k=1 is overridden)
-    texts = [text for text, _ in sample_votes.make_generate_fn(model, processor, True, 8, 1.0)(prompt, [[a, b]], 6)[0]]
+    hot = sample_votes.make_generate_fn(model, processor, True, 8, 1.0, seed=0)
+    texts = [text for text, _ in hot(prompt, [[a, b]], 6, [1], [0])[0]]
     assert len(set(texts)) > 1
+    assert hot.decode["calls"] == 1 and 0 < hot.decode["row_steps"] <= 6 * 7 and hot.decode["kv_bytes"] > 0
     model.generation_config.eos_token_id = list(range(model.config.get_text_config().vocab_size))  # any token ends
-    assert not any(t for o in generate(prompt, [[a, b]], 2) for _, t in o)
+    assert not any(t for o in generate(prompt, [[a, b]], 2, [1], [0]) for _, t in o)
+
+
+def tiny_argv(tiny_model_dir, pool, out, *extra) -> list[str]:
+    """A run of the real tiny model: 4 pairs x K = 6 (3 votes per order), sampled at temperature 1, 6 new tokens."""
+    return [str(a) for a in ("--model", tiny_model_dir, "--images", pool, "--out", out, "--num-pairs", 4,
+                             "--votes-per-pair", 6, "--max-new-tokens", 6, "--seed", 3, *extra)]
+
+
+def plant(monkeypatch, mutation: str) -> None:
+    """Noise keyed to the call instead of the vote, planted in sampling.sample (the stage's only way to the model):
+    "batch_row", each prompt keyed by its row in the call and its votes numbered from 0 in every call; "unkeyed",
+    keys drawn from torch's generator."""
+    sample = sampling.sample
+
+    def mutated(model, processor, inputs, n, max_new_tokens, temperature=1.0, do_sample=True, keys=None, seed=0,
+                first_index=0):
+        keys = list(range(len(keys))) if mutation == "batch_row" else None
+        return sample(model, processor, inputs, n, max_new_tokens, temperature, do_sample, keys, seed, 0)
+
+    monkeypatch.setattr(sampling, "sample", mutated)
+
+
+@pytest.mark.parametrize("mutation", [None, "batch_row", "unkeyed"])
+def test_votes_do_not_depend_on_the_batch_size(tiny_model_dir, demo_pool, tmp_path, monkeypatch, mutation):
+    """--batch-size 2 (a prompt's 3 votes split over 2 calls), 8 (2 prompts per call) and 64 (all 8 prompts in one
+    call) write byte-identical votes, answer texts included; with noise keyed to the call they differ."""
+    if mutation:
+        plant(monkeypatch, mutation)
+    written = {}
+    for batch_size in (2, 8, 64) if mutation is None else (2, 64):
+        out = tmp_path / f"batch_{batch_size}" / "votes.jsonl"
+        sample_votes.main(tiny_argv(tiny_model_dir, demo_pool, out, "--batch-size", batch_size))
+        written[batch_size] = out.read_bytes()
+    answers = [x["text"] for r in common.read_jsonl(out) for x in r["answers"]]
+    assert len(answers) == 24 and len(set(answers)) > 12  # sampled answers differ: a changed draw would show
+    assert (len(set(written.values())) == 1) == (mutation is None)
+
+
+def test_votes_after_a_kill_and_resume_equal_an_uninterrupted_run(tiny_model_dir, demo_pool, tmp_path, monkeypatch):
+    reference, out = tmp_path / "reference" / "votes.jsonl", tmp_path / "votes.jsonl"
+    sample_votes.main(tiny_argv(tiny_model_dir, demo_pool, reference, "--batch-size", 8))
+    load = sample_votes.load_generate_fn
+
+    def dies_after_two_calls(args, device):
+        generate, calls = load(args, device), []
+
+        def generate_or_die(*a):
+            if len(calls) == 2:
+                raise RuntimeError("killed")
+            calls.append(1)
+            return generate(*a)
+        return generate_or_die
+
+    with monkeypatch.context() as m, pytest.raises(RuntimeError, match="killed"):
+        m.setattr(sample_votes, "load_generate_fn", dies_after_two_calls)
+        sample_votes.main(tiny_argv(tiny_model_dir, demo_pool, out, "--batch-size", 8))
+    assert len(common.read_jsonl(tmp_path / "votes.jsonl.shard-00000.jsonl")) == 2  # one pair per call: 2 of 4 voted
+    sample_votes.main(tiny_argv(tiny_model_dir, demo_pool, out, "--batch-size", 8))  # the same command resumes
+    assert out.read_bytes() == reference.read_bytes()
+
+
+def test_a_huge_k_is_sampled_in_calls_of_batch_size_rows(tiny_model_dir, demo_pool, tmp_path, monkeypatch):
+    """--votes-per-pair far above --batch-size: no sampling call holds more than --batch-size rows; each prompt's votes
+    are split over calls, every vote index drawn exactly once (recorded where the stage reaches the model)."""
+    seen = []
+
+    def record(model, processor, inputs, n, max_new_tokens, temperature=1.0, do_sample=True, keys=None, seed=0,
+               first_index=0):
+        seen.append((list(keys), n, list(first_index)))
+        rows = len(keys) * n
+        return sampling.Samples(ids=None, mask=None, truncated=[True] * rows, texts=[""] * rows, n=n,
+                                decode={"steps": 0, "row_steps": 0, "kv_bytes": 0})
+
+    monkeypatch.setattr(sampling, "sample", record)
+    out = tmp_path / "votes.jsonl"
+    sample_votes.main(tiny_argv(tiny_model_dir, demo_pool, out, "--num-pairs", 2, "--votes-per-pair", 1001,
+                                "--batch-size", 64, "--no-text"))
+    assert max(len(keys) * n for keys, n, _ in seen) == 64
+    drawn: dict[int, list[int]] = {}
+    for keys, n, firsts in seen:
+        for key, first in zip(keys, firsts):
+            drawn.setdefault(key, []).extend(range(first, first + n))
+    expected = {}
+    for r in common.read_jsonl(out):
+        assert len(r["answers"]) == 1001
+        for order, n in sample_votes.vote_orders(r["a"], r["b"], 1001, 3).items():
+            expected[sampling.prompt_key(*((r["a"], r["b"]) if order == "ab" else (r["b"], r["a"])))] = list(range(n))
+    assert {key: sorted(indices) for key, indices in drawn.items()} == expected
 
 
 def test_real_tiny_model_end_to_end(tiny_model_dir, demo_pool, tmp_path):
-    def votes(*extra):
-        cmd = [sys.executable, "sample_votes.py", "--model", tiny_model_dir, "--images", str(demo_pool),
+    def votes(*extra, launch=(sys.executable,)):
+        cmd = [*launch, "sample_votes.py", "--model", tiny_model_dir, "--images", str(demo_pool),
                "--out", str(out), "--num-pairs", "6", "--votes-per-pair", "4", "--max-new-tokens", "8",
                "--batch-size", "8", *extra]
         return subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
@@ -639,6 +736,7 @@ def test_real_tiny_model_end_to_end(tiny_model_dir, demo_pool, tmp_path):
     result = votes()  # the corrected command into the same --out
     assert result.returncode == 0, result.stderr[-3000:]
     assert "vote/s" in result.stderr and "first_slot_win_rate" in result.stdout
+    assert "decode [0]: 3 calls, " in result.stderr  # 2 pairs (4 prompts x 2 votes = 8 sequences) per call
     records = common.read_jsonl(out)
     assert len(records) == 6
     for r in records:
@@ -653,6 +751,13 @@ def test_real_tiny_model_end_to_end(tiny_model_dir, demo_pool, tmp_path):
     assert meta["settings"]["model"] == common.fingerprint(tiny_model_dir) != tiny_model_dir
     truncated = sum(x["truncated"] for r in records for x in r["answers"])
     assert meta["counts"]["truncated_answers"] == truncated and meta["counts"]["truncation_rate"] == round(truncated / 24, 6)
+    # 2 processes (torchrun, gloo), each voting every other pair: the same votes, byte for byte
+    two = tmp_path / "two" / "votes.jsonl"
+    result = votes("--out", str(two), launch=(sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                              "--nproc_per_node", "2"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(Path(f"{two}.meta.json").read_text())["num_processes"] == 2
+    assert two.read_bytes() == out.read_bytes() and len({x["text"] for r in records for x in r["answers"]}) > 12
     # user errors: one line, exit 2, no traceback
     (tmp_path / "empty").mkdir()
     for bad in (["--model", str(tmp_path / "missing")], ["--images", str(tmp_path / "empty")]):

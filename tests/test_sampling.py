@@ -318,6 +318,20 @@ def test_mutation_noise_keyed_to_the_batch_row_fails_invariance(checkpoints, ima
         assert_a_prompts_tokens_do_not_depend_on_its_batch(model, processor, images, monkeypatch)
 
 
+@pytest.mark.parametrize("batch_size", [1, 3, 4, 7, 64])
+def test_split_calls_hold_at_most_batch_size_rows_and_cover_every_completion_once_in_order(batch_size):
+    counts = [0, 5, 16, 3, 3, 1, 9]
+    calls = sampling.split_calls(counts, batch_size)
+    assert all(len({n for _, _, n in call}) == 1 and len(call) * call[0][2] <= batch_size for call in calls)
+    pieces = [piece for call in calls for piece in call]
+    for p, count in enumerate(counts):  # each prompt's completions once, its pieces listed in completion order
+        assert [k for i, first, n in pieces if i == p for k in range(first, first + n)] == list(range(count))
+    assert len(calls) <= sum(-(-count // batch_size) for count in counts)  # prompts share calls where they fit
+    got = sampling.sample_in_calls(counts, batch_size, lambda idx, n, firsts: [
+        [(i, first + k) for k in range(n)] for i, first in zip(idx, firsts)])
+    assert got == [[(p, k) for k in range(count)] for p, count in enumerate(counts)]
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # The noise and the merge against independent computations
 # ---------------------------------------------------------------------------------------------------------------------
