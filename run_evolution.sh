@@ -35,10 +35,11 @@
 # changed flag: restore them, or use another OUT. (Refusing, not redoing the stage: its outputs feed every later stage
 # and round, which a silent redo would leave stale.) A partial stage is resumed by the stage itself, which refuses
 # changed settings on its own. Not settings, as they change how a stage runs, not what it computes:
-#   - the launcher and NPROC, except for grpo_train: more processes change which random numbers a vote or an
-#     evaluation sample draws, not what they estimate (the stages resume across process counts too), but each
-#     training process takes its own --pairs-per-step, so NPROC changes the training batch (recorded as NPROC=N);
-#   - --batch-size, --micro-batch-size, --gradient-checkpointing, --save-every, --save-total-limit, --text/--no-text.
+#   - the launcher and NPROC, except for grpo_train: votes and evaluation samples are keyed to the pair or image, so
+#     they are the same with any number of processes, but each training process takes its own --pairs-per-step, so
+#     NPROC changes the training batch (recorded as NPROC=N);
+#   - --batch-size, --rollout-batch, --micro-batch-size, --gradient-checkpointing, --save-every, --save-total-limit,
+#     --text/--no-text.
 # Paths are recorded as written: OUT moved or given another way (relative/absolute) is a changed setting.
 # One run at a time per OUT: the loop holds an exclusive lock on OUT/.lock (flock; it names the holder's pid and host).
 # At the end, plot_run.py prints the results table (OUT/results.md, OUT/results.json) and draws OUT/figures/*.png
@@ -98,7 +99,7 @@ if [[ -z "${MODEL:-}" ]]; then  # the demo: the shipped tiny base on the synthet
   VOTES_ARGS="$DEMO_FLAGS --batch-size 64 --no-text ${VOTES_ARGS:-}"
   LABEL_ARGS="${LABEL_ARGS:-}"
   TRAIN_ARGS="$DEMO_FLAGS --pairs-per-step $DEMO_PPS --lr 1e-4 --warmup-steps 1 --beta 0.02 --micro-batch-size 256 --save-every 5 ${TRAIN_ARGS:-}"
-  EVAL_ARGS="$DEMO_FLAGS --batch-size 64 --samples 8 --no-text ${EVAL_ARGS:-}"
+  EVAL_ARGS="$DEMO_FLAGS --batch-size 512 --samples 8 --no-text ${EVAL_ARGS:-}"
 else  # the paper's run (Qwen2.5-VL-7B-Instruct, 8 GPUs)
   DEMO=0
   OUT=${OUT:-runs/$(basename "${MODEL%/}")}
@@ -182,8 +183,8 @@ stage_settings() {
   for word in "$@"; do
     if (( skip )); then skip=0; continue; fi
     case $word in
-      --batch-size|--micro-batch-size|--save-every|--save-total-limit) skip=1 ;;  # and the value that follows
-      --batch-size=*|--micro-batch-size=*|--save-every=*|--save-total-limit=*) ;;
+      --batch-size|--rollout-batch|--micro-batch-size|--save-every|--save-total-limit) skip=1 ;;  # and its value
+      --batch-size=*|--rollout-batch=*|--micro-batch-size=*|--save-every=*|--save-total-limit=*) ;;
       --gradient-checkpointing|--no-gradient-checkpointing|--text|--no-text) ;;
       *) printf '%s\n' "$word" ;;
     esac

@@ -142,9 +142,9 @@ def test_finished_stage_refuses_changed_settings(demo_run):
         assert "[run ]" not in result.stdout
         if "NPROC" in change:  # the process count is no setting of the votes and labels
             assert "[skip] sample_votes" in result.stdout and "[skip] build_pseudolabels" in result.stdout
-    # not settings: batch sizes, --no-text; a flag repeated to no effect (other words, the same flags): all skipped
+    # not settings: batch sizes (votes, rollouts and samples are keyed), --no-text; a flag repeated to no effect (other words, the same flags): all skipped
     result = run_loop({"OUT": str(demo_run), **SMALL, "VOTES_ARGS": "--batch-size 2 --no-reasoning",
-                       "TRAIN_ARGS": "--micro-batch-size 1", "EVAL_ARGS": "--no-text --batch-size 3"})
+                       "TRAIN_ARGS": "--micro-batch-size 1 --rollout-batch 1", "EVAL_ARGS": "--no-text --batch-size 3"})
     assert result.returncode == 0 and "[run ]" not in result.stdout, result.stdout + result.stderr
     after = files_and_times(demo_run)
     changed = {p for p in after if after[p] != before.get(p) and unchanged(p)}
