@@ -438,7 +438,7 @@ def test_direction_in_summary_and_warning_only_when_unknown(monkeypatch, tmp_pat
     labels = {Path(p).name: v for p, v in zip(paths, [0.0617, 0.289, 0.512])}
     labels.update({"a.png": 4.5, "b.png": 2.0, "c.png": 3.1})
 
-    def sample_answers(model, processor, images, prompt, preset, args):
+    def sample_answers(model, processor, images, names, prompt, preset, args):
         return [[sampling.Completion(f"\\boxed{{{1 + labels[Path(im.filename).name] / 2:.4f}}}", False)]
                 for im in images]
     monkeypatch.setattr(evaluate, "sample_answers", sample_answers)
