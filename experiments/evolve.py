@@ -200,6 +200,18 @@ def bench_correlations(eval_dir: Path, mos: dict[str, float], bench: str = "synt
     return out
 
 
+def within_reference_srcc(eval_dir: Path, labels: Path, bench: str = "synthetic") -> Optional[float]:
+    """Mean over the benchmark's references of the SRCC among that reference's versions (labels' "reference" field):
+    the order of distortions with the content held fixed, what same-reference pairs speak to."""
+    reference = {r["image"]: r.get("reference") for r in common.read_jsonl(labels)}
+    by_reference: dict[str, list[tuple[float, float]]] = {}
+    for p in common.read_jsonl(eval_dir / f"predictions_{bench}.jsonl"):
+        if p.get("score") is not None and reference.get(p["image"]) is not None:
+            by_reference.setdefault(reference[p["image"]], []).append((p["score"], p["mos"]))
+    values = [spearmanr(*zip(*v))[0] for v in by_reference.values() if len(v) > 2 and len({s for s, _ in v}) > 1]
+    return float(np.mean(values)) if values else None
+
+
 def train_stats(log_path: Path) -> dict:
     """Means over the GRPO steps (and over the first / last quarter, to see a trend) of what says whether it learns."""
     steps = common.read_jsonl(log_path)
@@ -541,6 +553,7 @@ def pool_experiment(args: Args, base: str, work: Path) -> dict:
     rows = {}
     for name, R in rounds.items():
         rows[name] = {b: bench_correlations(R / "eval", mos[b], b) for b in mos}
+        rows[name]["synthetic"]["srcc_within_reference"] = within_reference_srcc(R / "eval", benches["synthetic"])
         if (R / "pseudolabels.jsonl").exists():
             rows[name]["pairs_trained"] = len(common.read_jsonl(R / "pseudolabels.jsonl"))
             rows[name]["group_size"] = trained_group_size(R / "model")
@@ -577,10 +590,10 @@ def pool_experiment(args: Args, base: str, work: Path) -> dict:
 def print_pool_record(record: dict) -> None:
     fmt = lambda v: "   -  " if v is None else f"{v:6.3f}"  # noqa: E731
     print(f"\npool experiment, seed {record['settings']['seed']}: SRCC (mean of {record['settings']['eval_samples']} "
-          "samples) on the held-out authentic / synthetic benchmarks")
+          "samples) on the held-out authentic / synthetic benchmarks, and on the synthetic one within each reference")
     for name, row in record["rounds"].items():
-        print(f"  {name:24s} {fmt(row['authentic']['srcc'])} {fmt(row['synthetic']['srcc'])}   pairs trained "
-              f"{row.get('pairs_trained', '-')}")
+        print(f"  {name:24s} {fmt(row['authentic']['srcc'])} {fmt(row['synthetic']['srcc'])} "
+              f"{fmt(row['synthetic'].get('srcc_within_reference'))}   pairs trained {row.get('pairs_trained', '-')}")
     for name, acc in record["pseudolabel_accuracy"].items():
         print(f"  pseudo-label accuracy {name:30s} ({acc['pairs']} pairs): " + ", ".join(
             f"{k} {v['accuracy']:.3f}" for k, v in acc.items() if k != "pairs"))

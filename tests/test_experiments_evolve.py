@@ -212,3 +212,15 @@ def test_smoke_one_round_appends_a_complete_record(tiny_base, tmp_path):
     assert all("[run ]" not in (work / arm / "evolution.log").read_text()[n:] for arm, n in logs.items())
     assert len(json.loads(results.read_text())) == 2
     assert json.loads((work / "record.json").read_text())["runs"]["K2"] == history[1]["runs"]["K2"]
+
+
+def test_within_reference_srcc_hand_computed(tmp_path):
+    labels = tmp_path / "labels.jsonl"
+    labels.write_text("".join(json.dumps({"image": f"{r}{k}", "mos": m, "reference": r}) + "\n"
+                              for r, ms in (("x", [3.0, 2.0, 1.0]), ("y", [1.0, 2.0, 3.0])) for k, m in enumerate(ms)))
+    (tmp_path / "eval").mkdir()
+    scores = {"x0": 5.0, "x1": 4.0, "x2": 1.0, "y0": 3.0, "y1": 2.0, "y2": 2.5}  # x in order (1), y: -0.5
+    (tmp_path / "eval" / "predictions_synthetic.jsonl").write_text("".join(
+        json.dumps({"image": i, "score": s, "mos": float(i[0] == "x") * (3 - int(i[1])) + float(i[0] == "y") * (
+            1 + int(i[1]))}) + "\n" for i, s in scores.items()))
+    assert E.within_reference_srcc(tmp_path / "eval", labels) == pytest.approx((1.0 - 0.5) / 2)
