@@ -18,13 +18,13 @@ Layout of --out, the pool root (every name below is relative to it):
 Round 1 votes on the references (`sample_votes.py --images OUT/references.txt`), later rounds on the whole pool
 (`--images OUT/manifest.jsonl --pool-manifest OUT/manifest.jsonl`); both list files resolve names against OUT.
 
-Each variant draws a (type, level) with `distortions.draw` (--draw type: uniform over the 35 types; group: over the
-12 groups first), no (type, level) twice for one reference, and a seed; all of it comes from (--seed, the reference's
-name) alone, so neither the number of workers nor the order of the work changes a pixel. The manifest's type and
-level serve only to pair versions of one reference and to report: no stage reads them.
+Each variant draws a (type, level) with `distortions.draw` (--draw type: uniform over the 35 types, or those --types
+names; group: over the groups first), no (type, level) twice for one reference, and a seed; all of it comes from
+(--seed, the reference's name) alone, so neither the number of workers nor the order of the work changes a pixel.
+The manifest's type and level serve only to pair versions of one reference and to report: no stage reads them.
 Settings (a rerun with another value is refused, naming it): --variants, --seed, --draw, --types, the distortion table,
-and the inputs (--images and the names it holds). --out may not lie inside --images, nor an input inside --out; image names
-must fit on one line of a list (no control characters or line separators).
+and the inputs (--images and the names it holds). --out may not lie inside --images, nor an input inside --out; image
+names must fit on one line of a list (no control characters or line separators).
 Rerun the same command to resume after a kill: a variant is written through a temporary file and a rename, a
 reference is entered in the manifest only once all its files exist, and the manifest is rewritten sorted and without
 duplicates at the end, so the finished pool is the same file for file. A skipped image is tried again on a rerun.

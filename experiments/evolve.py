@@ -452,7 +452,8 @@ def pool_data(args: Args, work: Path) -> tuple[Path, Path, dict[str, Path]]:
     (fixtures.synthetic: write_pool_world, write_benchmarks)."""
     name = f"world{args.image_size}"
     pool = work / f"{name}_pool_{args.pool}_v{args.pool_variants}"
-    pool_labels, bench = pool.with_name(pool.name + ".labels.jsonl"), work / f"{name}_bench_{args.bench}_{args.synthetic}"
+    pool_labels = pool.with_name(pool.name + ".labels.jsonl")
+    bench = work / f"{name}_bench_{args.bench}_{args.synthetic}"
     if not pool_labels.exists():
         shutil.rmtree(pool, ignore_errors=True)
         write_pool_world(pool, "pool", args.pool, args.image_size, args.pool_variants, seed=0)
@@ -482,8 +483,8 @@ def pool_arms(args: Args, base: str, pool: Path, pool_labels: Path, benches: dic
     the pairs, the same as the others'), p* from the true quality (LABEL_ARGS=--oracle), SYNTH_PAIRS as
     "same_reference"."""
     bench = "".join(f"{name}={path}\n" for name, path in benches.items())
-    arm = lambda k, n, label_args=None: {**loop_settings(args, base, k, bench, pool=pool, label_args=label_args),  # noqa: E731
-                                         "SYNTH_PAIRS": str(n)}
+    def arm(k: int, n: int, label_args: Optional[str] = None) -> dict[str, str]:
+        return {**loop_settings(args, base, k, bench, pool=pool, label_args=label_args), "SYNTH_PAIRS": str(n)}
     return {exp / "random": arm(args.ks[0], 0), exp / "same_reference": arm(args.ks[0], args.same_reference_pairs),
             exp / "oracle": arm(1, args.same_reference_pairs, f"--oracle {pool_labels}")}
 

@@ -77,9 +77,9 @@ class Args:
     same_reference_share: float = common.arg(0.5, help="distortion world: share of compare examples that are two "
                                                        "versions of one reference (the rest: half pairs of references, "
                                                        "half pairs of any two images of different references)")
-    score_fidelity_power: float = common.arg(1.0, help="distortion world: the score labels see a variant's quality as "
-                                                       "its reference's x SSIM^this (< 1: absolute scores "
-                                                       "under-penalise synthetic distortions; compare labels stay true)")
+    score_fidelity_power: float = common.arg(1.0, help="distortion world: the score labels see a variant's quality "
+                                                       "as its reference's x SSIM^this (< 1: absolute scores under-"
+                                                       "penalise synthetic distortions; compare labels stay true)")
     readout_fidelity: bool = common.arg(False, help="distortion world: the vision readout also regresses each "
                                                     "image's SSIM to its reference")
     gap_start: float = common.arg(1.0, help="distortion world: smallest quality gap of a compare pair at the start (it "
@@ -519,10 +519,12 @@ def train(args: Args, out: Path) -> dict:
             print(f"[warmstart] {json.dumps(record)}", flush=True)
             running = []
         if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
-            point = {"step": step + 1, **(
-                measure_world(model, processor, preset, dataclasses.replace(args, votes=0, eval_samples=0))
-                if args.world == "distortion" else
-                measure(model, processor, preset, args.n_bench, args.bench_pairs, 0, args.image_size, world=args.world))}
+            if args.world == "distortion":
+                greedy = measure_world(model, processor, preset, dataclasses.replace(args, votes=0, eval_samples=0))
+            else:
+                greedy = measure(model, processor, preset, args.n_bench, args.bench_pairs, 0, args.image_size,
+                                 world=args.world)
+            point = {"step": step + 1, **greedy}
             curve.append(point)
             print(f"[warmstart] eval {json.dumps(point)}", flush=True)
     seconds = time.time() - start

@@ -290,8 +290,10 @@ def test_premise_table_hand_computed():
     means = [2.0, 2.5, None]  # (0, 1) wrong, (1, 2) missing: half, (0, 2) missing: half
     firsts = [3.0, 1.0, 2.0]  # right, wrong, right
     table = W.premise_table(pairs, quality, better, worse, single, means, firsts)
-    assert table["majority"]["accuracy"] == pytest.approx(0.5) and table["single_vote"]["accuracy"] == pytest.approx(0.5)
-    assert table["score_mean"]["accuracy"] == pytest.approx(1 / 3) and table["score_single"]["accuracy"] == pytest.approx(2 / 3)
+    assert table["majority"]["accuracy"] == pytest.approx(0.5)
+    assert table["single_vote"]["accuracy"] == pytest.approx(0.5)
+    assert table["score_mean"]["accuracy"] == pytest.approx(1 / 3)
+    assert table["score_single"]["accuracy"] == pytest.approx(2 / 3)
     margin = np.array([1 - 0, 0.5 - 0.5, 0 - 0.5])
     assert table["premise_margin"] == pytest.approx({"accuracy": margin.mean(), "se": margin.std(ddof=1) / np.sqrt(3)})
 

@@ -27,7 +27,8 @@ def ssim_by_windows(x: np.ndarray, y: np.ndarray, sigma: float = 1.5, radius: in
             mu_a, mu_b = (w * a).sum(), (w * b).sum()
             var_a, var_b = (w * (a - mu_a) ** 2).sum(), (w * (b - mu_b) ** 2).sum()
             cov = (w * (a - mu_a) * (b - mu_b)).sum()
-            values.append((2 * mu_a * mu_b + c1) * (2 * cov + c2) / ((mu_a ** 2 + mu_b ** 2 + c1) * (var_a + var_b + c2)))
+            values.append((2 * mu_a * mu_b + c1) * (2 * cov + c2)
+                          / ((mu_a ** 2 + mu_b ** 2 + c1) * (var_a + var_b + c2)))
     return float(np.mean(values))
 
 
