@@ -535,7 +535,7 @@ def accuracy_by_group(votes: Path, quality: dict[str, float], manifest: Path, k:
 def pool_experiment(args: Args, base: str, work: Path) -> dict:
     """The arms of `pool_arms` through the loop, then the measured record."""
     pool, pool_labels, benches = pool_data(args, work)
-    settings = {**settings_key(args), "ks": args.ks[:1], "base": base}
+    settings = {**settings_key(args), "world": "distortion", "ks": args.ks[:1], "base": base}  # --world: not read
     exp = work / ("pool-" + hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10])
     arms = pool_arms(args, base, pool, pool_labels, benches, exp)
     random, same, oracle = exp / "random", exp / "same_reference", exp / "oracle"
