@@ -396,13 +396,17 @@ def distort(image: Image.Image, kind: str, level: int, seed: int) -> Image.Image
     return out if out.mode == image.mode else out.convert(image.mode)
 
 
-def draw(rng: np.random.Generator, by: str = "type") -> tuple[str, int]:
+def draw(rng: np.random.Generator, by: str = "type", kinds: list[str] | None = None) -> tuple[str, int]:
     """A random (kind, level). by="type": uniform over the 35 types; by="group": a group uniform over the 12, then a
-    type uniform within it (DepictQA's order). The level is uniform over 1..5 either way."""
+    type uniform within it (DepictQA's order). The level is uniform over 1..5 either way. `kinds`: draw among these
+    types only (by="group": among the groups that hold one of them, then among its listed types)."""
+    kinds = list(TABLE) if kinds is None else [kind for kind in TABLE if kind in kinds]
+    groups = {group: [kind for kind in members if kind in kinds] for group, members in GROUPS.items()}
+    groups = {group: members for group, members in groups.items() if members}
     if by == "type":
-        kind = list(TABLE)[rng.integers(len(TABLE))]
+        kind = kinds[rng.integers(len(kinds))]
     elif by == "group":
-        members = GROUPS[list(GROUPS)[rng.integers(len(GROUPS))]]
+        members = groups[list(groups)[rng.integers(len(groups))]]
         kind = members[rng.integers(len(members))]
     else:
         raise ValueError(f"draw by 'type' or 'group', got {by!r}")

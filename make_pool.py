@@ -3,6 +3,7 @@
 
     python make_pool.py --images /data/koniq10k/1024x768 --out /data/koniq_pool --variants 10 --seed 0
     python make_pool.py --images list.txt --out pool/ --variants 10 --seed 0 --workers 16 --draw group
+    python make_pool.py --images small/ --out pool/ --variants 4 --types blur,gaussian_noise,jpeg   # some types only
 
 Layout of --out, the pool root (every name below is relative to it):
     references/<name>            each readable input image, under its name relative to --images (a hard link, or a
@@ -17,13 +18,13 @@ Layout of --out, the pool root (every name below is relative to it):
 Round 1 votes on the references (`sample_votes.py --images OUT/references.txt`), later rounds on the whole pool
 (`--images OUT/manifest.jsonl --pool-manifest OUT/manifest.jsonl`); both list files resolve names against OUT.
 
-Each variant draws a (type, level) with `distortions.draw` (--draw type: uniform over the 35 types; group: over the
-12 groups first), no (type, level) twice for one reference, and a seed; all of it comes from (--seed, the reference's
-name) alone, so neither the number of workers nor the order of the work changes a pixel. The manifest's type and
-level serve only to pair versions of one reference and to report: no stage reads them.
-Settings (a rerun with another value is refused, naming it): --variants, --seed, --draw, the distortion table, and the
-inputs (--images and the names it holds). --out may not lie inside --images, nor an input inside --out; image names
-must fit on one line of a list (no control characters or line separators).
+Each variant draws a (type, level) with `distortions.draw` (--draw type: uniform over the 35 types, or those --types
+names; group: over the groups first), no (type, level) twice for one reference, and a seed; all of it comes from
+(--seed, the reference's name) alone, so neither the number of workers nor the order of the work changes a pixel.
+The manifest's type and level serve only to pair versions of one reference and to report: no stage reads them.
+Settings (a rerun with another value is refused, naming it): --variants, --seed, --draw, --types, the distortion table,
+and the inputs (--images and the names it holds). --out may not lie inside --images, nor an input inside --out; image
+names must fit on one line of a list (no control characters or line separators).
 Rerun the same command to resume after a kill: a variant is written through a temporary file and a rename, a
 reference is entered in the manifest only once all its files exist, and the manifest is rewritten sorted and without
 duplicates at the end, so the finished pool is the same file for file. A skipped image is tried again on a rerun.
@@ -62,6 +63,7 @@ class Args:
     seed: int = common.arg(0, help="seed of every draw (types, levels, distortion noise)")
     draw: str = common.arg("type", help="type: uniform over the 35 types; group: over the 12 groups, then a type",
                            choices=["type", "group"])
+    types: str = common.arg("", help="draw among these only: comma-separated types or groups (default: all 35)")
     workers: int = common.arg(0, help="processes (0: one per CPU core)")
     png_level: int = common.arg(1, help="PNG compress level of the variants, 0-9 (size vs time; same pixels)")
 
@@ -70,13 +72,15 @@ class Args:
 # ALGO LOGIC: the variants of one reference, drawn from (seed, name) alone
 # ---------------------------------------------------------------------------------------------------------------------
 
-def variant_plan(name: str, variants: int, seed: int, by: str) -> list[tuple[str, int, int]]:
-    """(type, level, distortion seed) of each variant of the reference `name`: no (type, level) twice."""
+def variant_plan(name: str, variants: int, seed: int, by: str, kinds: list[str] | None = None
+                 ) -> list[tuple[str, int, int]]:
+    """(type, level, distortion seed) of each variant of the reference `name`: no (type, level) twice; `kinds`: the
+    types to draw among (None: all)."""
     key = int.from_bytes(hashlib.sha256(f"{seed}\0{name}".encode()).digest()[:8], "little")
     rng = np.random.default_rng(key)
     plan, seen = [], set()
     while len(plan) < variants:
-        kind, level = distortions.draw(rng, by)
+        kind, level = distortions.draw(rng, by, kinds)
         if (kind, level) not in seen:
             seen.add((kind, level))
             plan.append((kind, level, int(rng.integers(2 ** 31))))
@@ -135,12 +139,25 @@ def build_reference(job: tuple) -> tuple[str, str | None]:
 # TRY NOT TO MODIFY: inputs, resume, settings, the pool of processes
 # ---------------------------------------------------------------------------------------------------------------------
 
+def chosen_types(types: str) -> list[str] | None:
+    """The types --types names (a group name stands for its types), in table order; None for all."""
+    if not types:
+        return None
+    chosen = set()
+    for word in filter(None, (w.strip() for w in types.split(","))):
+        if word not in distortions.TABLE and word not in distortions.GROUPS:
+            common.die(f"--types: {word!r} is neither a distortion type nor a group (groups: "
+                       f"{', '.join(distortions.GROUPS)})")
+        chosen.update(distortions.GROUPS.get(word, [word]))
+    return [kind for kind in distortions.TABLE if kind in chosen]
+
+
 def settings_of(args: Args, names: list[str]) -> dict:
     """What defines the pool: the flags, the distortion table, and the inputs (their folder or list, and their names:
     a rerun on other images into the same --out would mix two pools)."""
     table = {kind: params for kind, (_, _, params) in distortions.TABLE.items()}
     listed = hashlib.sha256("\n".join(names).encode()).hexdigest()[:16]
-    return {"variants": args.variants, "seed": args.seed, "draw": args.draw,
+    return {"variants": args.variants, "seed": args.seed, "draw": args.draw, "types": chosen_types(args.types),
             "distortions": hashlib.sha256(json.dumps(table).encode()).hexdigest()[:16],
             "distortions_version": distortions.VERSION,
             "images": os.path.abspath(args.images), "inputs": f"{len(names)} images, names sha256 {listed}"}
@@ -192,14 +209,16 @@ def main() -> None:
     args = common.parse_args(Args)
     if args.variants < 1 or not 0 <= args.png_level <= 9 or args.workers < 0:
         common.die("--variants must be >= 1, --png-level in 0..9, --workers >= 0")
-    if args.variants > len(distortions.TABLE) * len(distortions.LEVELS):
-        common.die(f"--variants {args.variants}: there are only {len(distortions.TABLE) * 5} (type, level) pairs")
+    kinds = chosen_types(args.types)
+    if args.variants > len(kinds or distortions.TABLE) * len(distortions.LEVELS):
+        common.die(f"--variants {args.variants}: there are only {len(kinds or distortions.TABLE) * 5} (type, level) "
+                   "pairs")
     root, names = read_inputs(args)
     out = Path(args.out)
     refuse_overlap(args.images, root, names, out)
     common.check_writable(out)
     manifest, settings = out / "manifest.jsonl", settings_of(args, names)
-    plans = {name: variant_plan(name, args.variants, args.seed, args.draw) for name in names}
+    plans = {name: variant_plan(name, args.variants, args.seed, args.draw, kinds) for name in names}
     with common.output_lock(manifest):
         common.refuse_changed_settings(out / "settings.json", settings, f"the pool in {out}",
                                        "rerun with the same flags, or use another --out")

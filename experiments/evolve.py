@@ -22,20 +22,24 @@ the premise's other side: how often the base's OWN scores rank those pairs right
     python experiments/evolve.py --seed 0 --record experiments/evolve_results.json   # append the record there
     python experiments/evolve.py --summarize                # mean +- std over seeds of every recorded setting
     python experiments/evolve.py --report-only              # re-measure finished runs, record nothing
-    python experiments/evolve.py --pool-variants 2 --seed 0 # the pool experiment
+    python experiments/evolve.py --pool-variants 2 --seed 0 --base BASE   # the pool experiment (distortion world)
 
 Runs and data go to --work (under runs/, git-ignored; finished stages are skipped when rerun); the record goes to
 the run's folder, or is appended to --record FILE when given (experiments/evolve_results.json and pool_results.json
 are the records the write-up, experiments/README.md, cites).
 
-The pool experiment: pool and benchmark get distorted variants (fixtures.synthetic.write_pool_world: make_pool.py's
-layout; a variant's true quality is its reference's minus its level). Two loop runs with the same SEED and POOL:
-SYNTH_PAIRS=0 (arm "random": round 2 on --pairs random pairs of the whole pool) and SYNTH_PAIRS=
---same-reference-pairs (arm "same_reference": the same random pairs, as sample_votes.py draws them on a stream of
-their own, plus pairs of two versions of one reference). Round 1 (K = ks[0], random pairs of the references) is the
-same in both: recomputed by each run, and the record says whether the two agree byte for byte. Reported: SRCC on
-the references of the held-out benchmark ("synthetic") and on all its images ("distorted"), and pseudo-label
-accuracy per kind of pair.
+The pool experiment (--pool-variants V): the distortion world of fixtures/synthetic.py (references with their own
+quality, V variants each drawn by make_pool.py among its WORLD_TYPES, every image's quality = its reference's times its
+SSIM to it; the pool's labels kept outside the pool folder) and its two held-out benchmarks, "authentic" (--bench
+references alone) and "synthetic" (--synthetic pristine contents x types x 5 levels, as KADID). Three loop runs with
+the same SEED and POOL: round 2 with SYNTH_PAIRS=0 ("random": --pairs random pairs of the whole pool) and with
+SYNTH_PAIRS=--same-reference-pairs ("same_reference": the same random pairs, as sample_votes.py draws them on a stream
+of their own, plus pairs of two versions of one reference), both with K = ks[0]; and the oracle arm (K = 1, p* from
+the true quality, SYNTH_PAIRS as "same_reference"). Round 1 (random pairs of the references) is the same in the first
+two: recomputed by each run, and the record says whether they agree byte for byte. Reported: SRCC on both benchmarks
+per round and arm, pseudo-label accuracy per kind of pair and per distortion group, the base's K votes on round 2's
+pairs beside the round-1 model's (does the round-1 model vote better?), and each voter's own mean-score ranking on the
+pairs it voted on (the premise).
 """
 
 from __future__ import annotations
@@ -61,7 +65,7 @@ sys.path.insert(0, str(ROOT))
 import common  # noqa: E402
 import distortions  # noqa: E402
 from experiments import records  # noqa: E402
-from fixtures.synthetic import write_pool_world, write_set  # noqa: E402
+from fixtures.synthetic import write_benchmarks, write_pool_world, write_set  # noqa: E402
 
 LOOP_SETTINGS = ("MODEL", "IMAGES", "IMAGES_ROOT", "POOL", "BENCH", "ROUNDS", "PAIRS", "K", "GROUP_SIZE", "OUT",
                  "NPROC", "SEED", "REF", "FSDP", "VARIANTS", "SYNTH_PAIRS", "VOTES_ARGS", "LABEL_ARGS", "TRAIN_ARGS",
@@ -104,6 +108,8 @@ class Args:
     summarize: bool = common.arg(False, help="only print mean +- std over seeds of every setting in --record")
     pool_variants: int = common.arg(0, help="> 0: the pool experiment (below) with this many variants per image")
     same_reference_pairs: int = common.arg(64, help="pool experiment: SYNTH_PAIRS of round 2's second arm")
+    synthetic: int = common.arg(8, help="pool experiment: pristine contents of the synthetic benchmark (x 7 types x 5 "
+                                        "levels); --bench is then the authentic benchmark's references")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -157,12 +163,16 @@ def pseudolabel_accuracy(votes_path: Path, quality: dict[str, float], ks: list[i
     return out
 
 
-def own_score_accuracy(predictions: Path, votes_path: Path, quality: dict[str, float]) -> dict:
+def own_score_accuracy(predictions: Path, votes_path: Path, quality: dict[str, float], kind: Optional[str] = None
+                       ) -> dict:
     """The premise's other side: how often the BASE's own scores rank a pair right, on the same pairs as
-    pseudolabel_accuracy (unequal true quality; equal scores count half), by the mean of its sampled scores and by
-    one sampled score (the first valid one; the score-mode counterpart of K = 1). `predictions`: evaluate.py --images."""
-    scores = {Path(r["image"]).name: r for r in common.read_jsonl(predictions)}
-    pairs = [(r["a"], r["b"]) for r in common.read_jsonl(votes_path) if quality[r["a"]] != quality[r["b"]]]
+    pseudolabel_accuracy (unequal true quality; equal scores count half; with `kind`, that kind of pair only), by the
+    mean of its sampled scores and by one sampled score (the first valid one; the score-mode counterpart of K = 1).
+    `predictions`: evaluate.py --images; an image is found by its name there, or by its file name."""
+    rows = common.read_jsonl(predictions)
+    scores = {**{Path(r["image"]).name: r for r in rows}, **{r["image"]: r for r in rows}}
+    pairs = [(r["a"], r["b"]) for r in common.read_jsonl(votes_path) if quality[r["a"]] != quality[r["b"]]
+             and (kind is None or r.get("kind", "random") == kind)]
     first = lambda r: next((x for x in r.get("scores", []) if x is not None), None)  # noqa: E731
 
     def accuracy(value) -> float:
@@ -188,6 +198,18 @@ def bench_correlations(eval_dir: Path, mos: dict[str, float], bench: str = "synt
     if out["distinct_scores"] == 1:  # one answer for every image: no ranking at all (evaluate.py reports None)
         out["srcc"] = out["plcc"] = 0.0
     return out
+
+
+def within_reference_srcc(eval_dir: Path, labels: Path, bench: str = "synthetic") -> Optional[float]:
+    """Mean over the benchmark's references of the SRCC among that reference's versions (labels' "reference" field):
+    the order of distortions with the content held fixed, what same-reference pairs speak to."""
+    reference = {r["image"]: r.get("reference") for r in common.read_jsonl(labels)}
+    by_reference: dict[str, list[tuple[float, float]]] = {}
+    for p in common.read_jsonl(eval_dir / f"predictions_{bench}.jsonl"):
+        if p.get("score") is not None and reference.get(p["image"]) is not None:
+            by_reference.setdefault(reference[p["image"]], []).append((p["score"], p["mos"]))
+    values = [spearmanr(*zip(*v))[0] for v in by_reference.values() if len(v) > 2 and len({s for s, _ in v}) > 1]
+    return float(np.mean(values)) if values else None
 
 
 def train_stats(log_path: Path) -> dict:
@@ -268,6 +290,8 @@ def make_data(work: Path, which: str, n: int, keep_labels: bool, world: str = "m
 
 def settings_key(args: Args) -> dict:
     skip = {"jobs", "work", "record", "note", "report_only", "summarize", "ks", "greedy", "acc_ks", "oracle"}
+    if not args.pool_variants:
+        skip.add("synthetic")  # a pool-experiment setting: the other experiment's records keep their settings
     return {k: v for k, v in asdict(args).items() if k not in skip}
 
 
@@ -423,21 +447,25 @@ def summarize(history: list[dict]) -> None:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def pool_data(args: Args, work: Path) -> tuple[Path, Path, Path]:
-    """(pool root, pool labels OUTSIDE it, bench root holding labels.jsonl and references.labels.jsonl)."""
-    name = f"{args.world}{args.image_size}_v{args.pool_variants}"
-    pool, pool_labels, bench = work / f"{name}_pool_{args.pool}", work / f"{name}_pool_{args.pool}.labels.jsonl", \
-        work / f"{name}_bench_{args.bench}"
+def pool_data(args: Args, work: Path) -> tuple[Path, Path, dict[str, Path]]:
+    """(pool root, pool labels OUTSIDE it, {benchmark name: labels file}) of the distortion world
+    (fixtures.synthetic: write_pool_world, write_benchmarks)."""
+    name = f"world{args.image_size}"
+    pool = work / f"{name}_pool_{args.pool}_v{args.pool_variants}"
+    pool_labels = pool.with_name(pool.name + ".labels.jsonl")
+    bench = work / f"{name}_bench_{args.bench}_{args.synthetic}"
     if not pool_labels.exists():
         shutil.rmtree(pool, ignore_errors=True)
-        write_pool_world(pool, "pool", args.pool, args.image_size, args.world, args.pool_variants, seed=0)
+        write_pool_world(pool, "pool", args.pool, args.image_size, args.pool_variants, seed=0)
         shutil.move(pool / "labels.jsonl", pool_labels)
-    if not (bench / "references.labels.jsonl").exists():
+    if not (bench / ".done").exists():
         shutil.rmtree(bench, ignore_errors=True)
-        write_pool_world(bench, "bench", args.bench, args.image_size, args.world, args.pool_variants, seed=1)
-        references = [r for r in common.read_jsonl(bench / "labels.jsonl") if r["level"] == 0]
-        common.write_jsonl_atomic(bench / "references.labels.jsonl", references)
-    return pool, pool_labels, bench
+        write_benchmarks(bench, args.bench, args.synthetic, args.image_size)
+        (bench / ".done").touch()
+    return pool, pool_labels, {b: bench / b / "labels.jsonl" for b in BENCHES}
+
+
+BENCHES = ("authentic", "synthetic")
 
 
 def same_round(a: Path, b: Path) -> bool:
@@ -448,72 +476,137 @@ def same_round(a: Path, b: Path) -> bool:
     return all((a / n).read_bytes() == (b / n).read_bytes() for n in names)
 
 
-def pool_experiment(args: Args, base: str, work: Path) -> dict:
-    """Two loop runs with the same SEED and POOL, SYNTH_PAIRS = 0 and --same-reference-pairs; the measured record."""
-    pool, pool_labels, bench = pool_data(args, work)
-    settings = {**settings_key(args), "base": base}
-    exp = work / ("pool-" + hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10])
-    benches = f"synthetic={bench / 'references.labels.jsonl'}\ndistorted={bench / 'labels.jsonl'}\n"
-    arms = {"random": 0, "same_reference": args.same_reference_pairs}
-    if not args.report_only:
-        run_loops({exp / arm: {**loop_settings(args, base, args.ks[0], benches, pool=pool), "SYNTH_PAIRS": str(n)}
-                   for arm, n in arms.items()}, args.jobs)
-    random, same = exp / "random", exp / "same_reference"
-    quality = {r["image"]: r["mos"] for r in common.read_jsonl(pool_labels)}
-    mos = {name: {r["image"]: r["mos"] for r in common.read_jsonl(bench / f)}
-           for name, f in (("synthetic", "references.labels.jsonl"), ("distorted", "labels.jsonl"))}
-    rounds = {"round_0": random / "round_0", "round_1": random / "round_1", "round_2_random": random / "round_2",
-              "round_2_same_reference": same / "round_2"}
-    rows = {}
-    for name, R in rounds.items():
-        rows[name] = {b: bench_correlations(R / "eval", mos[b], b) for b in mos}
-        if (R / "pseudolabels.jsonl").exists():
-            rows[name]["pairs_trained"] = len(common.read_jsonl(R / "pseudolabels.jsonl"))
-            rows[name]["group_size"] = trained_group_size(R / "model")
-    votes2 = same / "round_2" / "votes.jsonl"
-    accuracy = {"round_1_random": pseudolabel_accuracy(random / "round_1" / "votes.jsonl", quality, args.acc_ks,
-                                                       kind="random"),
-                **{f"round_2_{kind}": pseudolabel_accuracy(votes2, quality, args.acc_ks, kind=kind)
-                   for kind in ("random", "same_reference")}}
-    return {"time": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-            "command": " ".join(["python", "experiments/evolve.py", *sys.argv[1:]]), "note": args.note,
-            "settings": settings, "work": str(exp), "rounds": rows, "pseudolabel_accuracy": accuracy,
-            "same_reference_accuracy_by_group": accuracy_by_group(votes2, quality, pool / "manifest.jsonl",
-                                                                  args.ks[0]),
-            "round_1_identical_in_both_runs": same_round(random / "round_1", same / "round_1"),
-            "stage_seconds": {f"{arm}/{k}": v for arm in arms for k, v in stage_seconds(exp / arm /
-                                                                                        "evolution.log").items()},
-            **provenance()}
+def pool_arms(args: Args, base: str, pool: Path, pool_labels: Path, benches: dict[str, Path], exp: Path
+              ) -> dict[Path, dict[str, str]]:
+    """The arms, each one run_evolution.sh run with the same SEED and POOL: round 2 with SYNTH_PAIRS = 0 ("random")
+    and = --same-reference-pairs ("same_reference"), both at K = ks[0]; the oracle arm: K = 1 (its votes only supply
+    the pairs, the same as the others'), p* from the true quality (LABEL_ARGS=--oracle), SYNTH_PAIRS as
+    "same_reference"."""
+    bench = "".join(f"{name}={path}\n" for name, path in benches.items())
+    def arm(k: int, n: int, label_args: Optional[str] = None) -> dict[str, str]:
+        return {**loop_settings(args, base, k, bench, pool=pool, label_args=label_args), "SYNTH_PAIRS": str(n)}
+    return {exp / "random": arm(args.ks[0], 0), exp / "same_reference": arm(args.ks[0], args.same_reference_pairs),
+            exp / "oracle": arm(1, args.same_reference_pairs, f"--oracle {pool_labels}")}
 
 
-def accuracy_by_group(votes: Path, quality: dict[str, float], manifest: Path, k: int) -> dict:
-    """Pseudo-label accuracy (K = k) of the same-reference pairs, by the distortion group of the pair's variants (a
-    pair of two variants counts under each group): which distortions the voter can judge. Reads the manifest's types
-    only to report."""
+def base_votes(args: Args, model: str, pool: Path, out: Path) -> Path:
+    """`model`'s K = ks[0] votes on round 2's pairs (sample_votes.py with round 2's pair settings: the same pairs):
+    whether the round-1 model votes better than the base is its round-2 votes against these."""
+    if not (out / ".done").exists():
+        out.mkdir(parents=True, exist_ok=True)
+        manifest = pool / "manifest.jsonl"
+        run_logged([sys.executable, "sample_votes.py", "--model", model, "--images", str(manifest), "--images-root",
+                    str(pool), "--out", str(out / "votes.jsonl"), "--num-pairs", str(args.pairs), "--votes-per-pair",
+                    str(args.ks[0]), "--seed", str(args.seed + 2), "--same-reference-pairs",
+                    str(args.same_reference_pairs), "--pool-manifest", str(manifest), *stage_flags(args).split(),
+                    "--mode", "compare", "--batch-size", "64", "--no-text"], out, "base votes on round 2's pairs")
+        (out / ".done").touch()
+    return out / "votes.jsonl"
+
+
+def pool_scores(args: Args, model: str, pool: Path, out: Path) -> Path:
+    """`model`'s own sampled scores of every pool image (evaluate.py --images on the manifest: no labels)."""
+    if not (out / "predictions.jsonl").exists():
+        out.mkdir(parents=True, exist_ok=True)
+        run_logged([sys.executable, "evaluate.py", "--model", model, "--images", str(pool / "manifest.jsonl"), "--out",
+                    str(out), *stage_flags(args).split(), "--samples", str(args.eval_samples), "--batch-size", "32",
+                    "--seed", str(args.seed), "--no-text"], out, "scores of the pool")
+    return out / "predictions.jsonl"
+
+
+def accuracy_by_group(votes: Path, quality: dict[str, float], manifest: Path, k: int, kind: str = "same_reference"
+                      ) -> dict:
+    """Pseudo-label accuracy (K = k) of one kind of pair, by the distortion group of the pair's variants (a pair of
+    two variants counts under each group; a pair of two references under "none"): which distortions the voter can
+    judge. Reads the manifest's types only to report."""
     group_of = {kind: group for group, kinds in distortions.GROUPS.items() for kind in kinds}
     groups = {r["image"]: group_of[r["type"]] for r in common.read_jsonl(manifest) if r["type"]}
     correct: dict[str, list[float]] = {}
     for r in common.read_jsonl(votes):
-        if r.get("kind") != "same_reference" or quality[r["a"]] == quality[r["b"]]:
+        if r.get("kind", "random") != kind or quality[r["a"]] == quality[r["b"]]:
             continue
         va, vb = subsample_votes(r["answers"], k)
         right = 0.5 if va == vb else float((va > vb) == (quality[r["a"]] > quality[r["b"]]))
-        for group in {groups[x] for x in (r["a"], r["b"]) if x in groups}:
+        for group in {groups[x] for x in (r["a"], r["b"]) if x in groups} or {"none"}:
             correct.setdefault(group, []).append(right)
     return {g: {"pairs": len(v), "accuracy": float(np.mean(v))} for g, v in sorted(correct.items())}
 
 
+def pool_experiment(args: Args, base: str, work: Path) -> dict:
+    """The arms of `pool_arms` through the loop, then the measured record."""
+    pool, pool_labels, benches = pool_data(args, work)
+    settings = {**settings_key(args), "world": "distortion", "ks": args.ks[:1], "base": base}  # --world: not read
+    exp = work / ("pool-" + hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10])
+    arms = pool_arms(args, base, pool, pool_labels, benches, exp)
+    random, same, oracle = exp / "random", exp / "same_reference", exp / "oracle"
+    if not args.report_only:
+        start = time.time()
+        run_loops(arms, args.jobs)
+        base_votes(args, base, pool, exp / "base_votes_round2")
+        pool_scores(args, base, pool, exp / "base_scores")
+        pool_scores(args, str(same / "round_1" / "model"), pool, exp / "round1_scores")
+        wall = round(time.time() - start, 1)
+    quality = {r["image"]: r["mos"] for r in common.read_jsonl(pool_labels)}
+    mos = {b: {r["image"]: r["mos"] for r in common.read_jsonl(path)} for b, path in benches.items()}
+    rounds = {"round_0": same / "round_0", "round_1": same / "round_1", "round_2_random": random / "round_2",
+              "round_2_same_reference": same / "round_2", "oracle_round_1": oracle / "round_1",
+              "oracle_round_2": oracle / "round_2"}
+    rows = {}
+    for name, R in rounds.items():
+        rows[name] = {b: bench_correlations(R / "eval", mos[b], b) for b in mos}
+        rows[name]["synthetic"]["srcc_within_reference"] = within_reference_srcc(R / "eval", benches["synthetic"])
+        if (R / "pseudolabels.jsonl").exists():
+            rows[name]["pairs_trained"] = len(common.read_jsonl(R / "pseudolabels.jsonl"))
+            rows[name]["group_size"] = trained_group_size(R / "model")
+            rows[name]["grpo"] = train_stats(R / "model" / "train_log.jsonl")
+    votes1, votes2, base2 = random / "round_1" / "votes.jsonl", same / "round_2" / "votes.jsonl", \
+        exp / "base_votes_round2" / "votes.jsonl"
+    kinds, acc_ks = ("random", "same_reference"), sorted(set(args.acc_ks) | {args.ks[0]})
+    accuracy = {"round_1_random": pseudolabel_accuracy(votes1, quality, acc_ks, kind="random"),
+                **{f"round_2_{kind}": pseudolabel_accuracy(votes2, quality, acc_ks, kind=kind) for kind in kinds},
+                "round_2_random_arm": pseudolabel_accuracy(random / "round_2" / "votes.jsonl", quality, acc_ks)}
+    manifest = pool / "manifest.jsonl"
+    by_group = {f"{who}_{kind}": accuracy_by_group(votes, quality, manifest, args.ks[0], kind)
+                for who, votes in (("round_1_model", votes2), ("base", base2)) for kind in kinds}
+    voter = {kind: {"base": pseudolabel_accuracy(base2, quality, acc_ks, kind=kind),
+                    "round_1_model": accuracy[f"round_2_{kind}"]} for kind in kinds}
+    own = {}  # the premise's other side: each voter's own mean score ranking on the pairs it voted on
+    for who, scores in (("base", exp / "base_scores"), ("round_1_model", exp / "round1_scores")):
+        predictions = scores / "predictions.jsonl"
+        own[f"{who}/round_1_pairs"] = own_score_accuracy(predictions, votes1, quality)
+        for kind in kinds:
+            own[f"{who}/round_2_{kind}_pairs"] = own_score_accuracy(predictions, votes2, quality, kind)
+    return {"time": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+            "command": " ".join(["python", "experiments/evolve.py", *sys.argv[1:]]), "note": args.note,
+            "settings": settings, "base_sha256": common.file_sha256(Path(base) / "model.safetensors"),
+            "work": str(exp), "rounds": rows, "pseudolabel_accuracy": accuracy, "accuracy_by_group": by_group,
+            "voter_round_2_pairs": voter, "own_score_accuracy": own,
+            "round_1_identical_in_both_runs": same_round(random / "round_1", same / "round_1"),
+            "stage_seconds": {f"{arm.name}/{k}": v for arm in arms for k, v in
+                              stage_seconds(arm / "evolution.log").items()},
+            "wall_seconds_per_arm": {arm.name: sum(stage_seconds(arm / "evolution.log").values()) for arm in arms},
+            **({"invocation_seconds": wall} if not args.report_only else {}), **provenance()}
+
+
 def print_pool_record(record: dict) -> None:
+    fmt = lambda v: "   -  " if v is None else f"{v:6.3f}"  # noqa: E731
     print(f"\npool experiment, seed {record['settings']['seed']}: SRCC (mean of {record['settings']['eval_samples']} "
-          "samples) on the held-out references / on all held-out images (references + variants)")
+          "samples) on the held-out authentic / synthetic benchmarks, and on the synthetic one within each reference")
     for name, row in record["rounds"].items():
-        print(f"  {name:24s} {row['synthetic']['srcc']:6.3f}  {row['distorted']['srcc']:6.3f}   pairs trained "
-              f"{row.get('pairs_trained', '-')}")
+        print(f"  {name:24s} {fmt(row['authentic']['srcc'])} {fmt(row['synthetic']['srcc'])} "
+              f"{fmt(row['synthetic'].get('srcc_within_reference'))}   pairs trained {row.get('pairs_trained', '-')}")
     for name, acc in record["pseudolabel_accuracy"].items():
-        print(f"  pseudo-label accuracy {name:22s} ({acc['pairs']} pairs): " + ", ".join(
+        print(f"  pseudo-label accuracy {name:30s} ({acc['pairs']} pairs): " + ", ".join(
             f"{k} {v['accuracy']:.3f}" for k, v in acc.items() if k != "pairs"))
-    print("  same-reference pairs by distortion group: " + ", ".join(
-        f"{g} {v['accuracy']:.2f} ({v['pairs']})" for g, v in record["same_reference_accuracy_by_group"].items()))
+    k = f"K{record['settings']['ks'][0]}"
+    for kind, row in record["voter_round_2_pairs"].items():
+        print(f"  round-2 {kind} pairs, {k} votes: base {row['base'][k]['accuracy']:.3f}, round-1 model "
+              f"{row['round_1_model'][k]['accuracy']:.3f}")
+    for name, v in record["own_score_accuracy"].items():
+        print(f"  own mean-score ranking {name:40s} {v['mean_of_samples']:.3f} ({v['pairs']} pairs)")
+    for name, groups in record["accuracy_by_group"].items():
+        print(f"  by group, {name}: " + ", ".join(f"{g} {v['accuracy']:.2f} ({v['pairs']})" for g, v in groups.items()))
+    print("  wall seconds per arm: " + ", ".join(f"{k} {v}" for k, v in record["wall_seconds_per_arm"].items()))
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -12,8 +12,8 @@ demo/base/REPRODUCE.md.
 
 The folder (model, processor, generation config, warmstart.json, heldout.json) is built once, under
 runs/experiments/warmstart/base-<hash of the training settings>/ unless --out says otherwise, and reused when present.
-Every build appends its settings and results to --tried-log (default: beside the bases; the record of the bases tried
-for the shipped one is experiments/warmstart_tried.jsonl).
+Every build appends its settings and results to --record (default: beside the bases, under runs/; the record file of
+the bases tried is experiments/warmstart_tried.jsonl, appended to only when named).
 
     python experiments/warmstart.py                           # build (or reuse) the base; prints its folder last
                                                               # (1500 steps: ~19 min at 0.75 s/step, 1 CPU thread)
@@ -42,7 +42,8 @@ import common  # noqa: E402
 import prompts  # noqa: E402
 from experiments import records  # noqa: E402
 from fixtures.ground_truth import answers, srcc  # noqa: E402
-from fixtures.synthetic import CONTENTS, DISTORTIONS, SEED_BASE, WORLDS, distort, make_content, make_image  # noqa: E402
+from fixtures.synthetic import (CONTENTS, DISTORTIONS, SEED_BASE, distort, make_content, make_image,  # noqa: E402
+                                synthetic_benchmark, world_images)
 from fixtures.tiny_models import build_model, build_processor, build_tokenizer  # noqa: E402
 
 CACHE = records.RUNS / "warmstart"
@@ -70,7 +71,19 @@ class Args:
     vision_depth: int = common.arg(2, help="vision tower layers")
     vocab_size: int = common.arg(600, help="BPE vocabulary size (before the special tokens)")
     seed: int = common.arg(0, help="seed of the weights, the batches and the curriculum")
-    world: str = common.arg("mixed", choices=list(WORLDS), help="synthetic world (fixtures.synthetic): mixed or noise")
+    world: str = common.arg("mixed", choices=["mixed", "noise", "distortion"], help="synthetic world "
+                            "(fixtures.synthetic): mixed, noise, or distortion (references and their variants)")
+    variants: int = common.arg(4, help="distortion world: variants of each warm-start reference")
+    same_reference_share: float = common.arg(0.5, help="distortion world: share of compare examples that are two "
+                                                       "versions of one reference (the rest: half pairs of references, "
+                                                       "half pairs of any two images of different references)")
+    score_fidelity_power: float = common.arg(1.0, help="distortion world: the score labels see a variant's quality "
+                                                       "as its reference's x SSIM^this (< 1: absolute scores under-"
+                                                       "penalise synthetic distortions; compare labels stay true)")
+    readout_fidelity: bool = common.arg(False, help="distortion world: the vision readout also regresses each "
+                                                    "image's SSIM to its reference")
+    gap_start: float = common.arg(1.0, help="distortion world: smallest quality gap of a compare pair at the start (it "
+                                            "falls to 0 over curriculum_frac of the steps)")
     score_scale: float = common.arg(1.0, help="score label = 1 + score_scale * (quality - 1) + content bias, in [1, 5]")
     vision_scale: float = common.arg(1.0, help="multiply the merger's output layer at init (image tokens are 4-16 "
                                                "of a ~115-token prompt: a louder image signal)")
@@ -87,17 +100,23 @@ class Args:
     n_bench: int = common.arg(200, help="held-out benchmark images (bench seed range) for the measurement")
     bench_pairs: int = common.arg(200, help="held-out benchmark pairs (different quality) for compare accuracy")
     eval_samples: int = common.arg(8, help="sampled answers per image / per pair order (temperature 1)")
+    votes: int = common.arg(32, help="distortion world: sampled votes per held-out pair (K, half in each order)")
+    bench_variants: int = common.arg(2, help="distortion world: variants per held-out reference (as the pool)")
+    n_synthetic: int = common.arg(4, help="distortion world: pristine contents of the held-out synthetic benchmark")
     eval_every: int = common.arg(0, help="greedy held-out measurement every N steps during training (0: off)")
     log_every: int = common.arg(50, help="print the running losses every N steps")
     measure_only: bool = common.arg(False, help="only measure an existing --out folder on the held-out bench")
     force: bool = common.arg(False, help="rebuild even if the folder exists")
-    tried_log: str = common.arg(str(CACHE / "tried.jsonl"), help="append settings + results here ('' to skip)")
+    record: str = common.arg(str(CACHE / "tried.jsonl"), help="append settings + results to this JSONL ('' to skip; "
+                             "the record file: experiments/warmstart_tried.jsonl)")
+    note: str = common.arg("", help="free text stored with the record (why this setting was tried)")
 
 
 ADDED_LATER = {"world", "score_scale", "score_bias", "vision_scale", "vision_pretrain_steps", "vision_aux_weight",
-               "vision_batch", "compare_label_noise"}
-NOT_IN_KEY = {"out", "n_bench", "bench_pairs", "eval_samples", "eval_every", "log_every", "measure_only", "force",
-              "tried_log"}
+               "vision_batch", "compare_label_noise", "variants", "same_reference_share", "score_fidelity_power",
+               "readout_fidelity", "gap_start"}
+NOT_IN_KEY = {"out", "n_bench", "bench_pairs", "eval_samples", "votes", "bench_variants", "n_synthetic", "eval_every",
+              "log_every", "measure_only", "force", "record", "note"}
 
 
 def settings_hash(args: Args) -> str:
@@ -163,6 +182,48 @@ def compare_example(rng: np.random.Generator, images: list[Image.Image], quality
     return ([better, worse], 0) if rng.random() < 0.5 else ([worse, better], 1)
 
 
+def world_set(n: int, size: int, variants: int) -> tuple[list[Image.Image], np.ndarray, list[str], np.ndarray,
+                                                         np.ndarray]:
+    """The distortion world's warm-start set: n warm-start references, each followed by its variants
+    (fixtures.synthetic.world_images, drawn as make_pool.py draws a pool), their quality, content kind, the index of
+    each image's reference and its SSIM to it."""
+    world = world_images("warmstart", n, size, variants)
+    index = {r["image"]: k for k, (_, r) in enumerate(world)}
+    reference_of = np.array([index[r["reference"]] for _, r in world])
+    return [img for img, _ in world], np.array([r["mos"] for _, r in world]), [r["content"] for _, r in world], \
+        reference_of, np.array([r["ssim"] for _, r in world])
+
+
+def score_quality(quality: np.ndarray, reference_of: np.ndarray, fidelity: np.ndarray, power: float) -> np.ndarray:
+    """The quality the score labels see in the distortion world: q(r) * max(0, SSIM)^power (power 1: the true one)."""
+    return quality[reference_of] * np.maximum(fidelity, 0.0) ** power
+
+
+def world_compare_example(rng: np.random.Generator, images: list[Image.Image], quality: np.ndarray,
+                          reference_of: np.ndarray, progress: float, args: Args) -> tuple[list[Image.Image], int]:
+    """One compare example of the distortion world ([first, second], index of the better one): two versions of one
+    reference (share `same_reference_share`), else two references or two images of different references (half each);
+    never of equal quality. Curriculum: the smallest quality gap falls from `gap_start` to 0 over `curriculum_frac` of
+    the steps."""
+    min_gap = args.gap_start * (1.0 - min(1.0, progress / max(args.curriculum_frac, 1e-9)))
+    references = np.flatnonzero(reference_of == np.arange(len(images)))
+    while True:
+        u = rng.random()
+        if u < args.same_reference_share:
+            members = np.flatnonzero(reference_of == references[rng.integers(len(references))])
+            i, j = rng.choice(members, 2, replace=False)
+        elif u < (1 + args.same_reference_share) / 2:
+            i, j = rng.choice(references, 2, replace=False)
+        else:
+            i, j = rng.integers(len(images), size=2)
+            if reference_of[i] == reference_of[j]:
+                continue
+        if abs(quality[i] - quality[j]) > min_gap:
+            break
+    better, worse = (images[i], images[j]) if quality[i] > quality[j] else (images[j], images[i])
+    return ([better, worse], 0) if rng.random() < 0.5 else ([worse, better], 1)
+
+
 def noisy_label(target: int, rng: np.random.Generator, noise: float) -> int:
     """The compare label, flipped with probability `noise` (no draw at all when noise is 0: older bases keep their
     batches)."""
@@ -204,17 +265,22 @@ def per_example_loss(model, batch: dict) -> torch.Tensor:
     return (nll * answer).sum(1) / answer.sum(1)
 
 
-def readout_loss(model, head: torch.nn.Linear, processor, images: list[Image.Image], quality: np.ndarray
-                 ) -> torch.Tensor:
+def readout_loss(model, head: torch.nn.Linear, processor, images: list[Image.Image], quality: np.ndarray,
+                 fidelity: np.ndarray | None = None) -> torch.Tensor:
     """Vision pre-training, as a real VLM's vision tower is pre-trained before it meets the language model: a linear
     readout of EVERY image token (the merger's output, what the language model reads) regresses the image's quality
     (MSE on (quality - 3) / 2). Without it the tiny language model learns the answer format and the label marginal in
-    ~60 steps and then ignores the image tokens (experiments/warmstart_tried.jsonl, diagnostic-compare-only-gap4)."""
+    ~60 steps and then ignores the image tokens (experiments/warmstart_tried.jsonl, diagnostic-compare-only-gap4).
+    With `fidelity` (the distortion world's SSIM to the reference), a second output regresses (SSIM - .75) / .25 too:
+    trained on the quality alone, the tower perceives the references' own degradation and hardly the variants'."""
     vision = processor.image_processor(images=images, return_tensors="pt")
     grid = vision["image_grid_thw"].to(model.device)
     tokens = model.model.get_image_features(vision["pixel_values"].to(model.device), grid).pooler_output
     per_image = torch.tensor([len(t) for t in tokens], device=model.device)
-    target = torch.tensor((quality - 3.0) / 2.0, dtype=torch.float32, device=model.device).repeat_interleave(per_image)
+    target = (quality - 3.0) / 2.0
+    if fidelity is not None:
+        target = np.stack([target, (fidelity - 0.75) / 0.25], 1)
+    target = torch.tensor(target, dtype=torch.float32, device=model.device).repeat_interleave(per_image, 0)
     return torch.nn.functional.mse_loss(head(torch.cat(tokens).float()).squeeze(-1), target)
 
 
@@ -271,6 +337,116 @@ def measure(model, processor, preset: prompts.Preset, n_bench: int, n_pairs: int
     return result
 
 
+PAIR_KINDS = ("reference", "random", "same_reference")  # round 1's pairs; round 2's random and same-reference pairs
+
+
+def world_pairs(records: list[dict], n: int, seed: int) -> dict[str, list[tuple[int, int]]]:
+    """n held-out pairs of unequal quality of each kind, indices into `records` (world_images records): two
+    references (round 1's pairs), two images of different references (round 2's random pairs), two versions of one
+    reference (its same-reference pairs)."""
+    rng = np.random.default_rng(seed)
+    quality = [r["mos"] for r in records]
+    references = [k for k, r in enumerate(records) if r["type"] is None]
+    versions: dict[str, list[int]] = {}
+    for k, r in enumerate(records):
+        versions.setdefault(r["reference"], []).append(k)
+    draw = {"reference": lambda: tuple(rng.choice(references, 2, replace=False)),
+            "random": lambda: tuple(rng.choice(len(records), 2, replace=False)),
+            "same_reference": lambda: tuple(rng.choice(versions[records[references[rng.integers(len(references))]]
+                                                                ["image"]], 2, replace=False))}
+    pairs = {}
+    for kind in PAIR_KINDS:
+        chosen: dict[tuple[int, int], None] = {}
+        for _ in range(100 * n):
+            i, j = (int(x) for x in draw[kind]())
+            same = records[i]["reference"] == records[j]["reference"]
+            if quality[i] != quality[j] and same == (kind == "same_reference") and (min(i, j), max(i, j)) not in chosen:
+                chosen[min(i, j), max(i, j)] = None
+            if len(chosen) == n:
+                break
+        pairs[kind] = list(chosen)
+    return pairs
+
+
+def pair_accuracy(right: np.ndarray) -> dict:
+    """Mean and standard error of per-pair outcomes (1 right, .5 tie, 0 wrong)."""
+    return {"accuracy": float(right.mean()), "se": float(right.std(ddof=1) / np.sqrt(len(right))) if len(right) > 1
+            else None}
+
+
+def premise_table(pairs: list[tuple[int, int]], quality: np.ndarray, votes_better: np.ndarray, votes_worse: np.ndarray,
+                  single_right: np.ndarray, score_mean: list, score_first: list) -> dict:
+    """One kind of pair: a single sampled vote, the majority of all K votes, the mean of the sampled scores and one
+    sampled score, as accuracies over the pairs (ties and missing answers count half; an unparseable vote is wrong),
+    and the premise margin (majority minus mean score) with its standard error over the pairs."""
+    majority = np.where(votes_better == votes_worse, 0.5, (votes_better > votes_worse).astype(float))
+
+    def ranked(values: list) -> np.ndarray:
+        out = []
+        for i, j in pairs:
+            x, y = values[i], values[j]
+            out.append(0.5 if x is None or y is None or x == y else float((x > y) == (quality[i] > quality[j])))
+        return np.array(out)
+    mean_score = ranked(score_mean)
+    return {"pairs": len(pairs), "single_vote": pair_accuracy(single_right), "majority": pair_accuracy(majority),
+            "score_mean": pair_accuracy(mean_score), "score_single": pair_accuracy(ranked(score_first)),
+            "premise_margin": pair_accuracy(majority - mean_score)}
+
+
+def measure_world(model, processor, preset: prompts.Preset, args: Args) -> dict:
+    """The premise on held-out pool-like data of the distortion world (benchmark references with their variants,
+    drawn as a pool's): for each kind of pair (`world_pairs`), the accuracy of one sampled vote, of the majority of
+    `votes` sampled votes (half in each order) and of the model's own mean of `eval_samples` sampled scores; plus score
+    SRCC on the references (authentic) and on a small synthetic benchmark, and greedy compare accuracy."""
+    was_training = model.training
+    model.eval()
+    world = world_images("bench", args.n_bench, args.image_size, args.bench_variants)
+    images, records = [img for img, _ in world], [r for _, r in world]
+    quality = np.array([r["mos"] for r in records])
+    pairs = world_pairs(records, args.bench_pairs, args.seed)
+    result: dict = {"n_images": len(images), "votes": args.votes, "score_samples": args.eval_samples}
+    for kind, chosen in pairs.items():
+        shown = [[images[i], images[j]] for i, j in chosen] + [[images[j], images[i]] for i, j in chosen]
+        better_slot = [0 if quality[i] > quality[j] else 1 for i, j in chosen]
+        truth = better_slot + [1 - b for b in better_slot]
+        greedy = [prompts.parse_compare(t[0], preset) for t in answers(model, processor, preset, "compare", shown,
+                                                                          False)]
+        row = {"greedy": float(np.mean([c == y for c, y in zip(greedy, truth)]))}
+        if args.votes:
+            sampled = answers(model, processor, preset, "compare", shown, True, max(1, args.votes // 2))
+            choices = [[prompts.parse_compare(t, preset) for t in texts] for texts in sampled]
+            right = np.array([[c == y for c in row_] for row_, y in zip(choices, truth)], dtype=float)
+            wrong = np.array([[c is not None and c != y for c in row_] for row_, y in zip(choices, truth)], dtype=float)
+            n = len(chosen)
+            better, worse = right[:n].sum(1) + right[n:].sum(1), wrong[:n].sum(1) + wrong[n:].sum(1)
+            row["better_worse"] = (better, worse, better / (2 * right.shape[1]))  # one vote: its expected accuracy
+        result[kind] = row
+    if not args.eval_samples:
+        model.train(was_training)
+        return result
+    scores = [[prompts.parse_score(t, preset) for t in texts]
+              for texts in answers(model, processor, preset, "score", [[im] for im in images], True, args.eval_samples)]
+    means = [float(np.mean(v)) if (v := [x for x in row if x is not None]) else None for row in scores]
+    firsts = [next((x for x in row if x is not None), None) for row in scores]
+    for kind, chosen in pairs.items():
+        row = result[kind]
+        if "better_worse" in row:
+            better, worse, single = row.pop("better_worse")
+            row.update(premise_table(chosen, quality, better, worse, single, means, firsts))
+    refs = [k for k, r in enumerate(records) if r["type"] is None]
+    result["srcc_authentic"] = srcc([means[k] for k in refs], quality[refs])
+    result["srcc_pool_like"] = srcc(means, quality)
+    synthetic = synthetic_benchmark(args.n_synthetic, args.image_size)
+    if synthetic:
+        synthetic_scores = [[prompts.parse_score(t, preset) for t in texts] for texts in answers(
+            model, processor, preset, "score", [[im] for im, _ in synthetic], True, args.eval_samples)]
+        result["srcc_synthetic"] = srcc([float(np.mean(v)) if (v := [x for x in row if x is not None]) else None
+                                         for row in synthetic_scores], np.array([r["mos"] for _, r in synthetic]))
+    result["score_coverage"] = float(np.mean([x is not None for row in scores for x in row]))
+    model.train(was_training)
+    return result
+
+
 def train(args: Args, out: Path) -> dict:
     """Build the tiny model, warm-start it, save it to `out` (model, processor, generation config)."""
     torch.manual_seed(args.seed)
@@ -290,14 +466,21 @@ def train(args: Args, out: Path) -> dict:
     optimizer = torch.optim.AdamW([{"params": others, "lr": args.lr}, {"params": vision, "lr": args.vision_lr}],
                                   weight_decay=0.0)
     peak = [group["lr"] for group in optimizer.param_groups]
-    images, quality, contents = warmstart_set(args.n_images, args.image_size, args.world)
+    if args.world == "distortion":
+        images, quality, contents, reference_of, fidelity = world_set(args.n_images, args.image_size, args.variants)
+        scored = score_quality(quality, reference_of, fidelity, args.score_fidelity_power)
+    else:
+        images, quality, contents = warmstart_set(args.n_images, args.image_size, args.world)
+        scored, fidelity = quality, None
     print(f"[warmstart] {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters "
           f"({sum(p.numel() for p in vision) / 1e6:.2f} M vision), {len(images)} warm-start images, {device}")
+    fidelity = fidelity if args.readout_fidelity else None
     with torch.random.fork_rng():  # the readout: discarded, never saved; its init leaves the torch RNG as it was
-        head = torch.nn.Linear(args.text_hidden, 1).to(device)
+        head = torch.nn.Linear(args.text_hidden, 1 if fidelity is None else 2).to(device)
     optimizer.add_param_group({"params": list(head.parameters()), "lr": args.vision_lr})
     peak.append(args.vision_lr)
-    pretrain = pretrain_vision(model, head, processor, images, quality, rng, args)
+    readout_fidelity = lambda picks: None if fidelity is None else fidelity[picks]  # noqa: E731
+    pretrain = pretrain_vision(model, head, processor, images, quality, rng, args, fidelity)
 
     # TRY NOT TO MODIFY: the loop
     history, curve, running = [], [], []
@@ -306,12 +489,13 @@ def train(args: Args, out: Path) -> dict:
     for step in range(args.steps):
         progress = step / max(1, args.steps)
         picks = rng.integers(len(images), size=args.score_batch)
-        pairs = [compare_example(rng, images, quality, progress, args) for _ in range(args.compare_batch)]
+        pairs = [world_compare_example(rng, images, quality, reference_of, progress, args) if args.world == "distortion"
+                 else compare_example(rng, images, quality, progress, args) for _ in range(args.compare_batch)]
         batch = training_batch(
             processor, preset,
             [[images[i]] for i in picks] + [shown for shown, _ in pairs],
             ["score"] * args.score_batch + ["compare"] * args.compare_batch,
-            [f"\\boxed{{{score_label(quality[i], contents[i], args):.2f}}}" for i in picks]
+            [f"\\boxed{{{score_label(scored[i], contents[i], args):.2f}}}" for i in picks]
             + [f"\\boxed{{{noisy_label(target, rng, args.compare_label_noise)}}}" for _, target in pairs],
         ).to(device)
         losses = per_example_loss(model, batch)
@@ -319,7 +503,7 @@ def train(args: Args, out: Path) -> dict:
         loss = score_loss + args.compare_weight * compare_loss
         if args.vision_aux_weight:
             loss = loss + args.vision_aux_weight * readout_loss(model, head, processor, [images[i] for i in picks],
-                                                                quality[picks])
+                                                                quality[picks], readout_fidelity(picks))
         for group, lr in zip(optimizer.param_groups, peak):
             group["lr"] = lr * lr_factor(step, args.steps, args.warmup_steps)
         optimizer.zero_grad(set_to_none=True)
@@ -335,8 +519,12 @@ def train(args: Args, out: Path) -> dict:
             print(f"[warmstart] {json.dumps(record)}", flush=True)
             running = []
         if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
-            point = {"step": step + 1, **measure(model, processor, preset, args.n_bench, args.bench_pairs, 0,
-                                                 args.image_size, world=args.world)}
+            if args.world == "distortion":
+                greedy = measure_world(model, processor, preset, dataclasses.replace(args, votes=0, eval_samples=0))
+            else:
+                greedy = measure(model, processor, preset, args.n_bench, args.bench_pairs, 0, args.image_size,
+                                 world=args.world)
+            point = {"step": step + 1, **greedy}
             curve.append(point)
             print(f"[warmstart] eval {json.dumps(point)}", flush=True)
     seconds = time.time() - start
@@ -354,14 +542,15 @@ def train(args: Args, out: Path) -> dict:
 
 
 def pretrain_vision(model, head: torch.nn.Linear, processor, images: list[Image.Image], quality: np.ndarray,
-                    rng: np.random.Generator, args: Args) -> list[dict]:
+                    rng: np.random.Generator, args: Args, fidelity: np.ndarray | None = None) -> list[dict]:
     """The vision pre-training phase (readout_loss only, vision tower + readout, constant lr); its loss curve."""
     optimizer = torch.optim.AdamW(list(model.model.visual.parameters()) + list(head.parameters()), lr=args.vision_lr,
                                   weight_decay=0.0)
     curve, running = [], []
     for step in range(args.vision_pretrain_steps):
         picks = rng.integers(len(images), size=args.vision_batch)
-        loss = readout_loss(model, head, processor, [images[i] for i in picks], quality[picks])
+        loss = readout_loss(model, head, processor, [images[i] for i in picks], quality[picks],
+                            None if fidelity is None else fidelity[picks])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -380,8 +569,11 @@ def measure_folder(folder: Path, args: Args) -> dict:
     model = common.load_model(str(folder), dtype=torch.float32, device=device)
     processor = common.load_processor(str(folder), max_pixels=args.max_pixels)
     start = time.time()
-    result = measure(model, processor, preset, args.n_bench, args.bench_pairs, args.eval_samples, args.image_size,
-                     world=args.world)
+    if args.world == "distortion":
+        result = measure_world(model, processor, preset, args)
+    else:
+        result = measure(model, processor, preset, args.n_bench, args.bench_pairs, args.eval_samples, args.image_size,
+                         world=args.world)
     result["measure_seconds"] = round(time.time() - start, 1)
     common.write_json_atomic(folder / "heldout.json", result)
     return result
@@ -413,12 +605,16 @@ def main() -> None:
     print(f"[warmstart] held-out {json.dumps(heldout)}")
     shutil.rmtree(out, ignore_errors=True)
     os.replace(partial, out)
-    if args.tried_log:
-        with common.JsonlWriter(args.tried_log) as writer:
-            writer.write({"folder": str(out), "hash": info["hash"], "args": info["args"], "steps": info["steps"],
-                          "s_per_step": info["s_per_step"], "device": info["device"], "threads": info["threads"],
+    if args.record:
+        with common.JsonlWriter(args.record) as writer:
+            writer.write({"note": args.note, "time": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+                          "folder": str(out), "hash": info["hash"], "args": info["args"], "steps": info["steps"],
+                          "s_per_step": info["s_per_step"], "train_seconds": info["train_seconds"],
+                          "device": info["device"], "threads": info["threads"],
+                          "model_sha256": common.file_sha256(out / "model.safetensors"),
+                          "vision_pretrain_last": info["vision_pretrain"][-1] if info["vision_pretrain"] else None,
                           "final_losses": info["history"][-1] if info["history"] else None,
-                          "curve": info["curve"], "heldout": heldout})
+                          "curve": info["curve"], "heldout": heldout, "versions": info["versions"]})
     print(out)
 
 

@@ -275,6 +275,17 @@ def test_draw_by_type_and_by_group():
     assert set(levels) == set(D.LEVELS) and min(levels.values()) > 850
 
 
+def test_draw_among_chosen_types():
+    chosen = ["gaussian_blur", "lens_blur", "jpeg"]
+    rng = np.random.default_rng(0)
+    by_type = Counter(D.draw(rng, kinds=chosen)[0] for _ in range(3_000))
+    assert set(by_type) == set(chosen) and min(by_type.values()) > 900
+    by_group = Counter(D.draw(rng, by="group", kinds=chosen)[0] for _ in range(4_000))
+    assert set(by_group) == set(chosen) and 1850 < by_group["jpeg"] < 2150  # the group first: compression is half
+    a, b = np.random.default_rng(3), np.random.default_rng(3)
+    assert [D.draw(a, "group", None) for _ in range(50)] == [D.draw(b, "group") for _ in range(50)]
+
+
 def test_contrast_stretch_is_the_logistic_curve_around_the_channel_mean():
     x = np.random.default_rng(2).uniform(0.05, 1, (8, 8, 3)).astype(np.float32)
     x[0, 0] = 0

@@ -74,19 +74,40 @@ def test_pseudolabel_accuracy_by_kind_of_pair(tmp_path):
     assert E.pseudolabel_accuracy(votes, quality, [2])["pairs"] == 4
 
 
-def test_pool_world_quality_is_the_reference_minus_the_level(tmp_path):
-    from fixtures.synthetic import make_image, write_pool_world
+def test_pool_arms_share_seed_pool_and_random_pairs_and_differ_where_they_should(tmp_path):
+    args = E.Args(pool_variants=2, same_reference_pairs=5, ks=[8], pairs=12, seed=3)
+    benches = {"authentic": tmp_path / "a" / "labels.jsonl", "synthetic": tmp_path / "s" / "labels.jsonl"}
+    arms = E.pool_arms(args, "BASE", tmp_path / "pool", tmp_path / "pool.labels.jsonl", benches, tmp_path / "exp")
+    random, same, oracle = (arms[tmp_path / "exp" / name] for name in ("random", "same_reference", "oracle"))
+    for arm in (random, same, oracle):
+        assert {arm[k] for k in ("POOL", "SEED", "PAIRS", "MODEL", "ROUNDS")} == {str(tmp_path / "pool"), "3", "12",
+                                                                                 "BASE", "2"}
+        assert arm["BENCH"] == f"authentic={benches['authentic']}\nsynthetic={benches['synthetic']}\n"
+        assert arm["IMAGES"] == ""  # the pool is built before: the loop only reads it
+    assert (random["SYNTH_PAIRS"], same["SYNTH_PAIRS"], oracle["SYNTH_PAIRS"]) == ("0", "5", "5")
+    assert (random["K"], same["K"], oracle["K"]) == ("8", "8", "1")
+    assert random["LABEL_ARGS"] == same["LABEL_ARGS"] == ""
+    assert oracle["LABEL_ARGS"] == f"--oracle {tmp_path}/pool.labels.jsonl"
+    del random["SYNTH_PAIRS"], same["SYNTH_PAIRS"]
+    assert random == same
 
-    out = write_pool_world(tmp_path / "pool", "pool", 3, size=56, world="noise", variants=2)
-    labels = common.read_jsonl(out / "labels.jsonl")
-    manifest = common.read_jsonl(out / "manifest.jsonl")
-    assert [r["image"] for r in labels] == [r["image"] for r in manifest] and len(labels) == 9
-    for r in labels:
-        assert (out / r["image"]).exists()
-        seed = 1_000_000 + int(r["reference"].split("_")[-1].split(".")[0])  # the 'pool' set's content seeds
-        assert r["mos"] == make_image(seed, 56, "noise")[1]["mos"] - r["level"]
-        assert (r["level"] == 0) == (r["image"] == r["reference"])
-    assert not (tmp_path / "pool.source").exists()
+
+def test_accuracy_by_group_per_kind_of_pair(tmp_path):
+    quality = {"r": 4.0, "v1": 3.0, "v2": 1.0, "s": 2.0, "w": 1.5}
+    manifest = tmp_path / "manifest.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in [
+        {"image": "r", "type": None}, {"image": "v1", "type": "gaussian_blur"}, {"image": "v2", "type": "jpeg"},
+        {"image": "s", "type": None}, {"image": "w", "type": "motion_blur"}]))
+    votes = tmp_path / "votes.jsonl"
+    votes.write_text("".join(json.dumps(r) + "\n" for r in [
+        {"a": "r", "b": "v1", "kind": "same_reference", "answers": answers(["a"], ["a"])},  # r better: right (blur)
+        {"a": "v1", "b": "v2", "kind": "same_reference", "answers": answers(["b"], ["b"])},  # wrong (blur, compression)
+        {"a": "r", "b": "s", "kind": "random", "answers": answers(["a"], ["b"])},  # tie: half (two references)
+        {"a": "w", "b": "s", "kind": "random", "answers": answers(["b"], ["b"])}]))  # s better: right (blur)
+    assert E.accuracy_by_group(votes, quality, manifest, 2) == {
+        "blur": {"pairs": 2, "accuracy": 0.5}, "compression": {"pairs": 1, "accuracy": 0.0}}
+    assert E.accuracy_by_group(votes, quality, manifest, 2, "random") == {
+        "blur": {"pairs": 1, "accuracy": 1.0}, "none": {"pairs": 1, "accuracy": 0.5}}
 
 
 def test_own_score_accuracy_hand_computed(tmp_path):
@@ -102,6 +123,16 @@ def test_own_score_accuracy_hand_computed(tmp_path):
     # (y, z) equal quality: left out. Mean: x<y wrong, z<x right, w unscored -> half. First valid sample: x 4 > y 3
     # right, z 1 < x 4 right, w none -> half.
     assert own == {"pairs": 3, "mean_of_samples": pytest.approx(1.5 / 3), "single_sample": pytest.approx(2.5 / 3)}
+    # names relative to a pool root (evaluate.py --images on a manifest), one kind of pair
+    predictions.write_text("".join(json.dumps(r) + "\n" for r in [
+        {"image": "references/x.png", "score": 2.0, "scores": [2.0]}, {"image": "variants/x_00.png", "score": 3.0,
+                                                                       "scores": [3.0]}]))
+    votes.write_text(json.dumps({"a": "references/x.png", "b": "variants/x_00.png", "kind": "same_reference"}) + "\n"
+                     + json.dumps({"a": "variants/x_00.png", "b": "references/x.png"}) + "\n")
+    quality = {"references/x.png": 4.0, "variants/x_00.png": 2.0}
+    assert E.own_score_accuracy(predictions, votes, quality, "same_reference")["pairs"] == 1
+    assert E.own_score_accuracy(predictions, votes, quality, "random") == {"pairs": 1, "mean_of_samples": 0.0,
+                                                                           "single_sample": 0.0}
 
 
 def test_stage_seconds_reads_every_invocation(tmp_path):
@@ -120,7 +151,7 @@ def tiny_base(tmp_path_factory) -> Path:
     subprocess.run([sys.executable, "experiments/warmstart.py", "--steps", "100", "--warmup-steps", "5", "--lr", "3e-3",
                     "--score-batch", "8", "--compare-batch", "8", "--text-hidden", "64", "--text-layers", "2",
                     "--vision-hidden", "32", "--max-pixels", "3136", "--n-images", "40", "--n-bench", "8",
-                    "--bench-pairs", "8", "--eval-samples", "0", "--tried-log", "", "--out", str(out)],
+                    "--bench-pairs", "8", "--eval-samples", "0", "--record", "", "--out", str(out)],
                    cwd=ROOT, check=True, capture_output=True)
     return out
 
@@ -183,3 +214,15 @@ def test_smoke_one_round_appends_a_complete_record(tiny_base, tmp_path):
     assert all("[run ]" not in (work / arm / "evolution.log").read_text()[n:] for arm, n in logs.items())
     assert len(json.loads(results.read_text())) == 2
     assert json.loads((work / "record.json").read_text())["runs"]["K2"] == history[1]["runs"]["K2"]
+
+
+def test_within_reference_srcc_hand_computed(tmp_path):
+    labels = tmp_path / "labels.jsonl"
+    labels.write_text("".join(json.dumps({"image": f"{r}{k}", "mos": m, "reference": r}) + "\n"
+                              for r, ms in (("x", [3.0, 2.0, 1.0]), ("y", [1.0, 2.0, 3.0])) for k, m in enumerate(ms)))
+    (tmp_path / "eval").mkdir()
+    scores = {"x0": 5.0, "x1": 4.0, "x2": 1.0, "y0": 3.0, "y1": 2.0, "y2": 2.5}  # x in order (1), y: -0.5
+    (tmp_path / "eval" / "predictions_synthetic.jsonl").write_text("".join(
+        json.dumps({"image": i, "score": s, "mos": float(i[0] == "x") * (3 - int(i[1])) + float(i[0] == "y") * (
+            1 + int(i[1]))}) + "\n" for i, s in scores.items()))
+    assert E.within_reference_srcc(tmp_path / "eval", labels) == pytest.approx((1.0 - 0.5) / 2)

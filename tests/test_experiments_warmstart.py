@@ -30,7 +30,7 @@ def built_base(tmp_path_factory) -> tuple[Path, str]:
 def build_command(out: Path, *extra: str) -> list[str]:
     return [sys.executable, "experiments/warmstart.py", "--out", str(out), "--steps", "3", "--warmup-steps", "1",
             "--score-batch", "2", "--compare-batch", "2", "--n-images", "8", "--n-bench", "6", "--bench-pairs", "4",
-            "--eval-samples", "2", "--tried-log", "", *TINY, *extra]
+            "--eval-samples", "2", "--record", "", *TINY, *extra]
 
 
 @pytest.fixture(scope="module")
@@ -235,3 +235,83 @@ def test_noisy_compare_label_flips_at_its_rate_and_draws_nothing_when_off():
     rng, untouched = np.random.default_rng(1), np.random.default_rng(1)
     assert [W.noisy_label(t, rng, 0.0) for t in [0, 1, 1]] == [0, 1, 1]
     assert rng.random() == untouched.random()  # older bases (noise 0) keep their batches
+
+
+@pytest.fixture(scope="module")
+def world():
+    return W.world_set(6, 56, 3)
+
+
+def test_world_compare_examples_follow_the_true_order_and_the_shares(world):
+    images, quality, _, reference_of, _ = world
+    args = W.Args(world="distortion", same_reference_share=0.5, gap_start=1.0, curriculum_frac=0.5)
+    pixels = {np.asarray(im).tobytes(): k for k, im in enumerate(images)}
+    rng = np.random.default_rng(0)
+    kinds = {"same": 0, "references": 0, "other": 0}
+    for progress in (0.0, 0.9):
+        for _ in range(200):
+            shown, target = W.world_compare_example(rng, images, quality, reference_of, progress, args)
+            i, j = (pixels[np.asarray(im).tobytes()] for im in shown)
+            assert quality[i if target == 0 else j] > quality[j if target == 0 else i]  # the label is the true order
+            if progress == 0.0:
+                assert abs(quality[i] - quality[j]) > 1.0  # the curriculum's starting gap
+            same = reference_of[i] == reference_of[j]
+            kinds["same" if same else "references" if i == reference_of[i] and j == reference_of[j] else "other"] += 1
+    assert 150 < kinds["same"] < 250 and kinds["references"] > 60 and kinds["other"] > 60
+
+
+def test_score_quality_sees_the_fidelity_raised_to_a_power(world):
+    _, quality, _, reference_of, fidelity = world
+    np.testing.assert_allclose(W.score_quality(quality, reference_of, fidelity, 1.0), quality, atol=1e-12)
+    lenient = W.score_quality(quality, reference_of, fidelity, 0.25)
+    np.testing.assert_allclose(lenient, quality[reference_of] * np.maximum(fidelity, 0) ** 0.25)
+    assert np.all(lenient >= quality - 1e-12)  # a power below 1 only forgives distortion
+
+
+def test_world_pairs_are_of_their_kind_and_unequal():
+    records = [r for _, r in W.world_images("bench", 8, 56, 2)]
+    pairs = W.world_pairs(records, 10, 0)
+    assert set(pairs) == set(W.PAIR_KINDS)
+    for kind, chosen in pairs.items():
+        assert len(chosen) == len(set(chosen)) == 10
+        for i, j in chosen:
+            assert i < j and records[i]["mos"] != records[j]["mos"]
+            same = records[i]["reference"] == records[j]["reference"]
+            assert same == (kind == "same_reference")
+            if kind == "reference":
+                assert records[i]["type"] is None and records[j]["type"] is None
+
+
+def test_premise_table_hand_computed():
+    quality = np.array([3.0, 2.0, 1.0])
+    pairs = [(0, 1), (1, 2), (0, 2)]
+    better, worse = np.array([5.0, 2.0, 3.0]), np.array([3.0, 2.0, 4.0])  # right, tie, wrong
+    single = np.array([0.6, 0.5, 0.4])
+    means = [2.0, 2.5, None]  # (0, 1) wrong, (1, 2) missing: half, (0, 2) missing: half
+    firsts = [3.0, 1.0, 2.0]  # right, wrong, right
+    table = W.premise_table(pairs, quality, better, worse, single, means, firsts)
+    assert table["majority"]["accuracy"] == pytest.approx(0.5)
+    assert table["single_vote"]["accuracy"] == pytest.approx(0.5)
+    assert table["score_mean"]["accuracy"] == pytest.approx(1 / 3)
+    assert table["score_single"]["accuracy"] == pytest.approx(2 / 3)
+    margin = np.array([1 - 0, 0.5 - 0.5, 0 - 0.5])
+    assert table["premise_margin"] == pytest.approx({"accuracy": margin.mean(), "se": margin.std(ddof=1) / np.sqrt(3)})
+
+
+def test_a_distortion_world_base_builds_and_reports_the_premise_per_kind_of_pair(tmp_path):
+    out = tmp_path / "base"
+    cmd = build_command(out, "--world", "distortion", "--variants", "2", "--image-size", "56", "--max-pixels", "3136",
+                        "--votes", "2", "--bench-variants", "2", "--n-synthetic", "1", "--score-fidelity-power", "0.5",
+                        "--readout-fidelity", "--vision-pretrain-steps", "1", "--vision-aux-weight", "1")
+    run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-3000:]
+    heldout = json.loads((out / "heldout.json").read_text())
+    assert heldout["n_images"] == 6 * 3 and heldout["votes"] == 2
+    for kind in W.PAIR_KINDS:
+        row = heldout[kind]
+        assert row["pairs"] == 4
+        for key in ("single_vote", "majority", "score_mean", "score_single"):
+            assert 0.0 <= row[key]["accuracy"] <= 1.0
+        assert row["premise_margin"]["accuracy"] == pytest.approx(row["majority"]["accuracy"]
+                                                                 - row["score_mean"]["accuracy"])
+    assert {"srcc_authentic", "srcc_synthetic", "srcc_pool_like"} <= set(heldout)

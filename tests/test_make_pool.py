@@ -127,6 +127,19 @@ def test_changed_settings_are_refused_naming_the_flag(tmp_path):
     assert run(images, out, "--variants", "2", "--seed", "1", "--png-level", "6").returncode == 0  # not a setting
 
 
+def test_types_restrict_the_draw_and_are_a_setting(tmp_path):
+    images = make_inputs(tmp_path / "in", 3, size=32)
+    out = tmp_path / "pool"
+    assert run(images, out, "--variants", "4", "--types", "noise,jpeg").returncode == 0
+    kinds = {r["type"] for r in common.read_jsonl(out / "manifest.jsonl") if r["type"]}
+    assert kinds <= set(distortions.GROUPS["noise"]) | {"jpeg"} and len(kinds) > 1
+    refused = run(images, out, "--variants", "4", "--types", "jpeg")
+    assert refused.returncode == 2 and "types: [" in refused.stderr
+    wrong = run(images, tmp_path / "other", "--types", "fog")
+    assert wrong.returncode == 2 and "'fog' is neither a distortion type nor a group" in wrong.stderr
+    assert run(images, tmp_path / "other", "--variants", "6", "--types", "jpeg").returncode == 2  # 5 (type, level)
+
+
 def test_a_pool_built_with_other_distortion_definitions_is_not_extended(tmp_path):
     images = make_inputs(tmp_path / "in", 1)
     out = tmp_path / "pool"
