@@ -26,6 +26,10 @@
 #           pairs are drawn over the whole pool (an assumption) and SYNTH_PAIRS same-reference pairs (two versions of
 #           one image) join them, as in the paper's round 2
 #   SYNTH_PAIRS  PAIRS / 4: 5000 beside the paper's 20000 (an assumption: the paper does not publish it)
+#   SYNTH_MIX  add: from round 2 on, PAIRS random pairs and SYNTH_PAIRS same-reference pairs besides | replace:
+#           PAIRS - SYNTH_PAIRS random pairs and SYNTH_PAIRS same-reference pairs, PAIRS in all (SYNTH_PAIRS < PAIRS).
+#           Whether the paper adds them or replaces part of the random pairs is not published (add: an assumption).
+#           A smaller draw's random pairs are the first of a larger one's (same SEED and pool): replace's among add's
 #   VOTES_ARGS, LABEL_ARGS, TRAIN_ARGS, EVAL_ARGS   extra flags appended to each stage (split at spaces)
 # The paper's run is these defaults with a POOL; the demo's settings are the block "the demo" below.
 # Rerunning the same command skips finished stages and resumes a partial one; a finished run only prints the table
@@ -49,13 +53,14 @@ cd "$(dirname "$0")"
 
 # TRY NOT TO MODIFY: settings ---------------------------------------------------------------------------------------
 SETTINGS=(MODEL IMAGES IMAGES_ROOT POOL BENCH ROUNDS PAIRS K GROUP_SIZE OUT NPROC SEED REF FSDP VARIANTS SYNTH_PAIRS
-          VOTES_ARGS LABEL_ARGS TRAIN_ARGS EVAL_ARGS)
+          SYNTH_MIX VOTES_ARGS LABEL_ARGS TRAIN_ARGS EVAL_ARGS)
 declare -A MISSPELT=(  # names another loop or a habit would use -> the setting meant
   [G]=GROUP_SIZE [GROUP]=GROUP_SIZE [GROUPSIZE]=GROUP_SIZE [NUM_GENERATIONS]=GROUP_SIZE [ROLLOUTS]=GROUP_SIZE
   [K_VOTES]=K [VOTES]=K [NUM_VOTES]=K [VOTES_PER_PAIR]=K [NUM_PAIRS]=PAIRS [N_PAIRS]=PAIRS [NUM_ROUNDS]=ROUNDS
   [FSDP_CONFIG]=FSDP [SEEDS]=SEED [REF_MODEL]=REF [OUT_DIR]=OUT [OUTPUT_DIR]=OUT [MODEL_PATH]=MODEL
   [BENCHMARK]=BENCH [BENCHMARKS]=BENCH [IMAGE_DIR]=IMAGES [IMAGES_DIR]=IMAGES [POOL_DIR]=POOL [NUM_PROCESSES]=NPROC
-  [SAME_REFERENCE_PAIRS]=SYNTH_PAIRS [VOTE_ARGS]=VOTES_ARGS [LABELS_ARGS]=LABEL_ARGS [EVALUATE_ARGS]=EVAL_ARGS)
+  [SAME_REFERENCE_PAIRS]=SYNTH_PAIRS [SYNTH_MODE]=SYNTH_MIX [VOTE_ARGS]=VOTES_ARGS [LABELS_ARGS]=LABEL_ARGS
+  [EVALUATE_ARGS]=EVAL_ARGS)
 die() { echo "error: $*" >&2; exit 2; }
 is_setting() { [[ " ${SETTINGS[*]} " == *" $1 "* ]]; }
 meant() {  # meant NAME: the setting NAME looks like (MISSPELT, another case, one S more or less), or nothing
@@ -108,7 +113,13 @@ fi
 SYNTH_PAIRS=${SYNTH_PAIRS:-$(( PAIRS / 4 ))} SEED=${SEED:-0} REF=${REF:-base} NPROC=${NPROC:-1} FSDP=${FSDP:-0}
 BENCH=${BENCH:-} IMAGES=${IMAGES:-} POOL=${POOL:-} VARIANTS=${VARIANTS:-10}
 VOTES_ARGS=${VOTES_ARGS:-} LABEL_ARGS=${LABEL_ARGS:-} TRAIN_ARGS=${TRAIN_ARGS:-} EVAL_ARGS=${EVAL_ARGS:-}
+SYNTH_MIX=${SYNTH_MIX:-add}
 [[ "$REF" == base || "$REF" == round ]] || die "REF must be 'base' or 'round', not '$REF'"
+[[ "$SYNTH_MIX" == add || "$SYNTH_MIX" == replace ]] || die "SYNTH_MIX must be 'add' or 'replace', not '$SYNTH_MIX'"
+if [[ $SYNTH_MIX == replace ]] && (( SYNTH_PAIRS >= PAIRS )); then
+  die "SYNTH_MIX=replace takes SYNTH_PAIRS ($SYNTH_PAIRS) of round 2's PAIRS ($PAIRS) random pairs: SYNTH_PAIRS must" \
+    "be below PAIRS (or SYNTH_MIX=add)"
+fi
 [[ "$FSDP" == 0 || "$FSDP" == 1 ]] || die "FSDP must be 0 or 1, not '$FSDP'"
 if [[ -n $POOL && -z $IMAGES && ! ( -f $POOL/manifest.jsonl && -f $POOL/references.txt ) ]]; then
   die "POOL $POOL holds no manifest.jsonl and references.txt: build it with make_pool.py, or set IMAGES to build it" \
@@ -276,16 +287,17 @@ for (( t = 1; t <= ROUNDS; t++ )); do
   R=$OUT/round_$t
   echo "round $t: voter and policy = $current"
   ref=$MODEL; [[ $REF == round ]] && ref=$current
-  images=$IMAGES root=$IMAGES_ROOT same_reference=()
+  images=$IMAGES root=$IMAGES_ROOT same_reference=() random_pairs=$PAIRS
   if [[ -n $POOL ]]; then
     images=$REFERENCES root=$POOL
     if (( t >= 2 )); then  # the paper's round 2 on: pairs of two versions of one reference join the random pairs
       images=$MANIFEST  # an image list too: every version
       same_reference=(--same-reference-pairs "$SYNTH_PAIRS" --pool-manifest "$MANIFEST")
+      [[ $SYNTH_MIX == replace ]] && random_pairs=$(( PAIRS - SYNTH_PAIRS ))  # or in place of as many random ones
     fi
   fi
   run_stage sample_votes "$R" "${launch[@]}" sample_votes.py --model "$current" --images "$images" \
-    --images-root "$root" --out "$R/votes.jsonl" --num-pairs "$PAIRS" --votes-per-pair "$K" \
+    --images-root "$root" --out "$R/votes.jsonl" --num-pairs "$random_pairs" --votes-per-pair "$K" \
     --seed $((SEED + t)) "${same_reference[@]}" $VOTES_ARGS
   run_stage build_pseudolabels "$R" python build_pseudolabels.py --votes "$R/votes.jsonl" \
     --out "$R/pseudolabels.jsonl" --rankings "$R/rankings.jsonl" --stats "$R/stats.json" $LABEL_ARGS

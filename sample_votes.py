@@ -92,11 +92,22 @@ SETTINGS = ("prompt", "reasoning", "mode", "votes_per_pair", "temperature", "max
 
 def sample_pairs(n_images: int, num_pairs: int, seed: int) -> list[tuple[int, int]]:
     """`num_pairs` distinct unordered pairs (i, j), i < j, drawn uniformly without replacement (all pairs if fewer
-    exist). Depends only on its arguments, so a rerun or a resume draws the same pairs in the same order."""
+    exist). Depends only on its arguments, so a rerun or a resume draws the same pairs in the same order; and a
+    draw of fewer pairs is the start of a draw of more (same images and seed), so runs that differ in their number
+    of pairs share the pairs they have in common."""
     total = n_images * (n_images - 1) // 2
-    picks = np.random.default_rng(seed).choice(total, size=min(num_pairs, total), replace=False)
+    rng = np.random.default_rng(seed)
+    if total <= 1 << 22:  # every pair number in a random order (at most 32 MB)
+        picks = rng.permutation(total)[:num_pairs].tolist()
+    else:  # too many to list: pair numbers in blocks of a fixed size, each kept the first time it comes
+        drawn: dict[int, None] = {}
+        while len(drawn) < min(num_pairs, total):
+            for k in rng.integers(total, size=4096).tolist():
+                if len(drawn) < num_pairs:
+                    drawn.setdefault(k, None)
+        picks = list(drawn)
     pairs = []
-    for k in picks.tolist():  # pair number k <-> (i, j) with k = j (j - 1) / 2 + i, exact in integers
+    for k in picks:  # pair number k <-> (i, j) with k = j (j - 1) / 2 + i, exact in integers
         j = (1 + math.isqrt(1 + 8 * k)) // 2
         pairs.append((k - j * (j - 1) // 2, j))
     return pairs

@@ -31,15 +31,17 @@ are the records the write-up, experiments/README.md, cites).
 The pool experiment (--pool-variants V): the distortion world of fixtures/synthetic.py (references with their own
 quality, V variants each drawn by make_pool.py among its WORLD_TYPES, every image's quality = its reference's times its
 SSIM to it; the pool's labels kept outside the pool folder) and its two held-out benchmarks, "authentic" (--bench
-references alone) and "synthetic" (--synthetic pristine contents x types x 5 levels, as KADID). Three loop runs with
-the same SEED and POOL: round 2 with SYNTH_PAIRS=0 ("random": --pairs random pairs of the whole pool) and with
+references alone) and "synthetic" (--synthetic pristine contents x types x 5 levels, as KADID). Four loop runs with
+the same SEED and POOL: round 2 with SYNTH_PAIRS=0 ("random": --pairs random pairs of the whole pool), with
 SYNTH_PAIRS=--same-reference-pairs ("same_reference": the same random pairs, as sample_votes.py draws them on a stream
-of their own, plus pairs of two versions of one reference), both with K = ks[0]; and the oracle arm (K = 1, p* from
-the true quality, SYNTH_PAIRS as "same_reference"). Round 1 (random pairs of the references) is the same in the first
-two: recomputed by each run, and the record says whether they agree byte for byte. Reported: SRCC on both benchmarks
-per round and arm, pseudo-label accuracy per kind of pair and per distortion group, the base's K votes on round 2's
-pairs beside the round-1 model's (does the round-1 model vote better?), and each voter's own mean-score ranking on the
-pairs it voted on (the premise).
+of their own, plus pairs of two versions of one reference) and with SYNTH_MIX=replace ("replace": as many pairs as
+"random", the same share of them same-reference pairs as in "same_reference": the control for the number of pairs),
+all three with K = ks[0]; and the oracle arm (K = 1, p* from the true quality, SYNTH_PAIRS as "same_reference").
+Round 1 (random pairs of the references) is the same in the first three: recomputed by each run, and the record says
+whether they agree byte for byte, and whether replace's pairs are the first of the others'. Reported: SRCC on both
+benchmarks per round and arm, pseudo-label accuracy per kind of pair and per distortion group, the base's K votes on
+round 2's pairs beside the round-1 model's (does the round-1 model vote better?), and each voter's own mean-score
+ranking on the pairs it voted on (the premise).
 """
 
 from __future__ import annotations
@@ -68,8 +70,8 @@ from experiments import records  # noqa: E402
 from fixtures.synthetic import write_benchmarks, write_pool_world, write_set  # noqa: E402
 
 LOOP_SETTINGS = ("MODEL", "IMAGES", "IMAGES_ROOT", "POOL", "BENCH", "ROUNDS", "PAIRS", "K", "GROUP_SIZE", "OUT",
-                 "NPROC", "SEED", "REF", "FSDP", "VARIANTS", "SYNTH_PAIRS", "VOTES_ARGS", "LABEL_ARGS", "TRAIN_ARGS",
-                 "EVAL_ARGS")  # run_evolution.sh's; given as arguments, and kept out of its environment
+                 "NPROC", "SEED", "REF", "FSDP", "VARIANTS", "SYNTH_PAIRS", "SYNTH_MIX", "VOTES_ARGS", "LABEL_ARGS",
+                 "TRAIN_ARGS", "EVAL_ARGS")  # run_evolution.sh's; given as arguments, and kept out of its environment
 
 
 @dataclass
@@ -401,9 +403,10 @@ def print_table(record: dict) -> None:
 
 def summarize(history: list[dict]) -> None:
     """Mean +- std over the records that differ only in their seed (the last record of each seed counts)."""
+    summarize_pool([r for r in history if "rounds" in r])
     groups: dict[str, dict[int, dict]] = {}
     for record in history:
-        if "settings" in record:
+        if "settings" in record and "runs" in record:
             key = json.dumps({**{k: v for k, v in record["settings"].items() if k not in ("seed", "base", "summarize")},
                               "base_sha256": record.get("base_sha256")}, sort_keys=True)  # one base, one group
             groups.setdefault(key, {})[record["settings"]["seed"]] = record
@@ -476,17 +479,35 @@ def same_round(a: Path, b: Path) -> bool:
     return all((a / n).read_bytes() == (b / n).read_bytes() for n in names)
 
 
+def replace_pairs(args: Args) -> int:
+    """SYNTH_PAIRS of the "replace" arm: the share of same-reference pairs of "same_reference" among --pairs."""
+    return round(args.pairs * args.same_reference_pairs / (args.pairs + args.same_reference_pairs))
+
+
 def pool_arms(args: Args, base: str, pool: Path, pool_labels: Path, benches: dict[str, Path], exp: Path
               ) -> dict[Path, dict[str, str]]:
-    """The arms, each one run_evolution.sh run with the same SEED and POOL: round 2 with SYNTH_PAIRS = 0 ("random")
-    and = --same-reference-pairs ("same_reference"), both at K = ks[0]; the oracle arm: K = 1 (its votes only supply
-    the pairs, the same as the others'), p* from the true quality (LABEL_ARGS=--oracle), SYNTH_PAIRS as
+    """The arms, each one run_evolution.sh run with the same SEED and POOL: round 2 with SYNTH_PAIRS = 0 ("random"),
+    = --same-reference-pairs added to the random pairs ("same_reference") and `replace_pairs` in place of as many
+    random ones ("replace", SYNTH_MIX=replace), all at K = ks[0]; the oracle arm: K = 1 (its votes only supply the
+    pairs, the same as "same_reference"'s), p* from the true quality (LABEL_ARGS=--oracle), SYNTH_PAIRS as
     "same_reference"."""
     bench = "".join(f"{name}={path}\n" for name, path in benches.items())
-    def arm(k: int, n: int, label_args: Optional[str] = None) -> dict[str, str]:
-        return {**loop_settings(args, base, k, bench, pool=pool, label_args=label_args), "SYNTH_PAIRS": str(n)}
+    def arm(k: int, n: int, label_args: Optional[str] = None, mix: str = "add") -> dict[str, str]:
+        return {**loop_settings(args, base, k, bench, pool=pool, label_args=label_args), "SYNTH_PAIRS": str(n),
+                "SYNTH_MIX": mix}
     return {exp / "random": arm(args.ks[0], 0), exp / "same_reference": arm(args.ks[0], args.same_reference_pairs),
+            exp / "replace": arm(args.ks[0], replace_pairs(args), mix="replace"),
             exp / "oracle": arm(1, args.same_reference_pairs, f"--oracle {pool_labels}")}
+
+
+def pairs_nested(replace: Path, random: Path, same: Path) -> dict[str, bool]:
+    """Whether the "replace" arm's round-2 random pairs are the first of the "random" arm's and its same-reference
+    pairs the first of the "same_reference" arm's (the draws are nested: sample_votes.sample_pairs)."""
+    def pairs(R: Path, kind: str) -> list[tuple[str, str]]:
+        return [(r["a"], r["b"]) for r in common.read_jsonl(R / "votes.jsonl") if r.get("kind", "random") == kind]
+    mine = {kind: pairs(replace, kind) for kind in ("random", "same_reference")}
+    return {"random": mine["random"] == pairs(random, "random")[:len(mine["random"])],
+            "same_reference": mine["same_reference"] == pairs(same, "same_reference")[:len(mine["same_reference"])]}
 
 
 def base_votes(args: Args, model: str, pool: Path, out: Path) -> Path:
@@ -538,7 +559,7 @@ def pool_experiment(args: Args, base: str, work: Path) -> dict:
     settings = {**settings_key(args), "world": "distortion", "ks": args.ks[:1], "base": base}  # --world: not read
     exp = work / ("pool-" + hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10])
     arms = pool_arms(args, base, pool, pool_labels, benches, exp)
-    random, same, oracle = exp / "random", exp / "same_reference", exp / "oracle"
+    random, same, replace, oracle = exp / "random", exp / "same_reference", exp / "replace", exp / "oracle"
     if not args.report_only:
         start = time.time()
         run_loops(arms, args.jobs)
@@ -549,7 +570,8 @@ def pool_experiment(args: Args, base: str, work: Path) -> dict:
     quality = {r["image"]: r["mos"] for r in common.read_jsonl(pool_labels)}
     mos = {b: {r["image"]: r["mos"] for r in common.read_jsonl(path)} for b, path in benches.items()}
     rounds = {"round_0": same / "round_0", "round_1": same / "round_1", "round_2_random": random / "round_2",
-              "round_2_same_reference": same / "round_2", "oracle_round_1": oracle / "round_1",
+              "round_2_same_reference": same / "round_2", "round_2_replace": replace / "round_2",
+              "oracle_round_1": oracle / "round_1",
               "oracle_round_2": oracle / "round_2"}
     rows = {}
     for name, R in rounds.items():
@@ -564,7 +586,9 @@ def pool_experiment(args: Args, base: str, work: Path) -> dict:
     kinds, acc_ks = ("random", "same_reference"), sorted(set(args.acc_ks) | {args.ks[0]})
     accuracy = {"round_1_random": pseudolabel_accuracy(votes1, quality, acc_ks, kind="random"),
                 **{f"round_2_{kind}": pseudolabel_accuracy(votes2, quality, acc_ks, kind=kind) for kind in kinds},
-                "round_2_random_arm": pseudolabel_accuracy(random / "round_2" / "votes.jsonl", quality, acc_ks)}
+                "round_2_random_arm": pseudolabel_accuracy(random / "round_2" / "votes.jsonl", quality, acc_ks),
+                **{f"round_2_replace_arm_{kind}": pseudolabel_accuracy(replace / "round_2" / "votes.jsonl", quality,
+                                                                       acc_ks, kind=kind) for kind in kinds}}
     manifest = pool / "manifest.jsonl"
     by_group = {f"{who}_{kind}": accuracy_by_group(votes, quality, manifest, args.ks[0], kind)
                 for who, votes in (("round_1_model", votes2), ("base", base2)) for kind in kinds}
@@ -582,10 +606,65 @@ def pool_experiment(args: Args, base: str, work: Path) -> dict:
             "work": str(exp), "rounds": rows, "pseudolabel_accuracy": accuracy, "accuracy_by_group": by_group,
             "voter_round_2_pairs": voter, "own_score_accuracy": own,
             "round_1_identical_in_both_runs": same_round(random / "round_1", same / "round_1"),
+            "round_1_identical_in_replace": same_round(random / "round_1", replace / "round_1"),
+            "replace_pairs_are_the_first": pairs_nested(replace / "round_2", random / "round_2", same / "round_2"),
             "stage_seconds": {f"{arm.name}/{k}": v for arm in arms for k, v in
                               stage_seconds(arm / "evolution.log").items()},
             "wall_seconds_per_arm": {arm.name: sum(stage_seconds(arm / "evolution.log").values()) for arm in arms},
             **({"invocation_seconds": wall} if not args.report_only else {}), **provenance()}
+
+
+def summarize_pool(history: list[dict]) -> None:
+    """The pool experiment's records that differ only in their seed (the last of each seed; records marked
+    "superseded" left out): SRCC per arm and round, per seed and mean +- sd (n - 1) over the seeds; the arms' lift
+    over "random"; pseudo-label accuracy (K = ks[0]) per kind of pair and per distortion group."""
+    groups: dict[str, dict[int, dict]] = {}
+    for record in history:
+        if "superseded" not in record:
+            key = json.dumps({**{k: v for k, v in record["settings"].items() if k not in ("seed", "base")},
+                              "base_sha256": record.get("base_sha256")}, sort_keys=True)
+            groups.setdefault(key, {})[record["settings"]["seed"]] = record
+    stat = lambda v: f"{np.mean(v):6.3f} +- {np.std(v, ddof=1) if len(v) > 1 else 0:.3f}"  # noqa: E731
+    for key, by_seed in groups.items():
+        seeds, records = sorted(by_seed), [by_seed[s] for s in sorted(by_seed)]
+        st, k = json.loads(key), f"K{records[0]['settings']['ks'][0]}"
+        print(f"\npool experiment: pool {st['pool']} x {st['pool_variants'] + 1}, pairs {st['pairs']} + "
+              f"{st['same_reference_pairs']}, base sha256 {str(st['base_sha256'])[:12]}, seeds {seeds}")
+
+        def srcc(record: dict, row: str, bench: str) -> Optional[float]:  # "within": the synthetic one's
+            cell = record["rounds"].get(row, {})
+            return (cell.get("synthetic", {}).get("srcc_within_reference") if bench == "within" else
+                    cell.get(bench, {}).get("srcc"))
+        for b in ("authentic", "synthetic", "within"):
+            print(f"  SRCC {b} (per seed; mean +- sd)")
+            for row in records[0]["rounds"]:
+                v = [srcc(r, row, b) for r in records]
+                if None not in v:
+                    print(f"    {row:24s} " + " ".join(f"{x:6.3f}" for x in v) + f"   {stat(v)}")
+            for arm in ("round_2_same_reference", "round_2_replace", "oracle_round_2"):
+                v = [srcc(r, arm, b) - srcc(r, "round_2_random", b) for r in records
+                     if srcc(r, arm, b) is not None]
+                if len(v) == len(records):
+                    print(f"    {arm + ' - random':24s} " + " ".join(f"{x:+6.3f}" for x in v) + f"   {stat(v)}")
+        for name in records[0]["pseudolabel_accuracy"]:
+            v = [r["pseudolabel_accuracy"][name][k]["accuracy"] for r in records if name in r["pseudolabel_accuracy"]]
+            print(f"  pseudo-label accuracy {k} {name:36s} " + " ".join(f"{x:.3f}" for x in v) + f"   {stat(v)}")
+        for kind in records[0]["voter_round_2_pairs"]:
+            for who in ("base", "round_1_model"):
+                v = [r["voter_round_2_pairs"][kind][who][k]["accuracy"] for r in records]
+                print(f"  round-2 {kind} pairs, {k} votes of the {who:14s} " + " ".join(f"{x:.3f}" for x in v)
+                      + f"   {stat(v)}")
+        for name in records[0]["accuracy_by_group"]:
+            by_group = [r["accuracy_by_group"][name] for r in records]
+            print(f"  by group, {name} (mean over seeds): " + ", ".join(
+                f"{g} {np.mean([x[g]['accuracy'] for x in by_group if g in x]):.2f}"
+                for g in sorted({g for x in by_group for g in x})))
+        for name in records[0]["own_score_accuracy"]:
+            v = [r["own_score_accuracy"][name]["mean_of_samples"] for r in records]
+            print(f"  own mean-score ranking {name:40s} " + " ".join(f"{x:.3f}" for x in v) + f"   {stat(v)}")
+        print("  wall seconds per arm (mean): " + ", ".join(
+            f"{a} {np.mean([r['wall_seconds_per_arm'][a] for r in records]):.0f}"
+            for a in records[0]["wall_seconds_per_arm"]))
 
 
 def print_pool_record(record: dict) -> None:

@@ -78,18 +78,22 @@ def test_pool_arms_share_seed_pool_and_random_pairs_and_differ_where_they_should
     args = E.Args(pool_variants=2, same_reference_pairs=5, ks=[8], pairs=12, seed=3)
     benches = {"authentic": tmp_path / "a" / "labels.jsonl", "synthetic": tmp_path / "s" / "labels.jsonl"}
     arms = E.pool_arms(args, "BASE", tmp_path / "pool", tmp_path / "pool.labels.jsonl", benches, tmp_path / "exp")
-    random, same, oracle = (arms[tmp_path / "exp" / name] for name in ("random", "same_reference", "oracle"))
-    for arm in (random, same, oracle):
+    assert [p.name for p in arms] == ["random", "same_reference", "replace", "oracle"]
+    random, same, replace, oracle = arms.values()
+    for arm in (random, same, replace, oracle):
         assert {arm[k] for k in ("POOL", "SEED", "PAIRS", "MODEL", "ROUNDS")} == {str(tmp_path / "pool"), "3", "12",
                                                                                  "BASE", "2"}
         assert arm["BENCH"] == f"authentic={benches['authentic']}\nsynthetic={benches['synthetic']}\n"
         assert arm["IMAGES"] == ""  # the pool is built before: the loop only reads it
-    assert (random["SYNTH_PAIRS"], same["SYNTH_PAIRS"], oracle["SYNTH_PAIRS"]) == ("0", "5", "5")
-    assert (random["K"], same["K"], oracle["K"]) == ("8", "8", "1")
-    assert random["LABEL_ARGS"] == same["LABEL_ARGS"] == ""
+    # replace: 12 pairs in all, the share of same-reference pairs of "same_reference" (5 of 17): 4 of them
+    assert [a["SYNTH_PAIRS"] for a in (random, same, replace, oracle)] == ["0", "5", "4", "5"]
+    assert [a["SYNTH_MIX"] for a in (random, same, replace, oracle)] == ["add", "add", "replace", "add"]
+    assert (random["K"], same["K"], replace["K"], oracle["K"]) == ("8", "8", "8", "1")
+    assert random["LABEL_ARGS"] == same["LABEL_ARGS"] == replace["LABEL_ARGS"] == ""
     assert oracle["LABEL_ARGS"] == f"--oracle {tmp_path}/pool.labels.jsonl"
-    del random["SYNTH_PAIRS"], same["SYNTH_PAIRS"]
-    assert random == same
+    for arm in (random, same, replace):
+        del arm["SYNTH_PAIRS"], arm["SYNTH_MIX"]
+    assert random == same == replace
 
 
 def test_accuracy_by_group_per_kind_of_pair(tmp_path):

@@ -164,6 +164,11 @@ def test_settings_errors():
         assert result.returncode == 2 and f"error: {name} must be" in result.stderr, result.stderr
     result = run_loop({"POOL": "/tmp"})
     assert result.returncode == 2 and "MODEL" in result.stderr
+    result = run_loop({"MODEL": "m", "IMAGES": "/tmp", "OUT": "/nonexistent/run", "SYNTH_MIX": "mixed"})
+    assert result.returncode == 2 and "error: SYNTH_MIX must be 'add' or 'replace', not 'mixed'" in result.stderr
+    result = run_loop({"MODEL": "m", "IMAGES": "/tmp", "OUT": "/nonexistent/run", "PAIRS": "8", "SYNTH_PAIRS": "8",
+                       "SYNTH_MIX": "replace"})
+    assert result.returncode == 2 and "SYNTH_PAIRS must be below PAIRS" in result.stderr, result.stderr
     result = run_loop({"MODEL": "m", "POOL": "/nonexistent/pool", "OUT": "/nonexistent/run"})
     assert result.returncode == 2 and result.stderr == ("error: POOL /nonexistent/pool holds no manifest.jsonl and "
                                                         "references.txt: build it with make_pool.py, or set IMAGES to "
@@ -337,7 +342,8 @@ def test_two_processes(demo_run, tmp_path):
 def test_pool_round_2_adds_same_reference_pairs(demo_run, tmp_path):
     """With IMAGES and POOL, the loop builds the pool (make_pool.py); round 1 votes on its references alone, round 2
     draws its random pairs over the whole pool and adds SYNTH_PAIRS pairs of two versions of one reference, a setting
-    in its marker. A rerun naming only the built POOL (no IMAGES) finds everything done."""
+    in its marker. A rerun naming only the built POOL (no IMAGES) finds everything done; SYNTH_MIX=replace puts them
+    in place of as many random pairs."""
     assets, out, pool = demo_run / "assets", tmp_path / "run", tmp_path / SPECIAL / "pool"
     images = tmp_path / "my images"
     images.mkdir()
@@ -367,3 +373,13 @@ def test_pool_round_2_adds_same_reference_pairs(demo_run, tmp_path):
     assert {r["kind"] for r in labels} == {"random", "same_reference"}
     result = run_loop(env)
     assert result.returncode == 0 and "[run ]" not in result.stdout, result.stdout + result.stderr
+    # SYNTH_MIX=replace: the same-reference pairs take the place of as many random ones, PAIRS in all; the random
+    # pairs left are the first of those drawn above (same SEED and pool), the same-reference pairs the same
+    replace = {**env, "OUT": str(tmp_path / "replace"), "SYNTH_MIX": "replace"}
+    result = run_loop(replace)
+    assert result.returncode == 0, result.stdout + result.stderr
+    round_2 = [json.loads(line) for line in (tmp_path / "replace" / "round_2" / "votes.jsonl").open()]
+    pairs = lambda rows, kind: [(r["a"], r["b"]) for r in rows if r["kind"] == kind]  # noqa: E731
+    assert len(round_2) == 4 and len(pairs(round_2, "same_reference")) == 3
+    assert pairs(round_2, "random") == pairs(votes[2], "random")[:1]
+    assert pairs(round_2, "same_reference") == pairs(votes[2], "same_reference")

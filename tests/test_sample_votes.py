@@ -122,6 +122,16 @@ def test_sample_pairs_distinct_deterministic_capped():
     assert (counts == 19).all()
 
 
+def test_sample_pairs_fewer_are_the_start_of_more():
+    """A draw of n pairs is the first n of a draw of m > n (same images and seed), for a pool whose pairs are listed
+    and for one whose pairs are drawn in blocks: runs with fewer pairs (SYNTH_MIX=replace) share their pairs."""
+    for n_images in (50, 3000):  # 1225 pairs; 4.5 M pairs (more than are listed)
+        many = sample_votes.sample_pairs(n_images, 1000, seed=5)
+        assert len(set(many)) == 1000
+        for n in (1, 250, 999):
+            assert sample_votes.sample_pairs(n_images, n, seed=5) == many[:n]
+
+
 def test_vote_orders_balanced():
     assert sample_votes.vote_orders("x", "y", 32, 0) == {"ab": 16, "ba": 16}
     extras = []
