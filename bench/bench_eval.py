@@ -3,7 +3,7 @@ plain generate path (`generate(num_return_sequences=samples)`, which prefills ev
 or with --against COMMIT that commit's sampling.py.
 
     OMP_NUM_THREADS=1 python bench/bench_eval.py --size 30m --images 8 --samples 8        # against generate
-    OMP_NUM_THREADS=1 python bench/bench_eval.py --size 30m --against 39d38c1
+    OMP_NUM_THREADS=1 python bench/bench_eval.py --size 30m --against COMMIT
     OMP_NUM_THREADS=1 python bench/bench_eval.py --size tiny --images 4 --samples 4 --max-new-tokens 16
 
 One image per prompt (the score prompt with its reasoning suffix, evaluate.py's default), all --images in one call of

@@ -6,7 +6,7 @@ log-probs, policy forward + backward + AdamW, and generated tokens/s, for G = 8 
     python bench/bench_grpo.py --against COMMIT --size 30m --group-sizes 8,32   # that commit, then today's, per G
     python bench/bench_grpo.py --against COMMIT --size 30m --group-sizes 8,32 --pairs-per-step 1 --steps 2 \
         --max-new-tokens 16                                   # the same with fewer tokens, for 2 shared cores
-    python bench/bench_grpo.py --rollouts-against 39d38c1 --size 30m --group-sizes 32 --max-new-tokens 192
+    python bench/bench_grpo.py --rollouts-against COMMIT --size 30m --group-sizes 32 --max-new-tokens 192
                                                               # the rollout phase alone: that commit's sampler, today's
 
 With --against, each run also counts, per phase, the tokens the language model forwards per rollout (generation:

@@ -2,8 +2,8 @@
 path (`generate(num_return_sequences=n)`, which prefills every prompt once per vote), or with --against COMMIT that
 commit's sampling.py (with its common.py, from a copy of its tree made by `git archive`).
 
-    OMP_NUM_THREADS=1 python bench/bench_votes.py --size 30m --against 39d38c1        # 4 and 8 pairs per call
-    OMP_NUM_THREADS=1 python bench/bench_votes.py --size 30m --pairs-per-call 4 --max-new-tokens 256 --against 39d38c1
+    OMP_NUM_THREADS=1 python bench/bench_votes.py --size 30m --against COMMIT        # 4 and 8 pairs per call
+    OMP_NUM_THREADS=1 python bench/bench_votes.py --size 30m --pairs-per-call 4 --max-new-tokens 256 --against COMMIT
     OMP_NUM_THREADS=2 python bench/bench_votes.py --size tiny                           # against generate
 
 K votes per pair with the compare prompt and its reasoning suffix, K/2 per order (two images per prompt), one call of
